@@ -1,0 +1,145 @@
+"""Turn a model spec (zoo name, ``--arch`` factory + state dict, or trusted pickle) into a module.
+
+Checkpoints are loaded with ``weights_only=True`` unless the user opts in with ``trust_pickle``:
+a pickle can run arbitrary code, and a pretrained-model tool is exactly where one would hide.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import zipfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..errors import ModelError, WeightsError
+from ..hub import resolve_weights
+from .registry import TF_IMAGENET_PRE, ModelConfig, get_config, is_registered
+
+
+def load_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        if not trust_pickle and "weights_only" in str(exc):
+            raise WeightsError(
+                f"{path} is not a weights-only checkpoint (it contains pickled code objects); "
+                "load it with --trust-pickle only if you trust its source"
+            ) from None
+        raise WeightsError(f"{path} is corrupt or not a PyTorch checkpoint ({first})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc.__class__.__name__
+        raise WeightsError(f"{path} is corrupt or not a PyTorch checkpoint ({first})") from None
+
+
+def extract_state_dict(obj: Any, key: str | None = None) -> dict[str, torch.Tensor]:
+    """Unwrap common checkpoint containers and strip DataParallel's ``module.`` prefix."""
+    if key is not None and isinstance(obj, dict) and key in obj:
+        obj = obj[key]
+    elif isinstance(obj, dict):
+        for k in ("state_dict", "model_state_dict", "model"):
+            if k in obj and isinstance(obj[k], dict):
+                obj = obj[k]
+                break
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError("checkpoint does not contain a state dict of tensors")
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shape = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or shape:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:3]}{'…' if len(missing) > 3 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:3]}{'…' if len(unexpected) > 3 else ''}")
+        if shape:
+            k = shape[0]
+            parts.append(f"shape mismatch at {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}")
+        raise ModelError(f"{source} does not match the architecture: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def build_from_arch(arch: str) -> nn.Module:
+    """Call ``package.module:factory`` and return the module it builds."""
+    if ":" not in arch:
+        raise ModelError(f"--arch must look like package.module:factory, got '{arch}'")
+    mod_name, fn_name = arch.split(":", 1)
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise ModelError(f"cannot import '{mod_name}' for --arch ({exc})") from None
+    factory = getattr(module, fn_name, None)
+    if not callable(factory):
+        raise ModelError(f"'{fn_name}' is not a callable in '{mod_name}'")
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"--arch {arch} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def load_model(
+    model: str,
+    weights: str | os.PathLike | None = None,
+    arch: str | None = None,
+    trust_pickle: bool = False,
+    like: str | None = None,
+    pretrained: bool = True,
+) -> tuple[nn.Module, ModelConfig]:
+    """Build a model in eval mode with its config.
+
+    ``model`` is a zoo name, or (with ``arch`` or ``trust_pickle``) a label for the user's model.
+    ``like`` borrows preprocessing, classes and default dataset from a zoo entry for user models.
+    """
+    if is_registered(model) and arch is None:
+        cfg = get_config(model)
+        net = cfg.builder()
+        if pretrained and cfg.weights is not None:
+            path = resolve_weights(cfg.weights.filename, cfg.weights.sha256, cfg.weights.url, weights)
+            state = extract_state_dict(load_checkpoint(path), cfg.weights.key)
+            load_state_dict_strict(net, state, str(path))
+        return net.eval(), cfg
+
+    base = get_config(like) if like else None
+    if arch is not None:
+        net = build_from_arch(arch)
+        if weights is not None:
+            state = extract_state_dict(load_checkpoint(weights, trust_pickle=False))
+            load_state_dict_strict(net, state, str(weights))
+    elif trust_pickle:
+        src = weights if weights is not None else model
+        obj = load_checkpoint(src, trust_pickle=True)
+        if not isinstance(obj, nn.Module):
+            raise ModelError(f"{src} does not contain a pickled nn.Module (got {type(obj).__name__})")
+        net = obj
+    else:
+        if Path(model).suffix in {".pt", ".pth", ".th", ".pkl"} or Path(model).is_file():
+            raise ModelError(
+                f"'{model}' is not a zoo model; pass --arch package.module:factory to load it as a state dict, "
+                "or --trust-pickle to unpickle a full module (this can run arbitrary code)"
+            )
+        get_config(model)  # raises the 'unknown model' error with the list of known names
+        raise AssertionError("unreachable")
+
+    if base is not None:
+        cfg = replace(base, name=model, builder=lambda: net, weights=None)
+    else:
+        cfg = ModelConfig(name=model, builder=lambda: net, weights=None, preprocessing=TF_IMAGENET_PRE,
+                          num_classes=0, description="user model")
+    return net.eval(), cfg
