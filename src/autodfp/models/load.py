@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from ..errors import ModelError, WeightsError
 from ..hub import resolve_weights
+from .layers import ChannelPadShortcut
 from .registry import TF_IMAGENET_PRE, ModelConfig, get_config, is_registered
 
 
@@ -60,7 +61,10 @@ def extract_state_dict(obj: Any, key: str | None = None) -> dict[str, torch.Tens
 
 def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
+    # Buffers whose defaults are right for an unpruned model may be absent from upstream files:
+    # BN's step counter, and the channel map of the option-A shortcut (added by this library).
+    optional = {f"{name}.src" for name, m in model.named_modules() if isinstance(m, ChannelPadShortcut)}
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked") and k not in optional]
     unexpected = [k for k in state if k not in own]
     shape = [k for k in own if k in state and own[k].shape != state[k].shape]
     if missing or unexpected or shape:
@@ -73,7 +77,7 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], sou
             k = shape[0]
             parts.append(f"shape mismatch at {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}")
         raise ModelError(f"{source} does not match the architecture: " + "; ".join(parts))
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=False)
 
 
 def build_from_arch(arch: str) -> nn.Module:
