@@ -29,13 +29,12 @@ def load_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        if not trust_pickle and "weights_only" in str(exc):
+        if not trust_pickle and ("Unsupported global" in str(exc) or "GLOBAL" in str(exc)):
             raise WeightsError(
                 f"{path} is not a weights-only checkpoint (it contains pickled code objects); "
                 "load it with --trust-pickle only if you trust its source"
             ) from None
-        raise WeightsError(f"{path} is corrupt or not a PyTorch checkpoint ({first})") from None
+        raise WeightsError(f"{path} is corrupt or not a PyTorch checkpoint (cannot unpickle it)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc.__class__.__name__
         raise WeightsError(f"{path} is corrupt or not a PyTorch checkpoint ({first})") from None

@@ -1,0 +1,105 @@
+"""Which channels of a group to keep.
+
+Every criterion returns ``(kept, pruned)`` as sorted ``LongTensor``s that partition ``range(C)``.
+Ties are broken by channel index (stable sort), so a plan is reproducible across runs.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .errors import PlanError
+from .similarity import ChannelAnalysis, ChannelStats
+
+CRITERIA = ("l1", "l2", "cluster", "random")
+
+
+def _split(order: Tensor, n_keep: int) -> tuple[Tensor, Tensor]:
+    """``order`` lists channels from most to least important."""
+    kept = order[:n_keep].sort().values
+    pruned = order[n_keep:].sort().values
+    return kept.to(torch.long), pruned.to(torch.long)
+
+
+def _by_score(score: Tensor) -> Tensor:
+    """Indices by descending score; equal scores keep the lower channel index first."""
+    return torch.sort(-score.to(torch.float64), stable=True).indices
+
+
+def _norm_score(stats: ChannelStats, raw_filters: Tensor | None, p: int) -> Tensor:
+    f = stats.filters if raw_filters is None else raw_filters
+    f = f.detach().reshape(f.shape[0], -1).to(torch.float64)
+    if f.shape[0] != stats.num_channels:
+        raise ValueError(f"raw_filters has {f.shape[0]} rows for a group of {stats.num_channels} channels")
+    return f.abs().sum(1) if p == 1 else f.norm(dim=1)
+
+
+def select_channels(
+    criterion: str,
+    stats: ChannelStats,
+    analysis: ChannelAnalysis | None,
+    n_keep: int,
+    raw_filters: Tensor | None = None,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Split a group into kept and pruned channels.
+
+    - ``l1`` / ``l2``: norm of each channel's filter. The textbook criterion (Li et al., 2017) uses
+      the *raw* producer filter, so pass ``raw_filters`` (C, …) to reproduce it; without it the
+      BN-folded filters are used, which also account for BN's per-channel gain (a large raw filter
+      behind a tiny γ contributes little).
+    - ``cluster``: first one representative per DBSCAN cluster (its highest folded-norm member),
+      then noise points, then the other cluster members, each tier by descending folded norm. The
+      non-representatives of a cluster are near-duplicates of a kept channel, so they are the
+      cheapest to prune (and the best served by a merge).
+    - ``random``: a uniformly random subset from ``torch.Generator().manual_seed(seed)``; baseline.
+    """
+    c = stats.num_channels
+    if isinstance(n_keep, bool) or not isinstance(n_keep, int):
+        raise PlanError(f"n_keep must be an integer, got {n_keep!r}")
+    if not 1 <= n_keep <= c:
+        raise PlanError(f"n_keep must be in [1, {c}] for a group of {c} channels, got {n_keep}")
+    fn = _CRITERIA.get(criterion)
+    if fn is None:
+        raise PlanError(f"unknown pruning criterion '{criterion}' (expected one of {', '.join(CRITERIA)})")
+    order = fn(stats, analysis, raw_filters, seed)
+    return _split(order, n_keep)
+
+
+def _l1(stats: ChannelStats, analysis: ChannelAnalysis | None, raw: Tensor | None, seed: int) -> Tensor:
+    return _by_score(_norm_score(stats, raw, 1))
+
+
+def _l2(stats: ChannelStats, analysis: ChannelAnalysis | None, raw: Tensor | None, seed: int) -> Tensor:
+    return _by_score(_norm_score(stats, raw, 2))
+
+
+def _cluster(stats: ChannelStats, analysis: ChannelAnalysis | None, raw: Tensor | None, seed: int) -> Tensor:
+    if analysis is None:
+        raise PlanError("the 'cluster' criterion needs a channel analysis")
+    norms = analysis.norms
+    c = norms.shape[0]
+    tier = torch.ones(c, dtype=torch.long)  # 0 representative, 1 noise, 2 redundant member
+    for members in analysis.clusters().values():
+        idx = torch.tensor(members, dtype=torch.long)
+        rep = idx[torch.argmax(norms[idx])]  # argmax returns the first maximum: lowest index wins ties
+        tier[idx] = 2
+        tier[rep] = 0
+    order = _by_score(norms)
+    # stable sort of the norm order by tier keeps the norm order within each tier
+    return order[torch.sort(tier[order], stable=True).indices]
+
+
+def _random(stats: ChannelStats, analysis: ChannelAnalysis | None, raw: Tensor | None, seed: int) -> Tensor:
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randperm(stats.num_channels, generator=g)
+
+
+_CRITERIA: dict[str, Callable[[ChannelStats, ChannelAnalysis | None, Tensor | None, int], Tensor]] = {
+    "l1": _l1,
+    "l2": _l2,
+    "cluster": _cluster,
+    "random": _random,
+}

@@ -1,0 +1,531 @@
+"""Labelled evaluation sets and unlabelled calibration images, read without torchvision.
+
+Three layouts are understood, named by a *data spec*:
+
+* ``cifar10:DIR`` / ``cifar100:DIR`` — the official CIFAR python pickles (``DIR`` may also be the
+  parent of ``cifar-10-batches-py`` / ``cifar-100-python``, as torchvision's ``root``).
+* ``folder:DIR[:CLASSLIST]`` — an ImageFolder tree ``DIR/<class>/<image>``. With a class list
+  (one class per line, first token = folder name, line number = class index, like
+  ``imagenet/synsets.txt``) labels come from that file, so a subset with only some classes present
+  keeps the model's class indices. Without one, classes are the sorted sub-folder names
+  (torchvision's ``ImageFolder`` convention), which is only right when every class is present.
+
+The preprocessing reproduces torchvision's ``Resize(int)`` + ``CenterCrop`` + ``ToTensor`` +
+``Normalize`` on PIL images bit for bit (same PIL call, same size rounding, same crop offset), so
+published accuracies reproduce without torchvision installed.
+
+CIFAR files are pickles; they are read with an unpickler that only admits the few numpy globals a
+CIFAR batch needs, so a malicious "dataset" cannot run code.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .errors import DataError
+from .hub import ENV_ASSETS, assets_dir, cache_dir
+from .models.registry import DatasetRef, ModelConfig, Preprocessing
+
+__all__ = [
+    "IMAGE_EXTENSIONS", "SPEC_KINDS", "CifarDataset", "ImageFolderDataset", "ImageTransform",
+    "UnlabeledImageDir", "build_transform", "find_images", "make_loader", "parse_spec",
+    "read_class_list", "read_cifar", "resolve_dataset",
+]
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+SPEC_KINDS = ("cifar10", "cifar100", "folder")
+
+_CIFAR10_FILES = {"test": ["test_batch"], "train": [f"data_batch_{i}" for i in range(1, 6)]}
+_CIFAR100_FILES = {"test": ["test"], "train": ["train"]}
+_CIFAR_SUBDIR = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# CIFAR pickles
+# --------------------------------------------------------------------------------------------
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits only what numpy arrays and py2 byte strings need; anything else is refused."""
+
+    _ALLOWED = {
+        ("_codecs", "encode"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+
+
+def _load_pickle(path: Path) -> Any:
+    try:
+        with open(path, "rb") as f:
+            return _CifarUnpickler(f, encoding="bytes").load()
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except Exception as exc:  # any unpickling failure is a corrupt or foreign file
+        raise DataError(f"{path} is not a CIFAR python batch ({exc.__class__.__name__}: {exc})") from None
+
+
+def _get(d: dict, key: str) -> Any:
+    """CIFAR batches written by Python 2 have bytes keys; ones re-saved by Python 3 have str keys."""
+    if key in d:
+        return d[key]
+    return d.get(key.encode())
+
+
+def _cifar_kind(root: Path) -> str | None:
+    """Which CIFAR flavour ``root`` holds, by its file names."""
+    if any((root / n).is_file() for n in ("test_batch", "data_batch_1", "batches.meta")):
+        return "cifar10"
+    if any((root / n).is_file() for n in ("test", "train", "meta")):
+        return "cifar100"
+    return None
+
+
+def _has_class_folders(root: Path) -> bool:
+    try:
+        subdirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    except OSError:
+        return False
+    return any(_iter_images(d, recursive=True, limit=1) for d in subdirs)
+
+
+def _cifar_root(root: Path, kind: str) -> Path:
+    """Accept the batch directory itself or its parent (torchvision's ``root``)."""
+    sub = root / _CIFAR_SUBDIR[kind]
+    if _cifar_kind(root) is None and sub.is_dir():
+        return sub
+    return root
+
+
+def read_cifar(root: str | os.PathLike, split: str = "test", kind: str | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Read CIFAR-10/100 python batches into uint8 ``(N, 32, 32, 3)`` RGB images and int64 labels.
+
+    ``kind`` (``"cifar10"``/``"cifar100"``) is detected from the file names when omitted; when
+    given, a directory of the other flavour (or an image tree) is reported as a layout error rather
+    than silently read, because CIFAR-100 labels scored by a CIFAR-10 model are meaningless.
+    """
+    if split not in ("test", "train"):
+        raise DataError(f"unknown CIFAR split '{split}'; use 'test' or 'train'")
+    if kind is not None and kind not in _CIFAR_SUBDIR:
+        raise DataError(f"unknown CIFAR kind '{kind}'; use cifar10 or cifar100")
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DataError(f"CIFAR directory not found: {root}")
+    if not root.is_dir():
+        raise DataError(f"CIFAR path is not a directory: {root}")
+    if kind is not None:
+        root = _cifar_root(root, kind)
+    found = _cifar_kind(root)
+    if found is None:
+        for k in ("cifar10", "cifar100"):
+            if (root / _CIFAR_SUBDIR[k]).is_dir() and kind is None:
+                root, found = root / _CIFAR_SUBDIR[k], _cifar_kind(root / _CIFAR_SUBDIR[k])
+                break
+    want = kind or found
+    if found is None or (kind is not None and found != kind):
+        expected = ("CIFAR-10 python batches (test_batch, data_batch_1..5)" if want == "cifar10"
+                    else "CIFAR-100 python files (test, train)" if want == "cifar100"
+                    else "CIFAR python batches (test_batch or test)")
+        if found is not None:
+            raise DataError(f"wrong data layout: expected {expected} in {root}, found {found} files; "
+                            f"use {found}:{root}")
+        if _has_class_folders(root):
+            raise DataError(f"wrong data layout: expected {expected} in {root}, found an ImageFolder "
+                            f"tree; use folder:{root}")
+        raise DataError(f"wrong data layout: expected {expected} in {root}, found neither")
+
+    names = (_CIFAR10_FILES if found == "cifar10" else _CIFAR100_FILES)[split]
+    label_key = "labels" if found == "cifar10" else "fine_labels"
+    images, labels = [], []
+    for name in names:
+        path = root / name
+        if not path.is_file():
+            raise DataError(f"CIFAR {split} split is incomplete: {path} is missing")
+        batch = _load_pickle(path)
+        if not isinstance(batch, dict):
+            raise DataError(f"{path} is not a CIFAR python batch (a {type(batch).__name__}, not a dict)")
+        data, lab = _get(batch, "data"), _get(batch, label_key)
+        if data is None or lab is None:
+            raise DataError(f"{path} is not a CIFAR python batch (no 'data'/'{label_key}' entries)")
+        data = np.asarray(data)
+        if data.ndim != 2 or data.shape[1] != 3072:
+            raise DataError(f"{path}: expected data of shape (N, 3072), got {tuple(data.shape)}")
+        lab = np.asarray(lab, dtype=np.int64).reshape(-1)
+        if lab.shape[0] != data.shape[0]:
+            raise DataError(f"{path}: {data.shape[0]} images but {lab.shape[0]} labels")
+        if data.dtype != np.uint8:
+            if data.size and (data.min() < 0 or data.max() > 255):
+                raise DataError(f"{path}: pixel values outside 0..255")
+            data = data.astype(np.uint8)
+        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        labels.append(lab)
+    return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels)
+
+
+# --------------------------------------------------------------------------------------------
+# Preprocessing
+# --------------------------------------------------------------------------------------------
+
+class ImageTransform:
+    """PIL image or uint8 HWC array → normalised float CHW tensor, torchvision-exact.
+
+    A class rather than a closure so that DataLoader workers can pickle it.
+    """
+
+    def __init__(self, pre: Preprocessing) -> None:
+        if pre.interpolation not in _RESAMPLE:
+            raise DataError(f"unknown interpolation '{pre.interpolation}'; known: {', '.join(_RESAMPLE)}")
+        self.pre = pre
+        self.resample = _RESAMPLE[pre.interpolation]
+        self.mean = torch.tensor(pre.mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(pre.std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __repr__(self) -> str:
+        return f"ImageTransform({self.pre})"
+
+    def __call__(self, img: Image.Image | np.ndarray) -> torch.Tensor:
+        size = self.pre.input_size
+        if isinstance(img, np.ndarray):
+            # Fast path: CIFAR arrays already at the input size need no PIL round trip, and the
+            # arithmetic below is the same as for a decoded image, so results are identical.
+            if (img.dtype == np.uint8 and img.ndim == 3 and img.shape == (size, size, 3)
+                    and self.pre.resize is None):
+                return self._to_tensor(img)
+            img = Image.fromarray(img)
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        w, h = img.size
+        if self.pre.resize is not None:
+            # torchvision.transforms.Resize(int): shorter side → resize, longer side truncated.
+            r = self.pre.resize
+            new_w, new_h = (r, int(r * h / w)) if w <= h else (int(r * w / h), r)
+            if (new_w, new_h) != (w, h):
+                img = img.resize((new_w, new_h), self.resample)
+        elif (w, h) != (size, size):
+            img = img.resize((size, size), self.resample)
+        return self._to_tensor(_center_crop(np.asarray(img), size))
+
+    def _to_tensor(self, arr: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).to(torch.float32).div_(255.0)
+        return t.sub_(self.mean).div_(self.std)
+
+
+def _center_crop(arr: np.ndarray, size: int) -> np.ndarray:
+    """torchvision ``center_crop``: zero-pad if too small, then offset ``round((h - size) / 2)``."""
+    h, w = arr.shape[:2]
+    if h < size or w < size:
+        ph, pw = max(size - h, 0), max(size - w, 0)
+        arr = np.pad(arr, ((ph // 2, (ph + 1) // 2), (pw // 2, (pw + 1) // 2), (0, 0)))
+        h, w = arr.shape[:2]
+    top = int(round((h - size) / 2.0))
+    left = int(round((w - size) / 2.0))
+    return arr[top:top + size, left:left + size]
+
+
+def build_transform(pre: Preprocessing) -> Callable[[Image.Image | np.ndarray], torch.Tensor]:
+    """The eval transform for a model's :class:`Preprocessing` (resize → centre crop → normalise)."""
+    return ImageTransform(pre)
+
+
+def _to_float_tensor(arr: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).to(torch.float32).div_(255.0)
+
+
+def _load_image(path: Path) -> Image.Image:
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            return img.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise DataError(f"cannot read image {path} ({exc.__class__.__name__}: {exc})") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets
+# --------------------------------------------------------------------------------------------
+
+class CifarDataset(Dataset):
+    """In-memory CIFAR images; ``transform=None`` yields un-normalised [0, 1] tensors."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray,
+                 transform: Callable[[Any], torch.Tensor] | None = None,
+                 classes: Sequence[str] | None = None) -> None:
+        if len(images) != len(labels):
+            raise DataError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.transform = transform
+        self.classes = list(classes) if classes is not None else None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img = self.images[i]
+        x = self.transform(img) if self.transform is not None else _to_float_tensor(img)
+        return x, int(self.labels[i])
+
+    @property
+    def targets(self) -> list[int]:
+        return self.labels.tolist()
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _iter_images(root: Path, recursive: bool, limit: int | None = None) -> list[Path]:
+    """Image files under ``root`` in sorted order (hidden files and folders skipped)."""
+    out: list[Path] = []
+    if not recursive:
+        try:
+            names = sorted(p.name for p in root.iterdir() if p.is_file())
+        except OSError:
+            return out
+        return [root / n for n in names if _is_image(n)][:limit]
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if _is_image(name):
+                out.append(Path(dirpath) / name)
+                if limit is not None and len(out) >= limit:
+                    return out
+    return out
+
+
+def find_images(root: str | os.PathLike) -> list[Path]:
+    """Every image under ``root``, recursively, in a deterministic (sorted path) order."""
+    return _iter_images(Path(root).expanduser(), recursive=True)
+
+
+def read_class_list(path: str | os.PathLike) -> list[str]:
+    """Folder names in class-index order: the first whitespace-separated token of each line."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"class list not found: {path}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read class list {path} ({exc.__class__.__name__})") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    names: list[str] = []
+    seen: dict[str, int] = {}
+    for i, line in enumerate(lines):
+        tokens = line.split()
+        if not tokens:
+            # An interior blank line would shift every later class index by one.
+            raise DataError(f"class list {path}: line {i + 1} is empty (line number = class index)")
+        name = tokens[0]
+        if name in seen:
+            raise DataError(f"class list {path}: '{name}' appears on lines {seen[name] + 1} and {i + 1}")
+        seen[name] = i
+        names.append(name)
+    if not names:
+        raise DataError(f"class list {path} is empty")
+    return names
+
+
+class ImageFolderDataset(Dataset):
+    """``root/<class>/<image>`` with labels from a class list, or from sorted folder names.
+
+    Images inside a class folder are found recursively; samples are ordered by class folder name,
+    then by path, so the order never depends on the file system.
+    """
+
+    def __init__(self, root: str | os.PathLike, class_list: str | os.PathLike | None = None,
+                 transform: Callable[[Image.Image], torch.Tensor] | None = None) -> None:
+        root = Path(root).expanduser()
+        if not root.exists():
+            raise DataError(f"image folder not found: {root}")
+        if not root.is_dir():
+            raise DataError(f"image folder is not a directory: {root}")
+        self.root = root
+        self.transform = transform
+        folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not folders:
+            if _cifar_kind(root) is not None:
+                raise DataError(f"wrong data layout: expected an ImageFolder tree {root}/<class>/<image>, "
+                                f"found CIFAR python batches; use {_cifar_kind(root)}:{root}")
+            if _iter_images(root, recursive=False, limit=1):
+                raise DataError(f"wrong data layout: expected {root}/<class>/<image>, found images directly "
+                                f"in {root} (labelled evaluation needs one sub-folder per class)")
+            raise DataError(f"empty dataset: no class folders in {root}")
+
+        if class_list is not None:
+            self.classes = read_class_list(class_list)
+            self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+            unknown = [f for f in folders if f not in self.class_to_idx]
+            if unknown:
+                more = f" (and {len(unknown) - 3} more)" if len(unknown) > 3 else ""
+                raise DataError(f"folder '{unknown[0]}' in {root} is not in the class list {class_list}"
+                                f"{': also ' + ', '.join(unknown[1:3]) if len(unknown) > 1 else ''}{more}")
+        else:
+            self.classes = folders
+            self.class_to_idx = {name: i for i, name in enumerate(folders)}
+
+        self.samples: list[tuple[Path, int]] = []
+        for name in folders:
+            idx = self.class_to_idx[name]
+            self.samples.extend((p, idx) for p in _iter_images(root / name, recursive=True))
+        if not self.samples:
+            raise DataError(f"empty dataset: no images ({'/'.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}) "
+                            f"under {root}/<class>/")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[i]
+        img = _load_image(path)
+        x = self.transform(img) if self.transform is not None else _to_float_tensor(np.asarray(img))
+        return x, label
+
+    @property
+    def targets(self) -> list[int]:
+        return [label for _, label in self.samples]
+
+
+class UnlabeledImageDir(Dataset):
+    """Every image under ``root`` (any depth), for calibration: yields tensors, no labels."""
+
+    def __init__(self, root: str | os.PathLike,
+                 transform: Callable[[Image.Image], torch.Tensor] | None = None) -> None:
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            raise DataError(f"image directory not found: {root}")
+        self.root = root
+        self.transform = transform
+        self.paths = _iter_images(root, recursive=True)
+        if not self.paths:
+            raise DataError(f"empty dataset: no images "
+                            f"({'/'.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}) under {root}")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        img = _load_image(self.paths[i])
+        return self.transform(img) if self.transform is not None else _to_float_tensor(np.asarray(img))
+
+
+# --------------------------------------------------------------------------------------------
+# Specs
+# --------------------------------------------------------------------------------------------
+
+def parse_spec(spec: str) -> tuple[str, Path, Path | None]:
+    """``KIND:DIR[:CLASSLIST]`` → (kind, dir, class list). Relative paths are relative to the cwd."""
+    kind, sep, rest = spec.partition(":")
+    kind = kind.strip().lower()
+    if not sep or kind not in SPEC_KINDS:
+        shown = f"'{kind}'" if sep else f"'{spec}' (no KIND: prefix)"
+        raise DataError(f"unknown data spec kind {shown}; valid kinds: "
+                        "cifar10:DIR, cifar100:DIR, folder:DIR[:CLASSLIST]")
+    if not rest:
+        raise DataError(f"data spec '{spec}' has no directory; expected {kind}:DIR")
+    class_list: str | None = None
+    if kind == "folder" and ":" in rest and not Path(rest).expanduser().is_dir():
+        rest, class_list = rest.rsplit(":", 1)
+        if not class_list:
+            raise DataError(f"data spec '{spec}' ends with ':' but names no class list")
+    elif kind != "folder" and ":" in rest and not Path(rest).expanduser().exists():
+        raise DataError(f"data spec '{spec}': only folder: takes a class list ({kind}:DIR)")
+    return kind, Path(rest).expanduser(), Path(class_list).expanduser() if class_list else None
+
+
+def _locate_ref(ref: DatasetRef) -> tuple[Path, Path | None]:
+    """Find a registry dataset in the asset mirror, then in the user cache."""
+    mirror = assets_dir()
+    cache = cache_dir() / "datasets"
+    roots = ([mirror] if mirror is not None else []) + [cache]
+    for base in roots:
+        if (base / ref.path).exists():
+            class_list = None
+            if ref.class_list is not None:
+                class_list = base / ref.class_list
+                if not class_list.is_file():
+                    raise DataError(f"dataset {base / ref.path} found but its class list is missing: "
+                                    f"place it at {class_list}")
+            return base / ref.path, class_list
+    tried = f" (not in ${ENV_ASSETS}={mirror})" if mirror is not None else f" (${ENV_ASSETS} is not set)"
+    extra = f" and {ref.class_list}" if ref.class_list else ""
+    raise DataError(f"dataset '{ref.path}' not found{tried}: create {cache / ref.path}{extra} under "
+                    f"{cache}, set {ENV_ASSETS} to a mirror containing {ref.path}, or pass a data spec "
+                    f"such as {ref.kind}:DIR")
+
+
+def _open(kind: str, root: Path, class_list: Path | None, split: str,
+          transform: Callable[[Any], torch.Tensor]) -> Dataset:
+    if kind in ("cifar10", "cifar100"):
+        images, labels = read_cifar(root, split, kind=kind)
+        return CifarDataset(images, labels, transform)
+    if kind == "folder":
+        return ImageFolderDataset(root, class_list, transform)
+    raise DataError(f"unknown data spec kind '{kind}'; valid kinds: {', '.join(SPEC_KINDS)}")
+
+
+def resolve_dataset(spec: str | None, config: ModelConfig, split: str = "test") -> Dataset:
+    """Open the labelled dataset named by ``spec`` (or the model's default) with its preprocessing.
+
+    ``split`` selects the CIFAR pickle files; a ``folder:`` spec already names one split's
+    directory, so ``split`` does not apply to it.
+    """
+    if spec is None:
+        ref = config.default_dataset
+        if ref is None:
+            raise DataError(f"model '{config.name}' has no default dataset; pass a data spec "
+                            "(cifar10:DIR, cifar100:DIR or folder:DIR[:CLASSLIST])")
+        if ref.kind not in SPEC_KINDS:
+            raise DataError(f"model '{config.name}' names an unknown dataset kind '{ref.kind}'; "
+                            f"valid kinds: {', '.join(SPEC_KINDS)}")
+        kind = ref.kind
+        root, class_list = _locate_ref(ref)
+    else:
+        kind, root, class_list = parse_spec(spec)
+    dataset = _open(kind, root, class_list, split, build_transform(config.preprocessing))
+    if len(dataset) == 0:
+        raise DataError(f"empty dataset: {kind}:{root} holds no samples")
+    return dataset
+
+
+def make_loader(dataset: Dataset, batch_size: int = 128, limit: int | None = None,
+                shuffle: bool = False, num_workers: int = 0) -> DataLoader:
+    """Batches in dataset order; ``limit`` keeps the first N samples so runs are comparable.
+
+    ``num_workers`` defaults to 0: on small CPU machines worker processes compete with the model
+    for cores, and an error in a worker loses its one-line message.
+    """
+    if batch_size < 1:
+        raise DataError(f"batch size must be at least 1, got {batch_size}")
+    if limit is not None:
+        if limit < 1:
+            raise DataError(f"limit must be at least 1, got {limit}")
+        dataset = Subset(dataset, range(min(limit, len(dataset))))
+    if len(dataset) == 0:
+        raise DataError("empty dataset")
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers)

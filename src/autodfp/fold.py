@@ -1,0 +1,125 @@
+"""BatchNorm folding and per-group channel statistics, read from the weights alone.
+
+The analysis must compare channels as the consumer sees them, i.e. after BN: two raw filters can
+be parallel while their BN scales differ by 10×. Folding gives, per channel, the affine map
+``y_c = f_c · x + b_c`` that produces the pre-activation, and BN's own parameters give the
+Gaussian model ``y_c ~ N(β_c, γ_c²)`` of that pre-activation without any data.
+
+For BN-free models (the BN-folded MobileNet-V2) there are no stored statistics. Their Gaussian
+model comes from :func:`empirical_moments` on an input batch (synthetic by default): the mean and
+std of each pre-activation channel, and optionally their correlation.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .graph import GroupGraph, PrunableGroup, Stage
+from .similarity import ChannelStats
+
+
+def _conv_bias(conv: nn.Module) -> torch.Tensor:
+    out = conv.weight.shape[0]
+    return conv.bias.detach().double() if getattr(conv, "bias", None) is not None else torch.zeros(out, dtype=torch.float64)
+
+
+def fold_stage(model: nn.Module, stage: Stage) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Folded (weight, bias) of a conv+BN stage, plus BN's (β, |γ|) when a BN exists."""
+    conv = model.get_submodule(stage.conv)
+    w = conv.weight.detach().double()
+    b = _conv_bias(conv)
+    if stage.bn is None:
+        return w, b, None, None
+    bn = model.get_submodule(stage.bn)
+    scale = bn.weight.detach().double() / torch.sqrt(bn.running_var.detach().double() + bn.eps)
+    w = w * scale.view(-1, *([1] * (w.dim() - 1)))
+    b = scale * (b - bn.running_mean.detach().double()) + bn.bias.detach().double()
+    return w, b, bn.bias.detach().double(), bn.weight.detach().double().abs()
+
+
+def group_stats(model: nn.Module, group: PrunableGroup,
+                moments: tuple[torch.Tensor, torch.Tensor] | None = None,
+                corr: torch.Tensor | None = None) -> ChannelStats:
+    """The :class:`ChannelStats` of a group.
+
+    For a depthwise chain the linearised filter of channel ``c`` is the outer product of its
+    folded pointwise filter and folded depthwise kernel (see :mod:`autodfp.similarity`), and the
+    bias and Gaussian model are those of the last stage, whose output the consumer sees.
+    ``moments`` (mean, std of the last stage's pre-activation) overrides the BN model; it is
+    required when the last stage has no BN.
+    """
+    w, b, beta, gamma = fold_stage(model, group.producer)
+    filters = w.reshape(w.shape[0], -1)
+    for stage in group.passthrough:
+        wd, b, beta, gamma = fold_stage(model, stage)
+        filters = torch.einsum("cd,ck->cdk", filters, wd.reshape(wd.shape[0], -1)).reshape(wd.shape[0], -1)
+    if moments is not None:
+        mean, std = (t.double() for t in moments)
+    elif beta is not None:
+        mean, std = beta, gamma
+    else:
+        raise ValueError(f"group {group.name} has no BN after its last stage; pass measured moments")
+    return ChannelStats(filters=filters, bias=b, mean=mean, std=std, activation=group.activation,
+                        corr=None if corr is None else corr.double())
+
+
+def raw_filters(model: nn.Module, group: PrunableGroup) -> torch.Tensor:
+    """The producer's un-folded filters, (C, D): what textbook L1/L2 criteria rank."""
+    w = model.get_submodule(group.producer.conv).weight.detach()
+    return w.reshape(w.shape[0], -1)
+
+
+def last_stage_module(model: nn.Module, group: PrunableGroup) -> nn.Module:
+    st = group.last_stage
+    return model.get_submodule(st.bn if st.bn is not None else st.conv)
+
+
+@torch.no_grad()
+def empirical_moments(model: nn.Module, graph: GroupGraph, x: torch.Tensor, with_corr: bool = False,
+                      max_positions: int = 20000, batch_size: int = 32,
+                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """Per-channel mean/std (and correlation) of every prunable group's pre-activation on ``x``.
+
+    Positions (batch × spatial) are pooled: the Gaussian model describes one activation value, not
+    a feature map. At most ``max_positions`` positions per group are kept for the correlation,
+    sampled with a fixed generator so the estimate is reproducible.
+    """
+    groups = graph.prunable
+    mods = {g.name: last_stage_module(model, g) for g in groups}
+    sums: dict[str, list] = {g.name: [0, 0.0, 0.0, []] for g in groups}
+    gen = torch.Generator().manual_seed(0)
+
+    def make_hook(name: str):
+        def hook(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
+            y = out.detach().double()
+            y = y.transpose(0, 1).reshape(y.shape[1], -1) if y.dim() == 4 else y.t()
+            acc = sums[name]
+            acc[0] += y.shape[1]
+            acc[1] = acc[1] + y.sum(1)
+            acc[2] = acc[2] + (y * y).sum(1)
+            if with_corr:
+                take = min(y.shape[1], max(1, max_positions * batch_size // max(1, x.shape[0])))
+                idx = torch.randperm(y.shape[1], generator=gen)[:take]
+                acc[3].append(y[:, idx])
+        return hook
+
+    hooks = [m.register_forward_hook(make_hook(n)) for n, m in mods.items()]
+    try:
+        model.eval()
+        for i in range(0, x.shape[0], batch_size):
+            model(x[i:i + batch_size])
+    finally:
+        for h in hooks:
+            h.remove()
+    result = {}
+    for name, (n, s1, s2, samples) in sums.items():
+        mean = s1 / n
+        std = (s2 / n - mean * mean).clamp_min(0).sqrt()
+        corr = None
+        if with_corr:
+            ys = torch.cat(samples, dim=1)[:, :max_positions]
+            corr = torch.corrcoef(ys)
+            corr = torch.nan_to_num(corr, nan=0.0)
+            corr.fill_diagonal_(1.0)
+        result[name] = (mean, std, corr)
+    return result

@@ -1,0 +1,271 @@
+"""Prunable channel groups, found with torch-pruning's dependency graph.
+
+A *group* is a set of channels that must be removed together. For reconstruction we need more
+than torch-pruning's flat list of (layer, dimension) pairs: which layer *produces* the channels
+(conv + its BN), which layers merely *pass them through* (a depthwise conv + BN, as in MobileNet
+pointwise→depthwise chains), which layers *consume* them on their input side, and which
+activation sits between the last producing stage and the consumers. This module recovers that
+structure once per model; later stages refer to layers by their qualified names, so a group stays
+valid for every copy of the model.
+
+Groups are *inner* when one producer feeds its consumers directly (ResNet block ``conv1``,
+MobileNet chains, plain VGG convs) and *coupled* when a residual add, a channel-pad shortcut or a
+concat ties several producers together. Only inner groups are pruned by default: coupled groups
+change the residual stream and need reconstruction across every tied layer.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from .errors import ModelError
+from .models.layers import CUSTOM_PRUNERS, ChannelPadShortcut
+
+ACTIVATIONS = ("relu", "relu6", "identity")
+
+
+def is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+def is_dense(m: nn.Module) -> bool:
+    """A conv with groups=1 or a linear layer: the only producers/consumers we reconstruct."""
+    return isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)
+
+
+@dataclass
+class Stage:
+    """A conv (producer or depthwise pass-through) and the BN that normalises its output, if any."""
+
+    conv: str
+    bn: str | None
+
+
+@dataclass
+class PrunableGroup:
+    name: str
+    index: int
+    channels: int
+    producer: Stage
+    passthrough: list[Stage]
+    consumers: list[str]
+    consumer_bns: list[str | None]
+    activation: str
+    coupled: bool
+    prunable: bool
+    reason: str = ""
+    kind: str = "conv"  # "conv" | "dw_chain" | "linear"
+    members: list[str] = field(default_factory=list)
+
+    @property
+    def last_stage(self) -> Stage:
+        """The stage whose (pre-activation) output the consumers see through ``activation``."""
+        return self.passthrough[-1] if self.passthrough else self.producer
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GroupGraph:
+    """All channel groups of a model, in forward order of their producers."""
+
+    groups: list[PrunableGroup]
+    input_shape: tuple[int, ...]
+
+    def __iter__(self):
+        return iter(self.groups)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    @property
+    def prunable(self) -> list[PrunableGroup]:
+        return [g for g in self.groups if g.prunable]
+
+    def get(self, name: str) -> PrunableGroup:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(name)
+
+
+def build_dependency_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
+    try:
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example, customized_pruners=CUSTOM_PRUNERS)
+    except Exception as exc:  # torch-pruning raises bare exceptions on untraceable models
+        raise ModelError(f"could not trace the model's dependency graph ({exc.__class__.__name__}: {exc})") from None
+
+
+def _forward_order(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
+    order: list[nn.Module] = []
+    hooks = [m.register_forward_hook(lambda mod, i, o: order.append(mod))
+             for m in model.modules() if len(list(m.children())) == 0]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    seen: dict[nn.Module, None] = {}
+    for m in order:
+        seen.setdefault(m, None)
+    return list(seen)
+
+
+def _classify_activation(pre: torch.Tensor | None, post: torch.Tensor | None) -> str:
+    if pre is None or post is None or post.shape != pre.shape:
+        return "unknown"
+    tol = 1e-5 * (1 + pre.abs().max().item())
+    for name, fn in (("identity", lambda t: t), ("relu", torch.relu), ("relu6", lambda t: t.clamp(0, 6))):
+        if (fn(pre) - post).abs().max().item() <= tol:
+            # relu and relu6 agree while no value exceeds 6: prefer the weaker claim, relu6,
+            # only when the probe shows clipping.
+            if name == "relu" and pre.max().item() > 6 and (post.max().item() <= 6 + tol):
+                return "relu6"
+            return name
+    return "unknown"
+
+
+def _detect_activations(model: nn.Module, example: torch.Tensor,
+                        pairs: list[tuple[nn.Module, list[nn.Module]]]) -> list[str]:
+    """Identify the element-wise activation between each ``last`` output and its consumers' inputs.
+
+    Checked numerically on one forward pass instead of parsing code, so it works for functional
+    (``F.relu``) and module activations alike. Anything else (pooling, an unknown non-linearity)
+    is reported as ``"unknown"``, which makes the group unprunable by default.
+    """
+    outs: dict[nn.Module, torch.Tensor] = {}
+    ins: dict[nn.Module, torch.Tensor] = {}
+    lasts = {last for last, _ in pairs}
+    cons = {c for _, cs in pairs for c in cs}
+
+    def grab_out(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
+        outs.setdefault(mod, out.detach())
+
+    def grab_in(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
+        ins.setdefault(mod, inp[0].detach())
+
+    hooks = [m.register_forward_hook(grab_out) for m in lasts] + [m.register_forward_hook(grab_in) for m in cons]
+    try:
+        with torch.no_grad():
+            model(example * 3.0)  # a wide input range so that ReLU6 clipping shows
+    finally:
+        for h in hooks:
+            h.remove()
+    result = []
+    for last, consumers in pairs:
+        acts = {_classify_activation(outs.get(last), ins.get(c)) for c in consumers}
+        result.append(acts.pop() if len(acts) == 1 else "unknown")
+    return result
+
+
+def _bn_after(dg: tp.DependencyGraph, module: nn.Module) -> nn.BatchNorm2d | None:
+    """The BatchNorm directly fed by ``module`` (through pads/pass-through ops only)."""
+    node = dg.module2node.get(module)
+    frontier = list(node.outputs) if node else []
+    seen = set()
+    while frontier:
+        n = frontier.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        if isinstance(n.module, nn.modules.batchnorm._BatchNorm):
+            return n.module
+        if isinstance(n.module, nn.Module):  # a real layer: stop
+            continue
+        grad = type(n.grad_fn).__name__ if n.grad_fn is not None else ""
+        if any(k in grad for k in ("ConstantPadNd", "Unsqueeze", "Convolution")):
+            frontier.extend(n.outputs)
+    return None
+
+
+def find_groups(model: nn.Module, input_shape: tuple[int, ...]) -> GroupGraph:
+    """Discover every output-channel group of ``model`` and classify it."""
+    model.eval()
+    example = torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(0))
+    dg = build_dependency_graph(model, example)
+    names = {m: n for n, m in model.named_modules()}
+    order = _forward_order(model, example)
+    rank = {m: i for i, m in enumerate(order)}
+
+    seen_producers: set[nn.Module] = set()
+    groups: list[PrunableGroup] = []
+    last_of: list[nn.Module] = []
+    consumers_of: list[list[nn.Module]] = []
+    for module in order:
+        if not is_dense(module) or module in seen_producers:
+            continue
+        fn = tp.prune_linear_out_channels if isinstance(module, nn.Linear) else tp.prune_conv_out_channels
+        n_out = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+        group = dg.get_pruning_group(module, fn, idxs=list(range(n_out)))
+
+        producers, bns, dws, consumers, shortcuts, others = [], [], [], [], [], []
+        feeds_output = False
+        for dep, _ in group:
+            target = dep.target.module
+            handler = dep.handler
+            out_side = dg.is_out_channel_pruning_fn(handler)
+            if isinstance(target, nn.modules.batchnorm._BatchNorm):
+                bns.append(target)
+            elif is_depthwise(target):
+                if target not in dws:
+                    dws.append(target)
+            elif is_dense(target):
+                (producers if out_side else consumers).append(target)
+            elif isinstance(target, ChannelPadShortcut):
+                shortcuts.append(target)
+            elif isinstance(target, tp.ops._OutputOp):
+                feeds_output = True
+            elif isinstance(target, tp.ops._ElementWiseOp):
+                grad = type(dep.target.grad_fn).__name__ if dep.target.grad_fn is not None else ""
+                if any(k in grad for k in ("Add", "Sub", "Mul", "Div")):
+                    others.append(target)  # a residual add or gating ties channels together
+            else:
+                others.append(target)  # concat, split, reshape, other layers: not reconstructed
+        producers = sorted(set(producers), key=lambda m: rank.get(m, 1 << 30))
+        consumers = sorted(set(consumers) - set(producers), key=lambda m: rank.get(m, 1 << 30))
+        dws.sort(key=lambda m: rank.get(m, 1 << 30))
+        seen_producers.update(producers)
+
+        coupled = len(producers) > 1 or bool(shortcuts) or bool(others)
+        producer = producers[0]
+        prod_bn = _bn_after(dg, producer)
+        passthrough = [Stage(names[d], names.get(_bn_after(dg, d)) if _bn_after(dg, d) else None) for d in dws]
+        consumer_bns = [names.get(_bn_after(dg, c)) if _bn_after(dg, c) is not None else None for c in consumers]
+        last_module = dws[-1] if dws else producer
+        last_bn = _bn_after(dg, last_module)
+
+        prunable, reason = True, ""
+        if feeds_output:
+            prunable, reason = False, "model output"
+        elif coupled:
+            prunable, reason = False, "coupled (residual add / shortcut / concat)"
+        elif not consumers:
+            prunable, reason = False, "no consumer layer"
+        kind = "linear" if isinstance(producer, nn.Linear) else ("dw_chain" if dws else "conv")
+        groups.append(PrunableGroup(
+            name=names[producer], index=len(groups), channels=n_out,
+            producer=Stage(names[producer], names.get(prod_bn) if prod_bn is not None else None),
+            passthrough=passthrough, consumers=[names[c] for c in consumers], consumer_bns=consumer_bns,
+            activation="unknown", coupled=coupled, prunable=prunable, reason=reason, kind=kind,
+            members=[names[p] for p in producers],
+        ))
+        last_of.append(last_bn or last_module)
+        consumers_of.append(consumers)
+
+    for g, act in zip(groups, _detect_activations(model, example, list(zip(last_of, consumers_of)))):
+        g.activation = act
+        if g.prunable and act == "unknown":
+            g.prunable, g.reason = False, "no element-wise activation between producer and consumer"
+
+    # Never prune into the classifier by default: its input channels are the final features, and
+    # their loss cannot be reconstructed by any later layer.
+    classifier = {g.name for g in groups if g.reason == "model output"}
+    for g in groups:
+        if g.prunable and classifier & set(g.consumers):
+            g.prunable, g.reason = False, "feeds the classifier"
+    return GroupGraph(groups, tuple(input_shape))

@@ -1,0 +1,213 @@
+"""Surgery: plan → channel selection → reconstruction → physical removal with torch-pruning.
+
+:class:`Pruner` holds everything about a model that does not depend on the plan (dependency
+graph, per-group BN-folded statistics and similarity analyses), so a search that applies hundreds
+of plans analyses each layer once. It offers two ways to realise a plan:
+
+- :meth:`Pruner.apply` returns a physically smaller copy (real tensors, fewer channels);
+- :meth:`Pruner.masked_state` returns only the edited consumer tensors, with the pruned input
+  columns zeroed. Run through ``torch.func.functional_call`` this computes exactly the pruned
+  model's function without copying or re-tracing the model, which is what a reward needs.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from .criteria import select_channels
+from .errors import PlanError
+from .fold import empirical_moments, group_stats, raw_filters
+from .graph import GroupGraph, PrunableGroup, build_dependency_graph, find_groups
+from .plan import Plan, n_keep
+from .reconstruct import Compensation, fold_into_consumer, reconstruct
+from .similarity import ChannelAnalysis, ChannelStats, analyze
+
+
+@dataclass
+class GroupDecision:
+    kept: torch.Tensor
+    pruned: torch.Tensor
+    compensation: Compensation | None
+
+
+@dataclass
+class PruneResult:
+    model: nn.Module
+    plan: Plan
+    decisions: dict[str, GroupDecision] = field(repr=False)
+
+    @property
+    def kept(self) -> dict[str, list[int]]:
+        return {k: d.kept.tolist() for k, d in self.decisions.items()}
+
+
+class Pruner:
+    """Per-model cache of groups, statistics and analyses; applies plans.
+
+    ``calibration`` is an optional input batch (synthetic by default upstream). It is required for
+    groups without BN statistics, and with ``corr_source="calibration"`` it also supplies the
+    pre-activation correlations used by the ``lsq`` strategy instead of filter geometry.
+    """
+
+    def __init__(self, model: nn.Module, input_shape: tuple[int, ...], graph: GroupGraph | None = None,
+                 calibration: torch.Tensor | None = None, corr_source: str = "geometry",
+                 analysis_kwargs: dict[str, Any] | None = None) -> None:
+        self.model = model.eval()
+        self.input_shape = tuple(input_shape)
+        self.graph = graph if graph is not None else find_groups(model, self.input_shape)
+        self.calibration = calibration
+        if corr_source not in ("geometry", "calibration"):
+            raise PlanError(f"unknown correlation source '{corr_source}' (geometry or calibration)")
+        if corr_source == "calibration" and calibration is None:
+            raise PlanError("corr_source='calibration' needs a calibration batch")
+        self.corr_source = corr_source
+        self.analysis_kwargs = analysis_kwargs or {}
+        self._moments: dict[str, tuple] | None = None
+        self._stats: dict[str, ChannelStats] = {}
+        self._analysis: dict[str, ChannelAnalysis] = {}
+        self._raw: dict[str, torch.Tensor] = {}
+
+    # -- per-group cached quantities -------------------------------------------------------
+    def _group(self, name: str) -> PrunableGroup:
+        try:
+            return self.graph.get(name)
+        except KeyError:
+            raise PlanError(f"unknown group '{name}'") from None
+
+    def _calibration_moments(self) -> dict[str, tuple]:
+        if self._moments is None:
+            if self.calibration is None:
+                raise PlanError("this model has groups without BatchNorm statistics; a calibration batch "
+                                "(synthetic inputs) is needed to model their activations")
+            self._moments = empirical_moments(self.model, self.graph, self.calibration,
+                                              with_corr=self.corr_source == "calibration")
+        return self._moments
+
+    def stats(self, name: str) -> ChannelStats:
+        if name not in self._stats:
+            g = self._group(name)
+            has_bn = g.last_stage.bn is not None
+            moments = corr = None
+            if not has_bn or self.corr_source == "calibration":
+                mean, std, corr = self._calibration_moments()[name]
+                moments = (mean, std) if not has_bn else None
+            self._stats[name] = group_stats(self.model, g, moments=moments, corr=corr)
+        return self._stats[name]
+
+    def analysis(self, name: str) -> ChannelAnalysis:
+        if name not in self._analysis:
+            self._analysis[name] = analyze(self.stats(name), **self.analysis_kwargs)
+        return self._analysis[name]
+
+    def raw_filters(self, name: str) -> torch.Tensor:
+        if name not in self._raw:
+            self._raw[name] = raw_filters(self.model, self._group(name))
+        return self._raw[name]
+
+    # -- plan → decisions --------------------------------------------------------------------
+    def decide(self, plan: Plan) -> dict[str, GroupDecision]:
+        plan.validate(self.graph)
+        decisions: dict[str, GroupDecision] = {}
+        for g in self.graph.prunable:
+            if g.name not in plan.ratios:
+                continue
+            k = n_keep(g.channels, float(plan.ratios[g.name]))
+            if k == g.channels:
+                continue
+            stats = self.stats(g.name)
+            needs_analysis = plan.criterion == "cluster" or plan.strategy in ("nm", "autodfp")
+            analysis = self.analysis(g.name) if needs_analysis else None
+            if g.name in plan.keep:
+                kept = torch.tensor(sorted(plan.keep[g.name]), dtype=torch.long)
+                mask = torch.ones(g.channels, dtype=torch.bool)
+                mask[kept] = False
+                pruned = torch.arange(g.channels)[mask]
+            else:
+                kept, pruned = select_channels(plan.criterion, stats, analysis, k,
+                                               raw_filters=self.raw_filters(g.name),
+                                               seed=int(plan.params.get("seed", 0)))
+            comp = None
+            if plan.strategy != "none":
+                params = {k_: v for k_, v in plan.params_for(g.name).items() if k_ != "seed"}
+                comp = reconstruct(plan.strategy, stats, analysis, kept, pruned, **params)
+            decisions[g.name] = GroupDecision(kept, pruned, comp)
+        return decisions
+
+    # -- realisation -----------------------------------------------------------------------
+    def _edited_tensors(self, decisions: dict[str, GroupDecision], zero_pruned: bool) -> dict[str, torch.Tensor]:
+        """New values for every consumer weight/bias/BN mean touched by the decisions."""
+        params = dict(self.model.named_parameters())
+        buffers = dict(self.model.named_buffers())
+        out: dict[str, torch.Tensor] = {}
+
+        def current(name: str) -> torch.Tensor:
+            if name in out:
+                return out[name]
+            src = params.get(name, buffers.get(name))
+            return src.detach().clone()
+
+        for gname, d in decisions.items():
+            g = self._group(gname)
+            for cons, cbn in zip(g.consumers, g.consumer_bns):
+                wname = f"{cons}.weight"
+                w = current(wname)
+                if d.compensation is not None:
+                    new_kept, delta = fold_into_consumer(w.double(), d.compensation, d.kept, d.pruned)
+                    w[:, d.kept] = new_kept.to(w.dtype)
+                    delta = delta.to(w.dtype)
+                    if cbn is not None:
+                        rm = current(f"{cbn}.running_mean")
+                        out[f"{cbn}.running_mean"] = rm - delta
+                    elif f"{cons}.bias" in params:
+                        out[f"{cons}.bias"] = current(f"{cons}.bias") + delta
+                    elif bool(delta.abs().max() > 0):
+                        raise PlanError(f"consumer '{cons}' has neither a bias nor a BatchNorm to absorb "
+                                        "the reconstruction constant")
+                if zero_pruned:
+                    w[:, d.pruned] = 0
+                out[wname] = w
+        return out
+
+    def masked_state(self, plan: Plan | dict[str, GroupDecision]) -> dict[str, torch.Tensor]:
+        """Tensors that, substituted into the original model, compute the pruned model exactly."""
+        decisions = self.decide(plan) if isinstance(plan, Plan) else plan
+        return self._edited_tensors(decisions, zero_pruned=True)
+
+    def apply(self, plan: Plan) -> PruneResult:
+        """A physically pruned deep copy of the model."""
+        decisions = self.decide(plan)
+        net = copy.deepcopy(self.model)
+        edited = self._edited_tensors(decisions, zero_pruned=False)
+        with torch.no_grad():
+            for name, value in edited.items():
+                mod_name, _, attr = name.rpartition(".")
+                getattr(net.get_submodule(mod_name), attr).copy_(value)
+        prune_channels(net, self.graph, {k: d.pruned.tolist() for k, d in decisions.items()}, self.input_shape)
+        return PruneResult(net, plan, decisions)
+
+
+def prune_channels(model: nn.Module, graph: GroupGraph, pruned: dict[str, list[int]],
+                   input_shape: tuple[int, ...]) -> nn.Module:
+    """Remove channels in place with torch-pruning (producer, pass-through and consumers together)."""
+    if not any(pruned.values()):
+        return model
+    example = torch.zeros(1, *input_shape)
+    dg = build_dependency_graph(model, example)
+    for name, idxs in pruned.items():
+        if not idxs:
+            continue
+        module = model.get_submodule(graph.get(name).producer.conv)
+        fn = tp.prune_linear_out_channels if isinstance(module, nn.Linear) else tp.prune_conv_out_channels
+        group = dg.get_pruning_group(module, fn, idxs=list(idxs))
+        group.prune()
+    return model
+
+
+def apply_plan(model: nn.Module, plan: Plan, input_shape: tuple[int, ...], **pruner_kwargs: Any) -> nn.Module:
+    """One-shot convenience: the physically pruned copy of ``model`` under ``plan``."""
+    return Pruner(model, input_shape, **pruner_kwargs).apply(plan).model

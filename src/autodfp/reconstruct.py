@@ -1,0 +1,374 @@
+"""Compensating for pruned channels, without data.
+
+A strategy predicts each pruned channel's post-activation from the kept ones,
+``a_pruned ≈ A @ a_kept + c``, and :func:`fold_into_consumer` bakes that prediction into the layer
+that reads the group: for every consumer output ``o``,
+``Σ_c W[o, c] a_c ≈ Σ_k (W[o, k] + Σ_p W[o, p] A[p, k]) a_k + Σ_p W[o, p] c_p``.
+So once the strategies are right per channel, pruning is a pure weight edit.
+
+All strategies model the pre-activation ``y`` of the group as Gaussian (``N(mean, std²)`` per
+channel, see :class:`~autodfp.similarity.ChannelStats`), or use caller-provided samples of ``y``.
+Results are float64; callers cast to the model's dtype when folding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+from torch import Tensor
+
+from .errors import PlanError
+from .similarity import (
+    ChannelAnalysis,
+    ChannelStats,
+    activation_moments,
+    apply_activation,
+    expected_activation,
+    pairwise_geometry,
+)
+
+
+@dataclass
+class Compensation:
+    """``a_pruned ≈ A @ a_kept + c`` (float64). ``A``: (n_pruned, n_kept); ``c``: (n_pruned,).
+
+    ``partner`` (optional, nm/autodfp): the channel index (in the group, not in ``kept``) each
+    pruned channel was merged into, or -1 when it was not merged.
+    """
+
+    A: Tensor
+    c: Tensor
+    partner: Tensor | None = None
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.A.dim() != 2 or self.c.shape != (self.A.shape[0],):
+            raise ValueError(f"inconsistent compensation shapes A={tuple(self.A.shape)} c={tuple(self.c.shape)}")
+
+
+class Strategy(Protocol):
+    def __call__(self, stats: ChannelStats, analysis: ChannelAnalysis, kept: Tensor, pruned: Tensor,
+                 **params: object) -> Compensation: ...
+
+
+# ----------------------------------------------------------------------------------------------
+# folding
+# ----------------------------------------------------------------------------------------------
+def fold_into_consumer(weight: Tensor, comp: Compensation, kept: Tensor, pruned: Tensor) -> tuple[Tensor, Tensor]:
+    """Consumer weight for the kept input channels and the constant it must absorb.
+
+    ``weight`` is (O, C, *kernel) for a ``groups=1`` conv or (O, C) for a Linear. Returns
+    ``(W_kept, bias_delta)`` with ``W_kept[:, j] = W[:, kept[j]] + Σ_p A[p, j] W[:, pruned[p]]`` (per
+    kernel tap, because the prediction holds at every spatial position) and
+    ``bias_delta[o] = Σ_p c_p Σ_taps W[o, pruned[p], taps]``: add it to the consumer's bias, or
+    subtract it from the running mean of a BN that follows the consumer.
+
+    The constant term is exact wherever the whole receptive field lies inside the feature map;
+    at zero-padded borders the pruned channel contributed 0 for the padded taps, but the folded
+    constant is applied in full, which is the usual (small) border approximation.
+    """
+    kept = torch.as_tensor(kept, dtype=torch.long)
+    pruned = torch.as_tensor(pruned, dtype=torch.long)
+    if weight.dim() < 2:
+        raise ValueError(f"consumer weight must be (O, C, ...), got shape {tuple(weight.shape)}")
+    if comp.A.shape != (pruned.numel(), kept.numel()):
+        raise ValueError(f"compensation A is {tuple(comp.A.shape)}, expected ({pruned.numel()}, {kept.numel()})")
+    w = weight.detach().to(torch.float64)
+    a = comp.A.to(torch.float64)
+    wk = w[:, kept]
+    wp = w[:, pruned]
+    # (O, P, *k) x (P, K) -> (O, K, *k)
+    new = wk + torch.einsum("op...,pk->ok...", wp, a)
+    delta = torch.einsum("op...,p->o", wp, comp.c.to(torch.float64)) if pruned.numel() else torch.zeros(w.shape[0], dtype=torch.float64)
+    return new.to(weight.dtype), delta.to(weight.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+def _check_partition(stats: ChannelStats, kept: Tensor, pruned: Tensor) -> tuple[Tensor, Tensor]:
+    c = stats.num_channels
+    kept = torch.as_tensor(kept, dtype=torch.long).flatten()
+    pruned = torch.as_tensor(pruned, dtype=torch.long).flatten()
+    both = torch.cat([kept, pruned])
+    if both.numel() and (int(both.min()) < 0 or int(both.max()) >= c):
+        raise PlanError(f"channel index out of range for a group of {c} channels")
+    if torch.unique(both).numel() != both.numel():
+        raise PlanError("kept and pruned channels overlap or repeat")
+    if kept.numel() == 0 and pruned.numel() > 0:
+        raise PlanError("cannot prune every channel of a group")
+    return kept, pruned
+
+
+def _post_means(stats: ChannelStats, samples: Tensor | None) -> Tensor:
+    """E[act(y)] per channel: closed form under the Gaussian model, or empirical from samples."""
+    if samples is not None:
+        return apply_activation(_check_samples(stats, samples), stats.activation).mean(0)
+    return expected_activation(stats.mean, stats.std, stats.activation)
+
+
+def _check_samples(stats: ChannelStats, samples: Tensor) -> Tensor:
+    if samples.dim() != 2 or samples.shape[1] != stats.num_channels or samples.shape[0] < 2:
+        raise ValueError(f"samples must be (N>=2, {stats.num_channels}), got {tuple(samples.shape)}")
+    return samples.detach().to(torch.float64)
+
+
+def _empty(kept: Tensor, pruned: Tensor) -> Compensation:
+    return Compensation(torch.zeros(pruned.numel(), kept.numel(), dtype=torch.float64),
+                        torch.zeros(pruned.numel(), dtype=torch.float64))
+
+
+# ----------------------------------------------------------------------------------------------
+# strategies
+# ----------------------------------------------------------------------------------------------
+def strategy_none(stats: ChannelStats, analysis: ChannelAnalysis, kept: Tensor, pruned: Tensor) -> Compensation:
+    """Plain pruning: the pruned channels' contribution is dropped."""
+    kept, pruned = _check_partition(stats, kept, pruned)
+    return _empty(kept, pruned)
+
+
+def strategy_mean(stats: ChannelStats, analysis: ChannelAnalysis, kept: Tensor, pruned: Tensor,
+                  samples: Tensor | None = None) -> Compensation:
+    """Replace each pruned channel by its expected activation (ablation: the constant part only).
+
+    Exact for constant channels (std → 0) and for dead ones (expectation ≈ 0), which is why even
+    this simplest correction matters: BN-trained nets keep many channels whose activation is
+    mostly their mean.
+    """
+    kept, pruned = _check_partition(stats, kept, pruned)
+    comp = _empty(kept, pruned)
+    comp.c = _post_means(stats, samples)[pruned].clone()
+    return comp
+
+
+def strategy_nm(stats: ChannelStats, analysis: ChannelAnalysis, kept: Tensor, pruned: Tensor,
+                lam: float = 0.85, threshold: float = 0.1, slope: str = "projection") -> Compensation:
+    """Neuron Merging (Kim et al., NeurIPS 2020) for conv → BN → ReLU, on BN-folded filters.
+
+    Partner of pruned ``p`` among kept ``k`` with ``cos[p,k] > 0``:
+    ``argmin_k lam·(1 − cos[p,k]) + (1 − lam)·minmax_k(|b_p − α_pk b_k| / α_pk)``, the bias term being
+    the offset between the two channels' zero crossings expressed in ``k``'s pre-activation units,
+    min-max normalised over the candidates as in the official code (``lam = 0.85``,
+    cosine-similarity ``threshold = 0.1`` are the official ResNet-56 settings). If the best partner's
+    cosine is below ``threshold`` (or no kept channel has ``cos > 0``), ``p`` is not merged.
+
+    ``A[p, k] = α``, the first-principles slope on folded filters: if ``f_p = α f_k`` with ``α > 0``
+    and ``b_p = α b_k``, then ``ReLU(y_p) = α ReLU(y_k)``. ``slope="projection"`` (default) uses the
+    least-squares ``α = <f_p,f_k>/|f_k|²``; ``slope="norm_ratio"`` uses ``|f_p|/|f_k|`` as NM does (the
+    two agree for exact duplicates). The official NM code builds its BN slope from raw-filter norms
+    times ``(γ_k/γ_p)·(σ_p/σ_k)`` with ``σ`` the running *variance* — the γ/σ ratio inverted and
+    variance in place of std; we use the folded-filter slope, which is what makes the merge exact.
+    ``c = 0``: NM carries no constant.
+    """
+    kept, pruned = _check_partition(stats, kept, pruned)
+    if not 0.0 <= lam <= 1.0:
+        raise PlanError(f"nm lam must be in [0, 1], got {lam}")
+    if slope not in ("projection", "norm_ratio"):
+        raise PlanError(f"nm slope must be 'projection' or 'norm_ratio', got '{slope}'")
+    comp = _empty(kept, pruned)
+    partner = torch.full((pruned.numel(),), -1, dtype=torch.long)
+    if kept.numel() == 0 or pruned.numel() == 0:
+        comp.partner = partner
+        return comp
+    cos = analysis.cosine[pruned][:, kept]
+    alpha = analysis.scale[pruned][:, kept]
+    if slope == "norm_ratio":
+        n = analysis.norms
+        alpha = torch.where(cos > 0, n[pruned][:, None] / n[kept][None, :].clamp_min(1e-300), alpha)
+    b = stats.bias.detach().to(torch.float64)
+    valid = (cos > 0) & (alpha > 0)
+    bias_term = (b[pruned][:, None] - alpha * b[kept][None, :]).abs() / torch.where(valid, alpha, torch.ones_like(alpha))
+    for i in range(pruned.numel()):
+        v = valid[i]
+        if not bool(v.any()):
+            continue
+        bt = bias_term[i][v]
+        span = bt.max() - bt.min()
+        bt = (bt - bt.min()) / span if span > 0 else torch.zeros_like(bt)
+        score = lam * (1.0 - cos[i][v]) + (1.0 - lam) * bt
+        j = torch.nonzero(v).flatten()[int(torch.argmin(score))]
+        if float(cos[i, j]) < threshold:
+            continue
+        comp.A[i, j] = alpha[i, j]
+        partner[i] = kept[j]
+    comp.partner = partner
+    return comp
+
+
+def _directed_distance(analysis: ChannelAnalysis) -> Tensor:
+    """``(1 − cos[p,k]) + w·mismatch[p,k]²``: how well ``k`` stands in for ``p`` (before symmetrising)."""
+    return (1.0 - analysis.cosine) + analysis.bias_weight * analysis.bias_mismatch ** 2
+
+
+def strategy_autodfp(stats: ChannelStats, analysis: ChannelAnalysis, kept: Tensor, pruned: Tensor,
+                     strength: float = 1.0, max_distance: float | None = None,
+                     samples: Tensor | None = None) -> Compensation:
+    """Channel-similarity reconstruction: merge into the most similar kept channel, keep the rest as a constant.
+
+    Partner of pruned ``p``: the kept member of ``p``'s DBSCAN cluster closest to ``p``; if ``p`` is
+    noise or its cluster kept nothing, the closest kept channel overall. "Closest" uses the directed
+    distance ``(1 − cos[p,k]) + w·mismatch[p,k]²`` (how well ``k`` explains ``p``; the symmetric
+    ``analysis.distance`` is its max with the transpose). Then ``A[p, k] = λ·α_pk`` with
+    ``α_pk = analysis.scale[p, k]`` and ``λ = strength ∈ [0, 1]``, and
+
+        ``c_p = E[act(y_p)] − λ·α_pk·E[act(y_k)]``
+
+    under ``y ~ N(mean, std²)`` with the real activation: the part of ``p`` the merge cannot carry
+    (its offset seen through the activation, and the ``1 − λ`` share the agent chose not to merge),
+    replaced by its expectation so the consumer's mean input is preserved. A partner with
+    ``α ≤ 0`` (or, if ``max_distance`` is given, farther than that) gets no merge, and ``c_p`` falls
+    back to ``E[act(y_p)]``. With ``samples`` (N, C) of pre-activations the expectations are empirical.
+    """
+    kept, pruned = _check_partition(stats, kept, pruned)
+    if not 0.0 <= strength <= 1.0:
+        raise PlanError(f"reconstruction strength must be in [0, 1], got {strength}")
+    comp = _empty(kept, pruned)
+    partner = torch.full((pruned.numel(),), -1, dtype=torch.long)
+    ea = _post_means(stats, samples)
+    comp.c = ea[pruned].clone()
+    if kept.numel() == 0 or pruned.numel() == 0:
+        comp.partner = partner
+        return comp
+    d = _directed_distance(analysis)
+    labels = torch.as_tensor(analysis.labels, dtype=torch.long)
+    kept_labels = labels[kept]
+    for i, p in enumerate(pruned.tolist()):
+        lab = int(labels[p])
+        cand = torch.nonzero(kept_labels == lab).flatten() if lab >= 0 else torch.empty(0, dtype=torch.long)
+        if cand.numel() == 0:
+            cand = torch.arange(kept.numel())
+        j = cand[int(torch.argmin(d[p, kept[cand]]))]
+        k = int(kept[j])
+        alpha = float(analysis.scale[p, k])
+        if alpha <= 0 or float(analysis.cosine[p, k]) <= 0:
+            continue
+        if max_distance is not None and float(d[p, k]) > max_distance:
+            continue
+        comp.A[i, j] = strength * alpha
+        comp.c[i] = ea[p] - strength * alpha * ea[k]
+        partner[i] = k
+    comp.partner = partner
+    return comp
+
+
+def gaussian_correlation(stats: ChannelStats, jitter: float = 1e-6) -> Tensor:
+    """Pre-activation correlation: ``stats.corr`` if given, else the cosine of the folded filters.
+
+    For inputs with identity covariance ``Cov(y_p, y_k) = <f_p, f_k>`` and ``Var(y_p) = |f_p|²``, so
+    the correlation is exactly the filter cosine; it is the only data-free estimate the weights
+    offer (real inputs are correlated, which the ridge in :func:`strategy_lsq` hedges against).
+    The result is projected onto the PSD cone (eigenvalues clipped at ``jitter``) and rescaled to a
+    unit diagonal, so a user-supplied or rank-deficient estimate still defines a Gaussian.
+    """
+    if stats.corr is not None:
+        r = stats.corr.detach().to(torch.float64)
+        r = 0.5 * (r + r.T)
+    else:
+        r = pairwise_geometry(stats.filters)[0]
+    evals, evecs = torch.linalg.eigh(r)
+    evals = evals.clamp_min(jitter)
+    r = (evecs * evals) @ evecs.T
+    d = r.diagonal().sqrt()
+    r = r / d[:, None] / d[None, :]
+    return 0.5 * (r + r.T)
+
+
+def _gaussian_post_moments(stats: ChannelStats, rows: Tensor, cols: Tensor, n_samples: int, seed: int,
+                           chunk: int) -> Tensor:
+    """Monte-Carlo Cov(act(y)[rows], act(y)[cols]) under ``y ~ N(mean, diag(std)·R·diag(std))``."""
+    r = gaussian_correlation(stats)
+    evals, evecs = torch.linalg.eigh(r)
+    factor = evecs * evals.clamp_min(0.0).sqrt()  # R = factor @ factor.T
+    mu = stats.mean.detach().to(torch.float64)
+    sd = stats.std.detach().to(torch.float64)
+    shift = expected_activation(mu, sd, stats.activation)  # centre with the exact mean for accuracy
+    g = torch.Generator().manual_seed(int(seed))
+    c = stats.num_channels
+    acc = torch.zeros(rows.numel(), cols.numel(), dtype=torch.float64)
+    s_rows = torch.zeros(rows.numel(), dtype=torch.float64)
+    s_cols = torch.zeros(cols.numel(), dtype=torch.float64)
+    done = 0
+    while done < n_samples:
+        m = min(chunk, n_samples - done)
+        z = torch.randn(m, c, generator=g, dtype=torch.float64) @ factor.T
+        a = apply_activation(mu + sd * z, stats.activation) - shift
+        ar, ac = a[:, rows], a[:, cols]
+        acc += ar.T @ ac
+        s_rows += ar.sum(0)
+        s_cols += ac.sum(0)
+        done += m
+    return acc / n_samples - torch.outer(s_rows / n_samples, s_cols / n_samples)
+
+
+def strategy_lsq(stats: ChannelStats, analysis: ChannelAnalysis, kept: Tensor, pruned: Tensor,
+                 ridge: float = 1e-2, strength: float = 1.0, samples: Tensor | None = None,
+                 n_samples: int = 32768, seed: int = 0, chunk: int = 4096) -> Compensation:
+    """Best linear prediction of every pruned activation from all kept ones, under a Gaussian model.
+
+    ``A = Cov(a_p, a_k) (Cov(a_k, a_k) + ρ·mean(diag Cov(a_k, a_k))·I)⁻¹`` and
+    ``c = E[a_p] − A E[a_k]`` (both scaled by ``strength``: ``A → λA``, ``c = E[a_p] − λA E[a_k]``).
+    Moments of ``a = act(y)`` come from ``y ~ N(mean, diag(std) R diag(std))`` with ``R`` from
+    :func:`gaussian_correlation`, by Monte Carlo (``n_samples`` draws, fixed ``seed``, chunked so a
+    1000-channel group stays within tens of MB), the means in closed form. With ``samples`` (N, C)
+    of real or synthetic pre-activations the moments are empirical instead.
+
+    ``ridge`` is relative to the average kept variance so it means the same in every layer; it
+    shrinks ``A`` toward 0 (the ``mean`` strategy), which is the safe direction when the assumed
+    correlations are wrong.
+    """
+    kept, pruned = _check_partition(stats, kept, pruned)
+    if ridge < 0:
+        raise PlanError(f"ridge must be non-negative, got {ridge}")
+    if not 0.0 <= strength <= 1.0:
+        raise PlanError(f"reconstruction strength must be in [0, 1], got {strength}")
+    comp = _empty(kept, pruned)
+    if pruned.numel() == 0:
+        return comp
+    sel = torch.cat([pruned, kept])
+    if samples is not None:
+        y = _check_samples(stats, samples)
+        a = apply_activation(y, stats.activation)
+        ea = a.mean(0)
+        ac = a - ea
+        cov = ac[:, sel].T @ ac[:, kept] / (a.shape[0] - 1)
+    else:
+        ea = expected_activation(stats.mean, stats.std, stats.activation)
+        cov = _gaussian_post_moments(stats, sel, kept, n_samples, seed, chunk)
+    n_p = pruned.numel()
+    cov_pk, cov_kk = cov[:n_p], cov[n_p:]
+    cov_kk = 0.5 * (cov_kk + cov_kk.T)
+    scale = float(cov_kk.diagonal().mean()) if kept.numel() else 0.0
+    if scale <= 0:
+        comp.c = ea[pruned].clone()
+        comp.info["degenerate"] = True
+        return comp
+    k_mat = cov_kk + (ridge * scale + 1e-12 * scale) * torch.eye(kept.numel(), dtype=torch.float64)
+    a_mat = torch.linalg.solve(k_mat, cov_pk.T).T * strength
+    comp.A = a_mat
+    comp.c = ea[pruned] - a_mat @ ea[kept]
+    return comp
+
+
+STRATEGIES: dict[str, Callable[..., Compensation]] = {
+    "none": strategy_none,
+    "mean": strategy_mean,
+    "nm": strategy_nm,
+    "autodfp": strategy_autodfp,
+    "lsq": strategy_lsq,
+}
+
+
+def reconstruct(name: str, stats: ChannelStats, analysis: ChannelAnalysis, kept: Tensor, pruned: Tensor,
+                **params: object) -> Compensation:
+    """Run strategy ``name``; unknown names are a :class:`~autodfp.errors.PlanError`."""
+    fn = STRATEGIES.get(name)
+    if fn is None:
+        raise PlanError(f"unknown reconstruction strategy '{name}' (expected one of {', '.join(STRATEGIES)})")
+    return fn(stats, analysis, kept, pruned, **params)
+
+
+__all__ = [
+    "Compensation", "STRATEGIES", "activation_moments", "fold_into_consumer", "gaussian_correlation",
+    "reconstruct", "strategy_autodfp", "strategy_lsq", "strategy_mean", "strategy_nm", "strategy_none",
+]
