@@ -202,8 +202,13 @@ class ImageTransform:
             raise DataError(f"unknown interpolation '{pre.interpolation}'; known: {', '.join(_RESAMPLE)}")
         self.pre = pre
         self.resample = _RESAMPLE[pre.interpolation]
-        self.mean = torch.tensor(pre.mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(pre.std, dtype=torch.float32).view(-1, 1, 1)
+        # uint8 → normalised float32 through a per-channel lookup table. The table is built with
+        # torchvision's float32 arithmetic ((x / 255 - mean) / std, each step rounded to float32),
+        # so values are bit-identical to ToTensor + Normalize; a table lookup also avoids many tiny
+        # multi-threaded torch ops per image, which are slow on busy small CPUs.
+        levels = np.arange(256, dtype=np.float32)[None, :] / np.float32(255.0)
+        self.lut = ((levels - np.asarray(pre.mean, dtype=np.float32)[:, None])
+                    / np.asarray(pre.std, dtype=np.float32)[:, None]).astype(np.float32)
 
     def __repr__(self) -> str:
         return f"ImageTransform({self.pre})"
@@ -231,8 +236,10 @@ class ImageTransform:
         return self._to_tensor(_center_crop(np.asarray(img), size))
 
     def _to_tensor(self, arr: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).to(torch.float32).div_(255.0)
-        return t.sub_(self.mean).div_(self.std)
+        out = np.empty((3,) + arr.shape[:2], dtype=np.float32)
+        for c in range(3):
+            np.take(self.lut[c], arr[:, :, c], out=out[c])
+        return torch.from_numpy(out)
 
 
 def _center_crop(arr: np.ndarray, size: int) -> np.ndarray:
@@ -253,7 +260,7 @@ def build_transform(pre: Preprocessing) -> Callable[[Image.Image | np.ndarray], 
 
 
 def _to_float_tensor(arr: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).to(torch.float32).div_(255.0)
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0))
 
 
 def _load_image(path: Path) -> Image.Image:

@@ -14,6 +14,7 @@ Two forms are written, atomically:
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +33,19 @@ FORMAT = "autodfp.pruned/1"
 
 
 def to_torchscript(model: nn.Module, input_shape: tuple[int, ...]) -> torch.jit.ScriptModule:
+    """Script the model (input-size independent); trace it at ``input_shape`` if scripting fails.
+
+    TorchScript is deprecated upstream in favour of torch.export, but it is still the one format
+    that loads with nothing but ``torch.jit.load`` across PyTorch versions, so we keep it.
+    """
     model = model.eval()
-    try:
-        return torch.jit.script(model)
-    except Exception:  # scripting fails on dynamic Python; a trace at the model's input size works
-        with torch.no_grad():
-            return torch.jit.trace(model, torch.zeros(1, *input_shape))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            return torch.jit.script(model)
+        except Exception:  # dynamic Python that scripting cannot compile
+            with torch.no_grad():
+                return torch.jit.trace(model, torch.zeros(1, *input_shape))
 
 
 def save_pruned(result: PruneResult, out_dir: str | os.PathLike, config: ModelConfig,
@@ -58,7 +66,8 @@ def save_pruned(result: PruneResult, out_dir: str | os.PathLike, config: ModelCo
     with atomic_path(paths["checkpoint"]) as tmp:
         torch.save(payload, tmp)
     ts = to_torchscript(model, input_shape)
-    with atomic_path(paths["torchscript"]) as tmp:
+    with atomic_path(paths["torchscript"]) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
         torch.jit.save(ts, str(tmp))
     result.plan.save(paths["plan"])
     return paths
@@ -102,7 +111,8 @@ def onnx_check(model: nn.Module, input_shape: tuple[int, ...], path: str | os.Pa
     import onnxruntime as ort
 
     x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(model.eval(), (x,), str(tmp), input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -95,7 +95,9 @@ class GroupGraph:
 
 def build_dependency_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     try:
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example, customized_pruners=CUSTOM_PRUNERS)
+        with torch.enable_grad():  # torch-pruning traces through autograd
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example,
+                                                         customized_pruners=CUSTOM_PRUNERS)
     except Exception as exc:  # torch-pruning raises bare exceptions on untraceable models
         raise ModelError(f"could not trace the model's dependency graph ({exc.__class__.__name__}: {exc})") from None
 

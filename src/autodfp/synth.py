@@ -217,7 +217,6 @@ def distill(
 
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     x0 = torch.randn((n, *input_shape), generator=gen)
-    targets = torch.randint(0, 1, (n,))  # replaced below for inversion; keeps the generator order fixed
 
     # fork_rng: a seeded, deterministic run without disturbing the caller's global RNG stream
     # (randomness inside the model, e.g. dropout, is off in eval mode anyway).
@@ -308,11 +307,11 @@ def state_dict_hash(model: nn.Module) -> str:
     """Content hash of the weights and buffers, so a cache entry never outlives the model it came from."""
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
+        t = t.detach().cpu().contiguous().reshape(-1)
         h.update(name.encode())
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -1,0 +1,149 @@
+"""Rewards for the pruning agent: how close a pruned model stays to the original.
+
+The agent needs one number per episode that ranks candidate pruned models the way test accuracy
+would. Without labels (the data-free setting) the best available signal is *agreement with the
+original model* on a fixed input batch, synthetic or real-but-unlabelled: :class:`AgreementReward`.
+With a labelled loader, :class:`AccuracyReward` gives plain top-1 accuracy, as in AMC.
+
+Agreement measures, all "higher is better" and maximal for a model identical to the original:
+
+``kl``   ``-mean_i KL(p_orig(x_i) || p_pruned(x_i))`` with softmax at temperature ``T``. Uses the
+         whole output distribution, so it still separates models whose top-1 agree everywhere. Not
+         multiplied by ``T^2`` (that scaling only matters for distillation gradients).
+``top1`` fraction of inputs where both models predict the same class. Coarse on a small batch (steps
+         of 1/n) and saturates at 1.0 for mildly damaged models.
+``mse``  ``-mean (z_pruned - z_orig)^2 / var(z_orig)``: logit error relative to the original logits'
+         spread, so models with different logit scales get comparable numbers.
+
+The default measure is chosen by the rank correlations measured against real accuracy (see the
+project docs); ``details()`` returns all three, so callers can log them side by side.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MEASURES = ("kl", "top1", "mse")
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+class _eval_mode:
+    """Eval mode for the duration of a call; the caller's train/eval flag is restored afterwards."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self) -> nn.Module:
+        self._training = self.model.training
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        self.model.train(self._training)
+
+
+def _logits(model: nn.Module, inputs: torch.Tensor, batch_size: int, label_offset: int) -> torch.Tensor:
+    device = _device_of(model)
+    out = []
+    with _eval_mode(model), torch.inference_mode():
+        for i in range(0, inputs.shape[0], batch_size):
+            z = model(inputs[i:i + batch_size].to(device))
+            out.append(z[:, label_offset:].float().cpu())
+    return torch.cat(out)
+
+
+class AgreementReward:
+    """Agreement of a pruned model with the original on a fixed, unlabelled input batch.
+
+    The original model's logits are computed once here; each call then costs one forward pass of
+    the pruned model, which is what makes it affordable once per RL episode.
+    """
+
+    def __init__(
+        self,
+        original: nn.Module,
+        inputs: torch.Tensor,
+        measure: str = "kl",
+        temperature: float = 1.0,
+        label_offset: int = 0,
+        batch_size: int = 256,
+    ) -> None:
+        if measure not in MEASURES:
+            raise ValueError(f"unknown agreement measure {measure!r}; choose one of {', '.join(MEASURES)}")
+        if temperature <= 0:
+            raise ValueError("temperature must be positive")
+        if inputs.dim() < 2 or inputs.shape[0] == 0:
+            raise ValueError("inputs must be a non-empty batch (N, ...)")
+        self.measure = measure
+        self.temperature = float(temperature)
+        self.label_offset = int(label_offset)
+        self.batch_size = int(batch_size)
+        self.inputs = inputs.detach().cpu()
+        self.reference = _logits(original, self.inputs, self.batch_size, self.label_offset)
+        self._ref_logp = F.log_softmax(self.reference / self.temperature, dim=1)
+        self._ref_top1 = self.reference.argmax(dim=1)
+        # floor: a constant-logit original would otherwise divide by zero
+        self._ref_var = max(float(self.reference.var(unbiased=False)), 1e-12)
+
+    def _scores(self, logits: torch.Tensor) -> dict[str, float]:
+        if logits.shape != self.reference.shape:
+            raise ValueError(
+                f"pruned model's outputs {tuple(logits.shape)} do not match the original's "
+                f"{tuple(self.reference.shape)} (after label_offset={self.label_offset})"
+            )
+        logq = F.log_softmax(logits / self.temperature, dim=1)
+        kl = F.kl_div(logq, self._ref_logp, log_target=True, reduction="batchmean")
+        return {
+            "kl": -float(kl),
+            "top1": float((logits.argmax(dim=1) == self._ref_top1).float().mean()),
+            "mse": -float((logits - self.reference).pow(2).mean()) / self._ref_var,
+        }
+
+    def details(self, pruned: nn.Module) -> dict[str, float]:
+        """All three measures (as rewards: higher is better) from one forward pass."""
+        return self._scores(_logits(pruned, self.inputs, self.batch_size, self.label_offset))
+
+    def __call__(self, pruned: nn.Module) -> float:
+        return self.details(pruned)[self.measure]
+
+
+class AccuracyReward:
+    """Top-1 accuracy on a labelled loader (the AMC reward, for when labels are available).
+
+    ``loader`` yields ``(x, y)`` with ``y`` the dataset's class indices; the model's class ``y`` is
+    output ``y + label_offset``. ``max_batches`` caps the cost per call for a quick, fixed subset.
+    The loader is re-iterated on every call, so it should be deterministic (no shuffling) for the
+    reward to be comparable between episodes.
+    """
+
+    def __init__(
+        self,
+        loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+        label_offset: int = 0,
+        max_batches: int | None = None,
+    ) -> None:
+        self.loader = loader
+        self.label_offset = int(label_offset)
+        self.max_batches = max_batches
+
+    def __call__(self, model: nn.Module) -> float:
+        device = _device_of(model)
+        correct = total = 0
+        with _eval_mode(model), torch.inference_mode():
+            for i, (x, y) in enumerate(self.loader):
+                if self.max_batches is not None and i >= self.max_batches:
+                    break
+                z = model(x.to(device))[:, self.label_offset:]
+                correct += int((z.argmax(dim=1).cpu() == y.view(-1).long()).sum())
+                total += int(y.numel())
+        if total == 0:
+            raise ValueError("the labelled loader yielded no samples")
+        return correct / total

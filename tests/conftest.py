@@ -1,0 +1,30 @@
+"""Shared fixtures. The asset mirror (``../shared/assets`` beside the repo) is required, not optional:
+tests that silently skip without it would report green on a machine that checked nothing."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_ASSETS = (REPO_ROOT / ".." / "shared" / "assets").resolve()
+
+# Set before any test imports autodfp, so the hub and data resolvers see the mirror.
+os.environ.setdefault("AUTODFP_ASSETS", str(DEFAULT_ASSETS))
+# Before torch loads: OpenMP threads that spin-wait (the default) make small ops ~100x slower when
+# the cores are shared with other processes (busy CI runners); sleeping waits cost little otherwise.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+@pytest.fixture(scope="session")
+def assets() -> Path:
+    """The asset mirror root (``$AUTODFP_ASSETS``); fails loudly if it is missing."""
+    path = Path(os.environ["AUTODFP_ASSETS"]).expanduser()
+    if not (path / "weights").is_dir():
+        pytest.fail(
+            f"asset mirror not found at {path} (from $AUTODFP_ASSETS): point AUTODFP_ASSETS at a copy of "
+            f"shared/assets, or place it at {DEFAULT_ASSETS}",
+            pytrace=False,
+        )
+    return path

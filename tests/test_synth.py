@@ -1,0 +1,150 @@
+"""Data-free input synthesis: convergence, determinism, the no-BN fallback and the disk cache."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from autodfp import synth
+from autodfp.synth import bn_stat_loss, distill, resolve_method, synthesize, synthetic_batch
+
+
+def _bn_net(seed: int = 0) -> nn.Module:
+    """A small conv net with non-trivial running statistics, as a trained net would have."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5),
+    )
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.3, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def resnet20() -> nn.Module:
+    from autodfp.errors import WeightsError
+    from autodfp.models import load_model
+
+    try:
+        return load_model("resnet20_cifar10")[0]
+    except WeightsError as exc:  # no asset mirror or cache on this machine
+        pytest.skip(f"ResNet-20 weights unavailable: {exc}")
+
+
+def _plain_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 6),
+    ).eval()
+
+
+def test_bn_distillation_matches_running_statistics() -> None:
+    net = _bn_net()
+    res = distill(net, (3, 16, 16), n=16, steps=60, lr=0.1, seed=0)
+    assert res.method == "bn"
+    assert res.images.shape == (16, 3, 16, 16)
+    noise = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert res.initial_loss == pytest.approx(bn_stat_loss(net, noise), rel=1e-4)
+    assert bn_stat_loss(net, res.images) == pytest.approx(res.final_loss, rel=1e-4)
+    assert res.final_loss < 0.5 * res.initial_loss
+
+
+def test_synthesis_leaves_the_model_untouched() -> None:
+    net = _bn_net().train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    synthesize(net, (3, 8, 8), n=4, steps=3, seed=0)
+    assert net.training, "the caller's train/eval flag is restored"
+    assert all(p.requires_grad and p.grad is None for p in net.parameters())
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed (BN stats must not update during distillation)"
+
+
+def test_same_seed_same_batch_different_seed_different_batch() -> None:
+    net = _bn_net()
+    a = synthesize(net, (3, 8, 8), n=8, steps=5, seed=3)
+    b = synthesize(net, (3, 8, 8), n=8, steps=5, seed=3)
+    c = synthesize(net, (3, 8, 8), n=8, steps=5, seed=4)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_global_rng_is_not_disturbed() -> None:
+    net = _bn_net()
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    synthesize(net, (3, 8, 8), n=4, steps=2, seed=0)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_model_without_bn_falls_back_to_inversion() -> None:
+    net = _plain_net()
+    assert resolve_method(net) == synth.NO_BN_FALLBACK == "inversion"
+    res = distill(net, (3, 12, 12), n=8, steps=30, lr=0.1, seed=0, label_offset=1)
+    assert res.method == "inversion"
+    assert res.images.shape == (8, 3, 12, 12)
+    assert torch.isfinite(res.images).all()
+    assert res.final_loss < res.initial_loss
+    with pytest.raises(ValueError, match="BatchNorm"):
+        synthesize(net, (3, 8, 8), n=4, steps=1, method="bn")
+
+
+def test_noise_method_is_standard_gaussian() -> None:
+    x = synthesize(_bn_net(), (3, 16, 16), n=32, method="noise", seed=0)
+    assert x.shape == (32, 3, 16, 16)
+    assert abs(float(x.mean())) < 0.05 and abs(float(x.std()) - 1) < 0.05
+
+
+def test_resnet20_bn_loss_drops(resnet20: nn.Module) -> None:
+    res = distill(resnet20, (3, 32, 32), n=16, steps=25, seed=0)
+    assert res.final_loss < 0.5 * res.initial_loss
+
+
+def test_cache_reuses_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    net = _bn_net()
+    calls = []
+    real_distill = synth.distill
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real_distill(*args, **kwargs)
+
+    monkeypatch.setattr(synth, "distill", counting)
+    a = synthetic_batch(net, "tiny/net", (3, 8, 8), n=6, seed=1, cache_dir=tmp_path, steps=4)
+    files = list(tmp_path.iterdir())
+    assert len(calls) == 1 and len(files) == 1 and files[0].suffix == ".pt"
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")], "atomic write leaves no temp file"
+    b = synthetic_batch(net, "tiny/net", (3, 8, 8), n=6, seed=1, cache_dir=tmp_path, steps=4)
+    assert len(calls) == 1, "second call must load from disk"
+    assert torch.equal(a, b)
+    loaded = torch.load(files[0], weights_only=True)
+    assert torch.equal(loaded["images"], a) and loaded["method"] == "bn"
+
+    # Anything that changes the batch gets its own entry: seed, steps, and the weights themselves.
+    synthetic_batch(net, "tiny/net", (3, 8, 8), n=6, seed=2, cache_dir=tmp_path, steps=4)
+    synthetic_batch(net, "tiny/net", (3, 8, 8), n=6, seed=1, cache_dir=tmp_path, steps=5)
+    with torch.no_grad():
+        net[1].running_mean += 1.0
+    synthetic_batch(net, "tiny/net", (3, 8, 8), n=6, seed=1, cache_dir=tmp_path, steps=4)
+    assert len(calls) == 4 and len(list(tmp_path.glob("*.pt"))) == 4
+
+
+def test_cache_default_location_and_corrupt_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUTODFP_HOME", str(tmp_path))
+    net = _plain_net()
+    a = synthetic_batch(net, "plain", (3, 8, 8), n=4, seed=0, method="noise")
+    (entry,) = (tmp_path / "synthetic").glob("*.pt")
+    entry.write_bytes(b"not a checkpoint")
+    b = synthetic_batch(net, "plain", (3, 8, 8), n=4, seed=0, method="noise")
+    assert torch.equal(a, b)
+    assert torch.load(entry, weights_only=True)["method"] == "noise"
