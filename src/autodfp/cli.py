@@ -156,6 +156,151 @@ def eval_cmd(model: str = typer.Argument(..., help="Zoo name, user model, or a p
         _emit_json(out)
 
 
+def _needs_calibration(net, corr: str) -> bool:
+    from .synth import bn_layers
+
+    return corr == "calibration" or not bn_layers(net)
+
+
+def _calibration_batch(net, cfg, shape, seed: int, n: int, quiet: bool):
+    """Synthetic inputs (ZeroQ for BN models, the documented fallback otherwise), cached on disk."""
+    from .synth import synthetic_batch
+
+    if not quiet:
+        _err.print(f"synthesising {n} calibration inputs from the model (cached after the first run)…")
+    return synthetic_batch(net, cfg.name, shape, n=n, seed=seed, label_offset=cfg.label_offset,
+                           progress=sys.stderr.isatty())
+
+
+def _make_pruner(net, cfg, shape, corr: str, seed: int, calib_n: int, quiet: bool):
+    from .prune import Pruner
+
+    calib = _calibration_batch(net, cfg, shape, seed, calib_n, quiet) if _needs_calibration(net, corr) else None
+    return Pruner(net, shape, calibration=calib, corr_source=corr)
+
+
+def _eval_batches(cfg, data: Optional[str], limit: Optional[int], batch_size: int):
+    from .bench import cache_batches
+    from .data import make_loader, resolve_dataset
+
+    return cache_batches(make_loader(resolve_dataset(data, cfg), batch_size=batch_size, limit=limit))
+
+
+CriterionOpt = typer.Option("l1", "--criterion", help="Channel selection: l1 | l2 | cluster | random.")
+ReconOpt = typer.Option("lsq", "--reconstruct", help="Reconstruction: none | mean | nm | autodfp | lsq.")
+CorrOpt = typer.Option("geometry", "--corr", help="lsq correlations: geometry (weights) | calibration (synthetic inputs).")
+SeedOpt = typer.Option(0, "--seed", help="Seed for synthetic inputs, random criteria and the search.")
+
+
+@app.command()
+def prune(model: str = typer.Argument(..., help="Zoo name or user model."),
+          uniform: Optional[float] = typer.Option(None, "--uniform", help="One preserved ratio for every prunable group."),
+          plan_file: Optional[Path] = typer.Option(None, "--plan", help="A plan JSON (per-group ratios)."),
+          criterion: Optional[str] = typer.Option(None, "--criterion", help="l1 | l2 | cluster | random (default l1, or the plan's)."),
+          reconstruct: Optional[str] = typer.Option(None, "--reconstruct", help="none | mean | nm | autodfp | lsq (default lsq, or the plan's)."),
+          strength: Optional[float] = typer.Option(None, "--strength", help="Merge strength λ in [0, 1] for autodfp."),
+          corr: str = CorrOpt, seed: int = SeedOpt,
+          out: Path = typer.Option(..., "--out", help="Output directory (model.ts, pruned.pt, plan.json)."),
+          weights: Optional[str] = WeightsOpt, arch: Optional[str] = ArchOpt, trust_pickle: bool = TrustOpt,
+          like: Optional[str] = LikeOpt, data: Optional[str] = DataOpt, limit: Optional[int] = LimitOpt,
+          batch_size: int = BatchOpt, no_eval: bool = typer.Option(False, "--no-eval", help="Skip accuracy evaluation."),
+          as_json: bool = JsonOpt) -> None:
+    """Prune a model with a uniform ratio or a plan file, reconstruct, and save it."""
+    from .errors import PlanError
+    from .export import save_pruned
+    from .metrics import evaluate, latency_table, profile
+    from .plan import Plan
+
+    if (uniform is None) == (plan_file is None):
+        raise PlanError("give exactly one of --uniform R or --plan plan.json")
+    if strength is not None and not 0.0 <= strength <= 1.0:
+        raise PlanError(f"--strength must be in [0, 1], got {strength}")
+    con = _console(as_json)
+    net, cfg = _load(model, weights, arch, trust_pickle, like)
+    shape = _input_shape(cfg)
+    pruner = _make_pruner(net, cfg, shape, corr, seed, 64, as_json)
+    if plan_file is not None:
+        plan = Plan.load(plan_file)
+        plan.criterion = criterion or plan.criterion
+        plan.strategy = reconstruct or plan.strategy
+    else:
+        plan = Plan.uniform(pruner.graph, uniform, criterion=criterion or "l1", strategy=reconstruct or "lsq")
+    plan.model = cfg.name
+    if strength is not None:
+        plan.params["strength"] = strength
+    if plan.criterion == "random":
+        plan.params.setdefault("seed", seed)
+    result = pruner.apply(plan)
+    paths = save_pruned(result, out, cfg, shape, arch=arch)
+
+    before, after = profile(net, shape), profile(result.model, shape)
+    lat_b, lat_a = latency_table(net, shape, (1,)), latency_table(result.model, shape, (1,))
+    top1_b = top1_a = None
+    if not no_eval:
+        batches = _eval_batches(cfg, data, limit, batch_size)
+        top1_b = evaluate(net, batches, cfg.label_offset, progress=False).top1
+        top1_a = evaluate(result.model, batches, cfg.label_offset, progress=False).top1
+    t = Table(title=f"{cfg.name}: {plan.strategy} + {plan.criterion}")
+    for col in ("", "before", "after", "ratio"):
+        t.add_column(col, justify="right")
+    t.add_row("MACs", _fmt_m(before.total_macs), _fmt_m(after.total_macs), f"{after.total_macs / before.total_macs:.3f}")
+    t.add_row("params", _fmt_m(before.total_params), _fmt_m(after.total_params),
+              f"{after.total_params / before.total_params:.3f}")
+    if top1_b is not None:
+        t.add_row("top-1", f"{top1_b:.2f} %", f"{top1_a:.2f} %", f"{top1_a - top1_b:+.2f} pt")
+    t.add_row("latency b=1", f"{lat_b[1]:.2f} ms", f"{lat_a[1]:.2f} ms", f"{lat_b[1] / lat_a[1]:.2f}× faster")
+    con.print(t)
+    con.print(f"saved: {', '.join(str(p) for p in paths.values())}")
+    if as_json:
+        _emit_json({"macs_before": before.total_macs, "macs_after": after.total_macs,
+                    "params_before": before.total_params, "params_after": after.total_params,
+                    "top1_before": None if top1_b is None else round(top1_b, 4),
+                    "top1_after": None if top1_a is None else round(top1_a, 4),
+                    "latency_ms_b1_before": round(lat_b[1], 3), "latency_ms_b1_after": round(lat_a[1], 3),
+                    "out": str(out)})
+
+
+@app.command()
+def bench(model: str = typer.Argument(..., help="Zoo name or user model."),
+          ratios: str = typer.Option("0.9,0.7,0.5", "--ratios", help="Comma-separated uniform preserved ratios."),
+          methods: str = typer.Option("none+l1,mean+l1,nm+l1,autodfp+l1,lsq+l1", "--methods",
+                                      help="Comma-separated strategy+criterion pairs."),
+          strength: float = typer.Option(1.0, "--strength", help="Merge strength λ for autodfp."),
+          corr: str = CorrOpt, seed: int = SeedOpt,
+          out: Path = typer.Option(Path("runs/bench"), "--out", help="Directory for bench.md/json/png."),
+          weights: Optional[str] = WeightsOpt, arch: Optional[str] = ArchOpt, trust_pickle: bool = TrustOpt,
+          like: Optional[str] = LikeOpt, data: Optional[str] = DataOpt, limit: Optional[int] = LimitOpt,
+          batch_size: int = BatchOpt) -> None:
+    """Grid of methods × uniform ratios: Markdown table and accuracy-vs-MACs plot."""
+    from .bench import parse_method, run_grid, write_report
+    from .errors import PlanError
+
+    try:
+        ratio_list = [float(r) for r in ratios.split(",") if r.strip()]
+    except ValueError:
+        raise PlanError(f"--ratios must be comma-separated numbers, got '{ratios}'") from None
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    for m in method_list:
+        parse_method(m)
+    net, cfg = _load(model, weights, arch, trust_pickle, like)
+    shape = _input_shape(cfg)
+    pruner = _make_pruner(net, cfg, shape, corr, seed, 64, False)
+    batches = _eval_batches(cfg, data, limit, batch_size)
+    n = sum(len(y) for _, y in batches)
+
+    def report(row) -> None:
+        _err.print(f"  {row.method:16s} ratio {row.ratio:<5g} top-1 {row.top1:6.2f} %  MACs {row.macs / 1e6:8.2f} M"
+                   f"  ({row.seconds:.1f} s)")
+
+    baseline, rows = run_grid(pruner, batches, method_list, ratio_list, cfg.label_offset,
+                              params={"strength": strength}, progress=report)
+    data_desc = f"{data or 'default dataset of ' + cfg.name} ({n} images)"
+    command = "autodfp bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else f"autodfp bench {model}"
+    paths = write_report(out, cfg.name, data_desc, baseline, rows, command)
+    _out.print(paths["markdown"].read_text())
+    _out.print(f"wrote {', '.join(str(p) for p in paths.values())}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point. Typer's standalone mode handles usage errors (exit 2) and ``--help``."""
     try:

@@ -50,8 +50,9 @@ def select_channels(
       the *raw* producer filter, so pass ``raw_filters`` (C, …) to reproduce it; without it the
       BN-folded filters are used, which also account for BN's per-channel gain (a large raw filter
       behind a tiny γ contributes little).
-    - ``cluster``: first one representative per DBSCAN cluster (its highest folded-norm member),
-      then noise points, then the other cluster members, each tier by descending folded norm. The
+    - ``cluster``: first one representative per DBSCAN cluster (its highest-norm member), then
+      noise points, then the other cluster members, each tier by descending norm (L1 of
+      ``raw_filters`` if given, else L2 of the folded filters, as for ``l1``/``l2``). The
       non-representatives of a cluster are near-duplicates of a kept channel, so they are the
       cheapest to prune (and the best served by a merge).
     - ``random``: a uniformly random subset from ``torch.Generator().manual_seed(seed)``; baseline.
@@ -79,7 +80,7 @@ def _l2(stats: ChannelStats, analysis: ChannelAnalysis | None, raw: Tensor | Non
 def _cluster(stats: ChannelStats, analysis: ChannelAnalysis | None, raw: Tensor | None, seed: int) -> Tensor:
     if analysis is None:
         raise PlanError("the 'cluster' criterion needs a channel analysis")
-    norms = analysis.norms
+    norms = analysis.norms if raw is None else _norm_score(stats, raw, 1)
     c = norms.shape[0]
     tier = torch.ones(c, dtype=torch.long)  # 0 representative, 1 noise, 2 redundant member
     for members in analysis.clusters().values():

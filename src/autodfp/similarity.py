@@ -285,6 +285,7 @@ def analyze(
     eps: float = DEFAULT_EPS,
     min_samples: int = 2,
     bias_weight: float = DEFAULT_BIAS_WEIGHT,
+    eps_quantile: float | None = None,
 ) -> ChannelAnalysis:
     """Pairwise similarity, DBSCAN clusters and nearest neighbours of one channel group.
 
@@ -327,13 +328,17 @@ def analyze(
     dist.fill_diagonal_(0.0)
     dist = dist.clamp_min(0.0)
 
-    labels = _dbscan(dist, eps, min_samples)
     if c > 1:
         off = dist + torch.diag(torch.full((c,), float("inf"), dtype=dist.dtype))
         nearest_dist, nearest = off.min(dim=1)
     else:
         nearest = torch.full((1,), -1, dtype=torch.long)
         nearest_dist = torch.full((1,), float("inf"), dtype=torch.float64)
+    if eps_quantile is not None and c > 1:
+        if not 0.0 <= eps_quantile <= 1.0:
+            raise ValueError(f"eps_quantile must be in [0, 1], got {eps_quantile}")
+        eps = max(float(eps), float(torch.quantile(nearest_dist, eps_quantile)) * (1 + 1e-9))
+    labels = _dbscan(dist, eps, min_samples)
     act_p = active_probability(stats.mean, stats.std, stats.activation)
     return ChannelAnalysis(
         cosine=cos, scale=scale, bias_mismatch=mismatch, distance=dist, labels=labels,

@@ -1,0 +1,106 @@
+"""The CLI end to end, as a user runs it: exit codes, one-line errors, JSON contracts."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "autodfp.cli", *args], capture_output=True, text=True,
+                          env=full_env, cwd=ROOT, timeout=600)
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, pattern: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip()
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and pattern in lines[0], err
+
+
+def test_zoo_lists_the_four_models():
+    proc = run("zoo", "--json")
+    assert proc.returncode == 0
+    names = [m["name"] for m in last_json(proc.stdout)["models"]]
+    assert names == ["mobilenet_v1_075_imagenet", "mobilenet_v2_100_imagenet_bnfolded", "resnet20_cifar10",
+                     "resnet56_cifar10"]
+
+
+def test_eval_json_contract():
+    proc = run("eval", "resnet20_cifar10", "--limit", "200", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = last_json(proc.stdout)
+    assert set(out) >= {"model", "top1", "top5", "n", "macs", "params", "latency_ms_b1"}
+    assert out["n"] == 200 and out["model"] == "resnet20_cifar10"
+    assert 80.0 < out["top1"] <= 100.0 and out["top5"] >= out["top1"]
+    # ResNet-20 analytic MACs: stem + 3 stages of 6 3x3 convs (the first of stages 2/3 strided) + linear
+    stages = 32 * 32 * 16 * 16 * 9 * 6 + (16 * 16 * 32 * 16 * 9 + 16 * 16 * 32 * 32 * 9 * 5) \
+        + (8 * 8 * 64 * 32 * 9 + 8 * 8 * 64 * 64 * 9 * 5)
+    assert out["macs"] == 32 * 32 * 16 * 27 + stages + 64 * 10
+    assert out["latency_ms_b1"] > 0
+
+
+def test_info_lists_prunable_groups():
+    proc = run("info", "resnet20_cifar10", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = last_json(proc.stdout)
+    prunable = [g["name"] for g in out["groups"] if g["prunable"]]
+    assert len(prunable) == 9 and all(n.endswith(".conv1") for n in prunable)
+    assert out["macs"] == sum(layer["macs"] for layer in out["layers"])
+
+
+def test_prune_json_contract_and_reload(tmp_path):
+    out_dir = tmp_path / "p"
+    proc = run("prune", "resnet20_cifar10", "--uniform", "0.5", "--reconstruct", "lsq", "--out", str(out_dir),
+               "--limit", "200", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = last_json(proc.stdout)
+    assert set(out) >= {"macs_before", "macs_after", "params_before", "params_after", "top1_before", "top1_after"}
+    assert out["macs_after"] < out["macs_before"] and out["params_after"] < out["params_before"]
+    again = run("eval", str(out_dir), "--limit", "200", "--json")
+    assert again.returncode == 0, again.stderr
+    assert abs(last_json(again.stdout)["top1"] - out["top1_after"]) < 1e-6
+    assert last_json(again.stdout)["macs"] == out["macs_after"]
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (("eval", "nope"), "unknown model 'nope'"),
+    (("eval", "resnet20_cifar10", "--weights", "/nonexistent/w.th"), "weights file not found"),
+    (("eval", "resnet20_cifar10", "--data", "cifar10:/nonexistent"), "/nonexistent"),
+    (("eval", "resnet20_cifar10", "--data", "imagenet:/tmp"), "unknown data spec kind"),
+    (("prune", "resnet20_cifar10", "--out", "x"), "exactly one of --uniform"),
+    (("prune", "resnet20_cifar10", "--uniform", "1.5", "--out", "x", "--no-eval"), "must be in (0, 1]"),
+    (("prune", "resnet20_cifar10", "--uniform", "0.01", "--out", "x", "--no-eval"), "would remove the whole layer"),
+    (("prune", "resnet20_cifar10", "--uniform", "0.5", "--reconstruct", "magic", "--out", "x"), "unknown strategy"),
+])
+def test_bad_input_gets_one_line_errors(args, pattern):
+    assert_one_line_error(run(*args), pattern)
+
+
+def test_corrupt_and_wrong_layout_inputs(tmp_path):
+    bad = tmp_path / "resnet20-12fca82f.th"
+    bad.write_bytes(b"\x00" * 100)
+    assert_one_line_error(run("eval", "resnet20_cifar10", "--weights", str(bad)), "sha256 mismatch")
+    other = tmp_path / "other.th"
+    torch.save({"state_dict": {"x": torch.zeros(1)}}, other)
+    assert_one_line_error(run("eval", "resnet20_cifar10", "--weights", str(other)), "does not match the architecture")
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    assert_one_line_error(run("eval", "resnet20_cifar10", "--data", f"cifar10:{tmp_path / 'imgs'}"), "error")
+    bad_plan = tmp_path / "plan.json"
+    bad_plan.write_text(json.dumps({"groups": {"layer9.conv1": 0.5}}))
+    assert_one_line_error(run("prune", "resnet20_cifar10", "--plan", str(bad_plan), "--out", str(tmp_path / "o")),
+                          "unknown group 'layer9.conv1'")
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
