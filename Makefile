@@ -6,6 +6,7 @@ PIP    := $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt
 ASSETS ?= $(abspath ../shared/assets)
 export AUTODFP_ASSETS ?= $(ASSETS)
 export PYTHONUNBUFFERED := 1
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install demo test clean
 

@@ -258,6 +258,13 @@ def test_empty_and_wrong_layouts(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="wrong data layout: expected CIFAR-100 .* found cifar10"):
         resolve_dataset(f"cifar100:{cifar}", cfg)
 
+    splits = tmp_path / "splits"
+    _write_image(splits / "train" / "cat" / "1.png")
+    _write_image(splits / "test" / "cat" / "2.png")
+    with pytest.raises(DataError, match="holds split folders"):
+        resolve_dataset(f"folder:{splits}", cfg)
+    assert len(resolve_dataset(f"folder:{splits / 'test'}", cfg)) == 1
+
     flat = tmp_path / "flat"
     _write_image(flat / "1.png")
     with pytest.raises(DataError, match="wrong data layout: expected .*<class>/<image>, found images directly"):

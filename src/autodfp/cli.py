@@ -42,7 +42,7 @@ TrustOpt = typer.Option(False, "--trust-pickle", help="Allow unpickling a full m
 LikeOpt = typer.Option(None, "--like", help="Zoo model whose preprocessing/dataset a user model shares.")
 DataOpt = typer.Option(None, "--data", help="cifar10:DIR | cifar100:DIR | folder:DIR[:CLASSLIST]; default: the model's own.")
 LimitOpt = typer.Option(None, "--limit", help="Evaluate on the first N images only.")
-BatchOpt = typer.Option(128, "--batch-size", help="Evaluation batch size.")
+BatchOpt = typer.Option(None, "--batch-size", help="Evaluation batch size (default: 256 for 32-px inputs, 8 for ImageNet-size).")
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object as the last stdout line.")
 
 
@@ -62,6 +62,13 @@ def _load(model: str, weights: Optional[str], arch: Optional[str], trust_pickle:
 def _input_shape(cfg) -> tuple[int, int, int]:
     s = cfg.preprocessing.input_size
     return (3, s, s)
+
+
+def _batch_size(cfg, requested: Optional[int]) -> int:
+    """Small batches are several times faster per image for 224-px CNNs on CPU (cache-resident)."""
+    if requested is not None:
+        return requested
+    return 256 if cfg.preprocessing.input_size <= 64 else 8
 
 
 def _fmt_m(x: float) -> str:
@@ -129,14 +136,14 @@ def info(model: str = typer.Argument(..., help="Zoo name, user model, or a prune
 def eval_cmd(model: str = typer.Argument(..., help="Zoo name, user model, or a pruned output directory."),
              weights: Optional[str] = WeightsOpt, arch: Optional[str] = ArchOpt, trust_pickle: bool = TrustOpt,
              like: Optional[str] = LikeOpt, data: Optional[str] = DataOpt, limit: Optional[int] = LimitOpt,
-             batch_size: int = BatchOpt, as_json: bool = JsonOpt) -> None:
+             batch_size: Optional[int] = BatchOpt, as_json: bool = JsonOpt) -> None:
     """Top-1/top-5 accuracy, MACs, params and CPU latency of a model."""
     from .data import make_loader, resolve_dataset
     from .metrics import evaluate, latency_table, profile
 
     net, cfg = _load(model, weights, arch, trust_pickle, like)
     shape = _input_shape(cfg)
-    loader = make_loader(resolve_dataset(data, cfg), batch_size=batch_size, limit=limit)
+    loader = make_loader(resolve_dataset(data, cfg), batch_size=_batch_size(cfg, batch_size), limit=limit)
     res = evaluate(net, loader, label_offset=cfg.label_offset, progress=sys.stderr.isatty())
     prof = profile(net, shape)
     lat = latency_table(net, shape, batch_sizes=(1, 32))
@@ -183,7 +190,7 @@ def _eval_batches(cfg, data: Optional[str], limit: Optional[int], batch_size: in
     from .bench import cache_batches
     from .data import make_loader, resolve_dataset
 
-    return cache_batches(make_loader(resolve_dataset(data, cfg), batch_size=batch_size, limit=limit))
+    return cache_batches(make_loader(resolve_dataset(data, cfg), batch_size=_batch_size(cfg, batch_size), limit=limit))
 
 
 CriterionOpt = typer.Option("l1", "--criterion", help="Channel selection: l1 | l2 | cluster | random.")
@@ -203,7 +210,7 @@ def prune(model: str = typer.Argument(..., help="Zoo name or user model."),
           out: Path = typer.Option(..., "--out", help="Output directory (model.ts, pruned.pt, plan.json)."),
           weights: Optional[str] = WeightsOpt, arch: Optional[str] = ArchOpt, trust_pickle: bool = TrustOpt,
           like: Optional[str] = LikeOpt, data: Optional[str] = DataOpt, limit: Optional[int] = LimitOpt,
-          batch_size: int = BatchOpt, no_eval: bool = typer.Option(False, "--no-eval", help="Skip accuracy evaluation."),
+          batch_size: Optional[int] = BatchOpt, no_eval: bool = typer.Option(False, "--no-eval", help="Skip accuracy evaluation."),
           as_json: bool = JsonOpt) -> None:
     """Prune a model with a uniform ratio or a plan file, reconstruct, and save it."""
     from .errors import PlanError
@@ -270,7 +277,7 @@ def bench(model: str = typer.Argument(..., help="Zoo name or user model."),
           out: Path = typer.Option(Path("runs/bench"), "--out", help="Directory for bench.md/json/png."),
           weights: Optional[str] = WeightsOpt, arch: Optional[str] = ArchOpt, trust_pickle: bool = TrustOpt,
           like: Optional[str] = LikeOpt, data: Optional[str] = DataOpt, limit: Optional[int] = LimitOpt,
-          batch_size: int = BatchOpt) -> None:
+          batch_size: Optional[int] = BatchOpt) -> None:
     """Grid of methods × uniform ratios: Markdown table and accuracy-vs-MACs plot."""
     from .bench import parse_method, run_grid, write_report
     from .errors import PlanError

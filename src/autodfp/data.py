@@ -141,9 +141,9 @@ def read_cifar(root: str | os.PathLike, split: str = "test", kind: str | None = 
     if kind is not None:
         root = _cifar_root(root, kind)
     found = _cifar_kind(root)
-    if found is None:
+    if found is None and kind is None:
         for k in ("cifar10", "cifar100"):
-            if (root / _CIFAR_SUBDIR[k]).is_dir() and kind is None:
+            if (root / _CIFAR_SUBDIR[k]).is_dir():
                 root, found = root / _CIFAR_SUBDIR[k], _cifar_kind(root / _CIFAR_SUBDIR[k])
                 break
     want = kind or found
@@ -393,6 +393,11 @@ class ImageFolderDataset(Dataset):
                 raise DataError(f"folder '{unknown[0]}' in {root} is not in the class list {class_list}"
                                 f"{': also ' + ', '.join(unknown[1:3]) if len(unknown) > 1 else ''}{more}")
         else:
+            splits = {"train", "test", "val", "validation"}
+            if set(folders) <= splits and all(_has_class_folders(root / f) for f in folders):
+                # e.g. cifar10-jpeg/{train,test}/<class>/: the splits would silently become classes
+                raise DataError(f"wrong data layout: {root} holds split folders ({', '.join(folders)}), "
+                                f"not classes; point at one split, e.g. folder:{root / folders[0]}")
             self.classes = folders
             self.class_to_idx = {name: i for i, name in enumerate(folders)}
 

@@ -24,7 +24,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -132,7 +132,7 @@ def profile(model: nn.Module, input_size: int | Sequence[int]) -> Profile:
     macs: dict[str, int] = {name: 0 for name, _ in targets}
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
 
-    def make_hook(name: str):
+    def make_hook(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, output: object) -> None:
             inp = args[0] if args and isinstance(args[0], torch.Tensor) else None
             if inp is None or not isinstance(output, torch.Tensor):

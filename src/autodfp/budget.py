@@ -1,0 +1,313 @@
+"""MACs budgets in closed form: what a plan costs, which ratios keep a target reachable.
+
+The search evaluates budgets thousands of times per run (every step clips its action to a
+feasible range, every episode is repaired onto the target), so profiling a pruned copy each time
+is out of the question. Pruning a group only rescales whole layers, so the pruned model's MACs are
+an exact function of the kept channel counts:
+
+* a dense conv / linear layer scales by ``kept_out/out`` if it produces a pruned group and by
+  ``kept_in/in`` if it consumes one (both, for a MobileNet pointwise conv that consumes the
+  previous chain and produces the next one);
+* a depthwise pass-through conv of a group scales once by that group's kept fraction.
+
+Each layer's MACs are divisible by the channel counts that scale them (``H·W·C_out·C_in·k²``), so
+the count is computed in integers and matches :func:`autodfp.metrics.profile` of the physically
+pruned model exactly. With every other group fixed the count is linear in one group's kept
+channels, which is what makes :meth:`MacsModel.feasible_keep` a closed-form solve.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Mapping
+
+import torch.nn as nn
+
+from .errors import PlanError
+from .graph import GroupGraph
+from .metrics import profile
+from .plan import Plan, n_keep
+
+#: Smallest preserved ratio the search may give a group. 0.2 leaves ResNet-56 at 0.5 MACs room to
+#: thin some blocks to ~0.25 while keeping others near 0.75, and ResNet-56 at 0.3 MACs feasible
+#: (its floor at 0.2 is ~0.21 of the MACs); lower values mostly add plans that collapse the model.
+DEFAULT_R_MIN = 0.2
+#: Relative budget tolerance: a plan is on budget within ±1 % of the target MACs.
+DEFAULT_TOL = 0.01
+
+
+@dataclass(frozen=True)
+class _Term:
+    """One counted layer: ``macs · Π(k_g / C_g)`` over the groups that scale it."""
+
+    name: str
+    macs: int
+    groups: tuple[str, ...]  # scaling groups; a group may appear once per role
+
+
+class MacsModel:
+    """Exact MACs of any per-group channel count, built once from one profile of the model."""
+
+    def __init__(self, model: nn.Module, graph: GroupGraph, input_shape: tuple[int, ...]) -> None:
+        self.input_shape = tuple(input_shape)
+        prof = profile(model, self.input_shape)
+        self.total_macs: int = int(prof.total_macs)
+        self.groups: list[str] = [g.name for g in graph.prunable]
+        self.channels: dict[str, int] = {g.name: int(g.channels) for g in graph.prunable}
+        scales: dict[str, list[str]] = {}
+        for g in graph.prunable:
+            scales.setdefault(g.producer.conv, []).append(g.name)
+            for st in g.passthrough:
+                scales.setdefault(st.conv, []).append(g.name)
+            for c in g.consumers:
+                scales.setdefault(c, []).append(g.name)
+        terms: list[_Term] = []
+        fixed = 0
+        for lp in prof.layers:
+            if lp.macs == 0:
+                continue
+            gs = tuple(scales.get(lp.name, ()))
+            if gs:
+                terms.append(_Term(lp.name, int(lp.macs), gs))
+            else:
+                fixed += int(lp.macs)
+        self.fixed_macs: int = fixed
+        self._terms = terms
+        self._by_group: dict[str, list[int]] = {g: [] for g in self.groups}
+        for i, t in enumerate(terms):
+            for g in set(t.groups):
+                self._by_group[g].append(i)
+
+    # -- counting ----------------------------------------------------------------------------
+    def _term_macs(self, t: _Term, keep: Mapping[str, int]) -> Fraction | int:
+        num, den = t.macs, 1
+        for g in t.groups:
+            k = keep.get(g)
+            if k is None:
+                continue
+            num *= int(k)
+            den *= self.channels[g]
+        return num // den if num % den == 0 else Fraction(num, den)
+
+    def macs(self, keep: Mapping[str, int]) -> int:
+        """MACs with ``keep[g]`` channels in each listed group (missing groups keep all)."""
+        total: Fraction | int = self.fixed_macs
+        for t in self._terms:
+            total += self._term_macs(t, keep)
+        return int(round(total))
+
+    def keep_for_plan(self, plan: Plan) -> dict[str, int]:
+        return {g: n_keep(self.channels[g], float(r)) for g, r in plan.ratios.items() if g in self.channels}
+
+    def macs_for_plan(self, plan: Plan) -> int:
+        return self.macs(self.keep_for_plan(plan))
+
+    def group_macs(self, name: str) -> int:
+        """MACs of the layers that group ``name`` rescales, at full width (an observation feature)."""
+        return sum(self._terms[i].macs for i in self._by_group[name])
+
+    @property
+    def prunable_macs(self) -> int:
+        """MACs of every layer that some prunable group rescales (the rest is fixed cost)."""
+        return self.total_macs - self.fixed_macs
+
+    def min_keep(self, r_min: float = DEFAULT_R_MIN) -> dict[str, int]:
+        return {g: max(1, n_keep(c, r_min)) for g, c in self.channels.items()}
+
+    def min_macs(self, r_min: float = DEFAULT_R_MIN) -> int:
+        """The fewest MACs reachable with every prunable group at ``r_min``."""
+        return self.macs(self.min_keep(r_min))
+
+    def ratio_keep(self, ratio: float) -> dict[str, int]:
+        """Kept channels when every group uses the same preserved ``ratio`` (at least one)."""
+        return {g: max(1, n_keep(c, ratio)) for g, c in self.channels.items()}
+
+    # -- budgets -----------------------------------------------------------------------------
+    def check_target(self, target_macs: float, r_min: float = DEFAULT_R_MIN, tol: float = DEFAULT_TOL) -> None:
+        """Raise :class:`PlanError` unless some plan with ratios in [r_min, 1] lands within ±tol."""
+        if not (r_min > 0 and r_min <= 1):
+            raise PlanError(f"r_min must be in (0, 1], got {r_min}")
+        lowest = self.min_macs(r_min)
+        lo_ratio = lowest / self.total_macs
+        t_ratio = target_macs / self.total_macs
+        if not math.isfinite(target_macs) or target_macs <= 0:
+            raise PlanError(f"target MACs must be positive, got {target_macs}")
+        if target_macs > self.total_macs * (1 + 1e-12):
+            raise PlanError(f"target of {t_ratio:.4f}x the original MACs is above the original model; "
+                            f"reachable MACs ratios are {lo_ratio:.4f} to 1.0")
+        if lowest > target_macs * (1 + tol):
+            raise PlanError(f"target of {t_ratio:.4f}x the original MACs is unreachable: with every prunable "
+                            f"group at r_min={r_min:g} the model keeps {lo_ratio:.4f}x ({lowest:,} of "
+                            f"{self.total_macs:,} MACs); the minimum reachable MACs ratio is {lo_ratio:.4f}")
+
+    def feasible_keep(self, chosen: Mapping[str, int], group: str, target_macs: float,
+                      r_min: float = DEFAULT_R_MIN, tol: float = DEFAULT_TOL) -> tuple[int, int]:
+        """Kept-channel range ``[lo, hi]`` for ``group`` that keeps the target reachable.
+
+        Groups in ``chosen`` are fixed; every other group (except ``group``) is "remaining".
+        ``hi``: the most channels such that the remaining groups at ``r_min`` still get MACs ≤ target.
+        ``lo``: the fewest such that the remaining groups at full width still reach target·(1 − tol).
+        If the target sits below the floor (possible within ``tol`` of it), ``hi`` falls back to the
+        minimum; the range is never empty.
+        """
+        c = self.channels[group]
+        kmin = self.min_keep(r_min)
+        k_lo_bound = kmin[group]
+        rest_min = {g: (chosen[g] if g in chosen else kmin[g]) for g in self.groups if g != group}
+        rest_max = {g: (chosen[g] if g in chosen else self.channels[g]) for g in self.groups if g != group}
+
+        def solve(rest: dict[str, int], bound: float, upper: bool) -> int:
+            m0 = self.macs({**rest, group: 0})
+            m1 = self.macs({**rest, group: c})
+            slope = (m1 - m0) / c
+            if slope <= 0:  # the group costs nothing here: any count satisfies or none does
+                ok = m0 <= bound if upper else m0 >= bound
+                return (c if upper else k_lo_bound) if ok else (k_lo_bound - 1 if upper else c + 1)
+            k = (bound - m0) / slope
+            k = math.floor(k) if upper else math.ceil(k)
+            k = min(max(k, k_lo_bound - 1), c + 1)
+            # float rounding in the solve: step to the exact integer boundary
+            if upper:
+                while k >= k_lo_bound and self.macs({**rest, group: k}) > bound:
+                    k -= 1
+                while k + 1 <= c and self.macs({**rest, group: k + 1}) <= bound:
+                    k += 1
+            else:
+                while k <= c and k >= k_lo_bound and self.macs({**rest, group: k}) < bound:
+                    k += 1
+                while k - 1 >= k_lo_bound and self.macs({**rest, group: k - 1}) >= bound:
+                    k -= 1
+            return k
+
+        hi = solve(rest_min, target_macs, upper=True)
+        lo = solve(rest_max, target_macs * (1 - tol), upper=False)
+        hi = min(max(hi, k_lo_bound), c)
+        lo = min(max(lo, k_lo_bound), c)
+        if lo > hi:  # integer granularity: prefer staying under the budget
+            lo = hi
+        return lo, hi
+
+    def feasible_range(self, chosen: Mapping[str, int], group: str, target_macs: float,
+                       r_min: float = DEFAULT_R_MIN, tol: float = DEFAULT_TOL) -> tuple[float, float]:
+        """:meth:`feasible_keep` as preserved ratios (``k / C``, which :func:`n_keep` maps back to ``k``)."""
+        lo, hi = self.feasible_keep(chosen, group, target_macs, r_min, tol)
+        c = self.channels[group]
+        return lo / c, hi / c
+
+    def _uniform_candidates(self, r_min: float) -> list[float]:
+        """One ratio per distinct uniform keep-vector in [r_min, 1], ascending."""
+        points = {r_min, 1.0}
+        for c in set(self.channels.values()):
+            for k in range(1, c + 1):
+                b = (k - 0.5) / c  # n_keep(c, ·) steps from k-1 to k here
+                if r_min < b < 1.0:
+                    points.add(b)
+        edges = sorted(points)
+        cands = [edges[0]]
+        for a, b in zip(edges[1:], edges[2:]):
+            cands.append(1.0 if b >= 1.0 else _simple_ratio(a, b))
+        return cands
+
+    def fit_uniform(self, target_macs: float, r_min: float = DEFAULT_R_MIN, tol: float = DEFAULT_TOL) -> float:
+        """The single preserved ratio whose MACs are closest to ``target_macs`` (ties: the cheaper).
+
+        MACs are a non-decreasing step function of a uniform ratio, so the search bisects over
+        the ratios where some group's channel count steps, then checks the two neighbours. The
+        returned ratio is the shortest decimal inside its step, so plans read ``0.5`` not ``0.49479``.
+        """
+        self.check_target(target_macs, r_min, tol)
+        cands = self._uniform_candidates(r_min)
+        macs = [None] * len(cands)
+
+        def m(i: int) -> int:
+            if macs[i] is None:
+                macs[i] = self.macs(self.ratio_keep(cands[i]))
+            return macs[i]
+
+        lo, hi = 0, len(cands) - 1
+        while lo < hi:  # first candidate with MACs >= target
+            mid = (lo + hi) // 2
+            if m(mid) >= target_macs:
+                hi = mid
+            else:
+                lo = mid + 1
+        best = min((i for i in (lo - 1, lo, lo + 1) if 0 <= i < len(cands)),
+                   key=lambda i: (abs(m(i) - target_macs), m(i)))
+        return cands[best]
+
+    def repair(self, keep: Mapping[str, int], target_macs: float, tol: float = DEFAULT_TOL,
+               r_min: float = DEFAULT_R_MIN) -> dict[str, int]:
+        """Move single channels until the MACs lie within ``target·(1 ± tol)``.
+
+        Each move takes the group whose channel is worth the most MACs without jumping past the
+        band (if every move would, the smallest one), so a plan that rounding pushed just
+        outside changes in as few channels as possible. Plans already inside are returned as is.
+        """
+        keep = {g: int(keep.get(g, self.channels[g])) for g in self.groups}
+        lower, upper = target_macs * (1 - tol), target_macs * (1 + tol)
+        kmin = self.min_keep(r_min)
+        cur = self.macs(keep)
+        for _ in range(sum(self.channels.values()) * 2 + 1):
+            if lower <= cur <= upper:
+                return keep
+            down = cur > upper
+            moves = []
+            for g in self.groups:
+                k = keep[g] + (-1 if down else 1)
+                if k < kmin[g] or k > self.channels[g]:
+                    continue
+                new = self.macs({**keep, g: k})
+                moves.append((abs(new - cur), g, k, new))
+            if not moves:
+                break
+            inside = [mv for mv in moves if (mv[3] >= lower if down else mv[3] <= upper)]
+            _, g, k, new = max(inside) if inside else min(moves)
+            keep[g], cur = k, new
+        raise PlanError(f"could not bring the plan within ±{tol:.0%} of {target_macs / self.total_macs:.4f}x "
+                        f"the original MACs (reached {cur / self.total_macs:.4f}x)")
+
+
+def _simple_ratio(a: float, b: float) -> float:
+    """The shortest decimal strictly inside ``(a, b)``.
+
+    Breakpoints are ``(k − 0.5)/C``; a decimal with at most 7 digits differs from one by far more
+    than float error, so :func:`n_keep` sees it unambiguously on the intended side.
+    """
+    for digits in range(1, 8):
+        q = 10 ** digits
+        r = (math.floor(a * q) + 1) / q
+        if a < r < b:
+            return r
+    return (a + b) / 2
+
+
+def target_from_ratio(macs_model: MacsModel, ratio: float) -> float:
+    return float(ratio) * macs_model.total_macs
+
+
+def fit_uniform(macs_model: MacsModel, target_macs: float, r_min: float = DEFAULT_R_MIN,
+                tol: float = DEFAULT_TOL) -> float:
+    return macs_model.fit_uniform(target_macs, r_min, tol)
+
+
+def feasible_range(macs_model: MacsModel, chosen: Mapping[str, int], group: str, target_macs: float,
+                   r_min: float = DEFAULT_R_MIN, tol: float = DEFAULT_TOL) -> tuple[float, float]:
+    return macs_model.feasible_range(chosen, group, target_macs, r_min, tol)
+
+
+def repair(macs_model: MacsModel, keep: Mapping[str, int], target_macs: float, tol: float = DEFAULT_TOL,
+           r_min: float = DEFAULT_R_MIN) -> dict[str, int]:
+    return macs_model.repair(keep, target_macs, tol, r_min)
+
+
+def plan_from_keep(keep: Mapping[str, int], channels: Mapping[str, int], **kw: object) -> Plan:
+    """A plan whose ratios ``k / C`` map back to exactly ``k`` channels under :func:`n_keep`."""
+    ratios = {g: int(k) / channels[g] for g, k in keep.items()}
+    for g, r in ratios.items():
+        assert n_keep(channels[g], r) == int(keep[g])
+    return Plan(ratios=ratios, **kw)  # type: ignore[arg-type]
+
+
+__all__ = ["DEFAULT_R_MIN", "DEFAULT_TOL", "MacsModel", "feasible_range", "fit_uniform", "plan_from_keep",
+           "repair", "target_from_ratio"]
