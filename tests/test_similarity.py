@@ -10,6 +10,7 @@ from autodfp.errors import PlanError
 from autodfp.similarity import (
     FEATURE_NAMES,
     ChannelStats,
+    activation_covariance,
     activation_moments,
     analyze,
     expected_activation,
@@ -62,6 +63,29 @@ def test_expected_activation_closed_forms_and_degenerate_std() -> None:
     tiny = expected_activation(mu, torch.full((3,), 1e-9, dtype=torch.float64), "relu6")
     assert torch.allclose(tiny, torch.tensor([0.0, 2.0, 6.0], dtype=torch.float64), atol=1e-8)
     assert torch.equal(expected_activation(mu, zero + 1.0, "identity"), mu)
+
+
+@pytest.mark.parametrize("activation", ["relu", "relu6", "identity"])
+def test_activation_covariance_matches_monte_carlo(activation: str) -> None:
+    mu = torch.tensor([-1.0, 0.0, 0.5, 2.0, 5.0, 3.0], dtype=torch.float64)
+    sd = torch.tensor([1.0, 2.0, 0.5, 1.5, 2.0, 4.0], dtype=torch.float64)
+    g = torch.Generator().manual_seed(2)
+    f = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    f[5] = f[4] + 0.01 * torch.randn(4, generator=g, dtype=torch.float64)  # ρ ≈ 1
+    f[3] = -f[2]  # ρ = -1
+    n = f.norm(dim=1)
+    corr = (f @ f.T) / n[:, None] / n[None, :]
+    q = activation_covariance(mu, sd, corr, activation)
+    y = mu + sd * (torch.randn(300_000, 4, generator=g, dtype=torch.float64) @ (f / n[:, None]).T)
+    a = y.clamp_min(0) if activation == "relu" else y.clamp(0, 6) if activation == "relu6" else y
+    emp = torch.cov(a.T)
+    scale = emp.diagonal().sqrt()
+    assert torch.all((q - emp).abs() <= 0.01 * torch.outer(scale, scale) + 1e-9)
+    if activation != "identity":
+        assert torch.allclose(q.diagonal(), activation_moments(mu, sd, activation)[1], atol=1e-7)
+    # a rectangular block equals the same block of the full matrix
+    rows, cols = torch.tensor([4, 0]), torch.tensor([5, 1, 2])
+    assert torch.allclose(activation_covariance(mu, sd, corr, activation, rows, cols), q[rows][:, cols], atol=1e-12)
 
 
 # ---------------------------------------------------------------- analysis

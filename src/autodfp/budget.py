@@ -73,6 +73,8 @@ class MacsModel:
             else:
                 fixed += int(lp.macs)
         self.fixed_macs: int = fixed
+        #: per-layer profile at full width (shapes and MACs), for observation features
+        self.layers = {lp.name: lp for lp in prof.layers}
         self._terms = terms
         self._by_group: dict[str, list[int]] = {g: [] for g in self.groups}
         for i, t in enumerate(terms):

@@ -12,6 +12,7 @@ of plans analyses each layer once. It offers two ways to realise a plan:
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,7 @@ from .errors import PlanError
 from .fold import empirical_moments, group_stats, raw_filters
 from .graph import GroupGraph, PrunableGroup, build_dependency_graph, find_groups
 from .plan import Plan, n_keep
-from .reconstruct import Compensation, fold_into_consumer, reconstruct
+from .reconstruct import STRATEGIES, Compensation, fold_into_consumer, reconstruct
 from .similarity import ChannelAnalysis, ChannelStats, analyze
 
 
@@ -133,8 +134,8 @@ class Pruner:
                                                seed=int(plan.params.get("seed", 0)))
             comp = None
             if plan.strategy != "none":
-                params = {k_: v for k_, v in plan.params_for(g.name).items() if k_ != "seed"}
-                comp = reconstruct(plan.strategy, stats, analysis, kept, pruned, **params)
+                comp = reconstruct(plan.strategy, stats, analysis, kept, pruned,
+                                   **_strategy_params(plan.strategy, plan.params_for(g.name)))
             decisions[g.name] = GroupDecision(kept, pruned, comp)
         return decisions
 
@@ -189,6 +190,18 @@ class Pruner:
                 getattr(net.get_submodule(mod_name), attr).copy_(value)
         prune_channels(net, self.graph, {k: d.pruned.tolist() for k, d in decisions.items()}, self.input_shape)
         return PruneResult(net, plan, decisions)
+
+
+#: parameters a plan may set for every strategy; a strategy that has no use for one ignores it
+_SHARED_PARAMS = {"strength", "seed"}
+
+
+def _strategy_params(strategy: str, params: dict[str, Any]) -> dict[str, Any]:
+    accepted = inspect.signature(STRATEGIES[strategy]).parameters
+    unknown = [k for k in params if k not in accepted and k not in _SHARED_PARAMS]
+    if unknown:
+        raise PlanError(f"strategy '{strategy}' does not take parameter(s) {', '.join(sorted(unknown))}")
+    return {k: v for k, v in params.items() if k in accepted}
 
 
 def prune_channels(model: nn.Module, graph: GroupGraph, pruned: dict[str, list[int]],

@@ -22,9 +22,11 @@ from .errors import PlanError
 from .similarity import (
     ChannelAnalysis,
     ChannelStats,
+    activation_covariance,
     activation_moments,
     apply_activation,
     expected_activation,
+    pair_activation_covariance,
     pairwise_geometry,
 )
 
@@ -202,7 +204,7 @@ def _directed_distance(analysis: ChannelAnalysis) -> Tensor:
 
 
 def strategy_autodfp(stats: ChannelStats, analysis: ChannelAnalysis, kept: Tensor, pruned: Tensor,
-                     strength: float = 1.0, max_distance: float | None = None,
+                     strength: float = 1.0, gate: bool = True, max_distance: float | None = None,
                      samples: Tensor | None = None) -> Compensation:
     """Channel-similarity reconstruction: merge into the most similar kept channel, keep the rest as a constant.
 
@@ -216,9 +218,17 @@ def strategy_autodfp(stats: ChannelStats, analysis: ChannelAnalysis, kept: Tenso
 
     under ``y ~ N(mean, std²)`` with the real activation: the part of ``p`` the merge cannot carry
     (its offset seen through the activation, and the ``1 − λ`` share the agent chose not to merge),
-    replaced by its expectation so the consumer's mean input is preserved. A partner with
-    ``α ≤ 0`` (or, if ``max_distance`` is given, farther than that) gets no merge, and ``c_p`` falls
-    back to ``E[act(y_p)]``. With ``samples`` (N, C) of pre-activations the expectations are empirical.
+    replaced by its expectation so the consumer's mean input is preserved.
+
+    A merge is skipped (``A`` row 0, ``c_p = E[act(y_p)]``) when ``α ≤ 0``; when ``max_distance`` is
+    given and the partner is farther; and, with ``gate`` (default), when it would *raise* the
+    expected squared error of ``a_p`` over the constant alone, i.e. unless
+    ``λα·(2·Cov(a_p, a_k) − λα·Var(a_k)) > 0`` under the pair's Gaussian model (correlation
+    ``stats.corr`` or the filter cosine; moments from
+    :func:`~autodfp.similarity.activation_covariance`). That is what stops a channel that is
+    geometrically parallel to ``k`` but dead (its pre-activation far below zero, so ``a_p ≡ 0``)
+    from inheriting ``α·(a_k − E a_k)``. With ``samples`` (N, C) of pre-activations the expectations
+    and the gate's moments are empirical.
     """
     kept, pruned = _check_partition(stats, kept, pruned)
     if not 0.0 <= strength <= 1.0:
@@ -227,29 +237,59 @@ def strategy_autodfp(stats: ChannelStats, analysis: ChannelAnalysis, kept: Tenso
     partner = torch.full((pruned.numel(),), -1, dtype=torch.long)
     ea = _post_means(stats, samples)
     comp.c = ea[pruned].clone()
-    if kept.numel() == 0 or pruned.numel() == 0:
-        comp.partner = partner
+    comp.partner = partner
+    if kept.numel() == 0 or pruned.numel() == 0 or strength == 0.0:
         return comp
     d = _directed_distance(analysis)
     labels = torch.as_tensor(analysis.labels, dtype=torch.long)
     kept_labels = labels[kept]
+    rows: list[int] = []
+    cols: list[int] = []
     for i, p in enumerate(pruned.tolist()):
         lab = int(labels[p])
         cand = torch.nonzero(kept_labels == lab).flatten() if lab >= 0 else torch.empty(0, dtype=torch.long)
         if cand.numel() == 0:
             cand = torch.arange(kept.numel())
-        j = cand[int(torch.argmin(d[p, kept[cand]]))]
+        j = int(cand[int(torch.argmin(d[p, kept[cand]]))])
         k = int(kept[j])
-        alpha = float(analysis.scale[p, k])
-        if alpha <= 0 or float(analysis.cosine[p, k]) <= 0:
+        if float(analysis.scale[p, k]) <= 0 or float(analysis.cosine[p, k]) <= 0:
             continue
         if max_distance is not None and float(d[p, k]) > max_distance:
             continue
-        comp.A[i, j] = strength * alpha
-        comp.c[i] = ea[p] - strength * alpha * ea[k]
-        partner[i] = k
-    comp.partner = partner
+        rows.append(i)
+        cols.append(j)
+    if not rows:
+        return comp
+    ri = torch.tensor(rows, dtype=torch.long)
+    cj = torch.tensor(cols, dtype=torch.long)
+    p_idx, k_idx = pruned[ri], kept[cj]
+    slope = strength * analysis.scale[p_idx, k_idx]
+    if gate:
+        cov, var_k = _pair_moments(stats, p_idx, k_idx, samples)
+        ok = slope * (2.0 * cov - slope * var_k) > 0
+        ri, cj, p_idx, k_idx, slope = ri[ok], cj[ok], p_idx[ok], k_idx[ok], slope[ok]
+    comp.A[ri, cj] = slope
+    comp.c[ri] = ea[p_idx] - slope * ea[k_idx]
+    partner[ri] = k_idx
     return comp
+
+
+def _pair_moments(stats: ChannelStats, p_idx: Tensor, k_idx: Tensor, samples: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(Cov(a_p, a_k), Var(a_k)) for paired index lists, Gaussian model or empirical."""
+    if samples is not None:
+        a = apply_activation(_check_samples(stats, samples), stats.activation)
+        ac = a - a.mean(0)
+        n = a.shape[0] - 1
+        return (ac[:, p_idx] * ac[:, k_idx]).sum(0) / n, (ac[:, k_idx] ** 2).sum(0) / n
+    if stats.corr is not None:
+        rho = stats.corr.detach().to(torch.float64)[p_idx, k_idx]
+    else:
+        rho = pairwise_geometry(stats.filters[torch.cat([p_idx, k_idx])])[0].diagonal(p_idx.numel())
+    mu = stats.mean.detach().to(torch.float64)
+    sd = stats.std.detach().to(torch.float64)
+    cov = pair_activation_covariance(mu, sd, rho, p_idx, k_idx, stats.activation)
+    var_k = activation_moments(mu[k_idx], sd[k_idx], stats.activation)[1]
+    return cov, var_k
 
 
 def gaussian_correlation(stats: ChannelStats, jitter: float = 1e-6) -> Tensor:
@@ -274,24 +314,22 @@ def gaussian_correlation(stats: ChannelStats, jitter: float = 1e-6) -> Tensor:
     return 0.5 * (r + r.T)
 
 
-def _gaussian_post_moments(stats: ChannelStats, rows: Tensor, cols: Tensor, n_samples: int, seed: int,
-                           chunk: int) -> Tensor:
-    """Monte-Carlo Cov(act(y)[rows], act(y)[cols]) under ``y ~ N(mean, diag(std)·R·diag(std))``."""
-    r = gaussian_correlation(stats)
-    evals, evecs = torch.linalg.eigh(r)
+def _mc_post_covariance(stats: ChannelStats, corr: Tensor, rows: Tensor, cols: Tensor, n_samples: int,
+                        seed: int, chunk: int) -> Tensor:
+    """Monte-Carlo Cov(act(y)[rows], act(y)[cols]); a cross-check of the quadrature, not the default."""
+    evals, evecs = torch.linalg.eigh(corr)
     factor = evecs * evals.clamp_min(0.0).sqrt()  # R = factor @ factor.T
     mu = stats.mean.detach().to(torch.float64)
     sd = stats.std.detach().to(torch.float64)
-    shift = expected_activation(mu, sd, stats.activation)  # centre with the exact mean for accuracy
+    shift = expected_activation(mu, sd, stats.activation)  # centring with the exact mean avoids cancellation
     g = torch.Generator().manual_seed(int(seed))
-    c = stats.num_channels
     acc = torch.zeros(rows.numel(), cols.numel(), dtype=torch.float64)
     s_rows = torch.zeros(rows.numel(), dtype=torch.float64)
     s_cols = torch.zeros(cols.numel(), dtype=torch.float64)
     done = 0
     while done < n_samples:
         m = min(chunk, n_samples - done)
-        z = torch.randn(m, c, generator=g, dtype=torch.float64) @ factor.T
+        z = torch.randn(m, stats.num_channels, generator=g, dtype=torch.float64) @ factor.T
         a = apply_activation(mu + sd * z, stats.activation) - shift
         ar, ac = a[:, rows], a[:, cols]
         acc += ar.T @ ac
@@ -301,49 +339,76 @@ def _gaussian_post_moments(stats: ChannelStats, rows: Tensor, cols: Tensor, n_sa
     return acc / n_samples - torch.outer(s_rows / n_samples, s_cols / n_samples)
 
 
+def post_activation_covariance(stats: ChannelStats, analysis: ChannelAnalysis | None = None,
+                               nodes: int = 16) -> Tensor:
+    """Full (C, C) Cov(act(y)) under the Gaussian model, cached on ``analysis`` when it belongs to ``stats``.
+
+    The covariance does not depend on which channels are kept, so an agent that tries many
+    pruning plans on one group pays the quadrature once (reuse the same analysis object).
+    """
+    key = ("post_cov", int(nodes))
+    cacheable = analysis is not None and analysis.stats is stats
+    if cacheable and key in analysis.extra:
+        return analysis.extra[key]
+    cov = activation_covariance(stats.mean, stats.std, gaussian_correlation(stats), stats.activation, nodes=nodes)
+    if cacheable:
+        analysis.extra[key] = cov
+    return cov
+
+
 def strategy_lsq(stats: ChannelStats, analysis: ChannelAnalysis, kept: Tensor, pruned: Tensor,
                  ridge: float = 1e-2, strength: float = 1.0, samples: Tensor | None = None,
+                 method: str = "quadrature", nodes: int = 16,
                  n_samples: int = 32768, seed: int = 0, chunk: int = 4096) -> Compensation:
     """Best linear prediction of every pruned activation from all kept ones, under a Gaussian model.
 
     ``A = Cov(a_p, a_k) (Cov(a_k, a_k) + ρ·mean(diag Cov(a_k, a_k))·I)⁻¹`` and
     ``c = E[a_p] − A E[a_k]`` (both scaled by ``strength``: ``A → λA``, ``c = E[a_p] − λA E[a_k]``).
     Moments of ``a = act(y)`` come from ``y ~ N(mean, diag(std) R diag(std))`` with ``R`` from
-    :func:`gaussian_correlation`, by Monte Carlo (``n_samples`` draws, fixed ``seed``, chunked so a
-    1000-channel group stays within tens of MB), the means in closed form. With ``samples`` (N, C)
-    of real or synthetic pre-activations the moments are empirical instead.
+    :func:`gaussian_correlation`: means in closed form, covariances by the deterministic
+    Price-theorem quadrature of :func:`~autodfp.similarity.activation_covariance` (``nodes``
+    Gauss–Legendre points; cached per group, see :func:`post_activation_covariance`), or with
+    ``method="mc"`` by Monte Carlo (``n_samples`` draws, fixed ``seed``, chunked). With ``samples``
+    (N, C) of real or synthetic pre-activations the moments are empirical instead.
 
     ``ridge`` is relative to the average kept variance so it means the same in every layer; it
-    shrinks ``A`` toward 0 (the ``mean`` strategy), which is the safe direction when the assumed
-    correlations are wrong.
+    shrinks ``A`` toward 0 (the ``mean`` strategy), the safe direction when the assumed
+    correlations are wrong. On ResNet-56 (30 % of every block's inner channels pruned) accuracy
+    is flat for ridge in [1e-3, 1e-1] and degrades slowly above; 1e-2 is the default.
     """
     kept, pruned = _check_partition(stats, kept, pruned)
     if ridge < 0:
         raise PlanError(f"ridge must be non-negative, got {ridge}")
     if not 0.0 <= strength <= 1.0:
         raise PlanError(f"reconstruction strength must be in [0, 1], got {strength}")
+    if method not in ("quadrature", "mc"):
+        raise PlanError(f"lsq method must be 'quadrature' or 'mc', got '{method}'")
     comp = _empty(kept, pruned)
     if pruned.numel() == 0:
         return comp
-    sel = torch.cat([pruned, kept])
     if samples is not None:
         y = _check_samples(stats, samples)
         a = apply_activation(y, stats.activation)
         ea = a.mean(0)
         ac = a - ea
-        cov = ac[:, sel].T @ ac[:, kept] / (a.shape[0] - 1)
+        cov_pk = ac[:, pruned].T @ ac[:, kept] / (a.shape[0] - 1)
+        cov_kk = ac[:, kept].T @ ac[:, kept] / (a.shape[0] - 1)
     else:
         ea = expected_activation(stats.mean, stats.std, stats.activation)
-        cov = _gaussian_post_moments(stats, sel, kept, n_samples, seed, chunk)
-    n_p = pruned.numel()
-    cov_pk, cov_kk = cov[:n_p], cov[n_p:]
+        if method == "mc":
+            cov = _mc_post_covariance(stats, gaussian_correlation(stats), torch.cat([pruned, kept]), kept,
+                                      n_samples, seed, chunk)
+            cov_pk, cov_kk = cov[: pruned.numel()], cov[pruned.numel():]
+        else:
+            full = post_activation_covariance(stats, analysis, nodes)
+            cov_pk, cov_kk = full[pruned][:, kept], full[kept][:, kept]
     cov_kk = 0.5 * (cov_kk + cov_kk.T)
     scale = float(cov_kk.diagonal().mean()) if kept.numel() else 0.0
     if scale <= 0:
         comp.c = ea[pruned].clone()
         comp.info["degenerate"] = True
         return comp
-    k_mat = cov_kk + (ridge * scale + 1e-12 * scale) * torch.eye(kept.numel(), dtype=torch.float64)
+    k_mat = cov_kk + (ridge + 1e-12) * scale * torch.eye(kept.numel(), dtype=torch.float64)
     a_mat = torch.linalg.solve(k_mat, cov_pk.T).T * strength
     comp.A = a_mat
     comp.c = ea[pruned] - a_mat @ ea[kept]
@@ -369,6 +434,6 @@ def reconstruct(name: str, stats: ChannelStats, analysis: ChannelAnalysis, kept:
 
 
 __all__ = [
-    "Compensation", "STRATEGIES", "activation_moments", "fold_into_consumer", "gaussian_correlation",
+    "Compensation", "STRATEGIES", "fold_into_consumer", "gaussian_correlation", "post_activation_covariance",
     "reconstruct", "strategy_autodfp", "strategy_lsq", "strategy_mean", "strategy_nm", "strategy_none",
 ]

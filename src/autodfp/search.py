@@ -1,0 +1,613 @@
+"""Searching per-layer pruning plans under a MACs budget: SAC agent, uniform and random baselines.
+
+All methods drive the same :class:`~autodfp.env.PruningEnv`, so they obey the same clipping and
+repair and differ only in how actions are chosen; the comparison between them is fair by
+construction.
+
+SAC credit assignment. The reward exists only for a finished plan. Following AMC, every
+transition of an episode is stored with the *episode's* reward and marked terminal, so the critic
+regresses ``Q(s, a) = E[R | s, a]`` directly instead of propagating a sparse terminal reward back
+through 10–30 bootstrapped steps (``credit="terminal"`` keeps that textbook form, with γ = 1, for
+comparison). Raw rewards are on an arbitrary scale (a KL of 0.3 or of 3), while SAC's entropy
+temperature starts at a fixed value, so rewards are rank-normalised to ``[-1, 1]`` among all
+episodes seen so far before they reach the critic (``reward_norm``); the ordering, which is all
+the search needs, is unchanged.
+
+Reproducibility. A run is a pure function of its seed: torch, numpy, python ``random``, SB3's
+action space and the environment are all seeded, and learning proceeds in chunks of
+``checkpoint_every`` episodes in fresh and resumed runs alike, so a run resumed from a checkpoint
+(model, replay buffer, optimiser and RNG states) ends with the same plan as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ._io import atomic_path, atomic_write_text
+from .budget import DEFAULT_R_MIN, DEFAULT_TOL, MacsModel
+from .env import MaskedModel, PruningEnv, RewardFn
+from .errors import AutoDFPError, PlanError
+from .plan import Plan
+from .prune import Pruner
+
+METHODS = ("sac", "uniform", "random")
+CHECKPOINT_FORMAT = "autodfp.search-checkpoint/1"
+
+#: SAC settings for a 10–30-step episodic problem with one reward per episode (see module doc).
+#: γ and τ do not matter with per-episode credit (every target is terminal); one training round per
+#: episode, as many gradient steps as the episode had transitions.
+SAC_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 1e-3,
+    "batch_size": 128,
+    "buffer_size": 20_000,
+    "gamma": 1.0,
+    "tau": 0.01,
+    "train_freq": (1, "episode"),
+    "gradient_steps": -1,
+    "ent_coef": "auto_0.1",
+    "net_arch": [64, 64],
+    "credit": "episode",      # "episode" (AMC) | "terminal" (sparse reward, bootstrapped)
+    "reward_norm": "rank",    # "rank" | "zscore" | "none"
+}
+
+
+class EpisodeRecord(NamedTuple):
+    episode: int         # 1-based
+    reward: float
+    macs: int
+    best_so_far: float
+
+
+@dataclass
+class SearchResult:
+    best_plan: Plan
+    best_reward: float
+    best_macs: int
+    history: list[EpisodeRecord]
+    episodes: int
+    seconds: float
+    plateau_episode: int
+    method: str = "sac"
+    total_macs: int = 0
+
+    @property
+    def best_macs_ratio(self) -> float:
+        return self.best_macs / self.total_macs if self.total_macs else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "best_reward": self.best_reward, "best_macs": self.best_macs,
+                "best_macs_ratio": self.best_macs_ratio, "episodes": self.episodes, "seconds": self.seconds,
+                "plateau_episode": self.plateau_episode, "best_plan": self.best_plan.to_dict(),
+                "history": [r._asdict() for r in self.history]}
+
+
+def plateau_episode(history: Sequence[EpisodeRecord], rel_tol: float = 0.01) -> int:
+    """The first episode after which the best reward never improved by more than a tolerance.
+
+    The tolerance is ``rel_tol`` (1 %) of the whole improvement of the run, from the first
+    episode's reward to the final best: the returned episode is the first whose best-so-far lies
+    within that distance of the final best, i.e. where the search had found 99 % of what it would
+    ever find. A run that never improved plateaus at episode 1.
+    """
+    if not history:
+        return 0
+    final = history[-1].best_so_far
+    tol = rel_tol * max(final - history[0].reward, 0.0) + 1e-12
+    for rec in history:
+        if rec.best_so_far >= final - tol:
+            return rec.episode
+    return history[-1].episode
+
+
+# ---------------------------------------------------------------------------------------------
+# Bookkeeping shared by all methods
+# ---------------------------------------------------------------------------------------------
+class _Tracker:
+    def __init__(self, total: int, progress: bool, initial: int = 0, desc: str = "search") -> None:
+        self.history: list[EpisodeRecord] = []
+        self.best_plan: Plan | None = None
+        self.best_reward = -math.inf
+        self.best_macs = 0
+        self.total_macs = 1
+        self.bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="ep", file=sys.stderr,
+                            dynamic_ncols=True, leave=False)
+
+    def record(self, info: dict[str, Any]) -> None:
+        reward = float(info["reward"])
+        if reward > self.best_reward:
+            self.best_reward, self.best_plan, self.best_macs = reward, info["plan"], int(info["macs"])
+        self.history.append(EpisodeRecord(len(self.history) + 1, reward, int(info["macs"]), self.best_reward))
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(best=f"{self.best_reward:.4g}", macs=f"{self.best_macs / self.total_macs:.3f}x")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def state(self) -> dict[str, Any]:
+        return {"history": [list(r) for r in self.history], "best_reward": self.best_reward,
+                "best_macs": self.best_macs, "best_plan": self.best_plan.to_dict() if self.best_plan else None}
+
+    def load(self, d: dict[str, Any]) -> None:
+        self.history = [EpisodeRecord(int(e), float(r), int(m), float(b)) for e, r, m, b in d["history"]]
+        self.best_reward = float(d["best_reward"])
+        self.best_macs = int(d["best_macs"])
+        self.best_plan = Plan.from_dict(d["best_plan"]) if d["best_plan"] else None
+        if self.bar is not None:
+            self.bar.reset(total=self.bar.total)
+            self.bar.update(len(self.history))
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG states (JSON-serialisable, so checkpoints hold no pickled RNG objects)
+# ---------------------------------------------------------------------------------------------
+def _rng_state(extra: dict[str, np.random.Generator]) -> dict[str, Any]:
+    np_state = np.random.get_state()
+    py = random.getstate()
+    return {
+        "torch": torch.get_rng_state().tolist(),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": [py[0], list(py[1]), py[2]],
+        "generators": {k: g.bit_generator.state for k, g in extra.items()},
+    }
+
+
+def _set_rng_state(d: dict[str, Any], extra: dict[str, np.random.Generator]) -> None:
+    torch.set_rng_state(torch.tensor(d["torch"], dtype=torch.uint8))
+    n = d["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    p = d["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+    for k, g in extra.items():
+        if k in d["generators"]:
+            g.bit_generator.state = d["generators"][k]
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: a directory per checkpoint, published by atomically rewriting ``latest.json``
+# ---------------------------------------------------------------------------------------------
+class _Checkpointer:
+    def __init__(self, root: str | Path | None, config: dict[str, Any]) -> None:
+        self.root = Path(root) if root is not None else None
+        self.config = config
+
+    def latest(self) -> Path | None:
+        if self.root is None or not (self.root / "latest.json").is_file():
+            return None
+        try:
+            name = json.loads((self.root / "latest.json").read_text())["dir"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise AutoDFPError(f"checkpoint pointer {self.root / 'latest.json'} is corrupt") from None
+        path = self.root / name
+        if not (path / "state.json").is_file():
+            raise AutoDFPError(f"checkpoint {path} is incomplete (no state.json)")
+        return path
+
+    def load_state(self, path: Path) -> dict[str, Any]:
+        state = json.loads((path / "state.json").read_text())
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise AutoDFPError(f"{path} is not an autodfp search checkpoint")
+        saved = state["config"]
+        diff = [k for k in self.config if saved.get(k) != self.config[k]]
+        if diff:
+            k = diff[0]
+            raise AutoDFPError(f"cannot resume from {path}: it was made with {k}={saved.get(k)!r}, "
+                               f"this search has {k}={self.config[k]!r}")
+        return state
+
+    def save(self, episodes: int, state: dict[str, Any], writers: dict[str, Callable[[Path], None]]) -> None:
+        if self.root is None:
+            return
+        name = f"ep-{episodes:06d}"
+        path = self.root / name
+        path.mkdir(parents=True, exist_ok=True)
+        for fname, write in writers.items():
+            with atomic_path(path / fname) as tmp:
+                write(tmp)
+        atomic_write_text(path / "state.json", json.dumps(
+            {"format": CHECKPOINT_FORMAT, "config": self.config, "episodes_done": episodes, **state}) + "\n")
+        atomic_write_text(self.root / "latest.json", json.dumps({"dir": name, "episodes": episodes}) + "\n")
+        for old in self.root.glob("ep-*"):
+            if old.is_dir() and old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# SAC pieces
+# ---------------------------------------------------------------------------------------------
+def _episode_buffer_class():
+    from stable_baselines3.common.buffers import ReplayBuffer
+
+    class EpisodeReplayBuffer(ReplayBuffer):
+        """Holds an episode's transitions until its reward is known, then stores them.
+
+        ``credit="episode"``: every transition gets the episode reward and ``done=True``.
+        ``credit="terminal"``: rewards and dones as the environment gave them (sparse).
+        Rewards are normalised at sampling time over all episodes seen so far (see module doc).
+        """
+
+        def __init__(self, *args: Any, credit: str = "episode", reward_norm: str = "rank", **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            if credit not in ("episode", "terminal"):
+                raise ValueError(f"unknown credit mode {credit!r}")
+            if reward_norm not in ("rank", "zscore", "none"):
+                raise ValueError(f"unknown reward normalisation {reward_norm!r}")
+            self.credit = credit
+            self.reward_norm = reward_norm
+            self.pending: list[tuple] = []
+            self.episode_rewards: list[float] = []
+            self.episode_of = np.full((self.buffer_size,), -1, dtype=np.int64)
+            self.is_final = np.zeros((self.buffer_size,), dtype=bool)
+
+        def add(self, obs, next_obs, action, reward, done, infos) -> None:  # type: ignore[override]
+            self.pending.append((np.array(obs), np.array(next_obs), np.array(action),
+                                 float(np.asarray(reward).reshape(-1)[0])))
+            if not bool(np.asarray(done).reshape(-1)[0]):
+                return
+            ep_reward = self.pending[-1][3]
+            ep = len(self.episode_rewards)
+            self.episode_rewards.append(ep_reward)
+            n = len(self.pending)
+            for i, (o, no, a, r) in enumerate(self.pending):
+                last = i == n - 1
+                if self.credit == "episode":
+                    rew, dn = ep_reward, True
+                else:
+                    rew, dn = r, last
+                self.episode_of[self.pos] = ep
+                self.is_final[self.pos] = self.credit == "episode" or last
+                super().add(o, no, a, np.array([rew], dtype=np.float32), np.array([dn]),
+                            [{"TimeLimit.truncated": False}])
+            self.pending = []
+
+        def _normalised(self) -> np.ndarray:
+            r = np.asarray(self.episode_rewards, dtype=np.float64)
+            if self.reward_norm == "none" or r.size == 0:
+                return r
+            if self.reward_norm == "zscore":
+                sd = r.std()
+                return (r - r.mean()) / (sd if sd > 1e-12 else 1.0)
+            if r.size == 1:
+                return np.zeros(1)
+            from scipy.stats import rankdata
+            return 2.0 * (rankdata(r) - 1.0) / (r.size - 1) - 1.0
+
+        def _get_samples(self, batch_inds, env=None):  # type: ignore[override]
+            samples = super()._get_samples(batch_inds, env)
+            if self.reward_norm == "none":
+                return samples
+            norm = self._normalised()
+            eps = self.episode_of[batch_inds]
+            final = self.is_final[batch_inds]
+            rew = np.where(final, norm[np.clip(eps, 0, None)], 0.0).astype(np.float32).reshape(-1, 1)
+            return samples._replace(rewards=self.to_torch(rew))
+
+    return EpisodeReplayBuffer
+
+
+_BUFFER_CLASS = None
+
+
+def episode_replay_buffer_class():
+    """The replay buffer class (defined lazily: importing SB3 costs seconds)."""
+    global _BUFFER_CLASS
+    if _BUFFER_CLASS is None:
+        _BUFFER_CLASS = _episode_buffer_class()
+        _BUFFER_CLASS.__module__ = __name__
+        _BUFFER_CLASS.__qualname__ = "EpisodeReplayBuffer"
+        globals()["EpisodeReplayBuffer"] = _BUFFER_CLASS
+    return _BUFFER_CLASS
+
+
+def __getattr__(name: str) -> Any:  # pickle looks the buffer class up by name on resume
+    if name == "EpisodeReplayBuffer":
+        return episode_replay_buffer_class()
+    raise AttributeError(name)
+
+
+def _make_sac(vec_env: Any, cfg: dict[str, Any], seed: int, learning_starts: int):
+    from stable_baselines3 import SAC
+
+    kw = dict(cfg)
+    credit = kw.pop("credit")
+    reward_norm = kw.pop("reward_norm")
+    net_arch = kw.pop("net_arch")
+    train_freq = tuple(kw.pop("train_freq"))
+    return SAC("MlpPolicy", vec_env, learning_starts=learning_starts, train_freq=train_freq,
+               replay_buffer_class=episode_replay_buffer_class(),
+               replay_buffer_kwargs={"credit": credit, "reward_norm": reward_norm},
+               policy_kwargs={"net_arch": list(net_arch)}, seed=seed, device="cpu", verbose=0, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# The search
+# ---------------------------------------------------------------------------------------------
+def _default_reward(pruner: Pruner, reward: RewardFn | None) -> RewardFn:
+    if reward is not None:
+        return reward
+    if pruner.calibration is None:
+        raise AutoDFPError("search needs a reward: pass reward=... (e.g. AgreementReward on synthetic "
+                           "inputs) or give the Pruner a calibration batch")
+    from .rewards import AgreementReward
+    return AgreementReward(pruner.model, pruner.calibration)
+
+
+def search(
+    pruner: Pruner,
+    target_macs_ratio: float,
+    method: str = "sac",
+    episodes: int = 300,
+    warmup: int | None = None,
+    reward: RewardFn | None = None,
+    seed: int = 0,
+    strategy: str = "autodfp",
+    r_min: float = DEFAULT_R_MIN,
+    criterion: str = "l1",
+    params: dict[str, Any] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 25,
+    resume: bool = False,
+    progress: bool = True,
+    tol: float = DEFAULT_TOL,
+    sac_kwargs: dict[str, Any] | None = None,
+    model_key: str | None = None,
+    macs_model: MacsModel | None = None,
+) -> SearchResult:
+    """Find a plan at ``target_macs_ratio`` of the original MACs (within ``±tol``).
+
+    ``warmup`` (SAC only) is the number of random-action episodes before learning; default
+    ``min(50, episodes // 4)``. ``checkpoint_every`` is also SAC's learning chunk, so changing it
+    changes nothing but how often state is written. ``resume=True`` continues from the latest
+    checkpoint in ``checkpoint_dir`` (or starts afresh if there is none).
+    """
+    if method not in METHODS:
+        raise PlanError(f"unknown search method '{method}'; choose from {', '.join(METHODS)}")
+    if episodes < 1 and method != "uniform":
+        raise PlanError(f"episodes must be at least 1, got {episodes}")
+    if checkpoint_every < 1:
+        raise PlanError(f"checkpoint_every must be at least 1, got {checkpoint_every}")
+    seed = int(seed)
+    reward_fn = _default_reward(pruner, reward)
+    env = PruningEnv(pruner, target_macs_ratio, reward_fn, r_min=r_min, strategy=strategy, criterion=criterion,
+                     params=params, tol=tol, macs_model=macs_model, model_key=model_key)
+    t0 = time.perf_counter()
+    if method == "uniform":
+        return _search_uniform(env, t0)
+    warmup = min(50, episodes // 4) if warmup is None else int(warmup)
+    cfg = {**SAC_DEFAULTS, **(sac_kwargs or {})}
+    config = {"method": method, "seed": int(seed), "target_macs_ratio": float(target_macs_ratio),
+              "strategy": strategy, "criterion": criterion, "r_min": float(r_min), "tol": float(tol),
+              "params": params or {}, "groups": env.groups, "checkpoint_every": int(checkpoint_every)}
+    if method == "sac":
+        config.update({"warmup": warmup, "sac": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}})
+    ckpt = _Checkpointer(checkpoint_dir, json.loads(json.dumps(config)))
+    tracker = _Tracker(episodes, progress, desc=method)
+    tracker.total_macs = env.mm.total_macs
+    try:
+        if method == "random":
+            seconds = _run_random(env, tracker, episodes, seed, ckpt, checkpoint_every, resume)
+        else:
+            seconds = _run_sac(env, tracker, episodes, warmup, seed, cfg, ckpt, checkpoint_every, resume)
+    finally:
+        tracker.close()
+    elapsed = seconds + (time.perf_counter() - t0)
+    assert tracker.best_plan is not None
+    return SearchResult(tracker.best_plan, tracker.best_reward, tracker.best_macs, tracker.history[:episodes],
+                        min(len(tracker.history), episodes), elapsed, plateau_episode(tracker.history[:episodes]),
+                        method, env.mm.total_macs)
+
+
+def _search_uniform(env: PruningEnv, t0: float) -> SearchResult:
+    ratio = env.mm.fit_uniform(env.target, env.r_min, env.tol)
+    keep = env.mm.ratio_keep(ratio)
+    plan = Plan({g: ratio for g in env.groups}, criterion=env.criterion, strategy=env.strategy,
+                params=dict(env.params), model=env.model_key)
+    reward = env.evaluate(plan)
+    macs = env.mm.macs(keep)
+    rec = EpisodeRecord(1, reward, macs, reward)
+    return SearchResult(plan, reward, macs, [rec], 1, time.perf_counter() - t0, 1, "uniform", env.mm.total_macs)
+
+
+def _resume_state(ckpt: _Checkpointer, resume: bool) -> tuple[Path | None, dict[str, Any] | None]:
+    if not resume:
+        return None, None
+    path = ckpt.latest()
+    if path is None:
+        return None, None
+    return path, ckpt.load_state(path)
+
+
+def _run_random(env: PruningEnv, tracker: _Tracker, episodes: int, seed: int, ckpt: _Checkpointer,
+                every: int, resume: bool) -> float:
+    rng = np.random.default_rng(seed)
+    done, prior = 0, 0.0
+    path, state = _resume_state(ckpt, resume)
+    if state is not None:
+        tracker.load(state["tracker"])
+        done, prior = int(state["episodes_done"]), float(state.get("seconds", 0.0))
+        _set_rng_state(state["rng"], {"random": rng})
+        env.episodes = done
+    t0 = time.perf_counter()
+    while done < episodes:
+        for _ in range(min(every, episodes - done)):
+            env.reset()
+            while True:
+                _, _, terminated, _, info = env.step(rng.uniform(-1.0, 1.0, size=2).astype(np.float32))
+                if terminated:
+                    tracker.record(info)
+                    break
+            done += 1
+        ckpt.save(done, {"tracker": tracker.state(), "rng": _rng_state({"random": rng}),
+                         "seconds": prior + time.perf_counter() - t0}, {})
+    return prior
+
+
+def _run_sac(env: PruningEnv, tracker: _Tracker, episodes: int, warmup: int, seed: int, cfg: dict[str, Any],
+             ckpt: _Checkpointer, every: int, resume: bool) -> float:
+    from stable_baselines3 import SAC
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    class _Record(BaseCallback):
+        def _on_step(self) -> bool:
+            for info, d in zip(self.locals["infos"], self.locals["dones"]):
+                if d:
+                    tracker.record(info)
+            return True
+
+    steps = env.n_steps
+    vec_env = DummyVecEnv([lambda: env])
+    path, state = _resume_state(ckpt, resume)
+    done, prior = 0, 0.0
+    if state is None:
+        _seed_all(seed)
+        model = _make_sac(vec_env, cfg, seed, learning_starts=warmup * steps)
+    else:
+        model = SAC.load(path / "sac.zip", env=vec_env, device="cpu",
+                         custom_objects={"replay_buffer_class": episode_replay_buffer_class()})
+        model.load_replay_buffer(path / "replay.pkl")
+        tracker.load(state["tracker"])
+        done, prior = int(state["episodes_done"]), float(state.get("seconds", 0.0))
+        env.episodes = done
+        # the env is fresh (at an episode start, as it was when the checkpoint was written)
+        model._last_obs = vec_env.reset()
+        _set_rng_state(state["rng"], {})
+        model.action_space.np_random.bit_generator.state = state["rng"]["action_space"]
+    callback = _Record()
+    t0 = time.perf_counter()
+    while done < episodes:
+        chunk = min(every, episodes - done)
+        model.learn(total_timesteps=chunk * steps, reset_num_timesteps=done == 0 and state is None,
+                    callback=callback, log_interval=None, progress_bar=False)
+        done += chunk
+        rng = _rng_state({})
+        rng["action_space"] = model.action_space.np_random.bit_generator.state
+        ckpt.save(done, {"tracker": tracker.state(), "rng": rng, "seconds": prior + time.perf_counter() - t0},
+                  {"sac.zip": lambda p: _save_to(p, model.save),
+                   "replay.pkl": lambda p: _save_to(p, model.save_replay_buffer)})
+    return prior
+
+
+def _save_to(path: Path, save: Callable[[Any], None]) -> None:
+    with open(path, "wb") as f:
+        save(f)
+
+
+# ---------------------------------------------------------------------------------------------
+# Proxy check and plots
+# ---------------------------------------------------------------------------------------------
+def proxy_check(pruner: Pruner, reward: RewardFn, accuracy_fn: Callable[[nn.Module], float],
+                target_macs_ratio: float, k: int = 50, seed: int = 0, strategy: str = "autodfp",
+                r_min: float = DEFAULT_R_MIN, physical: bool = False, progress: bool = True
+                ) -> tuple[float, list[float], list[float]]:
+    """Does the reward rank plans like real accuracy? Spearman ρ over ``k`` random feasible plans.
+
+    Plans come from random actions through the same environment the search uses (same clipping
+    and repair). ``accuracy_fn`` gets the masked model, or with ``physical=True`` a physically
+    pruned copy (slower, same function).
+    """
+    from scipy.stats import spearmanr
+
+    env = PruningEnv(pruner, target_macs_ratio, reward, r_min=r_min, strategy=strategy)
+    rng = np.random.default_rng(seed)
+    rewards, accs = [], []
+    tracker = _Tracker(k, progress, desc="proxy")
+    try:
+        for _ in range(k):
+            env.reset()
+            while True:
+                _, _, terminated, _, info = env.step(rng.uniform(-1.0, 1.0, size=2).astype(np.float32))
+                if terminated:
+                    break
+            plan = info["plan"]
+            model = pruner.apply(plan).model if physical else MaskedModel(pruner.model, pruner.masked_state(plan))
+            rewards.append(float(info["reward"]))
+            accs.append(float(accuracy_fn(model)))
+            tracker.record(info)
+    finally:
+        tracker.close()
+    rho = float(spearmanr(rewards, accs).statistic) if k > 1 else float("nan")
+    return rho, rewards, accs
+
+
+def _figure():
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save_fig(fig: Any, path: str | Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    _figure().close(fig)
+    return Path(path)
+
+
+def plot_proxy(rewards: Sequence[float], accuracies: Sequence[float], path: str | Path,
+               rho: float | None = None, title: str = "reward vs accuracy") -> Path:
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.scatter(rewards, accuracies, s=14, alpha=0.8)
+    ax.set_xlabel("reward")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title + (f" (Spearman ρ = {rho:.3f})" if rho is not None else ""))
+    ax.grid(alpha=0.3)
+    return _save_fig(fig, path)
+
+
+def plot_ratios(plan: Plan, uniform_plan: Plan | None, path: str | Path, title: str = "preserved ratio per layer") -> Path:
+    plt = _figure()
+    names = list(plan.ratios)
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(names) + 2), 4))
+    ax.bar(x, [plan.ratios[n] for n in names], width=0.8, label="searched", color="tab:blue")
+    if uniform_plan is not None:
+        ax.plot(x, [uniform_plan.ratios.get(n, 1.0) for n in names], color="tab:orange", marker=".",
+                linestyle="--", label="uniform")
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, rotation=90, fontsize=7)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("preserved ratio")
+    ax.set_title(title)
+    ax.legend()
+    return _save_fig(fig, path)
+
+
+def plot_rewards(history: Sequence[EpisodeRecord], path: str | Path, title: str = "search progress") -> Path:
+    plt = _figure()
+    ep = [r.episode for r in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(ep, [r.reward for r in history], ".", alpha=0.5, label="episode reward")
+    ax.plot(ep, [r.best_so_far for r in history], "-", label="best so far")
+    ax.set_xlabel("episode")
+    ax.set_ylabel("reward")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save_fig(fig, path)
+
+
+__all__ = ["EpisodeRecord", "METHODS", "SAC_DEFAULTS", "SearchResult", "plateau_episode", "plot_proxy",
+           "plot_ratios", "plot_rewards", "proxy_check", "search"]
