@@ -89,6 +89,17 @@ def test_same_seed_same_plan_and_resume_is_exact(resnet20, tmp_path):
         search(pruner, 0.5, episodes=8, seed=4, checkpoint_every=2, checkpoint_dir=ckpt, resume=True, **kw)
 
 
+def test_random_search_resumes_exactly(resnet20, tmp_path):
+    pruner, reward = resnet20
+    kw = dict(method="random", reward=reward, seed=5, checkpoint_every=2, progress=False)
+    full = search(pruner, 0.6, episodes=5, **kw)
+    search(pruner, 0.6, episodes=2, checkpoint_dir=tmp_path, **kw)
+    resumed = search(pruner, 0.6, episodes=5, checkpoint_dir=tmp_path, resume=True, **kw)
+    assert resumed.history == full.history and resumed.best_plan.to_dict() == full.best_plan.to_dict()
+    with pytest.raises(Exception, match="more than the 3 requested"):
+        search(pruner, 0.6, episodes=3, checkpoint_dir=tmp_path, resume=True, **kw)
+
+
 def test_impossible_budget_is_a_clear_plan_error(resnet20):
     pruner, _ = resnet20
     with pytest.raises(PlanError, match="minimum reachable MACs ratio is 0.2"):

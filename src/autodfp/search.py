@@ -438,14 +438,21 @@ def _resume_state(ckpt: _Checkpointer, resume: bool) -> tuple[Path | None, dict[
     return path, ckpt.load_state(path)
 
 
+def _check_done(state: dict[str, Any], episodes: int, path: Path | None) -> int:
+    done = int(state["episodes_done"])
+    if done > episodes:
+        raise AutoDFPError(f"checkpoint {path} already holds {done} episodes, more than the {episodes} requested")
+    return done
+
+
 def _run_random(env: PruningEnv, tracker: _Tracker, episodes: int, seed: int, ckpt: _Checkpointer,
                 every: int, resume: bool) -> float:
     rng = np.random.default_rng(seed)
     done, prior = 0, 0.0
     path, state = _resume_state(ckpt, resume)
     if state is not None:
+        done, prior = _check_done(state, episodes, path), float(state.get("seconds", 0.0))
         tracker.load(state["tracker"])
-        done, prior = int(state["episodes_done"]), float(state.get("seconds", 0.0))
         _set_rng_state(state["rng"], {"random": rng})
         env.episodes = done
     t0 = time.perf_counter()
@@ -484,6 +491,7 @@ def _run_sac(env: PruningEnv, tracker: _Tracker, episodes: int, warmup: int, see
         _seed_all(seed)
         model = _make_sac(vec_env, cfg, seed, learning_starts=warmup * steps)
     else:
+        _check_done(state, episodes, path)
         model = SAC.load(path / "sac.zip", env=vec_env, device="cpu",
                          custom_objects={"replay_buffer_class": episode_replay_buffer_class()})
         model.load_replay_buffer(path / "replay.pkl")
