@@ -203,6 +203,14 @@ SeedOpt = typer.Option(0, "--seed", help="Seed for synthetic inputs, random crit
 def prune(model: str = typer.Argument(..., help="Zoo name or user model."),
           uniform: Optional[float] = typer.Option(None, "--uniform", help="One preserved ratio for every prunable group."),
           plan_file: Optional[Path] = typer.Option(None, "--plan", help="A plan JSON (per-group ratios)."),
+          macs_ratio: Optional[float] = typer.Option(None, "--macs-ratio", help="Search a plan keeping this fraction of the MACs (0.5 halves them)."),
+          search_method: str = typer.Option("sac", "--search", help="With --macs-ratio: sac | uniform | random."),
+          episodes: int = typer.Option(300, "--episodes", help="Search episodes (sac, random)."),
+          warmup: Optional[int] = typer.Option(None, "--warmup", help="Random-action episodes before SAC learns (default min(50, episodes/4))."),
+          reward_spec: str = typer.Option("synthetic", "--reward", help="synthetic | unlabeled:DIR | labeled:SPEC (never the evaluation set)."),
+          r_min: Optional[float] = typer.Option(None, "--r-min", help="Smallest preserved ratio the search may choose per group."),
+          checkpoint_every: int = typer.Option(25, "--checkpoint-every", help="Write a resumable search checkpoint every K episodes."),
+          resume: bool = typer.Option(False, "--resume", help="Continue an interrupted search from OUT/search/."),
           criterion: Optional[str] = typer.Option(None, "--criterion", help="l1 | l2 | cluster | random (default l1, or the plan's)."),
           reconstruct: Optional[str] = typer.Option(None, "--reconstruct", help="none | mean | nm | autodfp | lsq (default lsq, or the plan's)."),
           strength: Optional[float] = typer.Option(None, "--strength", help="Merge strength λ in [0, 1] for autodfp."),
@@ -218,15 +226,20 @@ def prune(model: str = typer.Argument(..., help="Zoo name or user model."),
     from .metrics import evaluate, latency_table, profile
     from .plan import Plan
 
-    if (uniform is None) == (plan_file is None):
-        raise PlanError("give exactly one of --uniform R or --plan plan.json")
+    if sum(x is not None for x in (uniform, plan_file, macs_ratio)) != 1:
+        raise PlanError("give exactly one of --uniform R, --plan plan.json or --macs-ratio R")
     if strength is not None and not 0.0 <= strength <= 1.0:
         raise PlanError(f"--strength must be in [0, 1], got {strength}")
     con = _console(as_json)
     net, cfg = _load(model, weights, arch, trust_pickle, like)
     shape = _input_shape(cfg)
     pruner = _make_pruner(net, cfg, shape, corr, seed, 64, as_json)
-    if plan_file is not None:
+    search_out: dict[str, Any] = {}
+    if macs_ratio is not None:
+        plan, search_out = _run_search(net, cfg, shape, pruner, macs_ratio, search_method, episodes, warmup,
+                                       reward_spec, data, seed, criterion or "l1", reconstruct, strength, r_min,
+                                       out, checkpoint_every, resume, as_json)
+    elif plan_file is not None:
         plan = Plan.load(plan_file)
         plan.criterion = criterion or plan.criterion
         plan.strategy = reconstruct or plan.strategy
@@ -255,16 +268,119 @@ def prune(model: str = typer.Argument(..., help="Zoo name or user model."),
               f"{after.total_params / before.total_params:.3f}")
     if top1_b is not None:
         t.add_row("top-1", f"{top1_b:.2f} %", f"{top1_a:.2f} %", f"{top1_a - top1_b:+.2f} pt")
-    t.add_row("latency b=1", f"{lat_b[1]:.2f} ms", f"{lat_a[1]:.2f} ms", f"{lat_b[1] / lat_a[1]:.2f}× faster")
+    t.add_row("latency b=1", f"{lat_b[1]:.2f} ms", f"{lat_a[1]:.2f} ms", f"speed-up {lat_b[1] / lat_a[1]:.2f}×")
     con.print(t)
     con.print(f"saved: {', '.join(str(p) for p in paths.values())}")
     if as_json:
-        _emit_json({"macs_before": before.total_macs, "macs_after": after.total_macs,
+        _emit_json({**search_out, "macs_before": before.total_macs, "macs_after": after.total_macs,
+                    "macs_ratio_achieved": round(after.total_macs / before.total_macs, 6),
                     "params_before": before.total_params, "params_after": after.total_params,
                     "top1_before": None if top1_b is None else round(top1_b, 4),
                     "top1_after": None if top1_a is None else round(top1_a, 4),
                     "latency_ms_b1_before": round(lat_b[1], 3), "latency_ms_b1_after": round(lat_a[1], 3),
                     "out": str(out)})
+
+
+def _reward(net, cfg, shape, spec: str, eval_data: Optional[str], seed: int, quiet: bool):
+    """Build the search reward from ``--reward``; the labelled set must not be the evaluation set."""
+    import torch
+
+    from .data import UnlabeledImageDir, build_transform, make_loader, resolve_dataset
+    from .errors import DataError, PlanError
+    from .rewards import AccuracyReward, AgreementReward
+
+    kind, _, arg = spec.partition(":")
+    if kind == "synthetic" and not arg:
+        return AgreementReward(net, _calibration_batch(net, cfg, shape, seed, 64, quiet), label_offset=cfg.label_offset)
+    if kind == "unlabeled" and arg:
+        ds = UnlabeledImageDir(arg, build_transform(cfg.preprocessing))
+        n = min(len(ds), 256)
+        if n == 0:
+            raise DataError(f"no images found under {arg}")
+        return AgreementReward(net, torch.stack([ds[i] for i in range(n)]), label_offset=cfg.label_offset)
+    if kind == "labeled" and arg:
+        if arg == eval_data or (eval_data is None and _is_default_eval(cfg, arg)):
+            raise PlanError("--reward labeled: must not use the evaluation set; pass a held-out set")
+        loader = make_loader(resolve_dataset(arg, cfg, split="train" if arg.startswith("cifar") else "test"),
+                             batch_size=_batch_size(cfg, None), limit=512)
+        return AccuracyReward([(x, y) for x, y in loader], label_offset=cfg.label_offset)
+    raise PlanError(f"unknown --reward '{spec}'; use synthetic, unlabeled:DIR or labeled:SPEC")
+
+
+def _is_default_eval(cfg, spec: str) -> bool:
+    from .data import parse_spec
+    from .hub import assets_dir
+
+    ref = cfg.default_dataset
+    if ref is None:
+        return False
+    _, root, _ = parse_spec(spec)
+    base = assets_dir()
+    return base is not None and root.resolve() == (base / ref.path).resolve()
+
+
+def _run_search(net, cfg, shape, pruner, macs_ratio, method, episodes, warmup, reward_spec, data, seed,
+                criterion, reconstruct, strength, r_min, out: Path, checkpoint_every, resume, quiet):
+    from .budget import DEFAULT_R_MIN
+    from .search import plot_ratios, plot_rewards, search
+    from .plan import Plan
+
+    reward = _reward(net, cfg, shape, reward_spec, data, seed, quiet)
+    params = {"strength": strength} if strength is not None else None
+    result = search(pruner, macs_ratio, method=method, episodes=episodes, warmup=warmup, reward=reward, seed=seed,
+                    strategy=reconstruct or "lsq", criterion=criterion, params=params,
+                    r_min=DEFAULT_R_MIN if r_min is None else r_min, checkpoint_dir=out / "search",
+                    checkpoint_every=checkpoint_every, resume=resume, progress=not quiet or sys.stderr.isatty(),
+                    model_key=cfg.name)
+    out.mkdir(parents=True, exist_ok=True)
+    uniform = search(pruner, macs_ratio, method="uniform", reward=reward, strategy=reconstruct or "lsq",
+                     criterion=criterion, progress=False, model_key=cfg.name).best_plan
+    plot_ratios(result.best_plan, uniform, out / "ratios.png", title=f"{cfg.name}: preserved ratio per group")
+    if result.history:
+        plot_rewards(result.history, out / "rewards.png", title=f"{cfg.name}: {method} search")
+    from ._io import atomic_write_text
+
+    atomic_write_text(out / "search.json", json.dumps(result.to_dict(), indent=2) + "\n")
+    _console(quiet).print(f"search: {method}, {result.episodes} episodes in {result.seconds:.1f} s, best reward "
+                          f"{result.best_reward:.4f} (plateau at episode {result.plateau_episode})")
+    return result.best_plan, {"episodes": result.episodes, "search_seconds": round(result.seconds, 2),
+                              "best_reward": result.best_reward, "plateau_episode": result.plateau_episode,
+                              "search": method}
+
+
+@app.command("proxy-check")
+def proxy_check_cmd(model: str = typer.Argument(..., help="Zoo name or user model."),
+                    macs_ratio: float = typer.Option(0.5, "--macs-ratio", help="Budget of the sampled plans."),
+                    plans: int = typer.Option(50, "--plans", help="Number of random feasible plans (K)."),
+                    reward_spec: str = typer.Option("synthetic", "--reward", help="synthetic | unlabeled:DIR | labeled:SPEC."),
+                    reconstruct: str = typer.Option("lsq", "--reconstruct", help="Strategy used by the plans."),
+                    seed: int = SeedOpt,
+                    out: Path = typer.Option(Path("runs/proxy"), "--out", help="Directory for proxy.png/json."),
+                    weights: Optional[str] = WeightsOpt, arch: Optional[str] = ArchOpt, trust_pickle: bool = TrustOpt,
+                    like: Optional[str] = LikeOpt, data: Optional[str] = DataOpt, limit: Optional[int] = LimitOpt,
+                    batch_size: Optional[int] = BatchOpt, as_json: bool = JsonOpt) -> None:
+    """Can the data-free reward be trusted? Spearman ρ of reward vs real accuracy over K plans."""
+    from ._io import atomic_write_text
+    from .metrics import evaluate
+    from .search import plot_proxy, proxy_check
+
+    net, cfg = _load(model, weights, arch, trust_pickle, like)
+    shape = _input_shape(cfg)
+    pruner = _make_pruner(net, cfg, shape, "geometry", seed, 64, as_json)
+    reward = _reward(net, cfg, shape, reward_spec, data, seed, as_json)
+    batches = _eval_batches(cfg, data, limit, batch_size)
+    acc = lambda m: evaluate(m, batches, cfg.label_offset, progress=False).top1  # noqa: E731
+    rho, rewards, accs = proxy_check(pruner, reward, acc, macs_ratio, k=plans, seed=seed, strategy=reconstruct,
+                                     progress=not as_json or sys.stderr.isatty())
+    out.mkdir(parents=True, exist_ok=True)
+    plot_proxy(rewards, accs, out / "proxy.png", title=f"{cfg.name} @ {macs_ratio:g} MACs: Spearman ρ = {rho:.3f}")
+    atomic_write_text(out / "proxy.json", json.dumps({"model": cfg.name, "macs_ratio": macs_ratio, "plans": plans,
+                                                       "reward": reward_spec, "rho": rho, "rewards": rewards,
+                                                       "top1": accs}, indent=2) + "\n")
+    _console(as_json).print(f"Spearman ρ (reward vs top-1, {plans} plans) = {rho:.3f}; top-1 range "
+                            f"{min(accs):.2f}–{max(accs):.2f} %; wrote {out / 'proxy.png'}")
+    if as_json:
+        _emit_json({"model": cfg.name, "rho": rho, "plans": plans, "top1_min": min(accs), "top1_max": max(accs)})
 
 
 @app.command()

@@ -10,7 +10,9 @@ decision plus one forward pass of the reward batch.
 """
 from __future__ import annotations
 
+import json
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -113,6 +115,7 @@ class PruningEnv(gym.Env):
         self.action_space = gym.spaces.Box(-1.0, 1.0, shape=(2,), dtype=np.float32)
         self.episodes = 0
         self.last: EpisodeResult | None = None
+        self._decisions: OrderedDict[tuple, Any] = OrderedDict()
         self._begin()
 
     # -- features that never change between episodes ----------------------------------------
@@ -215,9 +218,44 @@ class PruningEnv(gym.Env):
         return plan_from_keep(keep, self.mm.channels, criterion=self.criterion, strategy=self.strategy,
                               params=dict(self.params), layer_params=layer_params, model=self.model_key)
 
+    #: per-group decisions kept for reuse; ~30 KB each for a 64-channel group
+    DECISION_CACHE = 4096
+
+    def decide(self, plan: Plan) -> dict[str, Any]:
+        """:meth:`Pruner.decide`, one group at a time, memoised on (group, kept count, parameters).
+
+        A group's decision depends only on its own ratio and parameters, so it can be reused
+        across episodes. That matters for ``lsq``, whose Monte-Carlo moments cost ~70 ms per
+        ResNet-56 group (1.8 s of a 2.2 s episode) while the agent keeps revisiting the same
+        counts; with a continuous per-layer λ (``autodfp``) entries rarely repeat, but that
+        strategy is cheap anyway.
+        """
+        plan.validate(self.pruner.graph)
+        out: dict[str, Any] = {}
+        for g, r in plan.ratios.items():
+            c = self.mm.channels[g]
+            k = n_keep(c, float(r))
+            if k == c:
+                continue
+            key = (g, k, plan.criterion, plan.strategy, json.dumps(plan.params_for(g), sort_keys=True),
+                   tuple(plan.keep.get(g, ())))
+            hit = self._decisions.get(key)
+            if hit is None:
+                sub = Plan({g: r}, criterion=plan.criterion, strategy=plan.strategy, params=plan.params,
+                           layer_params={g: plan.layer_params[g]} if g in plan.layer_params else {},
+                           keep={g: plan.keep[g]} if g in plan.keep else {})
+                hit = self.pruner.decide(sub)[g]
+                self._decisions[key] = hit
+                if len(self._decisions) > self.DECISION_CACHE:
+                    self._decisions.popitem(last=False)
+            else:
+                self._decisions.move_to_end(key)
+            out[g] = hit
+        return out
+
     def evaluate(self, plan: Plan) -> float:
         """Reward of ``plan`` on the masked fast path (no model copy)."""
-        state = self.pruner.masked_state(plan)
+        state = self.pruner.masked_state(self.decide(plan))
         value = float(self.reward_fn(MaskedModel(self.pruner.model, state)))
         if not math.isfinite(value):
             raise AutoDFPError(f"the reward returned {value} for a plan at {self.mm.macs_for_plan(plan) / self.mm.total_macs:.3f}x MACs; "

@@ -13,7 +13,7 @@ Results are float64; callers cast to the model's dtype when folding.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -47,11 +47,6 @@ class Compensation:
     def __post_init__(self) -> None:
         if self.A.dim() != 2 or self.c.shape != (self.A.shape[0],):
             raise ValueError(f"inconsistent compensation shapes A={tuple(self.A.shape)} c={tuple(self.c.shape)}")
-
-
-class Strategy(Protocol):
-    def __call__(self, stats: ChannelStats, analysis: ChannelAnalysis, kept: Tensor, pruned: Tensor,
-                 **params: object) -> Compensation: ...
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,7 +279,10 @@ def _pair_moments(stats: ChannelStats, p_idx: Tensor, k_idx: Tensor, samples: Te
     if stats.corr is not None:
         rho = stats.corr.detach().to(torch.float64)[p_idx, k_idx]
     else:
-        rho = pairwise_geometry(stats.filters[torch.cat([p_idx, k_idx])])[0].diagonal(p_idx.numel())
+        f = stats.filters.detach().to(torch.float64)
+        fp, fk = f[p_idx], f[k_idx]
+        den = fp.norm(dim=1) * fk.norm(dim=1)
+        rho = torch.where(den > 0, (fp * fk).sum(1) / den.clamp_min(1e-300), torch.zeros_like(den))
     mu = stats.mean.detach().to(torch.float64)
     sd = stats.std.detach().to(torch.float64)
     cov = pair_activation_covariance(mu, sd, rho, p_idx, k_idx, stats.activation)
