@@ -113,6 +113,25 @@ def test_autodfp_strength_zero_is_mean(duplicate_layer: ChannelStats) -> None:
         reconstruct("autodfp", stats, a, kept, pruned, strength=1.5)
 
 
+def test_nm_merges_nothing_without_a_positively_aligned_partner() -> None:
+    f = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [-1.0, 0.05, 0.0], [0.0, 0.0, 1.0]], dtype=DT)
+    stats = layer(f, torch.zeros(4, dtype=DT))
+    a = analyze(stats)
+    kept, pruned = split(4, [2])  # channel 2 is anti-parallel to 0, ~orthogonal to 1 and 3
+    comp = reconstruct("nm", stats, a, kept, pruned)
+    assert int(comp.partner[0]) == -1 and float(comp.A.abs().sum()) == 0.0
+    # with a partner above the cosine threshold it merges, with NM's norm-ratio slope if asked
+    f2 = f.clone()
+    f2[2] = torch.tensor([2.0, 0.2, 0.0], dtype=DT)
+    stats2 = layer(f2, torch.zeros(4, dtype=DT))
+    a2 = analyze(stats2)
+    proj = reconstruct("nm", stats2, a2, kept, pruned)
+    ratio = reconstruct("nm", stats2, a2, kept, pruned, slope="norm_ratio")
+    assert int(proj.partner[0]) == 0
+    assert float(proj.A[0, 0]) == pytest.approx(2.0)
+    assert float(ratio.A[0, 0]) == pytest.approx(float(f2[2].norm()))
+
+
 # ---------------------------------------------------------------- dead and constant channels
 def test_dead_channel_compensation_is_zero_and_lossless() -> None:
     g = torch.Generator().manual_seed(3)
@@ -196,9 +215,9 @@ def test_lsq_quadrature_agrees_with_monte_carlo() -> None:
     mc = reconstruct("lsq", stats, a, kept, pruned, method="mc", n_samples=200_000, chunk=50_000)
     assert torch.allclose(q.A, mc.A, atol=0.03)
     assert torch.allclose(q.c, mc.c, atol=0.03 * float(stats.std.mean()))
-    # the covariance is cached on the analysis and reused
-    assert any(k[0] == "post_cov" for k in a.extra)
-    again = reconstruct("lsq", stats, a, kept, pruned)
+    # the covariance is cached on the stats and reused, also without an analysis
+    assert any(k[0] == "post_cov" for k in stats.cache)
+    again = reconstruct("lsq", stats, None, kept, pruned)
     assert torch.equal(again.A, q.A)
 
 

@@ -187,7 +187,7 @@ def test_norm_criteria_and_raw_filters() -> None:
     assert torch.equal(k1, k2) and k1.dtype == torch.long
 
 
-@pytest.mark.parametrize("n_keep", [0, 4, -1])
+@pytest.mark.parametrize("n_keep", [0, 4, -1, 2.0])
 def test_n_keep_out_of_range(n_keep: int) -> None:
     s = make_stats(torch.randn(3, 2), torch.zeros(3))
     with pytest.raises(PlanError):

@@ -5,6 +5,7 @@ Ties are broken by channel index (stable sort), so a plan is reproducible across
 """
 from __future__ import annotations
 
+import operator
 from typing import Callable
 
 import torch
@@ -48,8 +49,12 @@ def select_channels(
 
     - ``l1`` / ``l2``: norm of each channel's filter. The textbook criterion (Li et al., 2017) uses
       the *raw* producer filter, so pass ``raw_filters`` (C, …) to reproduce it; without it the
-      BN-folded filters are used, which also account for BN's per-channel gain (a large raw filter
-      behind a tiny γ contributes little).
+      BN-folded filters are used. Pass them: on ResNet-56 with 30 % of every block's inner
+      channels pruned, raw L1 kept 83.0 % top-1 (no reconstruction) / 89.7 % (``lsq``) where
+      folded L1 kept 59.5 % / 81.4 % — the folded norm inflates channels whose raw response is
+      small but amplified by ``γ/σ``, and those are not the important ones. Post-activation
+      std (from the BN Gaussian), with or without the consumer's weight norm, was also worse
+      than raw L1 once a reconstruction was applied.
     - ``cluster``: first one representative per DBSCAN cluster (its highest-norm member), then
       noise points, then the other cluster members, each tier by descending norm (L1 of
       ``raw_filters`` if given, else L2 of the folded filters, as for ``l1``/``l2``). The
@@ -58,8 +63,12 @@ def select_channels(
     - ``random``: a uniformly random subset from ``torch.Generator().manual_seed(seed)``; baseline.
     """
     c = stats.num_channels
-    if isinstance(n_keep, bool) or not isinstance(n_keep, int):
+    if isinstance(n_keep, bool):
         raise PlanError(f"n_keep must be an integer, got {n_keep!r}")
+    try:
+        n_keep = operator.index(n_keep)  # accepts numpy integers, rejects floats
+    except TypeError:
+        raise PlanError(f"n_keep must be an integer, got {n_keep!r}") from None
     if not 1 <= n_keep <= c:
         raise PlanError(f"n_keep must be in [1, {c}] for a group of {c} channels, got {n_keep}")
     fn = _CRITERIA.get(criterion)

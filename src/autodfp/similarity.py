@@ -15,6 +15,10 @@ pointwise filter and the folded depthwise kernel. The analysis is then *defined*
 folded bias. This ignores the intermediate activation (the pass-through is exact only when that
 activation is in its linear regime), which is the usual data-free approximation.
 
+The module also holds the Gaussian activation moments that :mod:`autodfp.reconstruct` builds on:
+closed-form means/variances of ``act(y)`` for ``y ~ N(μ, σ²)`` and a deterministic quadrature for
+the covariance of two activations of correlated Gaussians.
+
 All math runs in float64: the quantities of interest are small differences (``1 − cos`` of
 near-parallel filters, ``b_p − α b_k``) that float32 rounds away in wide layers.
 """
@@ -73,6 +77,9 @@ class ChannelStats:
     std: Tensor
     activation: str = "relu"
     corr: Tensor | None = None
+    #: derived per-group quantities (e.g. the post-activation covariance ``lsq`` needs), computed
+    #: once and reused across plans; treat a ChannelStats as immutable once it has been used.
+    cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.filters.dim() != 2:
@@ -310,10 +317,8 @@ class ChannelAnalysis:
     active_prob: Tensor
     eps: float
     bias_weight: float = DEFAULT_BIAS_WEIGHT
-    #: the stats this analysis was computed from (lets reconstruction cache per-group moments)
+    #: the stats this analysis was computed from
     stats: ChannelStats | None = field(default=None, repr=False)
-    #: per-group caches (e.g. the post-activation covariance used by ``lsq``)
-    extra: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_channels(self) -> int:
@@ -428,7 +433,7 @@ def analyze(
     b = stats.bias.detach().to(torch.float64)
     std = stats.std.detach().to(torch.float64)
     med = float(std.median())
-    floor = STD_FLOOR * med if med > 0 else 1.0
+    floor = STD_FLOOR * med if med > 0 else 1.0  # all-constant group: offsets in absolute units
     denom = std.clamp_min(floor)
     offset = (b[:, None] - scale * b[None, :]).abs()
     mismatch = (offset / denom[:, None]).clamp(max=MISMATCH_CAP)
