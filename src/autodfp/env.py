@@ -258,8 +258,8 @@ class PruningEnv(gym.Env):
         state = self.pruner.masked_state(self.decide(plan))
         value = float(self.reward_fn(MaskedModel(self.pruner.model, state)))
         if not math.isfinite(value):
-            raise AutoDFPError(f"the reward returned {value} for a plan at {self.mm.macs_for_plan(plan) / self.mm.total_macs:.3f}x MACs; "
-                               "rewards must be finite")
+            ratio = self.mm.macs_for_plan(plan) / self.mm.total_macs
+            raise AutoDFPError(f"the reward returned {value} for a plan at {ratio:.3f}x MACs; rewards must be finite")
         return value
 
     def finish(self) -> EpisodeResult:

@@ -26,7 +26,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -380,9 +380,10 @@ def search(
     """Find a plan at ``target_macs_ratio`` of the original MACs (within ``±tol``).
 
     ``warmup`` (SAC only) is the number of random-action episodes before learning; default
-    ``min(50, episodes // 4)``. ``checkpoint_every`` is also SAC's learning chunk, so changing it
-    changes nothing but how often state is written. ``resume=True`` continues from the latest
-    checkpoint in ``checkpoint_dir`` (or starts afresh if there is none).
+    ``min(50, episodes // 4)``, or the checkpoint's value when resuming. ``checkpoint_every`` is
+    also SAC's learning chunk; chunking does not change the run, so it only sets how often state is
+    written. ``resume=True`` continues from the latest checkpoint in ``checkpoint_dir`` (or starts
+    afresh if there is none). Seeds python ``random``, numpy and torch globally, as SB3 does.
     """
     if method not in METHODS:
         raise PlanError(f"unknown search method '{method}'; choose from {', '.join(METHODS)}")
@@ -397,7 +398,12 @@ def search(
     t0 = time.perf_counter()
     if method == "uniform":
         return _search_uniform(env, t0)
-    warmup = min(50, episodes // 4) if warmup is None else int(warmup)
+    if warmup is None:
+        warmup = min(50, episodes // 4)
+        if resume and method == "sac":  # the default depends on episodes; a resumed run keeps its own
+            saved = _peek_config(checkpoint_dir)
+            warmup = int(saved.get("warmup", warmup)) if saved else warmup
+    warmup = int(warmup)
     cfg = {**SAC_DEFAULTS, **(sac_kwargs or {})}
     config = {"method": method, "seed": int(seed), "target_macs_ratio": float(target_macs_ratio),
               "strategy": strategy, "criterion": criterion, "r_min": float(r_min), "tol": float(tol),
@@ -430,6 +436,16 @@ def _search_uniform(env: PruningEnv, t0: float) -> SearchResult:
     macs = env.mm.macs(keep)
     rec = EpisodeRecord(1, reward, macs, reward)
     return SearchResult(plan, reward, macs, [rec], 1, time.perf_counter() - t0, 1, "uniform", env.mm.total_macs)
+
+
+def _peek_config(root: str | Path | None) -> dict[str, Any] | None:
+    path = _Checkpointer(root, {}).latest()
+    if path is None:
+        return None
+    try:
+        return json.loads((path / "state.json").read_text()).get("config")
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def _resume_state(ckpt: _Checkpointer, resume: bool) -> tuple[Path | None, dict[str, Any] | None]:
@@ -552,7 +568,10 @@ def proxy_check(pruner: Pruner, reward: RewardFn, accuracy_fn: Callable[[nn.Modu
                 if terminated:
                     break
             plan = info["plan"]
-            model = pruner.apply(plan).model if physical else MaskedModel(pruner.model, pruner.masked_state(env.decide(plan)))
+            if physical:
+                model = pruner.apply(plan).model
+            else:
+                model = MaskedModel(pruner.model, pruner.masked_state(env.decide(plan)))
             rewards.append(float(info["reward"]))
             accs.append(float(accuracy_fn(model)))
             tracker.record(info)
@@ -588,7 +607,8 @@ def plot_proxy(rewards: Sequence[float], accuracies: Sequence[float], path: str 
     return _save_fig(fig, path)
 
 
-def plot_ratios(plan: Plan, uniform_plan: Plan | None, path: str | Path, title: str = "preserved ratio per layer") -> Path:
+def plot_ratios(plan: Plan, uniform_plan: Plan | None, path: str | Path,
+                title: str = "preserved ratio per layer") -> Path:
     plt = _figure()
     names = list(plan.ratios)
     x = np.arange(len(names))
