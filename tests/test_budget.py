@@ -119,3 +119,16 @@ def test_impossible_targets_are_plan_errors_that_state_the_floor(resnet56_mm):
     with pytest.raises(PlanError, match="above the original"):
         mm.check_target(1.2 * mm.total_macs)
     mm.check_target(floor * mm.total_macs, r_min=0.2)  # exactly the floor is reachable
+
+
+def test_auto_r_min_leaves_headroom_below_the_target(resnet56_mm, mobilenet):
+    from autodfp.budget import AUTO_R_MIN_MAX
+    mm = resnet56_mm
+    assert mm.auto_r_min(0.5 * mm.total_macs) == 0.3 == AUTO_R_MIN_MAX  # the measured setting
+    previous = 0.0
+    for ratio in (0.1, 0.2, 0.3, 0.5, 0.8):
+        r = mm.auto_r_min(ratio * mm.total_macs)
+        assert r >= previous  # a looser budget never gets a lower floor
+        assert mm.min_macs(r) <= ratio * mm.total_macs  # every target stays reachable
+        previous = r
+    assert mobilenet[1].auto_r_min(0.3 * mobilenet[1].total_macs) == 0.3

@@ -104,8 +104,12 @@ def test_random_search_resumes_exactly(resnet20, tmp_path):
 
 def test_impossible_budget_is_a_clear_plan_error(resnet20):
     pruner, _ = resnet20
-    with pytest.raises(PlanError, match="minimum reachable MACs ratio is 0.2"):
-        search(pruner, 0.1, method="random", episodes=1, reward=_constant, progress=False)
+    with pytest.raises(PlanError, match="r_min=0.2 .* minimum reachable MACs ratio is 0.2"):
+        search(pruner, 0.1, method="random", episodes=1, reward=_constant, r_min=0.2, progress=False)
+    with pytest.raises(PlanError, match=r"r_min=0.05 .* minimum reachable MACs ratio is 0.0\d"):
+        search(pruner, 0.03, method="sac", episodes=1, reward=_constant, progress=False)  # automatic r_min
+    with pytest.raises(PlanError, match="above the original"):
+        search(pruner, 1.5, method="uniform", reward=_constant, progress=False)
 
 
 def test_uniform_method_and_plots(resnet20, tmp_path):

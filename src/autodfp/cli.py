@@ -183,7 +183,7 @@ def _make_pruner(net, cfg, shape, corr: str, seed: int, calib_n: int, quiet: boo
     """``corr="auto"``: measured correlations whenever the synthetic batch exists anyway.
 
     On ResNet-56, lsq with correlations measured on synthetic inputs beats the filter-geometry
-    estimate by 1.5 points at uniform 0.7 and 11.7 points at 0.5 (docs/RESULTS.md), but making the
+    estimate by 1.4 points at uniform 0.7 and 13.0 points at 0.5 (docs/RESULTS.md), but making the
     batch costs minutes for 224-px models on a CPU, so plain uniform prunes keep the free estimate.
     """
     from .prune import Pruner
@@ -364,7 +364,7 @@ def proxy_check_cmd(model: str = typer.Argument(..., help="Zoo name or user mode
                     plans: int = typer.Option(50, "--plans", help="Number of random feasible plans (K)."),
                     reward_spec: str = typer.Option("synthetic", "--reward", help="synthetic | unlabeled:DIR | labeled:SPEC."),
                     reconstruct: str = typer.Option("lsq", "--reconstruct", help="Strategy used by the plans."),
-                    seed: int = SeedOpt,
+                    corr: str = CorrOpt, seed: int = SeedOpt,
                     out: Path = typer.Option(Path("runs/proxy"), "--out", help="Directory for proxy.png/json."),
                     weights: Optional[str] = WeightsOpt, arch: Optional[str] = ArchOpt, trust_pickle: bool = TrustOpt,
                     like: Optional[str] = LikeOpt, data: Optional[str] = DataOpt, limit: Optional[int] = LimitOpt,
@@ -376,7 +376,7 @@ def proxy_check_cmd(model: str = typer.Argument(..., help="Zoo name or user mode
 
     net, cfg = _load(model, weights, arch, trust_pickle, like)
     shape = _input_shape(cfg)
-    pruner = _make_pruner(net, cfg, shape, "auto", seed, 64, as_json, synthesising=reward_spec == "synthetic")
+    pruner = _make_pruner(net, cfg, shape, corr, seed, 64, as_json, synthesising=reward_spec == "synthetic")
     reward = _reward(net, cfg, shape, reward_spec, data, seed, as_json)
     batches = _eval_batches(cfg, data, limit, batch_size)
     acc = lambda m: evaluate(m, batches, cfg.label_offset, progress=False).top1  # noqa: E731

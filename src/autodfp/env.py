@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from .budget import DEFAULT_R_MIN, DEFAULT_TOL, MacsModel, plan_from_keep
+from .budget import DEFAULT_TOL, MacsModel, plan_from_keep
 from .errors import AutoDFPError, PlanError
 from .plan import Plan, n_keep
 from .prune import Pruner
@@ -77,6 +77,7 @@ class EpisodeResult:
 class PruningEnv(gym.Env):
     """One step per prunable group; the reward arrives with the finished plan at the last step.
 
+    ``r_min=None`` picks :meth:`MacsModel.auto_r_min` for the target.
     Action ``a ∈ [-1, 1]²``: ``a[0]`` maps linearly to a preserved ratio in ``[r_min, 1]``, ``a[1]``
     to the strength ``λ ∈ [0, 1]`` (ignored unless the strategy is ``autodfp``). The ratio is then
     clipped, in channel space, to :meth:`MacsModel.feasible_keep`, and the finished plan goes
@@ -86,7 +87,7 @@ class PruningEnv(gym.Env):
     metadata = {"render_modes": []}
 
     def __init__(self, pruner: Pruner, target_macs_ratio: float, reward: RewardFn,
-                 r_min: float = DEFAULT_R_MIN, strategy: str = "autodfp", criterion: str = "l1",
+                 r_min: float | None = None, strategy: str = "autodfp", criterion: str = "l1",
                  params: dict[str, Any] | None = None, tol: float = DEFAULT_TOL,
                  macs_model: MacsModel | None = None, model_key: str | None = None) -> None:
         super().__init__()
@@ -96,7 +97,6 @@ class PruningEnv(gym.Env):
             raise TypeError("reward must be a callable taking a model and returning a float")
         self.pruner = pruner
         self.reward_fn = reward
-        self.r_min = float(r_min)
         self.strategy = strategy
         self.criterion = criterion
         self.params = dict(params or {})
@@ -105,6 +105,7 @@ class PruningEnv(gym.Env):
         self.mm = macs_model if macs_model is not None else MacsModel(pruner.model, pruner.graph, pruner.input_shape)
         self.target_ratio = float(target_macs_ratio)
         self.target = self.target_ratio * self.mm.total_macs
+        self.r_min = float(self.mm.auto_r_min(self.target) if r_min is None else r_min)
         self.mm.check_target(self.target, self.r_min, self.tol)
         self.groups = list(self.mm.groups)
         if not self.groups:

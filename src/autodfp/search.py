@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from ._io import atomic_path, atomic_write_text
-from .budget import DEFAULT_R_MIN, DEFAULT_TOL, MacsModel
+from .budget import DEFAULT_TOL, MacsModel
 from .env import MaskedModel, PruningEnv, RewardFn
 from .errors import AutoDFPError, PlanError
 from .plan import Plan
@@ -365,7 +365,7 @@ def search(
     reward: RewardFn | None = None,
     seed: int = 0,
     strategy: str = "autodfp",
-    r_min: float = DEFAULT_R_MIN,
+    r_min: float | None = None,
     criterion: str = "l1",
     params: dict[str, Any] | None = None,
     checkpoint_dir: str | Path | None = None,
@@ -383,7 +383,8 @@ def search(
     ``min(50, episodes // 4)``, or the checkpoint's value when resuming. ``checkpoint_every`` is
     also SAC's learning chunk; chunking does not change the run, so it only sets how often state is
     written. ``resume=True`` continues from the latest checkpoint in ``checkpoint_dir`` (or starts
-    afresh if there is none). Seeds python ``random``, numpy and torch globally, as SB3 does.
+    afresh if there is none). ``r_min=None`` lets :meth:`MacsModel.auto_r_min` pick the smallest
+    ratio for the target. Seeds python ``random``, numpy and torch globally, as SB3 does.
     """
     if method not in METHODS:
         raise PlanError(f"unknown search method '{method}'; choose from {', '.join(METHODS)}")
@@ -406,7 +407,7 @@ def search(
     warmup = int(warmup)
     cfg = {**SAC_DEFAULTS, **(sac_kwargs or {})}
     config = {"method": method, "seed": int(seed), "target_macs_ratio": float(target_macs_ratio),
-              "strategy": strategy, "criterion": criterion, "r_min": float(r_min), "tol": float(tol),
+              "strategy": strategy, "criterion": criterion, "r_min": env.r_min, "tol": float(tol),
               "params": params or {}, "groups": env.groups, "checkpoint_every": int(checkpoint_every)}
     if method == "sac":
         config.update({"warmup": warmup, "sac": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}})
@@ -546,7 +547,7 @@ def _save_to(path: Path, save: Callable[[Any], None]) -> None:
 # ---------------------------------------------------------------------------------------------
 def proxy_check(pruner: Pruner, reward: RewardFn, accuracy_fn: Callable[[nn.Module], float],
                 target_macs_ratio: float, k: int = 50, seed: int = 0, strategy: str = "autodfp",
-                r_min: float = DEFAULT_R_MIN, physical: bool = False, progress: bool = True
+                r_min: float | None = None, physical: bool = False, progress: bool = True
                 ) -> tuple[float, list[float], list[float]]:
     """Does the reward rank plans like real accuracy? Spearman ρ over ``k`` random feasible plans.
 
