@@ -76,13 +76,16 @@ def test_top1_counts_disagreements_exactly() -> None:
     idx = torch.arange(4).float().view(4, 1)
     orig = Fixed(torch.tensor([[5.0, 0, 0], [0, 5, 0], [0, 0, 5], [5, 0, 0]]))
     pruned = Fixed(torch.tensor([[5.0, 0, 0], [5, 0, 0], [0, 0, 5], [0, 5, 0]]))
-    d = AgreementReward(orig, idx).details(pruned)
+    d = AgreementReward(orig, idx, temperature=1.0).details(pruned)
     assert d["top1"] == 0.5
     ref = orig.logits
     assert d["mse"] == pytest.approx(-float((pruned.logits - ref).pow(2).mean() / ref.var(unbiased=False)))
     p = ref.softmax(1)
     kl = (p * (p.log() - pruned.logits.log_softmax(1))).sum(1).mean()
     assert d["kl"] == pytest.approx(-float(kl), rel=1e-5)
+    p2 = (ref / 2).softmax(1)
+    kl2 = (p2 * (p2.log() - (pruned.logits / 2).log_softmax(1))).sum(1).mean()
+    assert AgreementReward(orig, idx)(pruned) == pytest.approx(-float(kl2), rel=1e-5)  # default T=2
 
 
 def test_label_offset_and_temperature() -> None:

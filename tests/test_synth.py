@@ -99,6 +99,18 @@ def test_model_without_bn_falls_back_to_inversion() -> None:
         synthesize(net, (3, 8, 8), n=4, steps=1, method="bn")
 
 
+def test_defaults_depend_on_input_size_and_work_under_no_grad() -> None:
+    assert synth.default_settings("bn", (3, 32, 32)) == synth.DEFAULTS["bn"]["small"]
+    assert synth.default_settings("bn", (3, 224, 224)) == synth.DEFAULTS["bn"]["large"]
+    small_steps, _ = synth.default_settings("bn", (3, 32, 32))
+    large_steps, _ = synth.default_settings("bn", (3, 224, 224))
+    assert large_steps < small_steps  # a 224x224 step costs ~50x more
+    net = _bn_net()
+    with torch.no_grad():
+        res = distill(net, (3, 8, 8), n=4, steps=2, seed=0)
+    assert res.steps == 2 and res.final_loss < res.initial_loss
+
+
 def test_noise_method_is_standard_gaussian() -> None:
     x = synthesize(_bn_net(), (3, 16, 16), n=32, method="noise", seed=0)
     assert x.shape == (32, 3, 16, 16)

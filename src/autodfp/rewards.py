@@ -7,16 +7,33 @@ With a labelled loader, :class:`AccuracyReward` gives plain top-1 accuracy, as i
 
 Agreement measures, all "higher is better" and maximal for a model identical to the original:
 
-``kl``   ``-mean_i KL(p_orig(x_i) || p_pruned(x_i))`` with softmax at temperature ``T``. Uses the
-         whole output distribution, so it still separates models whose top-1 agree everywhere. Not
+``kl``   ``-mean_i KL(p_orig(x_i) || p_pruned(x_i))``, softmax at temperature ``T`` (default 2). Uses
+         the whole output distribution, so it still separates models whose top-1 agree everywhere. Not
          multiplied by ``T^2`` (that scaling only matters for distillation gradients).
 ``top1`` fraction of inputs where both models predict the same class. Coarse on a small batch (steps
          of 1/n) and saturates at 1.0 for mildly damaged models.
 ``mse``  ``-mean (z_pruned - z_orig)^2 / var(z_orig)``: logit error relative to the original logits'
          spread, so models with different logit scales get comparable numbers.
 
-The default measure is chosen by the rank correlations measured against real accuracy (see the
-project docs); ``details()`` returns all three, so callers can log them side by side.
+Defaults (``kl``, ``T=2``) come from measurement: Spearman rho between each reward and real top-1
+over damaged copies of each model (channels zeroed as uncompensated pruning does)::
+
+    batch                         kl T=1  kl T=2  kl T=4  top1    mse
+    ResNet-56, 30 variants
+      real unlabelled n=256       0.987   0.986   0.986   0.989   0.948
+      real unlabelled n=64        0.960   0.969   0.972   0.944   0.942
+      ZeroQ n=64, 100 steps       0.965   0.967   0.970   0.951   0.961
+      Gaussian noise n=64         0.504   0.544   0.584   0.350   0.702
+    MobileNet-V1, 24 variants
+      real n=64                   0.970   0.988   0.971   0.968   0.963
+      ZeroQ n=32, 40 steps        0.958   0.951   0.947   0.907   0.938
+    MobileNet-V2 (no BN), 24 variants
+      real n=64                   0.982   0.995   0.923   0.993   0.847
+      inversion n=32, 60 steps    0.728   0.847   0.784   0.662   0.776
+
+KL is the most consistent measure; T=2 is never far from the best temperature and clearly best
+on the BN-free model, where T=4 over-smooths. ``top1`` is coarse on small batches; ``mse`` trails KL
+on real data and on the BN-free model. ``details()`` returns all three, for logging side by side.
 """
 from __future__ import annotations
 
@@ -72,7 +89,7 @@ class AgreementReward:
         original: nn.Module,
         inputs: torch.Tensor,
         measure: str = "kl",
-        temperature: float = 1.0,
+        temperature: float = 2.0,
         label_offset: int = 0,
         batch_size: int = 256,
     ) -> None:

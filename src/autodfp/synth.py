@@ -15,10 +15,11 @@ training, so agreement on noise says little about agreement on images. Two ways 
     summed over layers. We match the *standard deviation*, as ZeroQ does, rather than the variance:
     running variances span orders of magnitude across layers, and matching them directly lets a few
     high-variance layers dominate the sum. Per-channel averaging (ZeroQ divides by the channel count
-    too) keeps wide and narrow layers on an equal footing. Batch statistics are taken over
-    (N, H, W), exactly what BN computed during training. A small extra term, weighted like one BN
-    layer, pulls the inputs themselves towards zero mean and unit variance per channel, which is the
-    distribution the normalised-image input space was built for (ZeroQ does the same).
+    too) keeps wide and narrow layers on an equal footing. Statistics are those of the whole batch
+    over (N, H, W), exactly what BN computed in training (ZeroQ averages per-sample statistics
+    instead, which ignores the between-image part of the variance). A small extra term of the same
+    form pulls the inputs towards zero mean and unit std per channel, the statistics of the
+    normalised input space (ZeroQ adds the same term).
 
 ``"inversion"`` (for models without BatchNorm, e.g. BN-folded or quantisation-exported networks)
     There are no stored statistics to match. We use the DeepInversion (Yin et al. 2020) image prior
@@ -31,11 +32,25 @@ training, so agreement on noise says little about agreement on images. Two ways 
     baseline and the cheapest fallback.
 
 ``method="auto"`` picks ``"bn"`` when the model has BatchNorm layers with running statistics and
-the no-BN fallback (:data:`NO_BN_FALLBACK`) otherwise. The measured reward-vs-accuracy rank
-correlations that chose these defaults are in ``docs/`` and in the module's tests' docstrings.
+the no-BN fallback (:data:`NO_BN_FALLBACK`) otherwise.
+
+Why these choices (Spearman rho between the agreement reward, KL at T=2, and real top-1 accuracy
+over damaged copies of each model: channels zeroed as uncompensated pruning does)::
+
+                            ResNet-56 (30 variants)  MobileNet-V1 (24)  MobileNet-V2 no BN (24)
+    real unlabelled, n=64          0.969                 0.988              0.995
+    "bn", n=64 / 32 (default)      0.967                 0.951                -
+    "inversion", default           0.913                 0.935              0.847
+    "noise"                        0.544                 0.887              0.620
+
+Distilled batches rank nearly as well as real images; noise does not. Without BN, inversion is
+clearly better than noise, though below real data. 50 to 300 steps give the same rho on ResNet-56
+(0.965-0.973), so defaults sit at the cheap end: on a 2-core CPU, ResNet-56 with n=64 takes ~28 s,
+MobileNet-V1 (224x224, n=32, 40 steps) ~48 s, MobileNet-V2 inversion (n=32, 60 steps) ~104 s.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import time
@@ -269,7 +284,7 @@ def distill(
 
             report = objective  # type: ignore[assignment]
 
-        ctx = hook if hook is not None else _nullctx()
+        ctx = hook if hook is not None else contextlib.nullcontext()
         with ctx:
             with torch.no_grad():
                 initial = report(x)
@@ -290,14 +305,6 @@ def distill(
                        time.perf_counter() - start)
 
 
-class _nullctx:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 def synthesize(
     model: nn.Module,
     input_shape: Sequence[int] = (3, 32, 32),
@@ -312,8 +319,8 @@ def synthesize(
     """A batch of ``n`` inputs, shape ``(n, *input_shape)``, distilled from ``model`` alone.
 
     Inputs live in the model's normalised input space (what the model consumes, not pixels).
-    ``steps``/``lr`` default per method and input size (:func:`default_settings`). The same seed gives the same tensor on
-    the same machine and thread count. ``label_offset`` matters only for ``"inversion"``: target
+    ``steps``/``lr`` default per method and input size (:func:`default_settings`). The same seed
+    gives the same tensor on the same machine. ``label_offset`` matters only for ``"inversion"``: target
     classes are drawn from ``logits[:, label_offset:]`` (MobileNet-V2's output 0 is "background").
     """
     return distill(model, input_shape, n, steps, lr, seed, method, label_offset, progress).images
