@@ -76,6 +76,24 @@ def test_prune_json_contract_and_reload(tmp_path):
     assert last_json(again.stdout)["macs"] == out["macs_after"]
 
 
+def test_prune_search_json_contract_and_artifacts(tmp_path):
+    out_dir = tmp_path / "s"
+    proc = run("prune", "resnet20_cifar10", "--macs-ratio", "0.6", "--search", "random", "--episodes", "3",
+               "--out", str(out_dir), "--limit", "100", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = last_json(proc.stdout)
+    assert set(out) >= {"macs_ratio_achieved", "top1_before", "top1_after", "episodes", "search_seconds",
+                        "best_reward"}
+    assert abs(out["macs_ratio_achieved"] - 0.6) <= 0.006 and out["episodes"] == 3 and out["refine"] is True
+    for name in ("plan.json", "ratios.png", "rewards.png", "search.json", "pruned.pt"):
+        assert (out_dir / name).is_file(), name
+    plain = run("prune", "resnet20_cifar10", "--plan", str(out_dir / "plan.json"), "--no-refine",
+                "--out", str(tmp_path / "plain"), "--limit", "100", "--json")
+    assert plain.returncode == 0, plain.stderr
+    assert last_json(plain.stdout)["refine"] is False
+    assert last_json(plain.stdout)["macs_after"] == out["macs_after"]  # refinement edits weights, not shapes
+
+
 @pytest.mark.parametrize("args,pattern", [
     (("eval", "nope"), "unknown model 'nope'"),
     (("eval", "resnet20_cifar10", "--weights", "/nonexistent/w.th"), "weights file not found"),

@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import date
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -36,20 +36,31 @@ class BenchRow:
     seconds: float
 
 
-def parse_method(spec: str) -> tuple[str, str]:
-    strategy, _, criterion = spec.partition("+")
-    criterion = criterion or "l1"
+def parse_method(spec: str) -> tuple[str, str, bool]:
+    """``strategy[+criterion][+refine]`` → (strategy, criterion, refine); criterion defaults to l1."""
+    parts = spec.split("+")
+    refine = parts[-1] == "refine" and len(parts) > 1
+    if refine:
+        parts = parts[:-1]
+    if len(parts) > 2:
+        raise PlanError(f"method '{spec}' must look like strategy+criterion[+refine], e.g. lsq+l1+refine")
+    strategy = parts[0]
+    criterion = parts[1] if len(parts) > 1 else "l1"
     if strategy not in STRATEGIES:
         raise PlanError(f"unknown strategy '{strategy}' in method '{spec}'; choose from {', '.join(STRATEGIES)}")
     if criterion not in CRITERIA:
         raise PlanError(f"unknown criterion '{criterion}' in method '{spec}'; choose from {', '.join(CRITERIA)}")
-    return strategy, criterion
+    return strategy, criterion, refine
 
 
 def run_grid(pruner: Pruner, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], methods: Iterable[str],
              ratios: Iterable[float], label_offset: int = 0, params: dict[str, Any] | None = None,
-             progress: Any = None) -> tuple[BenchRow, list[BenchRow]]:
-    """Evaluate the unpruned baseline and every (method, ratio) cell."""
+             progress: Any = None, refiner: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+             ) -> tuple[BenchRow, list[BenchRow]]:
+    """Evaluate the unpruned baseline and every (method, ratio) cell.
+
+    Methods ending in ``+refine`` need ``refiner`` (:class:`autodfp.refine.Refiner`).
+    """
     shape = pruner.input_shape
     t0 = time.perf_counter()
     base_eval = evaluate(pruner.model, batches, label_offset, progress=False)
@@ -58,11 +69,16 @@ def run_grid(pruner: Pruner, batches: Sequence[tuple[torch.Tensor, torch.Tensor]
                         base_prof.total_params, time.perf_counter() - t0)
     rows = []
     for method in methods:
-        strategy, criterion = parse_method(method)
+        strategy, criterion, refine = parse_method(method)
+        if refine and refiner is None:
+            raise PlanError(f"method '{method}' asks for refinement but no refiner was given")
         for ratio in ratios:
             t0 = time.perf_counter()
             plan = Plan.uniform(pruner.graph, ratio, criterion=criterion, strategy=strategy, params=dict(params or {}))
-            model = pruner.apply(plan).model
+            decisions = pruner.decide(plan)
+            if refine:
+                decisions = refiner(decisions)
+            model = pruner.apply(plan, decisions).model
             ev = evaluate(model, batches, label_offset, progress=False)
             prof = profile(model, shape)
             rows.append(BenchRow(method, float(ratio), ev.top1, ev.top5, prof.total_macs, prof.total_params,

@@ -179,6 +179,18 @@ def _calibration_batch(net, cfg, shape, seed: int, n: int, quiet: bool):
                            progress=sys.stderr.isatty())
 
 
+#: The refinement batch uses its own seed, apart from the reward's batch (``seed``): a search scores
+#: refined plans, and a fit scored on the very inputs it was fitted to would flatter the plans whose
+#: fits overfit most.
+REFINE_SEED_OFFSET = 1
+
+
+def _refiner(pruner, net, cfg, shape, seed: int, quiet: bool):
+    from .refine import Refiner
+
+    return Refiner(pruner, _calibration_batch(net, cfg, shape, seed + REFINE_SEED_OFFSET, 64, quiet))
+
+
 def _make_pruner(net, cfg, shape, corr: str, seed: int, calib_n: int, quiet: bool, synthesising: bool = False):
     """``corr="auto"``: measured correlations whenever the synthetic batch exists anyway.
 
@@ -206,6 +218,9 @@ ReconOpt = typer.Option("lsq", "--reconstruct", help="Reconstruction: none | mea
 CorrOpt = typer.Option("auto", "--corr", help="lsq correlations: geometry (weights) | calibration (synthetic inputs) | "
                        "auto (calibration when synthetic inputs are made anyway: searches, BN-free models).")
 SeedOpt = typer.Option(0, "--seed", help="Seed for synthetic inputs, random criteria and the search.")
+RefineOpt = typer.Option(True, "--refine/--no-refine",
+                         help="Re-fit every consumer in forward order on synthetic inputs, so the kept channels also "
+                              "absorb the error of earlier layers (data-free; searches score plans after it).")
 
 
 @app.command()
@@ -217,13 +232,13 @@ def prune(model: str = typer.Argument(..., help="Zoo name or user model."),
           episodes: int = typer.Option(300, "--episodes", help="Search episodes (sac, random)."),
           warmup: Optional[int] = typer.Option(None, "--warmup", help="Random-action episodes before SAC learns (default min(50, episodes/4))."),
           reward_spec: str = typer.Option("synthetic", "--reward", help="synthetic | unlabeled:DIR | labeled:SPEC (never the evaluation set)."),
-          r_min: Optional[float] = typer.Option(None, "--r-min", help="Smallest preserved ratio the search may choose per group."),
+          r_min: Optional[float] = typer.Option(None, "--r-min", help="Smallest preserved ratio the search may choose per group (default: chosen from the budget, at most 0.3)."),
           checkpoint_every: int = typer.Option(25, "--checkpoint-every", help="Write a resumable search checkpoint every K episodes."),
           resume: bool = typer.Option(False, "--resume", help="Continue an interrupted search from OUT/search/."),
           criterion: Optional[str] = typer.Option(None, "--criterion", help="l1 | l2 | cluster | random (default l1, or the plan's)."),
           reconstruct: Optional[str] = typer.Option(None, "--reconstruct", help="none | mean | nm | autodfp | lsq (default lsq, or the plan's)."),
           strength: Optional[float] = typer.Option(None, "--strength", help="Merge strength λ in [0, 1] for autodfp."),
-          corr: str = CorrOpt, seed: int = SeedOpt,
+          corr: str = CorrOpt, seed: int = SeedOpt, refine: bool = RefineOpt,
           out: Path = typer.Option(..., "--out", help="Output directory (model.ts, pruned.pt, plan.json)."),
           weights: Optional[str] = WeightsOpt, arch: Optional[str] = ArchOpt, trust_pickle: bool = TrustOpt,
           like: Optional[str] = LikeOpt, data: Optional[str] = DataOpt, limit: Optional[int] = LimitOpt,
@@ -243,12 +258,13 @@ def prune(model: str = typer.Argument(..., help="Zoo name or user model."),
     net, cfg = _load(model, weights, arch, trust_pickle, like)
     shape = _input_shape(cfg)
     pruner = _make_pruner(net, cfg, shape, corr, seed, 64, as_json,
-                          synthesising=macs_ratio is not None and reward_spec == "synthetic")
+                          synthesising=refine or (macs_ratio is not None and reward_spec == "synthetic"))
+    refiner = _refiner(pruner, net, cfg, shape, seed, as_json) if refine else None
     search_out: dict[str, Any] = {}
     if macs_ratio is not None:
         plan, search_out = _run_search(net, cfg, shape, pruner, macs_ratio, search_method, episodes, warmup,
                                        reward_spec, data, seed, criterion or "l1", reconstruct, strength, r_min,
-                                       out, checkpoint_every, resume, as_json)
+                                       out, checkpoint_every, resume, as_json, refiner)
     elif plan_file is not None:
         plan = Plan.load(plan_file)
         plan.criterion = criterion or plan.criterion
@@ -260,7 +276,7 @@ def prune(model: str = typer.Argument(..., help="Zoo name or user model."),
         plan.params["strength"] = strength
     if plan.criterion == "random":
         plan.params.setdefault("seed", seed)
-    result = pruner.apply(plan)
+    result = pruner.apply(plan, refiner(pruner.decide(plan)) if refiner is not None else None)
     paths = save_pruned(result, out, cfg, shape, arch=arch)
 
     before, after = profile(net, shape), profile(result.model, shape)
@@ -270,7 +286,7 @@ def prune(model: str = typer.Argument(..., help="Zoo name or user model."),
         batches = _eval_batches(cfg, data, limit, batch_size)
         top1_b = evaluate(net, batches, cfg.label_offset, progress=False).top1
         top1_a = evaluate(result.model, batches, cfg.label_offset, progress=False).top1
-    t = Table(title=f"{cfg.name}: {plan.strategy} + {plan.criterion}")
+    t = Table(title=f"{cfg.name}: {plan.strategy} + {plan.criterion}{' + refine' if refine else ''}")
     for col in ("", "before", "after", "ratio"):
         t.add_column(col, justify="right")
     t.add_row("MACs", _fmt_m(before.total_macs), _fmt_m(after.total_macs), f"{after.total_macs / before.total_macs:.3f}")
@@ -282,7 +298,7 @@ def prune(model: str = typer.Argument(..., help="Zoo name or user model."),
     con.print(t)
     con.print(f"saved: {', '.join(str(p) for p in paths.values())}")
     if as_json:
-        _emit_json({**search_out, "macs_before": before.total_macs, "macs_after": after.total_macs,
+        _emit_json({**search_out, "refine": refine, "macs_before": before.total_macs, "macs_after": after.total_macs,
                     "macs_ratio_achieved": round(after.total_macs / before.total_macs, 6),
                     "params_before": before.total_params, "params_after": after.total_params,
                     "top1_before": None if top1_b is None else round(top1_b, 4),
@@ -330,8 +346,7 @@ def _is_default_eval(cfg, spec: str) -> bool:
 
 
 def _run_search(net, cfg, shape, pruner, macs_ratio, method, episodes, warmup, reward_spec, data, seed,
-                criterion, reconstruct, strength, r_min, out: Path, checkpoint_every, resume, quiet):
-    from .budget import DEFAULT_R_MIN
+                criterion, reconstruct, strength, r_min, out: Path, checkpoint_every, resume, quiet, refiner=None):
     from .search import plot_ratios, plot_rewards, search
     from .plan import Plan
 
@@ -339,9 +354,9 @@ def _run_search(net, cfg, shape, pruner, macs_ratio, method, episodes, warmup, r
     params = {"strength": strength} if strength is not None else None
     result = search(pruner, macs_ratio, method=method, episodes=episodes, warmup=warmup, reward=reward, seed=seed,
                     strategy=reconstruct or "lsq", criterion=criterion, params=params,
-                    r_min=DEFAULT_R_MIN if r_min is None else r_min, checkpoint_dir=out / "search",
+                    r_min=r_min, checkpoint_dir=out / "search",
                     checkpoint_every=checkpoint_every, resume=resume, progress=not quiet or sys.stderr.isatty(),
-                    model_key=cfg.name)
+                    model_key=cfg.name, refiner=refiner)
     out.mkdir(parents=True, exist_ok=True)
     uniform = search(pruner, macs_ratio, method="uniform", reward=reward, strategy=reconstruct or "lsq",
                      criterion=criterion, progress=False, model_key=cfg.name).best_plan
@@ -364,7 +379,7 @@ def proxy_check_cmd(model: str = typer.Argument(..., help="Zoo name or user mode
                     plans: int = typer.Option(50, "--plans", help="Number of random feasible plans (K)."),
                     reward_spec: str = typer.Option("synthetic", "--reward", help="synthetic | unlabeled:DIR | labeled:SPEC."),
                     reconstruct: str = typer.Option("lsq", "--reconstruct", help="Strategy used by the plans."),
-                    corr: str = CorrOpt, seed: int = SeedOpt,
+                    corr: str = CorrOpt, seed: int = SeedOpt, refine: bool = RefineOpt,
                     out: Path = typer.Option(Path("runs/proxy"), "--out", help="Directory for proxy.png/json."),
                     weights: Optional[str] = WeightsOpt, arch: Optional[str] = ArchOpt, trust_pickle: bool = TrustOpt,
                     like: Optional[str] = LikeOpt, data: Optional[str] = DataOpt, limit: Optional[int] = LimitOpt,
@@ -376,16 +391,18 @@ def proxy_check_cmd(model: str = typer.Argument(..., help="Zoo name or user mode
 
     net, cfg = _load(model, weights, arch, trust_pickle, like)
     shape = _input_shape(cfg)
-    pruner = _make_pruner(net, cfg, shape, corr, seed, 64, as_json, synthesising=reward_spec == "synthetic")
+    pruner = _make_pruner(net, cfg, shape, corr, seed, 64, as_json, synthesising=refine or reward_spec == "synthetic")
+    refiner = _refiner(pruner, net, cfg, shape, seed, as_json) if refine else None
     reward = _reward(net, cfg, shape, reward_spec, data, seed, as_json)
     batches = _eval_batches(cfg, data, limit, batch_size)
     acc = lambda m: evaluate(m, batches, cfg.label_offset, progress=False).top1  # noqa: E731
     rho, rewards, accs = proxy_check(pruner, reward, acc, macs_ratio, k=plans, seed=seed, strategy=reconstruct,
-                                     progress=not as_json or sys.stderr.isatty())
+                                     progress=not as_json or sys.stderr.isatty(), refiner=refiner)
     out.mkdir(parents=True, exist_ok=True)
     plot_proxy(rewards, accs, out / "proxy.png", title=f"{cfg.name} @ {macs_ratio:g} MACs: Spearman ρ = {rho:.3f}")
     atomic_write_text(out / "proxy.json", json.dumps({"model": cfg.name, "macs_ratio": macs_ratio, "plans": plans,
-                                                       "reward": reward_spec, "rho": rho, "rewards": rewards,
+                                                       "reward": reward_spec, "refine": refine, "rho": rho,
+                                                       "rewards": rewards,
                                                        "top1": accs}, indent=2) + "\n")
     _console(as_json).print(f"Spearman ρ (reward vs top-1, {plans} plans) = {rho:.3f}; top-1 range "
                             f"{min(accs):.2f}–{max(accs):.2f} %; wrote {out / 'proxy.png'}")
@@ -396,8 +413,9 @@ def proxy_check_cmd(model: str = typer.Argument(..., help="Zoo name or user mode
 @app.command()
 def bench(model: str = typer.Argument(..., help="Zoo name or user model."),
           ratios: str = typer.Option("0.9,0.7,0.5", "--ratios", help="Comma-separated uniform preserved ratios."),
-          methods: str = typer.Option("none+l1,mean+l1,nm+l1,autodfp+l1,lsq+l1", "--methods",
-                                      help="Comma-separated strategy+criterion pairs."),
+          methods: str = typer.Option("none+l1,mean+l1,nm+l1,autodfp+l1,lsq+l1,lsq+l1+refine", "--methods",
+                                      help="Comma-separated strategy+criterion[+refine]; +refine adds the "
+                                           "sequential drift correction on synthetic inputs."),
           strength: float = typer.Option(1.0, "--strength", help="Merge strength λ for autodfp."),
           corr: str = CorrOpt, seed: int = SeedOpt,
           out: Path = typer.Option(Path("runs/bench"), "--out", help="Directory for bench.md/json/png."),
@@ -417,7 +435,9 @@ def bench(model: str = typer.Argument(..., help="Zoo name or user model."),
         parse_method(m)
     net, cfg = _load(model, weights, arch, trust_pickle, like)
     shape = _input_shape(cfg)
-    pruner = _make_pruner(net, cfg, shape, corr, seed, 64, False)
+    refining = any(parse_method(m)[2] for m in method_list)
+    pruner = _make_pruner(net, cfg, shape, corr, seed, 64, False, synthesising=refining)
+    refiner = _refiner(pruner, net, cfg, shape, seed, False) if refining else None
     batches = _eval_batches(cfg, data, limit, batch_size)
     n = sum(len(y) for _, y in batches)
 
@@ -426,7 +446,7 @@ def bench(model: str = typer.Argument(..., help="Zoo name or user model."),
                    f"  ({row.seconds:.1f} s)")
 
     baseline, rows = run_grid(pruner, batches, method_list, ratio_list, cfg.label_offset,
-                              params={"strength": strength}, progress=report)
+                              params={"strength": strength}, progress=report, refiner=refiner)
     data_desc = f"{data or 'default dataset of ' + cfg.name} ({n} images)"
     command = "autodfp bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else f"autodfp bench {model}"
     paths = write_report(out, cfg.name, data_desc, baseline, rows, command)

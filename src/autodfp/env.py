@@ -89,7 +89,8 @@ class PruningEnv(gym.Env):
     def __init__(self, pruner: Pruner, target_macs_ratio: float, reward: RewardFn,
                  r_min: float | None = None, strategy: str = "autodfp", criterion: str = "l1",
                  params: dict[str, Any] | None = None, tol: float = DEFAULT_TOL,
-                 macs_model: MacsModel | None = None, model_key: str | None = None) -> None:
+                 macs_model: MacsModel | None = None, model_key: str | None = None,
+                 refiner: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
         super().__init__()
         if strategy not in ENV_STRATEGIES:
             raise PlanError(f"unknown strategy '{strategy}'; choose from {', '.join(ENV_STRATEGIES)}")
@@ -101,6 +102,8 @@ class PruningEnv(gym.Env):
         self.criterion = criterion
         self.params = dict(params or {})
         self.tol = float(tol)
+        self.refiner = refiner
+        self.last_decisions: dict[str, Any] = {}  # of the last plan scored, refined if a refiner is set
         self.model_key = model_key
         self.mm = macs_model if macs_model is not None else MacsModel(pruner.model, pruner.graph, pruner.input_shape)
         self.target_ratio = float(target_macs_ratio)
@@ -255,8 +258,16 @@ class PruningEnv(gym.Env):
         return out
 
     def evaluate(self, plan: Plan) -> float:
-        """Reward of ``plan`` on the masked fast path (no model copy)."""
-        state = self.pruner.masked_state(self.decide(plan))
+        """Reward of ``plan`` on the masked fast path (no model copy).
+
+        With a ``refiner`` (:class:`autodfp.refine.Refiner`) the plan is scored as it will be
+        delivered, after drift correction, so the agent does not optimise a model nobody gets.
+        """
+        decisions = self.decide(plan)
+        if self.refiner is not None:
+            decisions = self.refiner(decisions)
+        self.last_decisions = decisions
+        state = self.pruner.masked_state(decisions)
         value = float(self.reward_fn(MaskedModel(self.pruner.model, state)))
         if not math.isfinite(value):
             ratio = self.mm.macs_for_plan(plan) / self.mm.total_macs

@@ -179,9 +179,13 @@ class Pruner:
         decisions = self.decide(plan) if isinstance(plan, Plan) else plan
         return self._edited_tensors(decisions, zero_pruned=True)
 
-    def apply(self, plan: Plan) -> PruneResult:
-        """A physically pruned deep copy of the model."""
-        decisions = self.decide(plan)
+    def apply(self, plan: Plan, decisions: dict[str, GroupDecision] | None = None) -> PruneResult:
+        """A physically pruned deep copy of the model.
+
+        ``decisions`` (from :meth:`decide`, possibly refined by :func:`autodfp.refine.refine`)
+        replaces the plan's own; the plan is still what the result reports.
+        """
+        decisions = self.decide(plan) if decisions is None else decisions
         net = copy.deepcopy(self.model)
         edited = self._edited_tensors(decisions, zero_pruned=False)
         with torch.no_grad():

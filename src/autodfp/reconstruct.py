@@ -37,16 +37,29 @@ class Compensation:
 
     ``partner`` (optional, nm/autodfp): the channel index (in the group, not in ``kept``) each
     pruned channel was merged into, or -1 when it was not merged.
+
+    ``K``/``d`` (optional, set by :mod:`autodfp.refine`): the kept channels' own correction,
+    ``a_kept(original) ≈ K @ a_kept(pruned model) + d``. Without it the kept channels are assumed
+    unchanged (``K = I``, ``d = 0``), which holds for a group pruned alone; once earlier layers are
+    pruned too, their error reaches this group's kept channels and ``K``/``d`` can absorb it.
     """
 
     A: Tensor
     c: Tensor
     partner: Tensor | None = None
     info: dict = field(default_factory=dict)
+    K: Tensor | None = None
+    d: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.A.dim() != 2 or self.c.shape != (self.A.shape[0],):
             raise ValueError(f"inconsistent compensation shapes A={tuple(self.A.shape)} c={tuple(self.c.shape)}")
+        n_kept = self.A.shape[1]
+        if (self.K is None) != (self.d is None):
+            raise ValueError("kept-channel correction needs both K and d")
+        if self.K is not None and (self.K.shape != (n_kept, n_kept) or self.d.shape != (n_kept,)):
+            raise ValueError(f"kept-channel correction K={tuple(self.K.shape)} d={tuple(self.d.shape)} does not "
+                             f"match {n_kept} kept channels")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -59,7 +72,9 @@ def fold_into_consumer(weight: Tensor, comp: Compensation, kept: Tensor, pruned:
     ``(W_kept, bias_delta)`` with ``W_kept[:, j] = W[:, kept[j]] + Σ_p A[p, j] W[:, pruned[p]]`` (per
     kernel tap, because the prediction holds at every spatial position) and
     ``bias_delta[o] = Σ_p c_p Σ_taps W[o, pruned[p], taps]``: add it to the consumer's bias, or
-    subtract it from the running mean of a BN that follows the consumer.
+    subtract it from the running mean of a BN that follows the consumer. With a kept-channel
+    correction the kept columns become ``W[:, kept] @ K`` and ``Σ_j d_j Σ_taps W[o, kept[j], taps]``
+    joins the constant.
 
     The constant term is exact wherever the whole receptive field lies inside the feature map;
     at zero-padded borders the pruned channel contributed 0 for the padded taps, but the folded
@@ -76,8 +91,13 @@ def fold_into_consumer(weight: Tensor, comp: Compensation, kept: Tensor, pruned:
     wk = w[:, kept]
     wp = w[:, pruned]
     # (O, P, *k) x (P, K) -> (O, K, *k)
-    new = wk + torch.einsum("op...,pk->ok...", wp, a)
-    delta = torch.einsum("op...,p->o", wp, comp.c.to(torch.float64)) if pruned.numel() else torch.zeros(w.shape[0], dtype=torch.float64)
+    new = torch.einsum("op...,pk->ok...", wp, a)
+    delta = torch.einsum("op...,p->o", wp, comp.c.to(torch.float64))
+    if comp.K is None:
+        new = new + wk
+    else:
+        new = new + torch.einsum("oj...,jk->ok...", wk, comp.K.to(torch.float64))
+        delta = delta + torch.einsum("oj...,j->o", wk, comp.d.to(torch.float64))
     return new.to(weight.dtype), delta.to(weight.dtype)
 
 
@@ -424,6 +444,49 @@ def strategy_lsq(stats: ChannelStats, analysis: ChannelAnalysis | None, kept: Te
     return comp
 
 
+def fit_drift(target: Tensor, observed: Tensor, comp: Compensation, kept: Tensor, pruned: Tensor,
+              ridge: float = 1e-2) -> Compensation:
+    """Re-fit ``comp`` so the kept channels of a pruned model predict the original activations.
+
+    ``target`` (P, C): every channel of the group in the original model, ``observed`` (P, C): the
+    same positions in the pruned model, of which only ``kept`` columns are used. With
+    ``M0 = [K0; A]`` and ``m0 = [d0; c]`` the prior (``K0 = I``, ``d0 = 0`` unless ``comp`` already
+    corrects the kept channels), the residual ``target - observed_kept @ M0ᵀ - m0`` is regressed on
+    ``observed_kept`` with an intercept and a ridge of ``ridge × mean kept variance``. That
+    regularises towards the prior, so a prior that is already exact (no drift, exact
+    reconstruction) comes back unchanged.
+    """
+    kept = torch.as_tensor(kept, dtype=torch.long)
+    pruned = torch.as_tensor(pruned, dtype=torch.long)
+    c = kept.numel() + pruned.numel()
+    if target.dim() != 2 or observed.shape != target.shape or target.shape[1] != c:
+        raise ValueError(f"target/observed must both be (P, {c}), got {tuple(target.shape)} and {tuple(observed.shape)}")
+    if ridge < 0:
+        raise PlanError(f"ridge must be non-negative, got {ridge}")
+    n_kept = kept.numel()
+    m0 = torch.zeros(c, n_kept, dtype=torch.float64)
+    v0 = torch.zeros(c, dtype=torch.float64)
+    m0[kept] = comp.K.to(torch.float64) if comp.K is not None else torch.eye(n_kept, dtype=torch.float64)
+    v0[kept] = comp.d.to(torch.float64) if comp.d is not None else 0.0
+    m0[pruned] = comp.A.to(torch.float64)
+    v0[pruned] = comp.c.to(torch.float64)
+    x = observed.to(torch.float64)[:, kept]
+    resid = target.to(torch.float64) - x @ m0.T - v0
+    mu_x, mu_r = x.mean(0), resid.mean(0)
+    xc = x - mu_x
+    cov_xx = xc.T @ xc / x.shape[0]
+    cov_xr = xc.T @ (resid - mu_r) / x.shape[0]
+    scale = float(cov_xx.diagonal().mean()) if n_kept else 0.0
+    if scale > 0:
+        delta = torch.linalg.solve(cov_xx + (ridge + 1e-12) * scale * torch.eye(n_kept, dtype=torch.float64), cov_xr).T
+    else:
+        delta = torch.zeros(c, n_kept, dtype=torch.float64)
+    m = m0 + delta
+    v = v0 + mu_r - delta @ mu_x
+    info = dict(comp.info, refined=True, residual_before=float(resid.pow(2).mean()))
+    return Compensation(m[pruned], v[pruned], partner=comp.partner, info=info, K=m[kept], d=v[kept])
+
+
 STRATEGIES: dict[str, Callable[..., Compensation]] = {
     "none": strategy_none,
     "mean": strategy_mean,
@@ -443,6 +506,6 @@ def reconstruct(name: str, stats: ChannelStats, analysis: ChannelAnalysis | None
 
 
 __all__ = [
-    "Compensation", "STRATEGIES", "fold_into_consumer", "gaussian_correlation", "post_activation_covariance",
+    "Compensation", "STRATEGIES", "fit_drift", "fold_into_consumer", "gaussian_correlation", "post_activation_covariance",
     "reconstruct", "strategy_autodfp", "strategy_lsq", "strategy_mean", "strategy_nm", "strategy_none",
 ]

@@ -376,6 +376,7 @@ def search(
     sac_kwargs: dict[str, Any] | None = None,
     model_key: str | None = None,
     macs_model: MacsModel | None = None,
+    refiner: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> SearchResult:
     """Find a plan at ``target_macs_ratio`` of the original MACs (within ``±tol``).
 
@@ -385,6 +386,8 @@ def search(
     written. ``resume=True`` continues from the latest checkpoint in ``checkpoint_dir`` (or starts
     afresh if there is none). ``r_min=None`` lets :meth:`MacsModel.auto_r_min` pick the smallest
     ratio for the target. Seeds python ``random``, numpy and torch globally, as SB3 does.
+    ``refiner`` (:class:`autodfp.refine.Refiner`) scores every plan after drift correction, as
+    it will be delivered.
     """
     if method not in METHODS:
         raise PlanError(f"unknown search method '{method}'; choose from {', '.join(METHODS)}")
@@ -395,7 +398,7 @@ def search(
     seed = int(seed)
     reward_fn = _default_reward(pruner, reward)
     env = PruningEnv(pruner, target_macs_ratio, reward_fn, r_min=r_min, strategy=strategy, criterion=criterion,
-                     params=params, tol=tol, macs_model=macs_model, model_key=model_key)
+                     params=params, tol=tol, macs_model=macs_model, model_key=model_key, refiner=refiner)
     t0 = time.perf_counter()
     if method == "uniform":
         return _search_uniform(env, t0)
@@ -408,7 +411,8 @@ def search(
     cfg = {**SAC_DEFAULTS, **(sac_kwargs or {})}
     config = {"method": method, "seed": int(seed), "target_macs_ratio": float(target_macs_ratio),
               "strategy": strategy, "criterion": criterion, "r_min": env.r_min, "tol": float(tol),
-              "params": params or {}, "groups": env.groups, "checkpoint_every": int(checkpoint_every)}
+              "params": params or {}, "groups": env.groups, "checkpoint_every": int(checkpoint_every),
+              "refine": refiner is not None}
     if method == "sac":
         config.update({"warmup": warmup, "sac": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}})
     ckpt = _Checkpointer(checkpoint_dir, json.loads(json.dumps(config)))
@@ -547,17 +551,19 @@ def _save_to(path: Path, save: Callable[[Any], None]) -> None:
 # ---------------------------------------------------------------------------------------------
 def proxy_check(pruner: Pruner, reward: RewardFn, accuracy_fn: Callable[[nn.Module], float],
                 target_macs_ratio: float, k: int = 50, seed: int = 0, strategy: str = "autodfp",
-                r_min: float | None = None, physical: bool = False, progress: bool = True
+                r_min: float | None = None, physical: bool = False, progress: bool = True,
+                refiner: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
                 ) -> tuple[float, list[float], list[float]]:
     """Does the reward rank plans like real accuracy? Spearman ρ over ``k`` random feasible plans.
 
     Plans come from random actions through the same environment the search uses (same clipping
     and repair). ``accuracy_fn`` gets the masked model, or with ``physical=True`` a physically
-    pruned copy (slower, same function).
+    pruned copy (slower, same function). With ``refiner`` both the reward and the accuracy are
+    those of the drift-corrected plan, as the search would deliver it.
     """
     from scipy.stats import spearmanr
 
-    env = PruningEnv(pruner, target_macs_ratio, reward, r_min=r_min, strategy=strategy)
+    env = PruningEnv(pruner, target_macs_ratio, reward, r_min=r_min, strategy=strategy, refiner=refiner)
     rng = np.random.default_rng(seed)
     rewards, accs = [], []
     tracker = _Tracker(k, progress, desc="proxy")
@@ -569,10 +575,11 @@ def proxy_check(pruner: Pruner, reward: RewardFn, accuracy_fn: Callable[[nn.Modu
                 if terminated:
                     break
             plan = info["plan"]
+            decisions = env.last_decisions  # the ones the reward just scored
             if physical:
-                model = pruner.apply(plan).model
+                model = pruner.apply(plan, decisions).model
             else:
-                model = MaskedModel(pruner.model, pruner.masked_state(env.decide(plan)))
+                model = MaskedModel(pruner.model, pruner.masked_state(decisions))
             rewards.append(float(info["reward"]))
             accs.append(float(accuracy_fn(model)))
             tracker.record(info)

@@ -1,0 +1,178 @@
+"""Sequential drift correction: re-fit every consumer, in forward order, on a batch of inputs.
+
+The strategies of :mod:`autodfp.reconstruct` compensate each group as if it were the only one
+pruned: they predict the pruned channels from the kept ones *of the original model*. When every
+group is pruned, that no longer holds downstream. The errors of earlier groups travel through
+the residual stream (or the plain chain, in MobileNet) and the kept channels of a later group
+no longer carry their original values, so its compensation is built on inputs that have
+drifted.
+
+:func:`refine` walks the prunable groups in the order the forward pass reaches their consumers.
+For each group it fits, by ridge least squares, the map from the *pruned* model's kept channels
+to *all* channels of the *original* model. The fit is done on a batch of inputs: synthesised from
+BN statistics by default, so it stays data-free. It regularises towards the strategy's own
+compensation, so with no drift nothing changes. The map is folded into the consumer like any
+other :class:`~autodfp.reconstruct.Compensation`, with ``K``/``d`` correcting the kept channels.
+Because ordinary least squares commutes with linear maps of the target, fitting channels is the
+same as fitting a 1×1 consumer's outputs; for k×k consumers it is the per-tap fit.
+
+Groups the plan leaves whole are corrected too (``include_unpruned``): their inputs have
+drifted as well, and the edit stays a weight edit, with no change in shape or MACs.
+"""
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+
+from .errors import PlanError
+from .reconstruct import Compensation, fit_drift
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .prune import GroupDecision, Pruner
+
+
+def _positions(x: torch.Tensor, channels: int, max_positions: int, seed: int) -> torch.Tensor | None:
+    """(P, C) samples of a consumer input, or None when its layout is not (N, C[, H, W])."""
+    if x.dim() == 4 and x.shape[1] == channels:
+        flat = x.detach().transpose(0, 1).reshape(channels, -1).t()
+    elif x.dim() == 2 and x.shape[1] == channels:
+        flat = x.detach()
+    else:
+        return None
+    if flat.shape[0] > max_positions:
+        gen = torch.Generator().manual_seed(seed)
+        flat = flat[torch.randperm(flat.shape[0], generator=gen)[:max_positions]]
+    return flat.to(torch.float64)
+
+
+def _full_decision(pruner: Pruner, name: str, decisions: dict[str, GroupDecision]) -> GroupDecision:
+    from .prune import GroupDecision
+
+    if name in decisions:
+        return decisions[name]
+    c = pruner.graph.get(name).channels
+    return GroupDecision(torch.arange(c), torch.zeros(0, dtype=torch.long),
+                         Compensation(torch.zeros(0, c, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)))
+
+
+class Refiner:
+    """Re-fits decisions on a fixed batch; the original model's activations are captured once.
+
+    A search that refines every episode's plan would otherwise pay a forward pass of the original
+    model each time. ``inputs`` is processed as one batch: the fit of a group must see the pruned
+    model up to that group, so the batch cannot be split into independent chunks.
+    """
+
+    def __init__(self, pruner: Pruner, inputs: torch.Tensor, ridge: float = 1e-2, max_positions: int = 32768,
+                 include_unpruned: bool = True) -> None:
+        if ridge < 0:
+            raise PlanError(f"refine ridge must be non-negative, got {ridge}")
+        if inputs.dim() != len(pruner.input_shape) + 1 or tuple(inputs.shape[1:]) != pruner.input_shape:
+            raise PlanError(f"refinement inputs must be (N, {', '.join(map(str, pruner.input_shape))}), "
+                            f"got {tuple(inputs.shape)}")
+        self.pruner = pruner
+        self.inputs = inputs
+        self.ridge = float(ridge)
+        self.max_positions = int(max_positions)
+        self.include_unpruned = include_unpruned
+        self._target: dict[str, torch.Tensor | None] | None = None
+        self._work: nn.Module | None = None
+
+    def _consumer(self, name: str) -> str:
+        return self.pruner.graph.get(name).consumers[0]
+
+    def _sample(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        order = [g.name for g in self.pruner.graph.prunable].index(name)
+        return _positions(x, self.pruner.graph.get(name).channels, self.max_positions, seed=order)
+
+    @torch.no_grad()
+    def targets(self) -> dict[str, torch.Tensor | None]:
+        """What every prunable group's first consumer sees in the original model (sampled)."""
+        if self._target is None:
+            target: dict[str, torch.Tensor | None] = {}
+            names = [g.name for g in self.pruner.graph.prunable]
+
+            def capture(name: str):
+                def hook(mod: nn.Module, args: tuple) -> None:
+                    if name not in target:
+                        target[name] = self._sample(name, args[0])
+                return hook
+
+            model = self.pruner.model
+            handles = [model.get_submodule(self._consumer(n)).register_forward_pre_hook(capture(n)) for n in names]
+            try:
+                model(self.inputs)
+            finally:
+                for h in handles:
+                    h.remove()
+            self._target = target
+        return self._target
+
+    @torch.no_grad()
+    def __call__(self, decisions: dict[str, GroupDecision]) -> dict[str, GroupDecision]:
+        """Decisions whose compensations also absorb the drift of earlier groups (see module doc).
+
+        Groups whose consumer input is not (N, C[, H, W]) keep their decision unchanged.
+        """
+        pruner = self.pruner
+        names = [g.name for g in pruner.graph.prunable if self.include_unpruned or g.name in decisions]
+        if not names:
+            return dict(decisions)
+        target = self.targets()
+        # a masked copy of the pruned model, re-fitted group by group as the forward pass arrives
+        if self._work is None:
+            self._work = copy.deepcopy(pruner.model).eval()
+        work = self._work
+        originals = {n: v for n, v in list(pruner.model.named_parameters()) + list(pruner.model.named_buffers())}
+
+        touched: set[str] = set()
+
+        def write(edits: dict[str, torch.Tensor]) -> None:
+            for tname, value in edits.items():
+                mod_name, _, attr = tname.rpartition(".")
+                getattr(work.get_submodule(mod_name), attr).copy_(value)
+                touched.add(tname)
+
+        write(pruner.masked_state(decisions))
+        refined: dict[str, GroupDecision] = dict(decisions)
+        done: set[str] = set()
+
+        def refit(name: str):
+            def hook(mod: nn.Module, args: tuple) -> None:
+                if name in done:
+                    return
+                done.add(name)
+                want = target.get(name)
+                have = self._sample(name, args[0])
+                if want is None or have is None:
+                    return
+                dec = _full_decision(pruner, name, decisions)
+                comp = dec.compensation
+                if comp is None:  # strategy "none": start from "pruned channels contribute nothing"
+                    comp = Compensation(torch.zeros(dec.pruned.numel(), dec.kept.numel(), dtype=torch.float64),
+                                        torch.zeros(dec.pruned.numel(), dtype=torch.float64))
+                new = type(dec)(dec.kept, dec.pruned, fit_drift(want, have, comp, dec.kept, dec.pruned, self.ridge))
+                refined[name] = new
+                write(pruner.masked_state({name: new}))
+            return hook
+
+        handles = [work.get_submodule(self._consumer(n)).register_forward_pre_hook(refit(n)) for n in names]
+        try:
+            work(self.inputs)
+        finally:
+            for h in handles:
+                h.remove()
+            write({n: originals[n].detach() for n in list(touched)})  # the copy is reused: restore it
+        return refined
+
+
+def refine(pruner: Pruner, decisions: dict[str, GroupDecision], inputs: torch.Tensor, ridge: float = 1e-2,
+           max_positions: int = 32768, include_unpruned: bool = True) -> dict[str, GroupDecision]:
+    """One-shot :class:`Refiner`: decisions re-fitted on ``inputs`` (synthetic by default upstream)."""
+    return Refiner(pruner, inputs, ridge, max_positions, include_unpruned)(decisions)
+
+
+__all__ = ["Refiner", "refine"]
