@@ -21,6 +21,12 @@ training, so agreement on noise says little about agreement on images. Two ways 
     form pulls the inputs towards zero mean and unit std per channel, the statistics of the
     normalised input space (ZeroQ adds the same term).
 
+``"deepinversion"`` (BN models; DeepInversion, Yin et al. 2020)
+    The ``"bn"`` objective plus a cross-entropy term towards a random target class per image, with
+    random flips and shifts (jitter) at every step. The class term spreads the batch over the
+    classes the network knows and the jitter keeps it from fitting pixel-exact patterns, so the
+    images carry more natural, class-specific structure than BN matching alone gives.
+
 ``"inversion"`` (for models without BatchNorm, e.g. BN-folded or quantisation-exported networks)
     There are no stored statistics to match. We use the DeepInversion (Yin et al. 2020) image prior
     without its BN term: each image gets a random target class and the inputs are optimised for
@@ -65,7 +71,7 @@ import torch.nn.functional as F
 from ._io import atomic_write
 from .hub import cache_dir as _default_cache_root
 
-METHODS = ("auto", "bn", "inversion", "noise")
+METHODS = ("auto", "bn", "deepinversion", "inversion", "noise")
 #: what ``method="auto"`` uses for models without BatchNorm (chosen by measurement, see module doc)
 NO_BN_FALLBACK = "inversion"
 
@@ -74,10 +80,14 @@ NO_BN_FALLBACK = "inversion"
 #: between 50 and 300 steps (see module doc), so the defaults sit at the cheap end.
 DEFAULTS: dict[str, dict[str, tuple[int, float]]] = {
     "bn": {"small": (100, 0.2), "large": (40, 0.5)},
+    "deepinversion": {"small": (100, 0.2), "large": (100, 0.2)},
     "inversion": {"small": (100, 0.1), "large": (60, 0.1)},
     "noise": {"small": (0, 0.0), "large": (0, 0.0)},
 }
 SMALL_INPUT_PIXELS = 64 * 64
+#: ``"deepinversion"`` weights of the class and smoothness terms relative to the BN term
+DI_CE_WEIGHT = 0.3
+DI_TV_WEIGHT = 0.1
 
 
 def default_settings(method: str, input_shape: Sequence[int]) -> tuple[int, float]:
@@ -123,8 +133,8 @@ def resolve_method(model: nn.Module, method: str = "auto") -> str:
         raise ValueError(f"unknown synthesis method {method!r}; choose one of {', '.join(METHODS)}")
     if method == "auto":
         return "bn" if bn_layers(model) else NO_BN_FALLBACK
-    if method == "bn" and not bn_layers(model):
-        raise ValueError("method='bn' needs BatchNorm layers with running statistics; this model has none")
+    if method in ("bn", "deepinversion") and not bn_layers(model):
+        raise ValueError(f"method='{method}' needs BatchNorm layers with running statistics; this model has none")
     return method
 
 
@@ -239,7 +249,7 @@ def distill(
     d_steps, d_lr = default_settings(method, input_shape)
     steps = d_steps if steps is None else int(steps)
     lr = d_lr if lr is None else float(lr)
-    if n < 2 and method == "bn":
+    if n < 2 and method in ("bn", "deepinversion"):
         raise ValueError("ZeroQ matches batch statistics; n must be at least 2")
     device = _model_device(model)
     start = time.perf_counter()
@@ -258,7 +268,30 @@ def distill(
         if method == "noise":
             return SynthResult(x.detach().cpu(), method, 0, 0.0, 0.0, 0.0, time.perf_counter() - start)
 
-        if method == "bn":
+        if method in ("inversion", "deepinversion"):
+            with torch.no_grad():
+                n_out = model(x0[:1].to(device)).shape[1]
+            if n_out <= label_offset:
+                raise ValueError(f"label_offset {label_offset} leaves no classes among {n_out} outputs")
+            targets = torch.randint(label_offset, n_out, (n,), generator=gen).to(device)
+        if method == "deepinversion":
+            layers = bn_layers(model)
+            hook = _BNStatLoss(layers)
+            shift = max(1, int(input_shape[-1]) // 16) if len(input_shape) >= 2 else 0
+
+            def objective(batch: torch.Tensor) -> torch.Tensor:
+                dx, dy = (int(v) for v in torch.randint(-shift, shift + 1, (2,), generator=gen))
+                moved = torch.roll(batch, shifts=(dy, dx), dims=(-2, -1))
+                if bool(torch.rand((), generator=gen) < 0.5):
+                    moved = moved.flip(-1)
+                logits = model(moved)
+                return (hook.pop() + _input_prior(batch) + DI_CE_WEIGHT * F.cross_entropy(logits, targets)
+                        + DI_TV_WEIGHT * _total_variation(batch))
+
+            def report(batch: torch.Tensor) -> float:
+                model(batch)
+                return float(hook.pop())
+        elif method == "bn":
             layers = bn_layers(model)
             hook = _BNStatLoss(layers)
 
@@ -270,11 +303,6 @@ def distill(
                 model(batch)
                 return float(hook.pop())
         else:  # inversion
-            with torch.no_grad():
-                n_out = model(x0[:1].to(device)).shape[1]
-            if n_out <= label_offset:
-                raise ValueError(f"label_offset {label_offset} leaves no classes among {n_out} outputs")
-            targets = torch.randint(label_offset, n_out, (n,), generator=gen).to(device)
             hook = None
 
             def objective(batch: torch.Tensor) -> torch.Tensor:
