@@ -7,6 +7,7 @@ cleanly into ``jq`` or a benchmark script.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -169,13 +170,30 @@ def _needs_calibration(net, corr: str) -> bool:
     return corr == "calibration" or not bn_layers(net)
 
 
-def _calibration_batch(net, cfg, shape, seed: int, n: int, quiet: bool):
+@dataclasses.dataclass(frozen=True)
+class SynthSettings:
+    """Synthetic-input and refinement knobs shared by prune, proxy-check and bench."""
+
+    steps: Optional[int] = None
+    ridge: float = 1e-2
+    dims_ridge: float = 0.0
+
+    def __post_init__(self) -> None:
+        from .errors import PlanError
+
+        if self.steps is not None and self.steps < 0:
+            raise PlanError(f"--synth-steps must be non-negative, got {self.steps}")
+        if self.ridge < 0 or self.dims_ridge < 0:
+            raise PlanError("--refine-ridge and --refine-dims-ridge must be non-negative")
+
+
+def _calibration_batch(net, cfg, shape, seed: int, n: int, quiet: bool, steps: Optional[int] = None):
     """Synthetic inputs (ZeroQ for BN models, the documented fallback otherwise), cached on disk."""
     from .synth import synthetic_batch
 
     if not quiet:
-        _err.print(f"synthesising {n} calibration inputs from the model (cached after the first run)…")
-    return synthetic_batch(net, cfg.name, shape, n=n, seed=seed, label_offset=cfg.label_offset,
+        _err.print(f"synthesising {n} inputs from the model, seed {seed} (cached after the first run)…")
+    return synthetic_batch(net, cfg.name, shape, n=n, seed=seed, label_offset=cfg.label_offset, steps=steps,
                            progress=sys.stderr.isatty())
 
 
@@ -185,13 +203,15 @@ def _calibration_batch(net, cfg, shape, seed: int, n: int, quiet: bool):
 REFINE_SEED_OFFSET = 1
 
 
-def _refiner(pruner, net, cfg, shape, seed: int, quiet: bool):
+def _refiner(pruner, net, cfg, shape, seed: int, quiet: bool, synth: SynthSettings = SynthSettings()):
     from .refine import Refiner
 
-    return Refiner(pruner, _calibration_batch(net, cfg, shape, seed + REFINE_SEED_OFFSET, 64, quiet))
+    batch = _calibration_batch(net, cfg, shape, seed + REFINE_SEED_OFFSET, 64, quiet, synth.steps)
+    return Refiner(pruner, batch, ridge=synth.ridge, dims_ridge=synth.dims_ridge)
 
 
-def _make_pruner(net, cfg, shape, corr: str, seed: int, calib_n: int, quiet: bool, synthesising: bool = False):
+def _make_pruner(net, cfg, shape, corr: str, seed: int, calib_n: int, quiet: bool, synthesising: bool = False,
+                 synth: SynthSettings = SynthSettings()):
     """``corr="auto"``: measured correlations whenever the synthetic batch exists anyway.
 
     On ResNet-56, lsq with correlations measured on synthetic inputs beats the filter-geometry
@@ -202,7 +222,7 @@ def _make_pruner(net, cfg, shape, corr: str, seed: int, calib_n: int, quiet: boo
 
     if corr == "auto":
         corr = "calibration" if synthesising or _needs_calibration(net, "geometry") else "geometry"
-    calib = _calibration_batch(net, cfg, shape, seed, calib_n, quiet) if _needs_calibration(net, corr) else None
+    calib = _calibration_batch(net, cfg, shape, seed, calib_n, quiet, synth.steps) if _needs_calibration(net, corr) else None
     return Pruner(net, shape, calibration=calib, corr_source=corr)
 
 
@@ -218,6 +238,11 @@ ReconOpt = typer.Option("lsq", "--reconstruct", help="Reconstruction: none | mea
 CorrOpt = typer.Option("auto", "--corr", help="lsq correlations: geometry (weights) | calibration (synthetic inputs) | "
                        "auto (calibration when synthetic inputs are made anyway: searches, BN-free models).")
 SeedOpt = typer.Option(0, "--seed", help="Seed for synthetic inputs, random criteria and the search.")
+SynthStepsOpt = typer.Option(None, "--synth-steps", help="Optimisation steps per synthetic batch (default by input "
+                             "size: 100 for ≤64 px, 200 for larger; each batch is cached).")
+RefineRidgeOpt = typer.Option(1e-2, "--refine-ridge", help="Ridge of the refinement fits, relative to the kept variance.")
+RefineDimsRidgeOpt = typer.Option(0.0, "--refine-dims-ridge",
+                                  help="Extra ridge × kept channels / fitted positions (guards wide, low-resolution layers).")
 RefineOpt = typer.Option(True, "--refine/--no-refine",
                          help="Re-fit every consumer in forward order on synthetic inputs, so the kept channels also "
                               "absorb the error of earlier layers (data-free; searches score plans after it).")
@@ -239,6 +264,8 @@ def prune(model: str = typer.Argument(..., help="Zoo name or user model."),
           reconstruct: Optional[str] = typer.Option(None, "--reconstruct", help="none | mean | nm | autodfp | lsq (default lsq, or the plan's)."),
           strength: Optional[float] = typer.Option(None, "--strength", help="Merge strength λ in [0, 1] for autodfp."),
           corr: str = CorrOpt, seed: int = SeedOpt, refine: bool = RefineOpt,
+          synth_steps: Optional[int] = SynthStepsOpt, refine_ridge: float = RefineRidgeOpt,
+          refine_dims_ridge: float = RefineDimsRidgeOpt,
           out: Path = typer.Option(..., "--out", help="Output directory (model.ts, pruned.pt, plan.json)."),
           weights: Optional[str] = WeightsOpt, arch: Optional[str] = ArchOpt, trust_pickle: bool = TrustOpt,
           like: Optional[str] = LikeOpt, data: Optional[str] = DataOpt, limit: Optional[int] = LimitOpt,
@@ -257,14 +284,15 @@ def prune(model: str = typer.Argument(..., help="Zoo name or user model."),
     con = _console(as_json)
     net, cfg = _load(model, weights, arch, trust_pickle, like)
     shape = _input_shape(cfg)
+    synth = SynthSettings(synth_steps, refine_ridge, refine_dims_ridge)
     pruner = _make_pruner(net, cfg, shape, corr, seed, 64, as_json,
-                          synthesising=refine or (macs_ratio is not None and reward_spec == "synthetic"))
-    refiner = _refiner(pruner, net, cfg, shape, seed, as_json) if refine else None
+                          synthesising=refine or (macs_ratio is not None and reward_spec == "synthetic"), synth=synth)
+    refiner = _refiner(pruner, net, cfg, shape, seed, as_json, synth) if refine else None
     search_out: dict[str, Any] = {}
     if macs_ratio is not None:
         plan, search_out = _run_search(net, cfg, shape, pruner, macs_ratio, search_method, episodes, warmup,
                                        reward_spec, data, seed, criterion or "l1", reconstruct, strength, r_min,
-                                       out, checkpoint_every, resume, as_json, refiner)
+                                       out, checkpoint_every, resume, as_json, refiner, synth)
     elif plan_file is not None:
         plan = Plan.load(plan_file)
         plan.criterion = criterion or plan.criterion
@@ -307,7 +335,8 @@ def prune(model: str = typer.Argument(..., help="Zoo name or user model."),
                     "out": str(out)})
 
 
-def _reward(net, cfg, shape, spec: str, eval_data: Optional[str], seed: int, quiet: bool):
+def _reward(net, cfg, shape, spec: str, eval_data: Optional[str], seed: int, quiet: bool,
+            synth: SynthSettings = SynthSettings()):
     """Build the search reward from ``--reward``; the labelled set must not be the evaluation set."""
     import torch
 
@@ -317,7 +346,8 @@ def _reward(net, cfg, shape, spec: str, eval_data: Optional[str], seed: int, qui
 
     kind, _, arg = spec.partition(":")
     if kind == "synthetic" and not arg:
-        return AgreementReward(net, _calibration_batch(net, cfg, shape, seed, 64, quiet), label_offset=cfg.label_offset)
+        return AgreementReward(net, _calibration_batch(net, cfg, shape, seed, 64, quiet, synth.steps),
+                               label_offset=cfg.label_offset)
     if kind == "unlabeled" and arg:
         ds = UnlabeledImageDir(arg, build_transform(cfg.preprocessing))
         n = min(len(ds), 256)
@@ -346,11 +376,12 @@ def _is_default_eval(cfg, spec: str) -> bool:
 
 
 def _run_search(net, cfg, shape, pruner, macs_ratio, method, episodes, warmup, reward_spec, data, seed,
-                criterion, reconstruct, strength, r_min, out: Path, checkpoint_every, resume, quiet, refiner=None):
+                criterion, reconstruct, strength, r_min, out: Path, checkpoint_every, resume, quiet, refiner=None,
+                synth: SynthSettings = SynthSettings()):
     from .search import plot_ratios, plot_rewards, search
     from .plan import Plan
 
-    reward = _reward(net, cfg, shape, reward_spec, data, seed, quiet)
+    reward = _reward(net, cfg, shape, reward_spec, data, seed, quiet, synth)
     params = {"strength": strength} if strength is not None else None
     result = search(pruner, macs_ratio, method=method, episodes=episodes, warmup=warmup, reward=reward, seed=seed,
                     strategy=reconstruct or "lsq", criterion=criterion, params=params,
@@ -380,6 +411,8 @@ def proxy_check_cmd(model: str = typer.Argument(..., help="Zoo name or user mode
                     reward_spec: str = typer.Option("synthetic", "--reward", help="synthetic | unlabeled:DIR | labeled:SPEC."),
                     reconstruct: str = typer.Option("lsq", "--reconstruct", help="Strategy used by the plans."),
                     corr: str = CorrOpt, seed: int = SeedOpt, refine: bool = RefineOpt,
+                    synth_steps: Optional[int] = SynthStepsOpt, refine_ridge: float = RefineRidgeOpt,
+                    refine_dims_ridge: float = RefineDimsRidgeOpt,
                     out: Path = typer.Option(Path("runs/proxy"), "--out", help="Directory for proxy.png/json."),
                     weights: Optional[str] = WeightsOpt, arch: Optional[str] = ArchOpt, trust_pickle: bool = TrustOpt,
                     like: Optional[str] = LikeOpt, data: Optional[str] = DataOpt, limit: Optional[int] = LimitOpt,
@@ -391,9 +424,11 @@ def proxy_check_cmd(model: str = typer.Argument(..., help="Zoo name or user mode
 
     net, cfg = _load(model, weights, arch, trust_pickle, like)
     shape = _input_shape(cfg)
-    pruner = _make_pruner(net, cfg, shape, corr, seed, 64, as_json, synthesising=refine or reward_spec == "synthetic")
-    refiner = _refiner(pruner, net, cfg, shape, seed, as_json) if refine else None
-    reward = _reward(net, cfg, shape, reward_spec, data, seed, as_json)
+    synth = SynthSettings(synth_steps, refine_ridge, refine_dims_ridge)
+    pruner = _make_pruner(net, cfg, shape, corr, seed, 64, as_json, synthesising=refine or reward_spec == "synthetic",
+                          synth=synth)
+    refiner = _refiner(pruner, net, cfg, shape, seed, as_json, synth) if refine else None
+    reward = _reward(net, cfg, shape, reward_spec, data, seed, as_json, synth)
     batches = _eval_batches(cfg, data, limit, batch_size)
     acc = lambda m: evaluate(m, batches, cfg.label_offset, progress=False).top1  # noqa: E731
     rho, rewards, accs = proxy_check(pruner, reward, acc, macs_ratio, k=plans, seed=seed, strategy=reconstruct,
@@ -418,6 +453,8 @@ def bench(model: str = typer.Argument(..., help="Zoo name or user model."),
                                            "sequential drift correction on synthetic inputs."),
           strength: float = typer.Option(1.0, "--strength", help="Merge strength λ for autodfp."),
           corr: str = CorrOpt, seed: int = SeedOpt,
+          synth_steps: Optional[int] = SynthStepsOpt, refine_ridge: float = RefineRidgeOpt,
+          refine_dims_ridge: float = RefineDimsRidgeOpt,
           out: Path = typer.Option(Path("runs/bench"), "--out", help="Directory for bench.md/json/png."),
           weights: Optional[str] = WeightsOpt, arch: Optional[str] = ArchOpt, trust_pickle: bool = TrustOpt,
           like: Optional[str] = LikeOpt, data: Optional[str] = DataOpt, limit: Optional[int] = LimitOpt,
@@ -436,8 +473,9 @@ def bench(model: str = typer.Argument(..., help="Zoo name or user model."),
     net, cfg = _load(model, weights, arch, trust_pickle, like)
     shape = _input_shape(cfg)
     refining = any(parse_method(m)[2] for m in method_list)
-    pruner = _make_pruner(net, cfg, shape, corr, seed, 64, False, synthesising=refining)
-    refiner = _refiner(pruner, net, cfg, shape, seed, False) if refining else None
+    synth = SynthSettings(synth_steps, refine_ridge, refine_dims_ridge)
+    pruner = _make_pruner(net, cfg, shape, corr, seed, 64, False, synthesising=refining, synth=synth)
+    refiner = _refiner(pruner, net, cfg, shape, seed, False, synth) if refining else None
     batches = _eval_batches(cfg, data, limit, batch_size)
     n = sum(len(y) for _, y in batches)
 

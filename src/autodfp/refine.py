@@ -64,10 +64,15 @@ class Refiner:
     A search that refines every episode's plan would otherwise pay a forward pass of the original
     model each time. ``inputs`` is processed as one batch: the fit of a group must see the pruned
     model up to that group, so the batch cannot be split into independent chunks.
+
+    The ridge of a group's fit is ``ridge + dims_ridge × n_kept / n_positions`` (relative to the
+    mean kept variance). The second term grows where a fit has many regressors for few samples
+    (wide, low-resolution late layers of a 224-px model fitted on a small batch), which is where
+    a least-squares fit on a few synthetic images overfits.
     """
 
     def __init__(self, pruner: Pruner, inputs: torch.Tensor, ridge: float = 1e-2, max_positions: int = 32768,
-                 include_unpruned: bool = True) -> None:
+                 include_unpruned: bool = True, dims_ridge: float = 0.0) -> None:
         if ridge < 0:
             raise PlanError(f"refine ridge must be non-negative, got {ridge}")
         if inputs.dim() != len(pruner.input_shape) + 1 or tuple(inputs.shape[1:]) != pruner.input_shape:
@@ -75,7 +80,10 @@ class Refiner:
                             f"got {tuple(inputs.shape)}")
         self.pruner = pruner
         self.inputs = inputs
+        if dims_ridge < 0:
+            raise PlanError(f"refine dims_ridge must be non-negative, got {dims_ridge}")
         self.ridge = float(ridge)
+        self.dims_ridge = float(dims_ridge)
         self.max_positions = int(max_positions)
         self.include_unpruned = include_unpruned
         self._target: dict[str, torch.Tensor | None] | None = None
@@ -154,7 +162,8 @@ class Refiner:
                 if comp is None:  # strategy "none": start from "pruned channels contribute nothing"
                     comp = Compensation(torch.zeros(dec.pruned.numel(), dec.kept.numel(), dtype=torch.float64),
                                         torch.zeros(dec.pruned.numel(), dtype=torch.float64))
-                new = type(dec)(dec.kept, dec.pruned, fit_drift(want, have, comp, dec.kept, dec.pruned, self.ridge))
+                ridge = self.ridge + self.dims_ridge * dec.kept.numel() / have.shape[0]
+                new = type(dec)(dec.kept, dec.pruned, fit_drift(want, have, comp, dec.kept, dec.pruned, ridge))
                 refined[name] = new
                 write(pruner.masked_state({name: new}))
             return hook

@@ -79,7 +79,7 @@ NO_BN_FALLBACK = "inversion"
 #: for large ones (ImageNet-size), where one step costs ~50x more. The rank correlations barely move
 #: between 50 and 300 steps (see module doc), so the defaults sit at the cheap end.
 DEFAULTS: dict[str, dict[str, tuple[int, float]]] = {
-    "bn": {"small": (100, 0.2), "large": (40, 0.5)},
+    "bn": {"small": (100, 0.2), "large": (200, 0.2)},
     "deepinversion": {"small": (100, 0.2), "large": (100, 0.2)},
     "inversion": {"small": (100, 0.1), "large": (60, 0.1)},
     "noise": {"small": (0, 0.0), "large": (0, 0.0)},
