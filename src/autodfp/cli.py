@@ -177,6 +177,7 @@ class SynthSettings:
     steps: Optional[int] = None
     ridge: float = 1e-2
     dims_ridge: float = 0.0
+    reward_inputs: int = 64
 
     def __post_init__(self) -> None:
         from .errors import PlanError
@@ -185,6 +186,8 @@ class SynthSettings:
             raise PlanError(f"--synth-steps must be non-negative, got {self.steps}")
         if self.ridge < 0 or self.dims_ridge < 0:
             raise PlanError("--refine-ridge and --refine-dims-ridge must be non-negative")
+        if self.reward_inputs < 2:
+            raise PlanError(f"--reward-inputs must be at least 2, got {self.reward_inputs}")
 
 
 def _calibration_batch(net, cfg, shape, seed: int, n: int, quiet: bool, steps: Optional[int] = None):
@@ -243,6 +246,7 @@ SynthStepsOpt = typer.Option(None, "--synth-steps", help="Optimisation steps per
 RefineRidgeOpt = typer.Option(1e-2, "--refine-ridge", help="Ridge of the refinement fits, relative to the kept variance.")
 RefineDimsRidgeOpt = typer.Option(0.0, "--refine-dims-ridge",
                                   help="Extra ridge × kept channels / fitted positions (guards wide, low-resolution layers).")
+RewardInputsOpt = typer.Option(64, "--reward-inputs", help="Synthetic inputs the reward compares the models on.")
 RefineOpt = typer.Option(True, "--refine/--no-refine",
                          help="Re-fit every consumer in forward order on synthetic inputs, so the kept channels also "
                               "absorb the error of earlier layers (data-free; searches score plans after it).")
@@ -265,7 +269,7 @@ def prune(model: str = typer.Argument(..., help="Zoo name or user model."),
           strength: Optional[float] = typer.Option(None, "--strength", help="Merge strength λ in [0, 1] for autodfp."),
           corr: str = CorrOpt, seed: int = SeedOpt, refine: bool = RefineOpt,
           synth_steps: Optional[int] = SynthStepsOpt, refine_ridge: float = RefineRidgeOpt,
-          refine_dims_ridge: float = RefineDimsRidgeOpt,
+          refine_dims_ridge: float = RefineDimsRidgeOpt, reward_inputs: int = RewardInputsOpt,
           out: Path = typer.Option(..., "--out", help="Output directory (model.ts, pruned.pt, plan.json)."),
           weights: Optional[str] = WeightsOpt, arch: Optional[str] = ArchOpt, trust_pickle: bool = TrustOpt,
           like: Optional[str] = LikeOpt, data: Optional[str] = DataOpt, limit: Optional[int] = LimitOpt,
@@ -284,7 +288,7 @@ def prune(model: str = typer.Argument(..., help="Zoo name or user model."),
     con = _console(as_json)
     net, cfg = _load(model, weights, arch, trust_pickle, like)
     shape = _input_shape(cfg)
-    synth = SynthSettings(synth_steps, refine_ridge, refine_dims_ridge)
+    synth = SynthSettings(synth_steps, refine_ridge, refine_dims_ridge, reward_inputs)
     pruner = _make_pruner(net, cfg, shape, corr, seed, 64, as_json,
                           synthesising=refine or (macs_ratio is not None and reward_spec == "synthetic"), synth=synth)
     refiner = _refiner(pruner, net, cfg, shape, seed, as_json, synth) if refine else None
@@ -346,11 +350,11 @@ def _reward(net, cfg, shape, spec: str, eval_data: Optional[str], seed: int, qui
 
     kind, _, arg = spec.partition(":")
     if kind == "synthetic" and not arg:
-        return AgreementReward(net, _calibration_batch(net, cfg, shape, seed, 64, quiet, synth.steps),
+        return AgreementReward(net, _calibration_batch(net, cfg, shape, seed, synth.reward_inputs, quiet, synth.steps),
                                label_offset=cfg.label_offset)
     if kind == "unlabeled" and arg:
         ds = UnlabeledImageDir(arg, build_transform(cfg.preprocessing))
-        n = min(len(ds), 256)
+        n = min(len(ds), max(256, synth.reward_inputs))
         if n == 0:
             raise DataError(f"no images found under {arg}")
         return AgreementReward(net, torch.stack([ds[i] for i in range(n)]), label_offset=cfg.label_offset)
@@ -412,7 +416,7 @@ def proxy_check_cmd(model: str = typer.Argument(..., help="Zoo name or user mode
                     reconstruct: str = typer.Option("lsq", "--reconstruct", help="Strategy used by the plans."),
                     corr: str = CorrOpt, seed: int = SeedOpt, refine: bool = RefineOpt,
                     synth_steps: Optional[int] = SynthStepsOpt, refine_ridge: float = RefineRidgeOpt,
-                    refine_dims_ridge: float = RefineDimsRidgeOpt,
+                    refine_dims_ridge: float = RefineDimsRidgeOpt, reward_inputs: int = RewardInputsOpt,
                     out: Path = typer.Option(Path("runs/proxy"), "--out", help="Directory for proxy.png/json."),
                     weights: Optional[str] = WeightsOpt, arch: Optional[str] = ArchOpt, trust_pickle: bool = TrustOpt,
                     like: Optional[str] = LikeOpt, data: Optional[str] = DataOpt, limit: Optional[int] = LimitOpt,
@@ -424,7 +428,7 @@ def proxy_check_cmd(model: str = typer.Argument(..., help="Zoo name or user mode
 
     net, cfg = _load(model, weights, arch, trust_pickle, like)
     shape = _input_shape(cfg)
-    synth = SynthSettings(synth_steps, refine_ridge, refine_dims_ridge)
+    synth = SynthSettings(synth_steps, refine_ridge, refine_dims_ridge, reward_inputs)
     pruner = _make_pruner(net, cfg, shape, corr, seed, 64, as_json, synthesising=refine or reward_spec == "synthetic",
                           synth=synth)
     refiner = _refiner(pruner, net, cfg, shape, seed, as_json, synth) if refine else None

@@ -50,9 +50,12 @@ over damaged copies of each model: channels zeroed as uncompensated pruning does
     "noise"                        0.544                 0.887              0.620
 
 Distilled batches rank nearly as well as real images; noise does not. Without BN, inversion is
-clearly better than noise, though below real data. 50 to 300 steps give the same rho on ResNet-56
-(0.965-0.973), so defaults sit at the cheap end: on a 2-core CPU, ResNet-56 with n=64 takes ~28 s,
-MobileNet-V1 (224x224, n=32, 40 steps) ~48 s, MobileNet-V2 inversion (n=32, 60 steps) ~104 s.
+clearly better than noise, though below real data. For *ranking*, 50 to 300 steps give the same
+rho on ResNet-56 (0.965-0.973), and 40 steps suffice on MobileNet-V1. Refinement
+(:mod:`autodfp.refine`) asks more of the batch: it fits weights to it. On 224-px inputs, 40 steps
+leave the batch too far from images for that, and 200 steps do much better (docs/RESULTS.md,
+"synthesis steps"), so the 224-px default is 200 steps (~8 min for n=64 on a 2-core CPU, once per
+model and seed, then cached). ResNet-56 with n=64 and 100 steps takes ~28 s.
 """
 from __future__ import annotations
 
