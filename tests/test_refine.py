@@ -123,6 +123,8 @@ def test_refine_rejects_inputs_of_the_wrong_shape() -> None:
         Refiner(pruner, torch.zeros(4, 3, 16, 16))
     with pytest.raises(PlanError, match="ridge"):
         Refiner(pruner, _inputs(2, 0), ridge=-1.0)
+    with pytest.raises(PlanError, match="ridge"):
+        Refiner(pruner, _inputs(2, 0), dims_ridge=-1.0)
 
 
 def test_refine_is_deterministic() -> None:
@@ -145,3 +147,15 @@ def test_bench_methods_take_a_refine_suffix() -> None:
         parse_method("lsq+l1+refine+l2")
     with pytest.raises(PlanError, match="unknown criterion"):
         parse_method("lsq+fancy")
+
+
+def test_a_huge_dims_ridge_leaves_the_prior_in_place() -> None:
+    pruner = Pruner(_randomised_resnet20(), SHAPE)
+    plan = Plan.uniform(pruner.graph, 0.5, strategy="lsq")
+    plain = pruner.decide(plan)
+    stiff = refine(pruner, plain, _inputs(8, 1), dims_ridge=1e12)
+    for name, dec in stiff.items():
+        k = dec.compensation.K
+        assert torch.allclose(k, torch.eye(k.shape[0], dtype=k.dtype), atol=1e-6)
+        if name in plain:
+            assert torch.allclose(dec.compensation.A, plain[name].compensation.A, atol=1e-6)

@@ -73,15 +73,13 @@ class Refiner:
 
     def __init__(self, pruner: Pruner, inputs: torch.Tensor, ridge: float = 1e-2, max_positions: int = 32768,
                  include_unpruned: bool = True, dims_ridge: float = 0.0) -> None:
-        if ridge < 0:
-            raise PlanError(f"refine ridge must be non-negative, got {ridge}")
+        if ridge < 0 or dims_ridge < 0:
+            raise PlanError(f"refine ridges must be non-negative, got {ridge} and {dims_ridge}")
         if inputs.dim() != len(pruner.input_shape) + 1 or tuple(inputs.shape[1:]) != pruner.input_shape:
             raise PlanError(f"refinement inputs must be (N, {', '.join(map(str, pruner.input_shape))}), "
                             f"got {tuple(inputs.shape)}")
         self.pruner = pruner
         self.inputs = inputs
-        if dims_ridge < 0:
-            raise PlanError(f"refine dims_ridge must be non-negative, got {dims_ridge}")
         self.ridge = float(ridge)
         self.dims_ridge = float(dims_ridge)
         self.max_positions = int(max_positions)
@@ -179,9 +177,10 @@ class Refiner:
 
 
 def refine(pruner: Pruner, decisions: dict[str, GroupDecision], inputs: torch.Tensor, ridge: float = 1e-2,
-           max_positions: int = 32768, include_unpruned: bool = True) -> dict[str, GroupDecision]:
+           max_positions: int = 32768, include_unpruned: bool = True, dims_ridge: float = 0.0,
+           ) -> dict[str, GroupDecision]:
     """One-shot :class:`Refiner`: decisions re-fitted on ``inputs`` (synthetic by default upstream)."""
-    return Refiner(pruner, inputs, ridge, max_positions, include_unpruned)(decisions)
+    return Refiner(pruner, inputs, ridge, max_positions, include_unpruned, dims_ridge)(decisions)
 
 
 __all__ = ["Refiner", "refine"]
