@@ -176,7 +176,7 @@ class SynthSettings:
 
     steps: Optional[int] = None
     ridge: float = 1e-2
-    dims_ridge: float = 0.0
+    dims_ridge: float = 3.0
     reward_inputs: int = 64
 
     def __post_init__(self) -> None:
@@ -244,7 +244,7 @@ SeedOpt = typer.Option(0, "--seed", help="Seed for synthetic inputs, random crit
 SynthStepsOpt = typer.Option(None, "--synth-steps", help="Optimisation steps per synthetic batch (default by input "
                              "size: 100 for ≤64 px, 200 for larger; each batch is cached).")
 RefineRidgeOpt = typer.Option(1e-2, "--refine-ridge", help="Ridge of the refinement fits, relative to the kept variance.")
-RefineDimsRidgeOpt = typer.Option(0.0, "--refine-dims-ridge",
+RefineDimsRidgeOpt = typer.Option(3.0, "--refine-dims-ridge",
                                   help="Extra ridge × kept channels / fitted positions (guards wide, low-resolution layers).")
 RewardInputsOpt = typer.Option(64, "--reward-inputs", help="Synthetic inputs the reward compares the models on.")
 RefineOpt = typer.Option(True, "--refine/--no-refine",
