@@ -79,7 +79,7 @@ def test_prune_json_contract_and_reload(tmp_path):
 def test_prune_search_json_contract_and_artifacts(tmp_path):
     out_dir = tmp_path / "s"
     proc = run("prune", "resnet20_cifar10", "--macs-ratio", "0.6", "--search", "random", "--episodes", "3",
-               "--out", str(out_dir), "--limit", "100", "--json")
+               "--reward-inputs", "16", "--out", str(out_dir), "--limit", "100", "--json")
     assert proc.returncode == 0, proc.stderr
     out = last_json(proc.stdout)
     assert set(out) >= {"macs_ratio_achieved", "top1_before", "top1_after", "episodes", "search_seconds",
