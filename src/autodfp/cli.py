@@ -341,8 +341,9 @@ def prune(model: str = typer.Argument(..., help="Zoo name or user model."),
 
 
 #: Synthetic inputs the reward compares on, by input size. On ResNet-56 at 0.5 MACs the proxy
-#: check's Spearman rho rises from 0.884 with 64 inputs to 0.912 with 256 (docs/RESULTS.md); at
-#: 224 px each input costs ~50x more to distil and to score, so 64 stay the default there.
+#: check's Spearman rho rises from 0.873 with 64 inputs to 0.896 with 256, and 0.912 with the
+#: current refinement defaults (docs/RESULTS.md); at 224 px each input costs ~50x more to distil
+#: and to score, so 64 stay the default there.
 REWARD_INPUTS = {"small": 256, "large": 64}
 
 
