@@ -105,6 +105,8 @@ def test_prune_search_json_contract_and_artifacts(tmp_path):
     (("prune", "resnet20_cifar10", "--uniform", "0.5", "--reconstruct", "magic", "--out", "x"), "unknown strategy"),
     (("prune", "resnet20_cifar10", "--uniform", "0.5", "--synth-steps", "-1", "--out", "x"), "--synth-steps"),
     (("bench", "resnet20_cifar10", "--methods", "lsq+l1+refine", "--refine-ridge", "-1"), "--refine-ridge"),
+    (("prune", "resnet20_cifar10", "--uniform", "0.5", "--refine-inputs", "1", "--out", "x"), "--refine-inputs"),
+    (("prune", "resnet20_cifar10", "--uniform", "0.5", "--reward-inputs", "1", "--out", "x"), "--reward-inputs"),
 ])
 def test_bad_input_gets_one_line_errors(args, pattern):
     assert_one_line_error(run(*args), pattern)

@@ -178,6 +178,7 @@ class SynthSettings:
     ridge: float = 1e-2
     dims_ridge: float = 3.0
     reward_inputs: Optional[int] = None
+    refine_inputs: int = 64
 
     def __post_init__(self) -> None:
         from .errors import PlanError
@@ -186,6 +187,8 @@ class SynthSettings:
             raise PlanError(f"--synth-steps must be non-negative, got {self.steps}")
         if self.ridge < 0 or self.dims_ridge < 0:
             raise PlanError("--refine-ridge and --refine-dims-ridge must be non-negative")
+        if self.refine_inputs < 2:
+            raise PlanError(f"--refine-inputs must be at least 2, got {self.refine_inputs}")
         if self.reward_inputs is not None and self.reward_inputs < 2:
             raise PlanError(f"--reward-inputs must be at least 2, got {self.reward_inputs}")
 
@@ -209,7 +212,7 @@ REFINE_SEED_OFFSET = 1
 def _refiner(pruner, net, cfg, shape, seed: int, quiet: bool, synth: SynthSettings = SynthSettings()):
     from .refine import Refiner
 
-    batch = _calibration_batch(net, cfg, shape, seed + REFINE_SEED_OFFSET, 64, quiet, synth.steps)
+    batch = _calibration_batch(net, cfg, shape, seed + REFINE_SEED_OFFSET, synth.refine_inputs, quiet, synth.steps)
     return Refiner(pruner, batch, ridge=synth.ridge, dims_ridge=synth.dims_ridge)
 
 
@@ -248,6 +251,8 @@ RefineDimsRidgeOpt = typer.Option(3.0, "--refine-dims-ridge",
                                   help="Extra ridge × kept channels / fitted positions (guards wide, low-resolution layers).")
 RewardInputsOpt = typer.Option(None, "--reward-inputs", help="Synthetic inputs the reward compares the models on "
                                "(default 256 for ≤64-px inputs, 64 for larger ones).")
+RefineInputsOpt = typer.Option(64, "--refine-inputs", help="Synthetic inputs the refinement fits on (one batch, "
+                               "seed + 1; more help wide low-resolution layers but cost distillation time).")
 RefineOpt = typer.Option(True, "--refine/--no-refine",
                          help="Re-fit every consumer in forward order on synthetic inputs, so the kept channels also "
                               "absorb the error of earlier layers (data-free; searches score plans after it).")
@@ -271,6 +276,7 @@ def prune(model: str = typer.Argument(..., help="Zoo name or user model."),
           corr: str = CorrOpt, seed: int = SeedOpt, refine: bool = RefineOpt,
           synth_steps: Optional[int] = SynthStepsOpt, refine_ridge: float = RefineRidgeOpt,
           refine_dims_ridge: float = RefineDimsRidgeOpt, reward_inputs: Optional[int] = RewardInputsOpt,
+          refine_inputs: int = RefineInputsOpt,
           out: Path = typer.Option(..., "--out", help="Output directory (model.ts, pruned.pt, plan.json)."),
           weights: Optional[str] = WeightsOpt, arch: Optional[str] = ArchOpt, trust_pickle: bool = TrustOpt,
           like: Optional[str] = LikeOpt, data: Optional[str] = DataOpt, limit: Optional[int] = LimitOpt,
@@ -289,7 +295,7 @@ def prune(model: str = typer.Argument(..., help="Zoo name or user model."),
     con = _console(as_json)
     net, cfg = _load(model, weights, arch, trust_pickle, like)
     shape = _input_shape(cfg)
-    synth = SynthSettings(synth_steps, refine_ridge, refine_dims_ridge, reward_inputs)
+    synth = SynthSettings(synth_steps, refine_ridge, refine_dims_ridge, reward_inputs, refine_inputs)
     pruner = _make_pruner(net, cfg, shape, corr, seed, 64, as_json,
                           synthesising=refine or (macs_ratio is not None and reward_spec == "synthetic"), synth=synth)
     refiner = _refiner(pruner, net, cfg, shape, seed, as_json, synth) if refine else None
@@ -435,6 +441,7 @@ def proxy_check_cmd(model: str = typer.Argument(..., help="Zoo name or user mode
                     corr: str = CorrOpt, seed: int = SeedOpt, refine: bool = RefineOpt,
                     synth_steps: Optional[int] = SynthStepsOpt, refine_ridge: float = RefineRidgeOpt,
                     refine_dims_ridge: float = RefineDimsRidgeOpt, reward_inputs: Optional[int] = RewardInputsOpt,
+                    refine_inputs: int = RefineInputsOpt,
                     out: Path = typer.Option(Path("runs/proxy"), "--out", help="Directory for proxy.png/json."),
                     weights: Optional[str] = WeightsOpt, arch: Optional[str] = ArchOpt, trust_pickle: bool = TrustOpt,
                     like: Optional[str] = LikeOpt, data: Optional[str] = DataOpt, limit: Optional[int] = LimitOpt,
@@ -446,7 +453,7 @@ def proxy_check_cmd(model: str = typer.Argument(..., help="Zoo name or user mode
 
     net, cfg = _load(model, weights, arch, trust_pickle, like)
     shape = _input_shape(cfg)
-    synth = SynthSettings(synth_steps, refine_ridge, refine_dims_ridge, reward_inputs)
+    synth = SynthSettings(synth_steps, refine_ridge, refine_dims_ridge, reward_inputs, refine_inputs)
     pruner = _make_pruner(net, cfg, shape, corr, seed, 64, as_json, synthesising=refine or reward_spec == "synthetic",
                           synth=synth)
     refiner = _refiner(pruner, net, cfg, shape, seed, as_json, synth) if refine else None
@@ -476,7 +483,7 @@ def bench(model: str = typer.Argument(..., help="Zoo name or user model."),
           strength: float = typer.Option(1.0, "--strength", help="Merge strength λ for autodfp."),
           corr: str = CorrOpt, seed: int = SeedOpt,
           synth_steps: Optional[int] = SynthStepsOpt, refine_ridge: float = RefineRidgeOpt,
-          refine_dims_ridge: float = RefineDimsRidgeOpt,
+          refine_dims_ridge: float = RefineDimsRidgeOpt, refine_inputs: int = RefineInputsOpt,
           out: Path = typer.Option(Path("runs/bench"), "--out", help="Directory for bench.md/json/png."),
           weights: Optional[str] = WeightsOpt, arch: Optional[str] = ArchOpt, trust_pickle: bool = TrustOpt,
           like: Optional[str] = LikeOpt, data: Optional[str] = DataOpt, limit: Optional[int] = LimitOpt,
@@ -495,7 +502,7 @@ def bench(model: str = typer.Argument(..., help="Zoo name or user model."),
     net, cfg = _load(model, weights, arch, trust_pickle, like)
     shape = _input_shape(cfg)
     refining = any(parse_method(m)[2] for m in method_list)
-    synth = SynthSettings(synth_steps, refine_ridge, refine_dims_ridge)
+    synth = SynthSettings(synth_steps, refine_ridge, refine_dims_ridge, refine_inputs=refine_inputs)
     pruner = _make_pruner(net, cfg, shape, corr, seed, 64, False, synthesising=refining, synth=synth)
     refiner = _refiner(pruner, net, cfg, shape, seed, False, synth) if refining else None
     batches = _eval_batches(cfg, data, limit, batch_size)
