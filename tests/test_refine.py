@@ -159,3 +159,15 @@ def test_a_huge_dims_ridge_leaves_the_prior_in_place() -> None:
         assert torch.allclose(k, torch.eye(k.shape[0], dtype=k.dtype), atol=1e-6)
         if name in plain:
             assert torch.allclose(dec.compensation.A, plain[name].compensation.A, atol=1e-6)
+
+
+def test_search_refiner_fits_on_the_first_inputs_only() -> None:
+    from autodfp.cli import SEARCH_REFINE_INPUTS, _search_refiner
+
+    pruner = Pruner(_randomised_resnet20(), SHAPE)
+    small = Refiner(pruner, _inputs(SEARCH_REFINE_INPUTS, 0))
+    assert _search_refiner(small) is small and _search_refiner(None) is None
+    big = Refiner(pruner, _inputs(SEARCH_REFINE_INPUTS + 5, 0), ridge=0.5, dims_ridge=2.0)
+    cut = _search_refiner(big)
+    assert torch.equal(cut.inputs, big.inputs[:SEARCH_REFINE_INPUTS])
+    assert (cut.ridge, cut.dims_ridge, cut.max_positions, cut.pruner) == (0.5, 2.0, big.max_positions, pruner)

@@ -182,3 +182,37 @@ def test_cache_default_location_and_corrupt_entry(tmp_path: Path, monkeypatch: p
     b = synthetic_batch(net, "plain", (3, 8, 8), n=4, seed=0, method="noise")
     assert torch.equal(a, b)
     assert torch.load(entry, weights_only=True)["method"] == "noise"
+
+
+def test_chunk_sizes() -> None:
+    large = (3, 72, 72)
+    assert synth.chunk_sizes(256, (3, 32, 32)) == [256], "small inputs are distilled as one batch"
+    assert synth.chunk_sizes(64, large) == [64]
+    assert synth.chunk_sizes(256, large) == [64] * 4
+    assert synth.chunk_sizes(100, large) == [64, 36]
+    assert synth.chunk_sizes(129, large) == [64, 65], "a chunk of one has no batch variance"
+    assert synth.chunk_sizes(65, large) == [65]
+    for n in (2, 63, 100, 129, 200, 257):
+        assert sum(synth.chunk_sizes(n, large)) == n and min(synth.chunk_sizes(n, large)) >= 2
+
+
+def test_large_batches_are_chunks_and_extend_smaller_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(synth, "LARGE_CHUNK", 4)
+    net, shape = _bn_net(), (3, 72, 72)
+    calls = []
+    real_distill = synth.distill
+
+    def counting(*args, **kwargs):
+        calls.append(args[2])
+        return real_distill(*args, **kwargs)
+
+    monkeypatch.setattr(synth, "distill", counting)
+    small = synthetic_batch(net, "tiny/net", shape, n=4, seed=3, cache_dir=tmp_path, steps=2)
+    big = synthetic_batch(net, "tiny/net", shape, n=10, seed=3, cache_dir=tmp_path, steps=2)
+    assert big.shape == (10, *shape)
+    assert torch.equal(big[:4], small), "the first chunk of a larger batch is the smaller batch of the same seed"
+    assert calls == [4, 4, 2], "the first chunk came from the cache; the others were distilled once each"
+    assert len(list(tmp_path.glob("*.pt"))) == 3
+    assert not torch.equal(big[4:8], big[:4]), "chunks use different seeds"
+    assert torch.equal(synthetic_batch(net, "tiny/net", shape, n=10, seed=3, cache_dir=tmp_path, steps=2), big)
+    assert calls == [4, 4, 2]

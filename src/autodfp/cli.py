@@ -209,11 +209,27 @@ def _calibration_batch(net, cfg, shape, seed: int, n: int, quiet: bool, steps: O
 REFINE_SEED_OFFSET = 1
 
 
+#: A search refines every candidate plan, at a cost that grows with the batch, so it fits on the first
+#: this many refinement inputs (at 224 px: the first distilled chunk); the chosen plan gets them all.
+SEARCH_REFINE_INPUTS = 64
+
+
 def _refiner(pruner, net, cfg, shape, seed: int, quiet: bool, synth: SynthSettings = SynthSettings()):
     from .refine import Refiner
 
     batch = _calibration_batch(net, cfg, shape, seed + REFINE_SEED_OFFSET, synth.refine_inputs, quiet, synth.steps)
     return Refiner(pruner, batch, ridge=synth.ridge, dims_ridge=synth.dims_ridge)
+
+
+def _search_refiner(refiner):
+    """The refiner a search scores candidates with: the final one on at most :data:`SEARCH_REFINE_INPUTS` inputs."""
+    from .refine import Refiner
+
+    if refiner is None or len(refiner.inputs) <= SEARCH_REFINE_INPUTS:
+        return refiner
+    return Refiner(refiner.pruner, refiner.inputs[:SEARCH_REFINE_INPUTS], ridge=refiner.ridge,
+                   max_positions=refiner.max_positions, include_unpruned=refiner.include_unpruned,
+                   dims_ridge=refiner.dims_ridge)
 
 
 def _make_pruner(net, cfg, shape, corr: str, seed: int, calib_n: int, quiet: bool, synthesising: bool = False,
@@ -251,8 +267,9 @@ RefineDimsRidgeOpt = typer.Option(3.0, "--refine-dims-ridge",
                                   help="Extra ridge × kept channels / fitted positions (guards wide, low-resolution layers).")
 RewardInputsOpt = typer.Option(None, "--reward-inputs", help="Synthetic inputs the reward compares the models on "
                                "(default 256 for ≤64-px inputs, 64 for larger ones).")
-RefineInputsOpt = typer.Option(64, "--refine-inputs", help="Synthetic inputs the refinement fits on (one batch, "
-                               "seed + 1; more help wide low-resolution layers but cost distillation time).")
+RefineInputsOpt = typer.Option(64, "--refine-inputs", help="Synthetic inputs the final refinement fits on (seed + 1; "
+                               "more help wide low-resolution layers but cost distillation time). Searches score "
+                               f"candidates refined on the first {SEARCH_REFINE_INPUTS}.")
 RefineOpt = typer.Option(True, "--refine/--no-refine",
                          help="Re-fit every consumer in forward order on synthetic inputs, so the kept channels also "
                               "absorb the error of earlier layers (data-free; searches score plans after it).")
@@ -303,7 +320,7 @@ def prune(model: str = typer.Argument(..., help="Zoo name or user model."),
     if macs_ratio is not None:
         plan, search_out = _run_search(net, cfg, shape, pruner, macs_ratio, search_method, episodes, warmup,
                                        reward_spec, data, seed, criterion or "l1", reconstruct, strength, r_min,
-                                       out, checkpoint_every, resume, as_json, refiner, synth)
+                                       out, checkpoint_every, resume, as_json, _search_refiner(refiner), synth)
     elif plan_file is not None:
         plan = Plan.load(plan_file)
         plan.criterion = criterion or plan.criterion
@@ -461,7 +478,7 @@ def proxy_check_cmd(model: str = typer.Argument(..., help="Zoo name or user mode
     batches = _eval_batches(cfg, data, limit, batch_size)
     acc = lambda m: evaluate(m, batches, cfg.label_offset, progress=False).top1  # noqa: E731
     rho, rewards, accs = proxy_check(pruner, reward, acc, macs_ratio, k=plans, seed=seed, strategy=reconstruct,
-                                     progress=not as_json or sys.stderr.isatty(), refiner=refiner)
+                                     progress=not as_json or sys.stderr.isatty(), refiner=_search_refiner(refiner))
     out.mkdir(parents=True, exist_ok=True)
     plot_proxy(rewards, accs, out / "proxy.png", title=f"{cfg.name} @ {macs_ratio:g} MACs: Spearman ρ = {rho:.3f}")
     atomic_write_text(out / "proxy.json", json.dumps({"model": cfg.name, "macs_ratio": macs_ratio, "plans": plans,

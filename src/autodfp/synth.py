@@ -89,6 +89,14 @@ DEFAULTS: dict[str, dict[str, tuple[int, float]]] = {
     "noise": {"small": (0, 0.0), "large": (0, 0.0)},
 }
 SMALL_INPUT_PIXELS = 64 * 64
+#: Large-input batches bigger than this are distilled, and cached, in chunks of this size. Each chunk
+#: is a ZeroQ batch of its own (its statistics match every BN layer's), memory stays bounded, and a
+#: larger batch extends a smaller one: the first chunk of a 256-input batch *is* the 64-input batch of
+#: the same seed, so raising ``--refine-inputs`` reuses what was already distilled.
+LARGE_CHUNK = 64
+#: Chunk ``i > 0`` of a batch with seed ``s`` is distilled from seed ``s + i * CHUNK_SEED_STRIDE``:
+#: far from the small seeds users pick, so a chunk is never another run's whole batch.
+CHUNK_SEED_STRIDE = 1_000_003
 #: ``"deepinversion"`` weights of the class and smoothness terms relative to the BN term
 DI_CE_WEIGHT = 0.3
 DI_TV_WEIGHT = 0.1
@@ -377,6 +385,25 @@ def _cache_path(root: Path, model_key: str, parts: dict) -> Path:
     return root / f"{safe}-{parts['method']}-n{parts['n']}-s{parts['seed']}-{digest}.pt"
 
 
+def chunk_sizes(n: int, input_shape: Sequence[int]) -> list[int]:
+    """How :func:`synthetic_batch` splits ``n`` inputs: whole for small inputs, :data:`LARGE_CHUNK` s otherwise.
+
+    A remainder of one input joins the last chunk, since a BN batch of one has no variance to match.
+    """
+    pixels = 1
+    for s in tuple(input_shape)[1:]:
+        pixels *= int(s)
+    if pixels <= SMALL_INPUT_PIXELS or n <= LARGE_CHUNK:
+        return [int(n)]
+    sizes = [LARGE_CHUNK] * (n // LARGE_CHUNK)
+    rest = n % LARGE_CHUNK
+    if rest == 1:
+        sizes[-1] += 1
+    elif rest:
+        sizes.append(rest)
+    return sizes
+
+
 def synthetic_batch(
     model: nn.Module,
     model_key: str,
@@ -395,8 +422,17 @@ def synthetic_batch(
     The key covers everything that changes the result: ``model_key``, a hash of the state dict (a
     fine-tuned model under the same name gets its own entry), shape, ``n``, seed, the resolved
     method, steps and learning rate. Default location: ``autodfp.hub.cache_dir()/"synthetic"``.
+    Large-input batches are concatenated chunks (:func:`chunk_sizes`), each distilled and cached on
+    its own.
     """
     resolved = resolve_method(model, method)
+    sizes = chunk_sizes(n, input_shape)
+    if len(sizes) > 1:
+        return torch.cat([
+            synthetic_batch(model, model_key, input_shape, size, seed + i * CHUNK_SEED_STRIDE, cache_dir, resolved,
+                            steps, lr, label_offset, progress)
+            for i, size in enumerate(sizes)
+        ])
     d_steps, d_lr = default_settings(resolved, input_shape)
     steps = d_steps if steps is None else int(steps)
     lr = d_lr if lr is None else float(lr)
