@@ -171,3 +171,12 @@ def test_search_refiner_fits_on_the_first_inputs_only() -> None:
     cut = _search_refiner(big)
     assert torch.equal(cut.inputs, big.inputs[:SEARCH_REFINE_INPUTS])
     assert (cut.ridge, cut.dims_ridge, cut.max_positions, cut.pruner) == (0.5, 2.0, big.max_positions, pruner)
+
+
+def test_refinement_batch_size_defaults_by_input_size() -> None:
+    from autodfp.cli import REFINE_INPUTS, SynthSettings, _by_input_size
+
+    assert _by_input_size((3, 32, 32), REFINE_INPUTS) == REFINE_INPUTS["small"]
+    assert _by_input_size((3, 224, 224), REFINE_INPUTS) == REFINE_INPUTS["large"]
+    with pytest.raises(PlanError, match="--refine-inputs"):
+        SynthSettings(refine_inputs=1)

@@ -178,7 +178,7 @@ class SynthSettings:
     ridge: float = 1e-2
     dims_ridge: float = 3.0
     reward_inputs: Optional[int] = None
-    refine_inputs: int = 64
+    refine_inputs: Optional[int] = None
 
     def __post_init__(self) -> None:
         from .errors import PlanError
@@ -187,7 +187,7 @@ class SynthSettings:
             raise PlanError(f"--synth-steps must be non-negative, got {self.steps}")
         if self.ridge < 0 or self.dims_ridge < 0:
             raise PlanError("--refine-ridge and --refine-dims-ridge must be non-negative")
-        if self.refine_inputs < 2:
+        if self.refine_inputs is not None and self.refine_inputs < 2:
             raise PlanError(f"--refine-inputs must be at least 2, got {self.refine_inputs}")
         if self.reward_inputs is not None and self.reward_inputs < 2:
             raise PlanError(f"--reward-inputs must be at least 2, got {self.reward_inputs}")
@@ -217,7 +217,8 @@ SEARCH_REFINE_INPUTS = 64
 def _refiner(pruner, net, cfg, shape, seed: int, quiet: bool, synth: SynthSettings = SynthSettings()):
     from .refine import Refiner
 
-    batch = _calibration_batch(net, cfg, shape, seed + REFINE_SEED_OFFSET, synth.refine_inputs, quiet, synth.steps)
+    n = synth.refine_inputs if synth.refine_inputs is not None else _by_input_size(shape, REFINE_INPUTS)
+    batch = _calibration_batch(net, cfg, shape, seed + REFINE_SEED_OFFSET, n, quiet, synth.steps)
     return Refiner(pruner, batch, ridge=synth.ridge, dims_ridge=synth.dims_ridge)
 
 
@@ -267,9 +268,10 @@ RefineDimsRidgeOpt = typer.Option(3.0, "--refine-dims-ridge",
                                   help="Extra ridge × kept channels / fitted positions (guards wide, low-resolution layers).")
 RewardInputsOpt = typer.Option(None, "--reward-inputs", help="Synthetic inputs the reward compares the models on "
                                "(default 256 for ≤64-px inputs, 64 for larger ones).")
-RefineInputsOpt = typer.Option(64, "--refine-inputs", help="Synthetic inputs the final refinement fits on (seed + 1; "
-                               "more help wide low-resolution layers but cost distillation time). Searches score "
-                               f"candidates refined on the first {SEARCH_REFINE_INPUTS}.")
+RefineInputsOpt = typer.Option(None, "--refine-inputs", help="Synthetic inputs the final refinement fits on (seed + 1; "
+                               "default 64 for ≤64-px inputs, 256 for larger; more help wide low-resolution layers "
+                               "but cost distillation time). Searches score candidates refined on the first "
+                               f"{SEARCH_REFINE_INPUTS}.")
 RefineOpt = typer.Option(True, "--refine/--no-refine",
                          help="Re-fit every consumer in forward order on synthetic inputs, so the kept channels also "
                               "absorb the error of earlier layers (data-free; searches score plans after it).")
@@ -293,7 +295,7 @@ def prune(model: str = typer.Argument(..., help="Zoo name or user model."),
           corr: str = CorrOpt, seed: int = SeedOpt, refine: bool = RefineOpt,
           synth_steps: Optional[int] = SynthStepsOpt, refine_ridge: float = RefineRidgeOpt,
           refine_dims_ridge: float = RefineDimsRidgeOpt, reward_inputs: Optional[int] = RewardInputsOpt,
-          refine_inputs: int = RefineInputsOpt,
+          refine_inputs: Optional[int] = RefineInputsOpt,
           out: Path = typer.Option(..., "--out", help="Output directory (model.ts, pruned.pt, plan.json)."),
           weights: Optional[str] = WeightsOpt, arch: Optional[str] = ArchOpt, trust_pickle: bool = TrustOpt,
           like: Optional[str] = LikeOpt, data: Optional[str] = DataOpt, limit: Optional[int] = LimitOpt,
@@ -370,13 +372,23 @@ def prune(model: str = typer.Argument(..., help="Zoo name or user model."),
 REWARD_INPUTS = {"small": 256, "large": 64}
 
 
-def _reward_inputs(shape, synth: SynthSettings) -> int:
-    from .synth import SMALL_INPUT_PIXELS
+#: Synthetic inputs the final refinement fits on, by input size. On MobileNet-V1 at 224 px, 256
+#: instead of 64 took the refined SAC plan at 0.6647 MACs from 56.85 % to 59.00 % (docs/RESULTS.md),
+#: for ~20 more minutes of one-off distillation on a 2-core CPU (then cached). Searches score
+#: candidates on the first :data:`SEARCH_REFINE_INPUTS` only, so a search costs the same either way.
+REFINE_INPUTS = {"small": 64, "large": 256}
 
+
+def _by_input_size(shape, table: dict[str, int]) -> int:
+    from .synth import size_class
+
+    return table[size_class(shape)]
+
+
+def _reward_inputs(shape, synth: SynthSettings) -> int:
     if synth.reward_inputs is not None:
         return synth.reward_inputs
-    pixels = int(shape[-1]) * int(shape[-2]) if len(shape) >= 3 else 1
-    return REWARD_INPUTS["small" if pixels <= SMALL_INPUT_PIXELS else "large"]
+    return _by_input_size(shape, REWARD_INPUTS)
 
 
 def _reward(net, cfg, shape, spec: str, eval_data: Optional[str], seed: int, quiet: bool,
@@ -458,7 +470,7 @@ def proxy_check_cmd(model: str = typer.Argument(..., help="Zoo name or user mode
                     corr: str = CorrOpt, seed: int = SeedOpt, refine: bool = RefineOpt,
                     synth_steps: Optional[int] = SynthStepsOpt, refine_ridge: float = RefineRidgeOpt,
                     refine_dims_ridge: float = RefineDimsRidgeOpt, reward_inputs: Optional[int] = RewardInputsOpt,
-                    refine_inputs: int = RefineInputsOpt,
+                    refine_inputs: Optional[int] = RefineInputsOpt,
                     out: Path = typer.Option(Path("runs/proxy"), "--out", help="Directory for proxy.png/json."),
                     weights: Optional[str] = WeightsOpt, arch: Optional[str] = ArchOpt, trust_pickle: bool = TrustOpt,
                     like: Optional[str] = LikeOpt, data: Optional[str] = DataOpt, limit: Optional[int] = LimitOpt,
@@ -500,7 +512,7 @@ def bench(model: str = typer.Argument(..., help="Zoo name or user model."),
           strength: float = typer.Option(1.0, "--strength", help="Merge strength λ for autodfp."),
           corr: str = CorrOpt, seed: int = SeedOpt,
           synth_steps: Optional[int] = SynthStepsOpt, refine_ridge: float = RefineRidgeOpt,
-          refine_dims_ridge: float = RefineDimsRidgeOpt, refine_inputs: int = RefineInputsOpt,
+          refine_dims_ridge: float = RefineDimsRidgeOpt, refine_inputs: Optional[int] = RefineInputsOpt,
           out: Path = typer.Option(Path("runs/bench"), "--out", help="Directory for bench.md/json/png."),
           weights: Optional[str] = WeightsOpt, arch: Optional[str] = ArchOpt, trust_pickle: bool = TrustOpt,
           like: Optional[str] = LikeOpt, data: Optional[str] = DataOpt, limit: Optional[int] = LimitOpt,

@@ -102,12 +102,17 @@ DI_CE_WEIGHT = 0.3
 DI_TV_WEIGHT = 0.1
 
 
-def default_settings(method: str, input_shape: Sequence[int]) -> tuple[int, float]:
-    """(steps, lr) used when the caller gives none; depends on the input's spatial size."""
+def size_class(input_shape: Sequence[int]) -> str:
+    """``"small"`` (CIFAR-size, at most :data:`SMALL_INPUT_PIXELS`) or ``"large"`` (ImageNet-size)."""
     pixels = 1
     for s in tuple(input_shape)[1:]:
         pixels *= int(s)
-    return DEFAULTS[method]["small" if pixels <= SMALL_INPUT_PIXELS else "large"]
+    return "small" if pixels <= SMALL_INPUT_PIXELS else "large"
+
+
+def default_settings(method: str, input_shape: Sequence[int]) -> tuple[int, float]:
+    """(steps, lr) used when the caller gives none; depends on the input's spatial size."""
+    return DEFAULTS[method][size_class(input_shape)]
 
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -390,10 +395,7 @@ def chunk_sizes(n: int, input_shape: Sequence[int]) -> list[int]:
 
     A remainder of one input joins the last chunk, since a BN batch of one has no variance to match.
     """
-    pixels = 1
-    for s in tuple(input_shape)[1:]:
-        pixels *= int(s)
-    if pixels <= SMALL_INPUT_PIXELS or n <= LARGE_CHUNK:
+    if size_class(input_shape) == "small" or n <= LARGE_CHUNK:
         return [int(n)]
     sizes = [LARGE_CHUNK] * (n // LARGE_CHUNK)
     rest = n % LARGE_CHUNK
