@@ -180,3 +180,19 @@ def test_refinement_batch_size_defaults_by_input_size() -> None:
     assert _by_input_size((3, 224, 224), REFINE_INPUTS) == REFINE_INPUTS["large"]
     with pytest.raises(PlanError, match="--refine-inputs"):
         SynthSettings(refine_inputs=1)
+
+
+def test_refiner_targets_are_the_eval_mode_models_even_if_it_was_left_training() -> None:
+    net = _randomised_resnet20()
+    pruner = Pruner(net, SHAPE)
+    plan = Plan.uniform(pruner.graph, 0.5, strategy="lsq")
+    x = _inputs(8, 1)
+    expected = Refiner(pruner, x)(pruner.decide(plan))
+    stats = {k: v.clone() for k, v in net.state_dict().items()}
+    net.train()  # as a caller (or a bug upstream) may leave it
+    got = Refiner(pruner, x)(pruner.decide(plan))
+    assert net.training, "the caller's mode is restored"
+    assert all(torch.equal(v, stats[k]) for k, v in net.state_dict().items()), "BN running stats untouched"
+    for name, dec in expected.items():
+        assert torch.allclose(got[name].compensation.K, dec.compensation.K)
+        assert torch.allclose(got[name].compensation.A, dec.compensation.A)

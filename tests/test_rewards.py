@@ -119,6 +119,20 @@ def test_reward_restores_mode_and_rejects_bad_args(batch: torch.Tensor) -> None:
         AgreementReward(net, batch)(_net(n_out=5))
 
 
+def test_eval_mode_restores_every_modules_own_flag() -> None:
+    from autodfp._modes import eval_mode
+
+    net = _net().eval()
+    net[0].train()  # mixed flags, as a caller may leave them
+    flags = [m.training for m in net.modules()]
+    wrapper = torch.nn.Sequential(net)  # a new module starts in training mode, like env.MaskedModel
+    with eval_mode(wrapper):
+        assert not any(m.training for m in wrapper.modules())
+    assert [m.training for m in net.modules()] == flags and wrapper.training
+    AgreementReward(net, torch.randn(4, 3, 8, 8))(wrapper)
+    assert [m.training for m in net.modules()] == flags, "scoring a wrapper must not switch the wrapped model"
+
+
 def test_reward_runs_in_batches(batch: torch.Tensor) -> None:
     net = _net()
     damaged = _damage(net, [2, 5])

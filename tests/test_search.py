@@ -66,6 +66,21 @@ def test_fast_path_reward_equals_the_physically_pruned_models(resnet20):
     assert len(set(result.best_plan.ratios.values())) > 1  # per-layer ratios, not a uniform plan
 
 
+def test_search_leaves_the_original_in_eval_mode_and_unchanged(resnet20):
+    """The reward wraps the original in a MaskedModel: restoring the wrapper's mode must not flip the original.
+
+    A network left in training mode normalises with batch statistics and overwrites its BN running
+    statistics at its next forward pass (a refinement fitted after the search did exactly that).
+    """
+    pruner, reward = resnet20
+    before = {k: v.clone() for k, v in pruner.model.state_dict().items()}
+    search(pruner, 0.5, method="random", episodes=2, reward=reward, seed=0, progress=False)
+    assert not any(m.training for m in pruner.model.modules())
+    with torch.no_grad():
+        pruner.model(torch.randn(4, *CIFAR))
+    assert all(torch.equal(v, before[k]) for k, v in pruner.model.state_dict().items())
+
+
 def test_same_seed_same_plan_and_resume_is_exact(resnet20, tmp_path):
     pruner, reward = resnet20
     kw = dict(method="sac", warmup=3, reward=reward, progress=False)

@@ -60,6 +60,9 @@ class MaskedModel(nn.Module):
         super().__init__()
         self.base = base
         self.state = state
+        # A new Module starts in training mode; mirror the base instead, so that code restoring
+        # "the caller's mode" on this wrapper never switches the shared original to training.
+        self.train(base.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.base, self.state, (x,))

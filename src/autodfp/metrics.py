@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
+from ._modes import eval_mode
 from .errors import DataError
 
 __all__ = ["EvalResult", "LayerProfile", "Profile", "evaluate", "latency_ms", "latency_table",
@@ -142,15 +143,12 @@ def profile(model: nn.Module, input_size: int | Sequence[int]) -> Profile:
         return hook
 
     handles = [m.register_forward_hook(make_hook(name)) for name, m in targets]
-    was_training = model.training
     try:
-        model.eval()
-        with torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             model(_example_input(model, shape))
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
 
     layers = []
     for name, m in targets:
@@ -189,7 +187,6 @@ def evaluate(model: nn.Module, loader: DataLoader | Iterable, label_offset: int 
 
     device = _model_device(model)
     correct1 = correct5 = n = 0
-    was_training = model.training
     try:
         total = len(loader) if hasattr(loader, "__len__") else None
     except TypeError:
@@ -197,8 +194,7 @@ def evaluate(model: nn.Module, loader: DataLoader | Iterable, label_offset: int 
     bar = tqdm(loader, total=total, desc="eval", unit="batch", file=sys.stderr, disable=not progress,
                leave=False, dynamic_ncols=True)
     try:
-        model.eval()
-        with torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             for batch in bar:
                 if not isinstance(batch, (tuple, list)) or len(batch) < 2:
                     raise DataError("evaluation needs labelled data: the loader yields images without labels")
@@ -228,7 +224,6 @@ def evaluate(model: nn.Module, loader: DataLoader | Iterable, label_offset: int 
                     bar.set_postfix(top1=f"{100.0 * correct1 / n:.2f}")
     finally:
         bar.close()
-        model.train(was_training)
     if n == 0:
         raise DataError("empty dataset: nothing to evaluate")
     return EvalResult(top1=100.0 * correct1 / n, top5=100.0 * correct5 / n, n=n)
@@ -243,22 +238,17 @@ def latency_ms(model: nn.Module, input_size: int | Sequence[int], batch_size: in
     x = _example_input(model, shape)
     cuda = x.is_cuda
     times = []
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.inference_mode():
-            for _ in range(max(warmup, 0)):
-                model(x)
-            for _ in range(repeats):
-                if cuda:
-                    torch.cuda.synchronize(x.device)
-                t0 = time.perf_counter()
-                model(x)
-                if cuda:
-                    torch.cuda.synchronize(x.device)
-                times.append((time.perf_counter() - t0) * 1e3)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.inference_mode():
+        for _ in range(max(warmup, 0)):
+            model(x)
+        for _ in range(repeats):
+            if cuda:
+                torch.cuda.synchronize(x.device)
+            t0 = time.perf_counter()
+            model(x)
+            if cuda:
+                torch.cuda.synchronize(x.device)
+            times.append((time.perf_counter() - t0) * 1e3)
     return float(statistics.median(times))
 
 

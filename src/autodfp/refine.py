@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
+from ._modes import eval_mode
 from .errors import PlanError
 from .reconstruct import Compensation, fit_drift
 
@@ -112,7 +113,8 @@ class Refiner:
             model = self.pruner.model
             handles = [model.get_submodule(self._consumer(n)).register_forward_pre_hook(capture(n)) for n in names]
             try:
-                model(self.inputs)
+                with eval_mode(model):  # targets are the deployed (running-statistics) model's activations
+                    model(self.inputs)
             finally:
                 for h in handles:
                     h.remove()

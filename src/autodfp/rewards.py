@@ -43,6 +43,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._modes import eval_mode
+
 MEASURES = ("kl", "top1", "mse")
 
 
@@ -52,25 +54,10 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-class _eval_mode:
-    """Eval mode for the duration of a call; the caller's train/eval flag is restored afterwards."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def __enter__(self) -> nn.Module:
-        self._training = self.model.training
-        self.model.eval()
-        return self.model
-
-    def __exit__(self, *exc: object) -> None:
-        self.model.train(self._training)
-
-
 def _logits(model: nn.Module, inputs: torch.Tensor, batch_size: int, label_offset: int) -> torch.Tensor:
     device = _device_of(model)
     out = []
-    with _eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         for i in range(0, inputs.shape[0], batch_size):
             z = model(inputs[i:i + batch_size].to(device))
             out.append(z[:, label_offset:].float().cpu())
@@ -154,7 +141,7 @@ class AccuracyReward:
     def __call__(self, model: nn.Module) -> float:
         device = _device_of(model)
         correct = total = 0
-        with _eval_mode(model), torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             for i, (x, y) in enumerate(self.loader):
                 if self.max_batches is not None and i >= self.max_batches:
                     break

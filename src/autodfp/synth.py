@@ -73,6 +73,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._io import atomic_write
+from ._modes import eval_mode
 from .hub import cache_dir as _default_cache_root
 
 METHODS = ("auto", "bn", "deepinversion", "inversion", "noise")
@@ -215,24 +216,18 @@ def bn_stat_loss(model: nn.Module, x: torch.Tensor) -> float:
         return float(hook.pop())
 
 
-class _frozen:
+@contextlib.contextmanager
+def _frozen(model: nn.Module) -> Iterator[nn.Module]:
     """Eval mode, no parameter gradients; both restored on exit so the caller's model is untouched."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def __enter__(self) -> nn.Module:
-        self._training = self.model.training
-        self._grads = [(p, p.requires_grad) for p in self.model.parameters()]
-        self.model.eval()
-        for p, _ in self._grads:
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    with eval_mode(model):
+        for p, _ in grads:
             p.requires_grad_(False)
-        return self.model
-
-    def __exit__(self, *exc: object) -> None:
-        for p, flag in self._grads:
-            p.requires_grad_(flag)
-        self.model.train(self._training)
+        try:
+            yield model
+        finally:
+            for p, flag in grads:
+                p.requires_grad_(flag)
 
 
 def _model_device(model: nn.Module) -> torch.device:
