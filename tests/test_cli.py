@@ -70,6 +70,7 @@ def test_prune_json_contract_and_reload(tmp_path):
     out = last_json(proc.stdout)
     assert set(out) >= {"macs_before", "macs_after", "params_before", "params_after", "top1_before", "top1_after"}
     assert out["macs_after"] < out["macs_before"] and out["params_after"] < out["params_before"]
+    assert out["refine_dims_ridge"] in (1.0, 3.0, 10.0, 30.0), "the final refinement picks its ridge by the reward"
     again = run("eval", str(out_dir), "--limit", "200", "--json")
     assert again.returncode == 0, again.stderr
     assert abs(last_json(again.stdout)["top1"] - out["top1_after"]) < 1e-6
@@ -90,7 +91,7 @@ def test_prune_search_json_contract_and_artifacts(tmp_path):
     plain = run("prune", "resnet20_cifar10", "--plan", str(out_dir / "plan.json"), "--no-refine",
                 "--out", str(tmp_path / "plain"), "--limit", "100", "--json")
     assert plain.returncode == 0, plain.stderr
-    assert last_json(plain.stdout)["refine"] is False
+    assert last_json(plain.stdout)["refine"] is False and "refine_dims_ridge" not in last_json(plain.stdout)
     assert last_json(plain.stdout)["macs_after"] == out["macs_after"]  # refinement edits weights, not shapes
 
 

@@ -196,3 +196,34 @@ def test_refiner_targets_are_the_eval_mode_models_even_if_it_was_left_training()
     for name, dec in expected.items():
         assert torch.allclose(got[name].compensation.K, dec.compensation.K)
         assert torch.allclose(got[name].compensation.A, dec.compensation.A)
+
+
+def test_select_dims_ridge_keeps_what_the_score_prefers() -> None:
+    from autodfp.refine import select_dims_ridge
+
+    pruner = Pruner(_randomised_resnet20(), SHAPE)
+    decisions = pruner.decide(Plan.uniform(pruner.graph, 0.5, strategy="lsq"))
+    refiner = Refiner(pruner, _inputs(16, 1))
+    first = next(iter(decisions))
+
+    prior = decisions[first].compensation.A
+
+    def shrinkage(refined) -> float:
+        """A stand-in score, larger the closer the first group's fit stays to its prior.
+
+        Nothing upstream of the first group is pruned, so its fit is one ridge regression per pruned
+        channel, whose distance from the prior shrinks monotonically as the ridge grows.
+        """
+        return -float((refined[first].compensation.A - prior).norm())
+
+    chosen, refined, scores = select_dims_ridge(refiner, decisions, shrinkage, grid=(0.0, 3.0, 30.0))
+    assert list(scores) == [0.0, 3.0, 30.0] and chosen == 30.0 == max(scores, key=scores.get)
+    direct = Refiner(pruner, _inputs(16, 1), dims_ridge=30.0)(decisions)
+    assert torch.allclose(refined[first].compensation.A, direct[first].compensation.A)
+    assert refiner.dims_ridge == 3.0, "the override is per call"
+    chosen, _, _ = select_dims_ridge(refiner, decisions, lambda d: 1.0, grid=(10.0, 1.0))
+    assert chosen == 10.0, "ties keep the first value"
+    with pytest.raises(PlanError):
+        select_dims_ridge(refiner, decisions, shrinkage, grid=())
+    with pytest.raises(PlanError):
+        refiner(decisions, dims_ridge=-1.0)

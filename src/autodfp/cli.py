@@ -176,7 +176,9 @@ class SynthSettings:
 
     steps: Optional[int] = None
     ridge: float = 1e-2
-    dims_ridge: float = 3.0
+    #: None: searches, bench and proxy-check use refine.DEFAULT_DIMS_RIDGE and a prune's final
+    #: refinement picks one from refine.DIMS_RIDGE_GRID by the reward
+    dims_ridge: Optional[float] = None
     reward_inputs: Optional[int] = None
     refine_inputs: Optional[int] = None
 
@@ -185,7 +187,7 @@ class SynthSettings:
 
         if self.steps is not None and self.steps < 0:
             raise PlanError(f"--synth-steps must be non-negative, got {self.steps}")
-        if self.ridge < 0 or self.dims_ridge < 0:
+        if self.ridge < 0 or (self.dims_ridge is not None and self.dims_ridge < 0):
             raise PlanError("--refine-ridge and --refine-dims-ridge must be non-negative")
         if self.refine_inputs is not None and self.refine_inputs < 2:
             raise PlanError(f"--refine-inputs must be at least 2, got {self.refine_inputs}")
@@ -215,11 +217,12 @@ SEARCH_REFINE_INPUTS = 64
 
 
 def _refiner(pruner, net, cfg, shape, seed: int, quiet: bool, synth: SynthSettings = SynthSettings()):
-    from .refine import Refiner
+    from .refine import DEFAULT_DIMS_RIDGE, Refiner
 
     n = synth.refine_inputs if synth.refine_inputs is not None else _by_input_size(shape, REFINE_INPUTS)
     batch = _calibration_batch(net, cfg, shape, seed + REFINE_SEED_OFFSET, n, quiet, synth.steps)
-    return Refiner(pruner, batch, ridge=synth.ridge, dims_ridge=synth.dims_ridge)
+    dims_ridge = DEFAULT_DIMS_RIDGE if synth.dims_ridge is None else synth.dims_ridge
+    return Refiner(pruner, batch, ridge=synth.ridge, dims_ridge=dims_ridge)
 
 
 def _search_refiner(refiner):
@@ -264,8 +267,10 @@ SeedOpt = typer.Option(0, "--seed", help="Seed for synthetic inputs, random crit
 SynthStepsOpt = typer.Option(None, "--synth-steps", help="Optimisation steps per synthetic batch (default by input "
                              "size: 100 for ≤64 px, 200 for larger; each batch is cached).")
 RefineRidgeOpt = typer.Option(1e-2, "--refine-ridge", help="Ridge of the refinement fits, relative to the kept variance.")
-RefineDimsRidgeOpt = typer.Option(3.0, "--refine-dims-ridge",
-                                  help="Extra ridge × kept channels / fitted positions (guards wide, low-resolution layers).")
+RefineDimsRidgeOpt = typer.Option(None, "--refine-dims-ridge",
+                                  help="Extra ridge × kept channels / fitted positions (guards wide, low-resolution "
+                                       "layers). Default: searches, bench and proxy-check use 3; a prune's final "
+                                       "refinement tries 1, 3, 10 and 30 and keeps the one the reward scores best.")
 RewardInputsOpt = typer.Option(None, "--reward-inputs", help="Synthetic inputs the reward compares the models on "
                                "(default 256 for ≤64-px inputs, 64 for larger ones).")
 RefineInputsOpt = typer.Option(None, "--refine-inputs", help="Synthetic inputs the final refinement fits on (seed + 1; "
@@ -294,7 +299,7 @@ def prune(model: str = typer.Argument(..., help="Zoo name or user model."),
           strength: Optional[float] = typer.Option(None, "--strength", help="Merge strength λ in [0, 1] for autodfp."),
           corr: str = CorrOpt, seed: int = SeedOpt, refine: bool = RefineOpt,
           synth_steps: Optional[int] = SynthStepsOpt, refine_ridge: float = RefineRidgeOpt,
-          refine_dims_ridge: float = RefineDimsRidgeOpt, reward_inputs: Optional[int] = RewardInputsOpt,
+          refine_dims_ridge: Optional[float] = RefineDimsRidgeOpt, reward_inputs: Optional[int] = RewardInputsOpt,
           refine_inputs: Optional[int] = RefineInputsOpt,
           out: Path = typer.Option(..., "--out", help="Output directory (model.ts, pruned.pt, plan.json)."),
           weights: Optional[str] = WeightsOpt, arch: Optional[str] = ArchOpt, trust_pickle: bool = TrustOpt,
@@ -318,11 +323,14 @@ def prune(model: str = typer.Argument(..., help="Zoo name or user model."),
     pruner = _make_pruner(net, cfg, shape, corr, seed, 64, as_json,
                           synthesising=refine or (macs_ratio is not None and reward_spec == "synthetic"), synth=synth)
     refiner = _refiner(pruner, net, cfg, shape, seed, as_json, synth) if refine else None
+    selecting = refiner is not None and synth.dims_ridge is None
+    reward = (_reward(net, cfg, shape, reward_spec, data, seed, as_json, synth)
+              if macs_ratio is not None or selecting else None)
     search_out: dict[str, Any] = {}
     if macs_ratio is not None:
         plan, search_out = _run_search(net, cfg, shape, pruner, macs_ratio, search_method, episodes, warmup,
-                                       reward_spec, data, seed, criterion or "l1", reconstruct, strength, r_min,
-                                       out, checkpoint_every, resume, as_json, _search_refiner(refiner), synth)
+                                       reward, seed, criterion or "l1", reconstruct, strength, r_min,
+                                       out, checkpoint_every, resume, as_json, _search_refiner(refiner))
     elif plan_file is not None:
         plan = Plan.load(plan_file)
         plan.criterion = criterion or plan.criterion
@@ -334,7 +342,12 @@ def prune(model: str = typer.Argument(..., help="Zoo name or user model."),
         plan.params["strength"] = strength
     if plan.criterion == "random":
         plan.params.setdefault("seed", seed)
-    result = pruner.apply(plan, refiner(pruner.decide(plan)) if refiner is not None else None)
+    decisions = pruner.decide(plan)
+    if selecting:
+        decisions, search_out["refine_dims_ridge"] = _select_dims_ridge(pruner, refiner, decisions, reward, con)
+    elif refiner is not None:
+        decisions = refiner(decisions)
+    result = pruner.apply(plan, decisions)
     paths = save_pruned(result, out, cfg, shape, arch=arch)
 
     before, after = profile(net, shape), profile(result.model, shape)
@@ -432,13 +445,24 @@ def _is_default_eval(cfg, spec: str) -> bool:
     return base is not None and root.resolve() == (base / ref.path).resolve()
 
 
-def _run_search(net, cfg, shape, pruner, macs_ratio, method, episodes, warmup, reward_spec, data, seed,
-                criterion, reconstruct, strength, r_min, out: Path, checkpoint_every, resume, quiet, refiner=None,
-                synth: SynthSettings = SynthSettings()):
-    from .search import plot_ratios, plot_rewards, search
-    from .plan import Plan
+def _select_dims_ridge(pruner, refiner, decisions, reward, con: Console):
+    """The final refinement's dims ridge, chosen by the reward on its own (held-out) inputs."""
+    from .env import MaskedModel
+    from .refine import select_dims_ridge
 
-    reward = _reward(net, cfg, shape, reward_spec, data, seed, quiet, synth)
+    def score(refined) -> float:
+        return reward(MaskedModel(pruner.model, pruner.masked_state(refined)))
+
+    chosen, refined, scores = select_dims_ridge(refiner, decisions, score)
+    con.print("refinement dims ridge by reward: " + ", ".join(f"{k:g} → {v:.4f}" for k, v in scores.items())
+              + f"; chose {chosen:g}")
+    return refined, chosen
+
+
+def _run_search(net, cfg, shape, pruner, macs_ratio, method, episodes, warmup, reward, seed,
+                criterion, reconstruct, strength, r_min, out: Path, checkpoint_every, resume, quiet, refiner=None):
+    from .search import plot_ratios, plot_rewards, search
+
     params = {"strength": strength} if strength is not None else None
     result = search(pruner, macs_ratio, method=method, episodes=episodes, warmup=warmup, reward=reward, seed=seed,
                     strategy=reconstruct or "lsq", criterion=criterion, params=params,
@@ -469,7 +493,7 @@ def proxy_check_cmd(model: str = typer.Argument(..., help="Zoo name or user mode
                     reconstruct: str = typer.Option("lsq", "--reconstruct", help="Strategy used by the plans."),
                     corr: str = CorrOpt, seed: int = SeedOpt, refine: bool = RefineOpt,
                     synth_steps: Optional[int] = SynthStepsOpt, refine_ridge: float = RefineRidgeOpt,
-                    refine_dims_ridge: float = RefineDimsRidgeOpt, reward_inputs: Optional[int] = RewardInputsOpt,
+                    refine_dims_ridge: Optional[float] = RefineDimsRidgeOpt, reward_inputs: Optional[int] = RewardInputsOpt,
                     refine_inputs: Optional[int] = RefineInputsOpt,
                     out: Path = typer.Option(Path("runs/proxy"), "--out", help="Directory for proxy.png/json."),
                     weights: Optional[str] = WeightsOpt, arch: Optional[str] = ArchOpt, trust_pickle: bool = TrustOpt,
@@ -512,7 +536,7 @@ def bench(model: str = typer.Argument(..., help="Zoo name or user model."),
           strength: float = typer.Option(1.0, "--strength", help="Merge strength λ for autodfp."),
           corr: str = CorrOpt, seed: int = SeedOpt,
           synth_steps: Optional[int] = SynthStepsOpt, refine_ridge: float = RefineRidgeOpt,
-          refine_dims_ridge: float = RefineDimsRidgeOpt, refine_inputs: Optional[int] = RefineInputsOpt,
+          refine_dims_ridge: Optional[float] = RefineDimsRidgeOpt, refine_inputs: Optional[int] = RefineInputsOpt,
           out: Path = typer.Option(Path("runs/bench"), "--out", help="Directory for bench.md/json/png."),
           weights: Optional[str] = WeightsOpt, arch: Optional[str] = ArchOpt, trust_pickle: bool = TrustOpt,
           like: Optional[str] = LikeOpt, data: Optional[str] = DataOpt, limit: Optional[int] = LimitOpt,
