@@ -386,8 +386,8 @@ REWARD_INPUTS = {"small": 256, "large": 64}
 
 
 #: Synthetic inputs the final refinement fits on, by input size. On MobileNet-V1 at 224 px, 256
-#: instead of 64 took the refined SAC plan at 0.6647 MACs from 56.85 % to 59.00 % (docs/RESULTS.md),
-#: for ~20 more minutes of one-off distillation on a 2-core CPU (then cached). Searches score
+#: instead of 64 took the refined uniform 0.8 prune from 51.54 % to 54.38 % (docs/RESULTS.md), for
+#: ~30 more minutes of one-off distillation on a 2-core CPU (then cached). Searches score
 #: candidates on the first :data:`SEARCH_REFINE_INPUTS` only, so a search costs the same either way.
 REFINE_INPUTS = {"small": 64, "large": 256}
 
