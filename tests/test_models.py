@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import textwrap
 
 import pytest
 import torch

@@ -19,7 +19,6 @@ from autodfp.similarity import (
 
 def make_stats(filters: torch.Tensor, bias: torch.Tensor, activation: str = "relu",
                std: torch.Tensor | None = None) -> ChannelStats:
-    c = filters.shape[0]
     std = filters.norm(dim=1) if std is None else std
     return ChannelStats(filters=filters, bias=bias, mean=bias.clone(), std=std, activation=activation)
 
