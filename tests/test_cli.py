@@ -95,6 +95,19 @@ def test_prune_search_json_contract_and_artifacts(tmp_path):
     assert last_json(plain.stdout)["macs_after"] == out["macs_after"]  # refinement edits weights, not shapes
 
 
+def test_proxy_check_json_contract_and_artifacts(tmp_path):
+    out_dir = tmp_path / "proxy"
+    proc = run("proxy-check", "resnet20_cifar10", "--macs-ratio", "0.6", "--plans", "3", "--reward-inputs", "16",
+               "--refine-inputs", "8", "--out", str(out_dir), "--limit", "100", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = last_json(proc.stdout)
+    assert out["plans"] == 3 and -1.0 <= out["rho"] <= 1.0 and out["top1_min"] <= out["top1_max"]
+    saved = json.loads((out_dir / "proxy.json").read_text())
+    assert len(saved["rewards"]) == len(saved["top1"]) == 3
+    assert saved["refine_inputs"] == 8  # plans are refined on the batch asked for, not a larger one sliced
+    assert (out_dir / "proxy.png").is_file()
+
+
 @pytest.mark.parametrize("args,pattern", [
     (("eval", "nope"), "unknown model 'nope'"),
     (("eval", "resnet20_cifar10", "--weights", "/nonexistent/w.th"), "weights file not found"),

@@ -494,7 +494,9 @@ def proxy_check_cmd(model: str = typer.Argument(..., help="Zoo name or user mode
                     corr: str = CorrOpt, seed: int = SeedOpt, refine: bool = RefineOpt,
                     synth_steps: Optional[int] = SynthStepsOpt, refine_ridge: float = RefineRidgeOpt,
                     refine_dims_ridge: Optional[float] = RefineDimsRidgeOpt, reward_inputs: Optional[int] = RewardInputsOpt,
-                    refine_inputs: Optional[int] = RefineInputsOpt,
+                    refine_inputs: int = typer.Option(SEARCH_REFINE_INPUTS, "--refine-inputs",
+                                                      help="Synthetic inputs each plan is refined on (seed + 1); "
+                                                           "the default is what searches score candidates with."),
                     out: Path = typer.Option(Path("runs/proxy"), "--out", help="Directory for proxy.png/json."),
                     weights: Optional[str] = WeightsOpt, arch: Optional[str] = ArchOpt, trust_pickle: bool = TrustOpt,
                     like: Optional[str] = LikeOpt, data: Optional[str] = DataOpt, limit: Optional[int] = LimitOpt,
@@ -514,11 +516,13 @@ def proxy_check_cmd(model: str = typer.Argument(..., help="Zoo name or user mode
     batches = _eval_batches(cfg, data, limit, batch_size)
     acc = lambda m: evaluate(m, batches, cfg.label_offset, progress=False).top1  # noqa: E731
     rho, rewards, accs = proxy_check(pruner, reward, acc, macs_ratio, k=plans, seed=seed, strategy=reconstruct,
-                                     progress=not as_json or sys.stderr.isatty(), refiner=_search_refiner(refiner))
+                                     progress=not as_json or sys.stderr.isatty(), refiner=refiner)
     out.mkdir(parents=True, exist_ok=True)
     plot_proxy(rewards, accs, out / "proxy.png", title=f"{cfg.name} @ {macs_ratio:g} MACs: Spearman ρ = {rho:.3f}")
     atomic_write_text(out / "proxy.json", json.dumps({"model": cfg.name, "macs_ratio": macs_ratio, "plans": plans,
-                                                       "reward": reward_spec, "refine": refine, "rho": rho,
+                                                       "reward": reward_spec, "refine": refine,
+                                                       "refine_inputs": len(refiner.inputs) if refiner else 0,
+                                                       "rho": rho,
                                                        "rewards": rewards,
                                                        "top1": accs}, indent=2) + "\n")
     _console(as_json).print(f"Spearman ρ (reward vs top-1, {plans} plans) = {rho:.3f}; top-1 range "
