@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from autodfp.data import (
+from autodfp.data.datasets import (
     CifarDataset, ImageFolderDataset, UnlabeledImageDir, build_transform, make_loader, parse_spec,
     read_cifar, read_class_list, resolve_dataset,
 )

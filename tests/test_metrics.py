@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from autodfp.data import make_loader, resolve_dataset
+from autodfp.data.datasets import make_loader, resolve_dataset
 from autodfp.errors import DataError
-from autodfp.metrics import EvalResult, evaluate, latency_ms, latency_table, profile
+from autodfp.eval.metrics import EvalResult, evaluate, latency_ms, latency_table, profile
 from autodfp.models import get_config, load_model
 
 

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 import torch_pruning as tp
 
 from autodfp.errors import AutoDFPError, ModelError, WeightsError
-from autodfp.graph import find_groups
-from autodfp.hub import resolve_weights
+from autodfp.analysis.graph import find_groups
+from autodfp.models.hub import resolve_weights
 from autodfp.models import CUSTOM_PRUNERS, ChannelPadShortcut, Conv2dSame, load_model
 from autodfp.models.resnet_cifar import resnet20
 

@@ -6,12 +6,12 @@ import torch
 from torch.func import functional_call
 
 from autodfp.errors import PlanError
-from autodfp.export import load_pruned, onnx_check, save_pruned
-from autodfp.metrics import profile
+from autodfp.eval.export import load_pruned, onnx_check, save_pruned
+from autodfp.eval.metrics import profile
 from autodfp.models import get_config, load_model
 from autodfp.models.resnet_cifar import resnet20
-from autodfp.plan import Plan, n_keep
-from autodfp.prune import Pruner
+from autodfp.compress.plan import Plan, n_keep
+from autodfp.compress.surgery import Pruner
 
 ZOO = ["resnet20_cifar10", "resnet56_cifar10", "mobilenet_v1_075_imagenet", "mobilenet_v2_100_imagenet_bnfolded"]
 

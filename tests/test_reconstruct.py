@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from autodfp.errors import PlanError
-from autodfp.reconstruct import STRATEGIES, Compensation, fold_into_consumer, reconstruct
-from autodfp.similarity import ChannelStats, analyze, apply_activation
+from autodfp.compress.reconstruct import STRATEGIES, Compensation, fold_into_consumer, reconstruct
+from autodfp.analysis.similarity import ChannelStats, analyze, apply_activation
 
 DT = torch.float64
 

@@ -8,10 +8,10 @@ import torch
 
 from autodfp.errors import PlanError
 from autodfp.models.resnet_cifar import resnet20
-from autodfp.plan import Plan
-from autodfp.prune import Pruner
-from autodfp.reconstruct import Compensation, fit_drift, fold_into_consumer
-from autodfp.refine import Refiner, refine
+from autodfp.compress.plan import Plan
+from autodfp.compress.surgery import Pruner
+from autodfp.compress.reconstruct import Compensation, fit_drift, fold_into_consumer
+from autodfp.compress.refine import Refiner, refine
 
 SHAPE = (3, 32, 32)
 
@@ -138,7 +138,7 @@ def test_refine_is_deterministic() -> None:
 
 
 def test_bench_methods_take_a_refine_suffix() -> None:
-    from autodfp.bench import parse_method
+    from autodfp.eval.bench import parse_method
 
     assert parse_method("lsq+l1+refine") == ("lsq", "l1", True)
     assert parse_method("lsq+refine") == ("lsq", "l1", True)
@@ -162,7 +162,7 @@ def test_a_huge_dims_ridge_leaves_the_prior_in_place() -> None:
 
 
 def test_search_refiner_fits_on_the_first_inputs_only() -> None:
-    from autodfp.cli import SEARCH_REFINE_INPUTS, _search_refiner
+    from autodfp.cli.app import SEARCH_REFINE_INPUTS, _search_refiner
 
     pruner = Pruner(_randomised_resnet20(), SHAPE)
     small = Refiner(pruner, _inputs(SEARCH_REFINE_INPUTS, 0))
@@ -174,7 +174,7 @@ def test_search_refiner_fits_on_the_first_inputs_only() -> None:
 
 
 def test_refinement_batch_size_defaults_by_input_size() -> None:
-    from autodfp.cli import REFINE_INPUTS, SynthSettings, _by_input_size
+    from autodfp.cli.app import REFINE_INPUTS, SynthSettings, _by_input_size
 
     assert _by_input_size((3, 32, 32), REFINE_INPUTS) == REFINE_INPUTS["small"]
     assert _by_input_size((3, 224, 224), REFINE_INPUTS) == REFINE_INPUTS["large"]
@@ -199,7 +199,7 @@ def test_refiner_targets_are_the_eval_mode_models_even_if_it_was_left_training()
 
 
 def test_select_dims_ridge_keeps_what_the_score_prefers() -> None:
-    from autodfp.refine import select_dims_ridge
+    from autodfp.compress.refine import select_dims_ridge
 
     pruner = Pruner(_randomised_resnet20(), SHAPE)
     decisions = pruner.decide(Plan.uniform(pruner.graph, 0.5, strategy="lsq"))

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from autodfp.rewards import MEASURES, AccuracyReward, AgreementReward
+from autodfp.search.rewards import MEASURES, AccuracyReward, AgreementReward
 
 
 def _net(seed: int = 0, n_out: int = 7) -> nn.Module:

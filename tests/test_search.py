@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from autodfp.env import OBS_NAMES, MaskedModel, PruningEnv
+from autodfp.search.env import OBS_NAMES, MaskedModel, PruningEnv
 from autodfp.errors import PlanError
 from autodfp.models import load_model
-from autodfp.prune import Pruner
-from autodfp.rewards import AgreementReward
-from autodfp.search import EpisodeRecord, plateau_episode, plot_ratios, plot_rewards, proxy_check, search
+from autodfp.compress.surgery import Pruner
+from autodfp.search.rewards import AgreementReward
+from autodfp.search.driver import EpisodeRecord, plateau_episode, plot_ratios, plot_rewards, proxy_check, search
 
 CIFAR = (3, 32, 32)
 

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from autodfp.criteria import select_channels
+from autodfp.compress.criteria import select_channels
 from autodfp.errors import PlanError
-from autodfp.similarity import (
+from autodfp.analysis.similarity import (
     FEATURE_NAMES,
     ChannelStats,
     activation_covariance,

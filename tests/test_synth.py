@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from autodfp import synth
-from autodfp.synth import bn_stat_loss, distill, resolve_method, synthesize, synthetic_batch
+from autodfp.synth import distill as synth
+from autodfp.synth.distill import bn_stat_loss, distill, resolve_method, synthesize, synthetic_batch
 
 
 def _bn_net(seed: int = 0) -> nn.Module:

@@ -9,8 +9,8 @@ import os as _os
 # only takes effect if torch has not been imported yet.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .errors import AutoDFPError  # noqa: E402
-from .models import ModelConfig, get_config, list_models, load_model  # noqa: E402
+from autodfp.errors import AutoDFPError  # noqa: E402
+from autodfp.models import ModelConfig, get_config, list_models, load_model  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["AutoDFPError", "ModelConfig", "get_config", "list_models", "load_model", "__version__"]

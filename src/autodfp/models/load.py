@@ -16,10 +16,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..errors import ModelError, WeightsError
-from ..hub import resolve_weights
-from .layers import ChannelPadShortcut
-from .registry import TF_IMAGENET_PRE, ModelConfig, get_config, is_registered
+from autodfp.errors import ModelError, WeightsError
+from autodfp.models.hub import resolve_weights
+from autodfp.models.layers import ChannelPadShortcut
+from autodfp.models.registry import TF_IMAGENET_PRE, ModelConfig, get_config, is_registered
 
 
 def load_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> Any:

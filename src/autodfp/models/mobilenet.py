@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .layers import Conv2dSame
+from autodfp.models.layers import Conv2dSame
 
 
 class ConvBNAct(nn.Module):

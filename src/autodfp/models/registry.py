@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch.nn as nn
 
-from ..errors import ModelError
+from autodfp.errors import ModelError
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import ChannelPadShortcut
+from autodfp.models.layers import ChannelPadShortcut
 
 
 class BasicBlock(nn.Module):

@@ -1,9 +1,9 @@
 """The built-in entries. Formats and measured accuracies: ``shared/assets/README.md``."""
 from __future__ import annotations
 
-from .mobilenet import mobilenet_v1_075, mobilenet_v2_100_folded
-from .registry import CIFAR10_TEST, CIFAR_PRE, IMAGENET_VAL, TF_IMAGENET_PRE, ModelConfig, WeightsRef, register
-from .resnet_cifar import resnet20, resnet56
+from autodfp.models.mobilenet import mobilenet_v1_075, mobilenet_v2_100_folded
+from autodfp.models.registry import CIFAR10_TEST, CIFAR_PRE, IMAGENET_VAL, TF_IMAGENET_PRE, ModelConfig, WeightsRef, register
+from autodfp.models.resnet_cifar import resnet20, resnet56
 
 _AKAMASTER = "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/"
 

@@ -22,11 +22,11 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from .budget import DEFAULT_TOL, MacsModel, plan_from_keep
-from .errors import AutoDFPError, PlanError
-from .plan import Plan, n_keep
-from .prune import Pruner
-from .similarity import FEATURE_NAMES
+from autodfp.search.budget import DEFAULT_TOL, MacsModel, plan_from_keep
+from autodfp.errors import AutoDFPError, PlanError
+from autodfp.compress.plan import Plan, n_keep
+from autodfp.compress.surgery import Pruner
+from autodfp.analysis.similarity import FEATURE_NAMES
 
 #: A reward scores a candidate pruned model (higher is better). It receives an ``nn.Module``: the
 #: masked original (:class:`MaskedModel`) on the fast path, or any physically pruned model.
@@ -263,7 +263,7 @@ class PruningEnv(gym.Env):
     def evaluate(self, plan: Plan) -> float:
         """Reward of ``plan`` on the masked fast path (no model copy).
 
-        With a ``refiner`` (:class:`autodfp.refine.Refiner`) the plan is scored as it will be
+        With a ``refiner`` (:class:`autodfp.compress.refine.Refiner`) the plan is scored as it will be
         delivered, after drift correction, so the agent does not optimise a model nobody gets.
         """
         decisions = self.decide(plan)

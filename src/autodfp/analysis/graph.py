@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from .errors import ModelError
-from .models.layers import CUSTOM_PRUNERS, ChannelPadShortcut
+from autodfp.errors import ModelError
+from autodfp.models.layers import CUSTOM_PRUNERS, ChannelPadShortcut
 
 ACTIVATIONS = ("relu", "relu6", "identity")
 

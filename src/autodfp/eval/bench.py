@@ -18,11 +18,11 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from ._io import atomic_path, atomic_write_text
-from .errors import PlanError
-from .metrics import evaluate, profile
-from .plan import CRITERIA, STRATEGIES, Plan
-from .prune import Pruner
+from autodfp._io import atomic_path, atomic_write_text
+from autodfp.errors import PlanError
+from autodfp.eval.metrics import evaluate, profile
+from autodfp.compress.plan import CRITERIA, STRATEGIES, Plan
+from autodfp.compress.surgery import Pruner
 
 
 @dataclass
@@ -59,7 +59,7 @@ def run_grid(pruner: Pruner, batches: Sequence[tuple[torch.Tensor, torch.Tensor]
              ) -> tuple[BenchRow, list[BenchRow]]:
     """Evaluate the unpruned baseline and every (method, ratio) cell.
 
-    Methods ending in ``+refine`` need ``refiner`` (:class:`autodfp.refine.Refiner`).
+    Methods ending in ``+refine`` need ``refiner`` (:class:`autodfp.compress.refine.Refiner`).
     """
     shape = pruner.input_shape
     t0 = time.perf_counter()

@@ -1,6 +1,6 @@
 """Searching per-layer pruning plans under a MACs budget: SAC agent, uniform and random baselines.
 
-All methods drive the same :class:`~autodfp.env.PruningEnv`, so they obey the same clipping and
+All methods drive the same :class:`~autodfp.search.env.PruningEnv`, so they obey the same clipping and
 repair and differ only in how actions are chosen; the comparison between them is fair by
 construction.
 
@@ -34,15 +34,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ._io import atomic_path, atomic_write_text
-from .budget import DEFAULT_TOL, MacsModel
-from .env import MaskedModel, PruningEnv, RewardFn
-from .errors import AutoDFPError, PlanError
-from .plan import Plan
-from .prune import Pruner
+from autodfp._io import atomic_path, atomic_write_text
+from autodfp.search.budget import DEFAULT_TOL, MacsModel
+from autodfp.search.env import MaskedModel, PruningEnv, RewardFn
+from autodfp.errors import AutoDFPError, PlanError
+from autodfp.compress.plan import Plan
+from autodfp.compress.surgery import Pruner
 
 METHODS = ("sac", "uniform", "random")
-CHECKPOINT_FORMAT = "autodfp.search-checkpoint/1"
+CHECKPOINT_FORMAT = "autodfp.search.driver-checkpoint/1"
 
 #: SAC settings for a 10–30-step episodic problem with one reward per episode (see module doc).
 #: γ and τ do not matter with per-episode credit (every target is terminal). One training round per
@@ -352,7 +352,7 @@ def _default_reward(pruner: Pruner, reward: RewardFn | None) -> RewardFn:
     if pruner.calibration is None:
         raise AutoDFPError("search needs a reward: pass reward=... (e.g. AgreementReward on synthetic "
                            "inputs) or give the Pruner a calibration batch")
-    from .rewards import AgreementReward
+    from autodfp.search.rewards import AgreementReward
     return AgreementReward(pruner.model, pruner.calibration)
 
 
@@ -386,7 +386,7 @@ def search(
     written. ``resume=True`` continues from the latest checkpoint in ``checkpoint_dir`` (or starts
     afresh if there is none). ``r_min=None`` lets :meth:`MacsModel.auto_r_min` pick the smallest
     ratio for the target. Seeds python ``random``, numpy and torch globally, as SB3 does.
-    ``refiner`` (:class:`autodfp.refine.Refiner`) scores every plan after drift correction, as
+    ``refiner`` (:class:`autodfp.compress.refine.Refiner`) scores every plan after drift correction, as
     it will be delivered.
     """
     if method not in METHODS:

@@ -11,8 +11,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .errors import PlanError
-from .similarity import ChannelAnalysis, ChannelStats
+from autodfp.errors import PlanError
+from autodfp.analysis.similarity import ChannelAnalysis, ChannelStats
 
 CRITERIA = ("l1", "l2", "cluster", "random")
 

@@ -11,7 +11,7 @@ an exact function of the kept channel counts:
 * a depthwise pass-through conv of a group scales once by that group's kept fraction.
 
 Each layer's MACs are divisible by the channel counts that scale them (``H·W·C_out·C_in·k²``), so
-the count is computed in integers and matches :func:`autodfp.metrics.profile` of the physically
+the count is computed in integers and matches :func:`autodfp.eval.metrics.profile` of the physically
 pruned model exactly. With every other group fixed the count is linear in one group's kept
 channels, which is what makes :meth:`MacsModel.feasible_keep` a closed-form solve.
 """
@@ -24,10 +24,10 @@ from typing import Mapping
 
 import torch.nn as nn
 
-from .errors import PlanError
-from .graph import GroupGraph
-from .metrics import profile
-from .plan import Plan, n_keep
+from autodfp.errors import PlanError
+from autodfp.analysis.graph import GroupGraph
+from autodfp.eval.metrics import profile
+from autodfp.compress.plan import Plan, n_keep
 
 #: Smallest preserved ratio for the budget helpers when none is given; the search chooses its own
 #: with :meth:`MacsModel.auto_r_min` unless told otherwise. (ResNet-56's floor at 0.2 is 0.196x.)

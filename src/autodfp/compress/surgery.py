@@ -20,13 +20,13 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from .criteria import select_channels
-from .errors import PlanError
-from .fold import empirical_moments, group_stats, raw_filters
-from .graph import GroupGraph, PrunableGroup, build_dependency_graph, find_groups
-from .plan import Plan, n_keep
-from .reconstruct import STRATEGIES, Compensation, fold_into_consumer, reconstruct
-from .similarity import ChannelAnalysis, ChannelStats, analyze
+from autodfp.compress.criteria import select_channels
+from autodfp.errors import PlanError
+from autodfp.analysis.fold import empirical_moments, group_stats, raw_filters
+from autodfp.analysis.graph import GroupGraph, PrunableGroup, build_dependency_graph, find_groups
+from autodfp.compress.plan import Plan, n_keep
+from autodfp.compress.reconstruct import STRATEGIES, Compensation, fold_into_consumer, reconstruct
+from autodfp.analysis.similarity import ChannelAnalysis, ChannelStats, analyze
 
 
 @dataclass
@@ -182,7 +182,7 @@ class Pruner:
     def apply(self, plan: Plan, decisions: dict[str, GroupDecision] | None = None) -> PruneResult:
         """A physically pruned deep copy of the model.
 
-        ``decisions`` (from :meth:`decide`, possibly refined by :func:`autodfp.refine.refine`)
+        ``decisions`` (from :meth:`decide`, possibly refined by :func:`autodfp.compress.refine.refine`)
         replaces the plan's own; the plan is still what the result reports.
         """
         decisions = self.decide(plan) if decisions is None else decisions

@@ -29,9 +29,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .errors import DataError
-from .hub import ENV_ASSETS, assets_dir, cache_dir
-from .models.registry import DatasetRef, ModelConfig, Preprocessing
+from autodfp.errors import DataError
+from autodfp.models.hub import ENV_ASSETS, assets_dir, cache_dir
+from autodfp.models.registry import DatasetRef, ModelConfig, Preprocessing
 
 __all__ = [
     "IMAGE_EXTENSIONS", "SPEC_KINDS", "CifarDataset", "ImageFolderDataset", "ImageTransform",

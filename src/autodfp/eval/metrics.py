@@ -30,8 +30,8 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from ._modes import eval_mode
-from .errors import DataError
+from autodfp._modes import eval_mode
+from autodfp.errors import DataError
 
 __all__ = ["EvalResult", "LayerProfile", "Profile", "evaluate", "latency_ms", "latency_table",
            "count_params", "profile"]

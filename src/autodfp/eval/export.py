@@ -21,13 +21,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ._io import atomic_path
-from .errors import ModelError, WeightsError
-from .graph import find_groups
-from .models.load import build_from_arch, load_checkpoint, load_state_dict_strict
-from .models.registry import ModelConfig, get_config
-from .plan import Plan
-from .prune import PruneResult, prune_channels
+from autodfp._io import atomic_path
+from autodfp.errors import ModelError, WeightsError
+from autodfp.analysis.graph import find_groups
+from autodfp.models.load import build_from_arch, load_checkpoint, load_state_dict_strict
+from autodfp.models.registry import ModelConfig, get_config
+from autodfp.compress.plan import Plan
+from autodfp.compress.surgery import PruneResult, prune_channels
 
 FORMAT = "autodfp.pruned/1"
 

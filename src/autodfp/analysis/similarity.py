@@ -15,7 +15,7 @@ pointwise filter and the folded depthwise kernel. The analysis is then *defined*
 folded bias. This ignores the intermediate activation (the pass-through is exact only when that
 activation is in its linear regime), which is the usual data-free approximation.
 
-The module also holds the Gaussian activation moments that :mod:`autodfp.reconstruct` builds on:
+The module also holds the Gaussian activation moments that :mod:`autodfp.compress.reconstruct` builds on:
 closed-form means/variances of ``act(y)`` for ``y ~ N(μ, σ²)`` and a deterministic quadrature for
 the covariance of two activations of correlated Gaussians.
 
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import PlanError
+from autodfp.errors import PlanError
 
 ACTIVATIONS = ("relu", "relu6", "identity")
 

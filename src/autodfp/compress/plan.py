@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._io import atomic_write_text
-from .errors import PlanError
-from .graph import GroupGraph
+from autodfp._io import atomic_write_text
+from autodfp.errors import PlanError
+from autodfp.analysis.graph import GroupGraph
 
 CRITERIA = ("l1", "l2", "cluster", "random")
 STRATEGIES = ("none", "mean", "nm", "autodfp", "lsq")
@@ -90,7 +90,7 @@ class Plan:
             if name in self.keep:
                 entry["keep"] = list(self.keep[name])
             groups[name] = entry
-        return {"format": "autodfp.plan/1", "model": self.model, "criterion": self.criterion,
+        return {"format": "autodfp.compress.plan/1", "model": self.model, "criterion": self.criterion,
                 "strategy": self.strategy, "params": self.params, "groups": groups}
 
     @classmethod

@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._modes import eval_mode
+from autodfp._modes import eval_mode
 
 MEASURES = ("kl", "top1", "mse")
 

@@ -7,7 +7,7 @@ that reads the group: for every consumer output ``o``,
 So once the strategies are right per channel, pruning is a pure weight edit.
 
 All strategies model the pre-activation ``y`` of the group as Gaussian (``N(mean, std²)`` per
-channel, see :class:`~autodfp.similarity.ChannelStats`), or use caller-provided samples of ``y``.
+channel, see :class:`~autodfp.analysis.similarity.ChannelStats`), or use caller-provided samples of ``y``.
 Results are float64; callers cast to the model's dtype when folding.
 """
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .errors import PlanError
-from .similarity import (
+from autodfp.errors import PlanError
+from autodfp.analysis.similarity import (
     ChannelAnalysis,
     ChannelStats,
     activation_covariance,
@@ -38,7 +38,7 @@ class Compensation:
     ``partner`` (optional, nm/autodfp): the channel index (in the group, not in ``kept``) each
     pruned channel was merged into, or -1 when it was not merged.
 
-    ``K``/``d`` (optional, set by :mod:`autodfp.refine`): the kept channels' own correction,
+    ``K``/``d`` (optional, set by :mod:`autodfp.compress.refine`): the kept channels' own correction,
     ``a_kept(original) ≈ K @ a_kept(pruned model) + d``. Without it the kept channels are assumed
     unchanged (``K = I``, ``d = 0``), which holds for a group pruned alone; once earlier layers are
     pruned too, their error reaches this group's kept channels and ``K``/``d`` can absorb it.
@@ -249,7 +249,7 @@ def strategy_autodfp(stats: ChannelStats, analysis: ChannelAnalysis | None, kept
     expected squared error of ``a_p`` over the constant alone, i.e. unless
     ``λα·(2·Cov(a_p, a_k) − λα·Var(a_k)) > 0`` under the pair's Gaussian model (correlation
     ``stats.corr`` or the filter cosine; moments from
-    :func:`~autodfp.similarity.activation_covariance`). That is what stops a channel that is
+    :func:`~autodfp.analysis.similarity.activation_covariance`). That is what stops a channel that is
     geometrically parallel to ``k`` but dead (its pre-activation far below zero, so ``a_p ≡ 0``)
     from inheriting ``α·(a_k − E a_k)``. With ``samples`` (N, C) of pre-activations the expectations
     and the gate's moments are empirical.
@@ -395,7 +395,7 @@ def strategy_lsq(stats: ChannelStats, analysis: ChannelAnalysis | None, kept: Te
     ``c = E[a_p] − A E[a_k]`` (both scaled by ``strength``: ``A → λA``, ``c = E[a_p] − λA E[a_k]``).
     Moments of ``a = act(y)`` come from ``y ~ N(mean, diag(std) R diag(std))`` with ``R`` from
     :func:`gaussian_correlation`: means in closed form, covariances by the deterministic
-    Price-theorem quadrature of :func:`~autodfp.similarity.activation_covariance` (``nodes``
+    Price-theorem quadrature of :func:`~autodfp.analysis.similarity.activation_covariance` (``nodes``
     Gauss–Legendre points; cached on ``stats``, see :func:`post_activation_covariance`), or with
     ``method="mc"`` by Monte Carlo (``n_samples`` draws, fixed ``seed``, chunked). With ``samples``
     (N, C) of real or synthetic pre-activations the moments are empirical instead.

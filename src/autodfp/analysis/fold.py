@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .graph import GroupGraph, PrunableGroup, Stage
-from .similarity import ChannelStats
+from autodfp.analysis.graph import GroupGraph, PrunableGroup, Stage
+from autodfp.analysis.similarity import ChannelStats
 
 
 def _conv_bias(conv: nn.Module) -> torch.Tensor:
@@ -43,7 +43,7 @@ def group_stats(model: nn.Module, group: PrunableGroup,
     """The :class:`ChannelStats` of a group.
 
     For a depthwise chain the linearised filter of channel ``c`` is the outer product of its
-    folded pointwise filter and folded depthwise kernel (see :mod:`autodfp.similarity`), and the
+    folded pointwise filter and folded depthwise kernel (see :mod:`autodfp.analysis.similarity`), and the
     bias and Gaussian model are those of the last stage, whose output the consumer sees.
     ``moments`` (mean, std of the last stage's pre-activation) overrides the BN model; it is
     required when the last stage has no BN.

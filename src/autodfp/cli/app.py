@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import AutoDFPError
+from autodfp.errors import AutoDFPError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Automatic data-free structured pruning of pretrained CNNs (AutoDFP).")
@@ -49,11 +49,11 @@ JsonOpt = typer.Option(False, "--json", help="Print one JSON object as the last 
 
 def _load(model: str, weights: Optional[str], arch: Optional[str], trust_pickle: bool, like: Optional[str]):
     """Zoo name, user model, or a directory/file written by ``autodfp prune``."""
-    from .models import load_model
+    from autodfp.models import load_model
 
     p = Path(model)
     if (p.is_dir() and (p / "pruned.pt").is_file()) or (p.is_file() and p.name == "pruned.pt"):
-        from .export import load_pruned
+        from autodfp.eval.export import load_pruned
 
         net, cfg, _ = load_pruned(p)
         return net, cfg
@@ -80,7 +80,7 @@ def _fmt_m(x: float) -> str:
 @app.command()
 def zoo(as_json: bool = JsonOpt) -> None:
     """List the built-in models."""
-    from .models import get_config, list_models
+    from autodfp.models import get_config, list_models
 
     rows = [get_config(n) for n in list_models()]
     if as_json:
@@ -104,8 +104,8 @@ def info(model: str = typer.Argument(..., help="Zoo name, user model, or a prune
          weights: Optional[str] = WeightsOpt, arch: Optional[str] = ArchOpt, trust_pickle: bool = TrustOpt,
          like: Optional[str] = LikeOpt, as_json: bool = JsonOpt) -> None:
     """Per-layer shapes, MACs and params, and the prunable channel groups."""
-    from .graph import find_groups
-    from .metrics import profile
+    from autodfp.analysis.graph import find_groups
+    from autodfp.eval.metrics import profile
 
     net, cfg = _load(model, weights, arch, trust_pickle, like)
     shape = _input_shape(cfg)
@@ -139,8 +139,8 @@ def eval_cmd(model: str = typer.Argument(..., help="Zoo name, user model, or a p
              like: Optional[str] = LikeOpt, data: Optional[str] = DataOpt, limit: Optional[int] = LimitOpt,
              batch_size: Optional[int] = BatchOpt, as_json: bool = JsonOpt) -> None:
     """Top-1/top-5 accuracy, MACs, params and CPU latency of a model."""
-    from .data import make_loader, resolve_dataset
-    from .metrics import evaluate, latency_table, profile
+    from autodfp.data.datasets import make_loader, resolve_dataset
+    from autodfp.eval.metrics import evaluate, latency_table, profile
 
     net, cfg = _load(model, weights, arch, trust_pickle, like)
     shape = _input_shape(cfg)
@@ -165,7 +165,7 @@ def eval_cmd(model: str = typer.Argument(..., help="Zoo name, user model, or a p
 
 
 def _needs_calibration(net, corr: str) -> bool:
-    from .synth import bn_layers
+    from autodfp.synth.distill import bn_layers
 
     return corr == "calibration" or not bn_layers(net)
 
@@ -183,7 +183,7 @@ class SynthSettings:
     refine_inputs: Optional[int] = None
 
     def __post_init__(self) -> None:
-        from .errors import PlanError
+        from autodfp.errors import PlanError
 
         if self.steps is not None and self.steps < 0:
             raise PlanError(f"--synth-steps must be non-negative, got {self.steps}")
@@ -197,7 +197,7 @@ class SynthSettings:
 
 def _calibration_batch(net, cfg, shape, seed: int, n: int, quiet: bool, steps: Optional[int] = None):
     """Synthetic inputs (ZeroQ for BN models, the documented fallback otherwise), cached on disk."""
-    from .synth import synthetic_batch
+    from autodfp.synth.distill import synthetic_batch
 
     if not quiet:
         _err.print(f"synthesising {n} inputs from the model, seed {seed} (cached after the first run)…")
@@ -217,7 +217,7 @@ SEARCH_REFINE_INPUTS = 64
 
 
 def _refiner(pruner, net, cfg, shape, seed: int, quiet: bool, synth: SynthSettings = SynthSettings()):
-    from .refine import DEFAULT_DIMS_RIDGE, Refiner
+    from autodfp.compress.refine import DEFAULT_DIMS_RIDGE, Refiner
 
     n = synth.refine_inputs if synth.refine_inputs is not None else _by_input_size(shape, REFINE_INPUTS)
     batch = _calibration_batch(net, cfg, shape, seed + REFINE_SEED_OFFSET, n, quiet, synth.steps)
@@ -227,7 +227,7 @@ def _refiner(pruner, net, cfg, shape, seed: int, quiet: bool, synth: SynthSettin
 
 def _search_refiner(refiner):
     """The refiner a search scores candidates with: the final one on at most :data:`SEARCH_REFINE_INPUTS` inputs."""
-    from .refine import Refiner
+    from autodfp.compress.refine import Refiner
 
     if refiner is None or len(refiner.inputs) <= SEARCH_REFINE_INPUTS:
         return refiner
@@ -244,7 +244,7 @@ def _make_pruner(net, cfg, shape, corr: str, seed: int, calib_n: int, quiet: boo
     estimate by 1.4 points at uniform 0.7 and 13.0 points at 0.5 (docs/RESULTS.md), but making the
     batch costs minutes for 224-px models on a CPU, so plain uniform prunes keep the free estimate.
     """
-    from .prune import Pruner
+    from autodfp.compress.surgery import Pruner
 
     if corr == "auto":
         corr = "calibration" if synthesising or _needs_calibration(net, "geometry") else "geometry"
@@ -253,8 +253,8 @@ def _make_pruner(net, cfg, shape, corr: str, seed: int, calib_n: int, quiet: boo
 
 
 def _eval_batches(cfg, data: Optional[str], limit: Optional[int], batch_size: int):
-    from .bench import cache_batches
-    from .data import make_loader, resolve_dataset
+    from autodfp.eval.bench import cache_batches
+    from autodfp.data.datasets import make_loader, resolve_dataset
 
     return cache_batches(make_loader(resolve_dataset(data, cfg), batch_size=_batch_size(cfg, batch_size), limit=limit))
 
@@ -307,10 +307,10 @@ def prune(model: str = typer.Argument(..., help="Zoo name or user model."),
           batch_size: Optional[int] = BatchOpt, no_eval: bool = typer.Option(False, "--no-eval", help="Skip accuracy evaluation."),
           as_json: bool = JsonOpt) -> None:
     """Prune a model with a uniform ratio or a plan file, reconstruct, and save it."""
-    from .errors import PlanError
-    from .export import save_pruned
-    from .metrics import evaluate, latency_table, profile
-    from .plan import Plan
+    from autodfp.errors import PlanError
+    from autodfp.eval.export import save_pruned
+    from autodfp.eval.metrics import evaluate, latency_table, profile
+    from autodfp.compress.plan import Plan
 
     if sum(x is not None for x in (uniform, plan_file, macs_ratio)) != 1:
         raise PlanError("give exactly one of --uniform R, --plan plan.json or --macs-ratio R")
@@ -393,7 +393,7 @@ REFINE_INPUTS = {"small": 64, "large": 256}
 
 
 def _by_input_size(shape, table: dict[str, int]) -> int:
-    from .synth import size_class
+    from autodfp.synth.distill import size_class
 
     return table[size_class(shape)]
 
@@ -409,9 +409,9 @@ def _reward(net, cfg, shape, spec: str, eval_data: Optional[str], seed: int, qui
     """Build the search reward from ``--reward``; the labelled set must not be the evaluation set."""
     import torch
 
-    from .data import UnlabeledImageDir, build_transform, make_loader, resolve_dataset
-    from .errors import DataError, PlanError
-    from .rewards import AccuracyReward, AgreementReward
+    from autodfp.data.datasets import UnlabeledImageDir, build_transform, make_loader, resolve_dataset
+    from autodfp.errors import DataError, PlanError
+    from autodfp.search.rewards import AccuracyReward, AgreementReward
 
     kind, _, arg = spec.partition(":")
     if kind == "synthetic" and not arg:
@@ -434,8 +434,8 @@ def _reward(net, cfg, shape, spec: str, eval_data: Optional[str], seed: int, qui
 
 
 def _is_default_eval(cfg, spec: str) -> bool:
-    from .data import parse_spec
-    from .hub import assets_dir
+    from autodfp.data.datasets import parse_spec
+    from autodfp.models.hub import assets_dir
 
     ref = cfg.default_dataset
     if ref is None:
@@ -447,8 +447,8 @@ def _is_default_eval(cfg, spec: str) -> bool:
 
 def _select_dims_ridge(pruner, refiner, decisions, reward, con: Console):
     """The final refinement's dims ridge, chosen by the reward on its own (held-out) inputs."""
-    from .env import MaskedModel
-    from .refine import select_dims_ridge
+    from autodfp.search.env import MaskedModel
+    from autodfp.compress.refine import select_dims_ridge
 
     def score(refined) -> float:
         return reward(MaskedModel(pruner.model, pruner.masked_state(refined)))
@@ -461,7 +461,7 @@ def _select_dims_ridge(pruner, refiner, decisions, reward, con: Console):
 
 def _run_search(net, cfg, shape, pruner, macs_ratio, method, episodes, warmup, reward, seed,
                 criterion, reconstruct, strength, r_min, out: Path, checkpoint_every, resume, quiet, refiner=None):
-    from .search import plot_ratios, plot_rewards, search
+    from autodfp.search.driver import plot_ratios, plot_rewards, search
 
     params = {"strength": strength} if strength is not None else None
     result = search(pruner, macs_ratio, method=method, episodes=episodes, warmup=warmup, reward=reward, seed=seed,
@@ -475,7 +475,7 @@ def _run_search(net, cfg, shape, pruner, macs_ratio, method, episodes, warmup, r
     plot_ratios(result.best_plan, uniform, out / "ratios.png", title=f"{cfg.name}: preserved ratio per group")
     if result.history:
         plot_rewards(result.history, out / "rewards.png", title=f"{cfg.name}: {method} search")
-    from ._io import atomic_write_text
+    from autodfp._io import atomic_write_text
 
     atomic_write_text(out / "search.json", json.dumps(result.to_dict(), indent=2) + "\n")
     _console(quiet).print(f"search: {method}, {result.episodes} episodes in {result.seconds:.1f} s, best reward "
@@ -502,9 +502,9 @@ def proxy_check_cmd(model: str = typer.Argument(..., help="Zoo name or user mode
                     like: Optional[str] = LikeOpt, data: Optional[str] = DataOpt, limit: Optional[int] = LimitOpt,
                     batch_size: Optional[int] = BatchOpt, as_json: bool = JsonOpt) -> None:
     """Can the data-free reward be trusted? Spearman ρ of reward vs real accuracy over K plans."""
-    from ._io import atomic_write_text
-    from .metrics import evaluate
-    from .search import plot_proxy, proxy_check
+    from autodfp._io import atomic_write_text
+    from autodfp.eval.metrics import evaluate
+    from autodfp.search.driver import plot_proxy, proxy_check
 
     net, cfg = _load(model, weights, arch, trust_pickle, like)
     shape = _input_shape(cfg)
@@ -546,8 +546,8 @@ def bench(model: str = typer.Argument(..., help="Zoo name or user model."),
           like: Optional[str] = LikeOpt, data: Optional[str] = DataOpt, limit: Optional[int] = LimitOpt,
           batch_size: Optional[int] = BatchOpt) -> None:
     """Grid of methods × uniform ratios: Markdown table and accuracy-vs-MACs plot."""
-    from .bench import parse_method, run_grid, write_report
-    from .errors import PlanError
+    from autodfp.eval.bench import parse_method, run_grid, write_report
+    from autodfp.errors import PlanError
 
     try:
         ratio_list = [float(r) for r in ratios.split(",") if r.strip()]

@@ -1,6 +1,6 @@
 """Sequential drift correction: re-fit every consumer, in forward order, on a batch of inputs.
 
-The strategies of :mod:`autodfp.reconstruct` compensate each group as if it were the only one
+The strategies of :mod:`autodfp.compress.reconstruct` compensate each group as if it were the only one
 pruned: they predict the pruned channels from the kept ones *of the original model*. When every
 group is pruned, that no longer holds downstream. The errors of earlier groups travel through
 the residual stream (or the plain chain, in MobileNet) and the kept channels of a later group
@@ -12,7 +12,7 @@ For each group it fits, by ridge least squares, the map from the *pruned* model'
 to *all* channels of the *original* model. The fit is done on a batch of inputs: synthesised from
 BN statistics by default, so it stays data-free. It regularises towards the strategy's own
 compensation, so with no drift nothing changes. The map is folded into the consumer like any
-other :class:`~autodfp.reconstruct.Compensation`, with ``K``/``d`` correcting the kept channels.
+other :class:`~autodfp.compress.reconstruct.Compensation`, with ``K``/``d`` correcting the kept channels.
 Because ordinary least squares commutes with linear maps of the target, fitting channels is the
 same as fitting a 1×1 consumer's outputs; for k×k consumers it is the per-tap fit.
 
@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 import torch.nn as nn
 
-from ._modes import eval_mode
-from .errors import PlanError
-from .reconstruct import Compensation, fit_drift
+from autodfp._modes import eval_mode
+from autodfp.errors import PlanError
+from autodfp.compress.reconstruct import Compensation, fit_drift
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .prune import GroupDecision, Pruner
+    from autodfp.compress.surgery import GroupDecision, Pruner
 
 
 def _positions(x: torch.Tensor, channels: int, max_positions: int, seed: int) -> torch.Tensor | None:
@@ -50,7 +50,7 @@ def _positions(x: torch.Tensor, channels: int, max_positions: int, seed: int) ->
 
 
 def _full_decision(pruner: Pruner, name: str, decisions: dict[str, GroupDecision]) -> GroupDecision:
-    from .prune import GroupDecision
+    from autodfp.compress.surgery import GroupDecision
 
     if name in decisions:
         return decisions[name]

@@ -13,8 +13,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from ._io import atomic_path
-from .errors import WeightsError
+from autodfp._io import atomic_path
+from autodfp.errors import WeightsError
 
 ENV_ASSETS = "AUTODFP_ASSETS"
 ENV_HOME = "AUTODFP_HOME"

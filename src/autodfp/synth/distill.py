@@ -53,7 +53,7 @@ over damaged copies of each model: channels zeroed as uncompensated pruning does
 Distilled batches rank nearly as well as real images; noise does not. Without BN, inversion is
 clearly better than noise, though below real data. For *ranking*, 50 to 300 steps give the same
 rho on ResNet-56 (0.965-0.973), and 40 steps suffice on MobileNet-V1. Refinement
-(:mod:`autodfp.refine`) asks more of the batch: it fits weights to it. On 224-px inputs, 40 steps
+(:mod:`autodfp.compress.refine`) asks more of the batch: it fits weights to it. On 224-px inputs, 40 steps
 leave the batch too far from images for that, and 200 steps do much better (docs/RESULTS.md,
 "synthesis steps"), so the 224-px default is 200 steps (~8 min for n=64 on a 2-core CPU, once per
 model and seed, then cached). ResNet-56 with n=64 and 100 steps takes ~28 s.
@@ -72,9 +72,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._io import atomic_write
-from ._modes import eval_mode
-from .hub import cache_dir as _default_cache_root
+from autodfp._io import atomic_write
+from autodfp._modes import eval_mode
+from autodfp.models.hub import cache_dir as _default_cache_root
 
 METHODS = ("auto", "bn", "deepinversion", "inversion", "noise")
 #: what ``method="auto"`` uses for models without BatchNorm (chosen by measurement, see module doc)

@@ -1,0 +1,5 @@
+import sys
+
+from autodfp.cli.app import main
+
+sys.exit(main())
