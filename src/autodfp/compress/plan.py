@@ -90,7 +90,7 @@ class Plan:
             if name in self.keep:
                 entry["keep"] = list(self.keep[name])
             groups[name] = entry
-        return {"format": "autodfp.compress.plan/1", "model": self.model, "criterion": self.criterion,
+        return {"format": "autodfp.plan/1", "model": self.model, "criterion": self.criterion,
                 "strategy": self.strategy, "params": self.params, "groups": groups}
 
     @classmethod

@@ -42,7 +42,7 @@ from autodfp.compress.plan import Plan
 from autodfp.compress.surgery import Pruner
 
 METHODS = ("sac", "uniform", "random")
-CHECKPOINT_FORMAT = "autodfp.search.driver-checkpoint/1"
+CHECKPOINT_FORMAT = "autodfp.search-checkpoint/1"
 
 #: SAC settings for a 10–30-step episodic problem with one reward per episode (see module doc).
 #: γ and τ do not matter with per-episode credit (every target is terminal). One training round per
