@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from autodfp.config import SYNTH_SETTINGS
 from autodfp.synth import distill as synth
 from autodfp.synth.distill import bn_stat_loss, distill, resolve_method, synthesize, synthetic_batch
 
@@ -123,10 +124,10 @@ def test_model_without_bn_falls_back_to_inversion() -> None:
 
 
 def test_defaults_depend_on_input_size_and_work_under_no_grad() -> None:
-    assert synth.default_settings("bn", (3, 32, 32)) == synth.DEFAULTS["bn"]["small"]
-    assert synth.default_settings("bn", (3, 224, 224)) == synth.DEFAULTS["bn"]["large"]
-    assert synth.default_settings("bn", (3, 64, 64)) == synth.DEFAULTS["bn"]["small"]  # the boundary is inclusive
-    assert synth.default_settings("bn", (3, 65, 64)) == synth.DEFAULTS["bn"]["large"]
+    assert synth.default_settings("bn", (3, 32, 32)) == SYNTH_SETTINGS["bn"]["small"]
+    assert synth.default_settings("bn", (3, 224, 224)) == SYNTH_SETTINGS["bn"]["large"]
+    assert synth.default_settings("bn", (3, 64, 64)) == SYNTH_SETTINGS["bn"]["small"]  # the boundary is inclusive
+    assert synth.default_settings("bn", (3, 65, 64)) == SYNTH_SETTINGS["bn"]["large"]
     net = _bn_net()
     with torch.no_grad():
         res = distill(net, (3, 8, 8), n=4, steps=2, seed=0)

@@ -1,6 +1,16 @@
 """autodfp: automatic data-free structured pruning of pretrained CNNs.
 
-Data flow: model → graph → similarity → plan (agent) → reconstruct → prune → evaluate/export.
+::
+
+    import autodfp
+    model = autodfp.create_model("resnet20_cifar10")      # or any nn.Module of yours
+    result = autodfp.prune(model, input_shape=(3, 32, 32), macs_ratio=0.5)
+    autodfp.save(result, "runs/r20")
+
+Data flow, one package per stage: models → analysis (graph, BN folding, similarity) → synth
+(data-free inputs) → compress (plan, criteria, reconstruction, refinement, surgery) → search
+(budget, env, rewards, SAC) → eval (metrics, bench, export). :mod:`autodfp.api` runs the pipeline;
+:class:`autodfp.Config` holds every default.
 """
 import os as _os
 
@@ -9,8 +19,17 @@ import os as _os
 # only takes effect if torch has not been imported yet.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from autodfp._version import __version__  # noqa: E402
+from autodfp.api import PruningResult, create_model, evaluate, load, prune, save  # noqa: E402
+from autodfp.compress.criteria import register_criterion  # noqa: E402
+from autodfp.compress.plan import Plan  # noqa: E402
+from autodfp.compress.reconstruct import register_strategy  # noqa: E402
+from autodfp.config import Config  # noqa: E402
 from autodfp.errors import AutoDFPError  # noqa: E402
-from autodfp.models import ModelConfig, get_config, list_models, load_model  # noqa: E402
+from autodfp.models import ModelConfig, Preprocessing, get_config, list_models, load_model  # noqa: E402
 
-__version__ = "0.1.0"
-__all__ = ["AutoDFPError", "ModelConfig", "get_config", "list_models", "load_model", "__version__"]
+__all__ = [
+    "AutoDFPError", "Config", "ModelConfig", "Plan", "Preprocessing", "PruningResult", "__version__", "create_model",
+    "evaluate", "get_config", "list_models", "load", "load_model", "prune", "register_criterion",
+    "register_strategy", "save",
+]

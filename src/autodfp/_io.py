@@ -7,6 +7,17 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
+_UMASK: int | None = None
+
+
+def file_mode() -> int:
+    """The mode a plain ``open()`` would give a new file: ``mkstemp`` ignores the umask (0600)."""
+    global _UMASK
+    if _UMASK is None:
+        _UMASK = os.umask(0)  # the only portable way to read it: set and restore at once
+        os.umask(_UMASK)
+    return 0o666 & ~_UMASK
+
 
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
@@ -18,6 +29,7 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, file_mode())
         os.replace(tmp_path, dest)
     finally:
         if tmp_path.exists():
@@ -33,3 +45,7 @@ def atomic_write(dest: str | os.PathLike, writer: Callable[[Path], None]) -> Pat
 
 def atomic_write_text(dest: str | os.PathLike, text: str) -> Path:
     return atomic_write(dest, lambda p: p.write_text(text))
+
+
+def atomic_write_bytes(dest: str | os.PathLike, data: bytes) -> Path:
+    return atomic_write(dest, lambda p: p.write_bytes(data))

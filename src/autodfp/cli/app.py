@@ -1,15 +1,19 @@
-"""The ``autodfp`` command line.
+"""The ``autodfp`` command line: parse flags, build the :class:`~autodfp.config.Config`, call the
+API (:mod:`autodfp.api`), render tables and JSON.
 
-Every user-caused failure surfaces as one ``error: …`` line on stderr and exit code 2; set
-``AUTODFP_DEBUG=1`` to see the traceback of unexpected errors. With ``--json`` the last line of
-stdout is one JSON object and all human-readable output goes to stderr, so the command pipes
-cleanly into ``jq`` or a benchmark script.
+Every user-caused failure, usage errors included, surfaces as one ``error: …`` line on stderr and
+exit code 2; set ``AUTODFP_DEBUG=1`` to see the traceback of unexpected errors. With ``--json`` the
+last line of stdout is one JSON object and all human-readable output goes to stderr, so the
+command pipes cleanly into ``jq`` or a benchmark script. Progress (distillation, search,
+refinement) always goes to stderr.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
+import logging
+import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -18,7 +22,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from autodfp.errors import AutoDFPError
+from autodfp.errors import AutoDFPError, PlanError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Automatic data-free structured pruning of pretrained CNNs (AutoDFP).")
@@ -32,48 +36,140 @@ def _console(as_json: bool) -> Console:
 
 
 def _emit_json(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj, sort_keys=False) + "\n")
+    sys.stdout.write(json.dumps(_json_safe(obj), sort_keys=False, allow_nan=False) + "\n")
     sys.stdout.flush()
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN/Inf are not JSON: they become null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _notice(msg: str) -> None:
+    _err.print(msg, markup=False, highlight=False)
+
+
+# -- flags → config ------------------------------------------------------------------------------
+#: config field → the flag that sets it, so library messages (which name parameters) read as flags
+FLAGS = {
+    "synth_steps": "--synth-steps", "refine_ridge": "--refine-ridge", "refine_dims_ridge": "--refine-dims-ridge",
+    "reward_inputs": "--reward-inputs", "refine_inputs": "--refine-inputs", "strength": "--strength",
+    "criterion": "--criterion", "strategy": "--reconstruct", "corr": "--corr", "search": "--search",
+    "episodes": "--episodes", "warmup": "--warmup", "r_min": "--r-min", "checkpoint_every": "--checkpoint-every",
+    "eval_batch_size": "--batch-size", "macs_ratio": "--macs-ratio", "uniform": "--uniform", "seed": "--seed",
+    "device": "--device",
+}
+
+
+def _as_flags(msg: str) -> str:
+    for field, flag in FLAGS.items():
+        msg = re.sub(rf"(?<![\w-]){field}(?![\w-])", flag, msg)
+    return msg
+
+
+def _config(**flags: Any):
+    """The :class:`Config` of the flags the user gave (``None`` keeps the library default)."""
+    from autodfp.config import Config
+
+    given = {k: v for k, v in flags.items() if v is not None}
+    try:
+        return Config(**given)
+    except PlanError as exc:
+        raise PlanError(_as_flags(str(exc))) from None
+
+
+def _checked(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except PlanError as exc:
+        raise PlanError(_as_flags(str(exc))) from None
+
+
+def _setup_logging() -> None:
+    """Library messages (``autodfp`` logger) as plain lines on stderr, with or without --json."""
+    logger = logging.getLogger("autodfp")
+    if not any(getattr(h, "_autodfp_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._autodfp_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 # -- shared options ---------------------------------------------------------------------------
 WeightsOpt = typer.Option(None, "--weights", help="Weight file (state dict, or full module with --trust-pickle).")
-ArchOpt = typer.Option(None, "--arch", help="package.module:factory building a user model (with --weights).")
+ArchOpt = typer.Option(None, "--arch", help="package.module:factory building a user model (with --weights); "
+                       "modules are found in the current directory too. For a pruned directory: rebuild it with "
+                       "this factory instead of loading its TorchScript.")
 TrustOpt = typer.Option(False, "--trust-pickle", help="Allow unpickling a full module (runs arbitrary code).")
 LikeOpt = typer.Option(None, "--like", help="Zoo model whose preprocessing/dataset a user model shares.")
+InputSizeOpt = typer.Option(None, "--input-size", help="Input height = width of a user model (default 224, or --like's).")
+MeanOpt = typer.Option(None, "--mean", help="Per-channel mean of a user model's preprocessing, e.g. 0.485,0.456,0.406.")
+StdOpt = typer.Option(None, "--std", help="Per-channel std of a user model's preprocessing, e.g. 0.229,0.224,0.225.")
 DataOpt = typer.Option(None, "--data", help="cifar10:DIR | cifar100:DIR | folder:DIR[:CLASSLIST]; default: the model's own.")
 LimitOpt = typer.Option(None, "--limit", help="Evaluate on the first N images only.")
 BatchOpt = typer.Option(None, "--batch-size", help="Evaluation batch size (default: 256 for 32-px inputs, 8 for ImageNet-size).")
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object as the last stdout line.")
+DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda | mps: where distillation, rewards, refinement "
+                         "and evaluation run (auto: CUDA, then MPS, then CPU).")
 
 
-def _load(model: str, weights: Optional[str], arch: Optional[str], trust_pickle: bool, like: Optional[str]):
+def _floats3(text: Optional[str], flag: str) -> Optional[tuple[float, float, float]]:
+    if text is None:
+        return None
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise PlanError(f"{flag} must be three comma-separated numbers, got '{text}'") from None
+    if len(vals) != 3 or not all(math.isfinite(v) for v in vals):
+        raise PlanError(f"{flag} must be three finite comma-separated numbers, got '{text}'")
+    if flag == "--std" and min(vals) <= 0:
+        raise PlanError(f"--std must be positive, got '{text}'")
+    return vals  # type: ignore[return-value]
+
+
+def _load(model: str, weights: Optional[str], arch: Optional[str], trust_pickle: bool, like: Optional[str],
+          input_size: Optional[int] = None, mean: Optional[str] = None, std: Optional[str] = None):
     """Zoo name, user model, or a directory/file written by ``autodfp prune``."""
+    from dataclasses import replace
+
     from autodfp.models import load_model
+    from autodfp.models.load import check_finite
 
     p = Path(model)
     if (p.is_dir() and (p / "pruned.pt").is_file()) or (p.is_file() and p.name == "pruned.pt"):
         from autodfp.eval.export import load_pruned
 
-        net, cfg, _ = load_pruned(p)
+        net, cfg, _ = load_pruned(p, arch=arch)
         return net, cfg
-    return load_model(model, weights=weights, arch=arch, trust_pickle=trust_pickle, like=like)
-
-
-def _input_shape(cfg) -> tuple[int, int, int]:
-    s = cfg.preprocessing.input_size
-    return (3, s, s)
-
-
-def _batch_size(cfg, requested: Optional[int]) -> int:
-    """Small batches are several times faster per image for 224-px CNNs on CPU (cache-resident)."""
-    if requested is not None:
-        return requested
-    return 256 if cfg.preprocessing.input_size <= 64 else 8
+    if p.is_dir() and (p / "model.ts").is_file():
+        raise AutoDFPError(f"{p} holds no pruned.pt: it is not a complete autodfp output directory")
+    net, cfg = load_model(model, weights=weights, arch=arch, trust_pickle=trust_pickle, like=like)
+    m, s = _floats3(mean, "--mean"), _floats3(std, "--std")
+    if input_size is not None or m is not None or s is not None:
+        if input_size is not None and not 1 <= input_size <= 4096:
+            raise PlanError(f"--input-size must be in [1, 4096], got {input_size}")
+        pre = cfg.preprocessing
+        pre = replace(pre, input_size=input_size or pre.input_size, mean=m or pre.mean, std=s or pre.std,
+                      resize=pre.resize if input_size is None else None)
+        cfg = replace(cfg, preprocessing=pre)
+    check_finite(net, weights or model)
+    return net, cfg
 
 
 def _fmt_m(x: float) -> str:
     return f"{x / 1e6:,.2f} M"
+
+
+def _progress_on() -> bool:
+    return os.environ.get("AUTODFP_PROGRESS", "1") != "0"
 
 
 # -- commands ---------------------------------------------------------------------------------
@@ -102,14 +198,27 @@ def zoo(as_json: bool = JsonOpt) -> None:
 @app.command()
 def info(model: str = typer.Argument(..., help="Zoo name, user model, or a pruned output directory."),
          weights: Optional[str] = WeightsOpt, arch: Optional[str] = ArchOpt, trust_pickle: bool = TrustOpt,
-         like: Optional[str] = LikeOpt, as_json: bool = JsonOpt) -> None:
+         like: Optional[str] = LikeOpt, input_size: Optional[int] = InputSizeOpt, as_json: bool = JsonOpt) -> None:
     """Per-layer shapes, MACs and params, and the prunable channel groups."""
+    import torch
+
     from autodfp.analysis.graph import find_groups
+    from autodfp.api import input_shape_of
     from autodfp.eval.metrics import profile
 
-    net, cfg = _load(model, weights, arch, trust_pickle, like)
-    shape = _input_shape(cfg)
+    net, cfg = _load(model, weights, arch, trust_pickle, like, input_size)
+    shape = input_shape_of(cfg)
     prof = profile(net, shape)
+    if isinstance(net, torch.jit.ScriptModule):
+        msg = (f"{model} is loaded from its TorchScript (its architecture is not rebuilt from code): totals only; "
+               "pass --arch package.module:factory for layers and groups")
+        if as_json:
+            _err.print(msg)
+            _emit_json({"model": cfg.name, "macs": prof.total_macs, "params": prof.total_params, "layers": [],
+                        "groups": None})
+        else:
+            _out.print(f"{cfg.name}: {prof.total_macs:,} MACs, {prof.total_params:,} params\n{msg}")
+        return
     graph = find_groups(net, shape)
     if as_json:
         _emit_json({"model": cfg.name, "macs": prof.total_macs, "params": prof.total_params,
@@ -133,19 +242,37 @@ def info(model: str = typer.Argument(..., help="Zoo name, user model, or a prune
     _out.print(f"{len(graph.prunable)} prunable groups of {len(graph)}")
 
 
+def _eval_batches(cfg, data: Optional[str], limit: Optional[int], batch_size: int):
+    from autodfp.data.datasets import make_loader, resolve_dataset
+    from autodfp.eval.bench import cache_batches
+
+    return cache_batches(make_loader(resolve_dataset(data, cfg), batch_size=batch_size, limit=limit))
+
+
+def _check_limit(limit: Optional[int], batch_size: Optional[int]) -> None:
+    if limit is not None and limit < 1:
+        raise PlanError(f"--limit must be at least 1, got {limit}")
+    if batch_size is not None and batch_size < 1:
+        raise PlanError(f"--batch-size must be at least 1, got {batch_size}")
+
+
 @app.command("eval")
 def eval_cmd(model: str = typer.Argument(..., help="Zoo name, user model, or a pruned output directory."),
              weights: Optional[str] = WeightsOpt, arch: Optional[str] = ArchOpt, trust_pickle: bool = TrustOpt,
-             like: Optional[str] = LikeOpt, data: Optional[str] = DataOpt, limit: Optional[int] = LimitOpt,
-             batch_size: Optional[int] = BatchOpt, as_json: bool = JsonOpt) -> None:
+             like: Optional[str] = LikeOpt, input_size: Optional[int] = InputSizeOpt,
+             mean: Optional[str] = MeanOpt, std: Optional[str] = StdOpt, data: Optional[str] = DataOpt,
+             limit: Optional[int] = LimitOpt, batch_size: Optional[int] = BatchOpt, device: str = DeviceOpt,
+             as_json: bool = JsonOpt) -> None:
     """Top-1/top-5 accuracy, MACs, params and CPU latency of a model."""
-    from autodfp.data.datasets import make_loader, resolve_dataset
-    from autodfp.eval.metrics import evaluate, latency_table, profile
+    from autodfp.api import evaluate, input_shape_of, resolve_device
+    from autodfp.eval.metrics import latency_table, profile
 
-    net, cfg = _load(model, weights, arch, trust_pickle, like)
-    shape = _input_shape(cfg)
-    loader = make_loader(resolve_dataset(data, cfg), batch_size=_batch_size(cfg, batch_size), limit=limit)
-    res = evaluate(net, loader, label_offset=cfg.label_offset, progress=sys.stderr.isatty())
+    _check_limit(limit, batch_size)
+    _checked(resolve_device, device)
+    net, cfg = _load(model, weights, arch, trust_pickle, like, input_size, mean, std)
+    shape = input_shape_of(cfg)
+    res = evaluate(net, data, model_config=cfg, limit=limit, batch_size=batch_size, device=device,
+                   progress=_progress_on() and sys.stderr.isatty())
     prof = profile(net, shape)
     lat = latency_table(net, shape, batch_sizes=(1, 32))
     out = {"model": cfg.name, "top1": round(res.top1, 4), "top5": round(res.top5, 4), "n": res.n,
@@ -164,109 +291,17 @@ def eval_cmd(model: str = typer.Argument(..., help="Zoo name, user model, or a p
         _emit_json(out)
 
 
-def _needs_calibration(net, corr: str) -> bool:
-    from autodfp.synth.distill import bn_layers
-
-    return corr == "calibration" or not bn_layers(net)
-
-
-@dataclasses.dataclass(frozen=True)
-class SynthSettings:
-    """Synthetic-input and refinement knobs shared by prune, proxy-check and bench."""
-
-    steps: Optional[int] = None
-    ridge: float = 1e-2
-    #: None: searches, bench and proxy-check use refine.DEFAULT_DIMS_RIDGE and a prune's final
-    #: refinement picks one from refine.DIMS_RIDGE_GRID by the reward
-    dims_ridge: Optional[float] = None
-    reward_inputs: Optional[int] = None
-    refine_inputs: Optional[int] = None
-
-    def __post_init__(self) -> None:
-        from autodfp.errors import PlanError
-
-        if self.steps is not None and self.steps < 0:
-            raise PlanError(f"--synth-steps must be non-negative, got {self.steps}")
-        if self.ridge < 0 or (self.dims_ridge is not None and self.dims_ridge < 0):
-            raise PlanError("--refine-ridge and --refine-dims-ridge must be non-negative")
-        if self.refine_inputs is not None and self.refine_inputs < 2:
-            raise PlanError(f"--refine-inputs must be at least 2, got {self.refine_inputs}")
-        if self.reward_inputs is not None and self.reward_inputs < 2:
-            raise PlanError(f"--reward-inputs must be at least 2, got {self.reward_inputs}")
-
-
-def _calibration_batch(net, cfg, shape, seed: int, n: int, quiet: bool, steps: Optional[int] = None):
-    """Synthetic inputs (ZeroQ for BN models, the documented fallback otherwise), cached on disk."""
-    from autodfp.synth.distill import synthetic_batch
-
-    if not quiet:
-        _err.print(f"synthesising {n} inputs from the model, seed {seed} (cached after the first run)…")
-    return synthetic_batch(net, cfg.name, shape, n=n, seed=seed, label_offset=cfg.label_offset, steps=steps,
-                           progress=sys.stderr.isatty())
-
-
-#: The refinement batch uses its own seed, apart from the reward's batch (``seed``): a search scores
-#: refined plans, and a fit scored on the very inputs it was fitted to would flatter the plans whose
-#: fits overfit most.
-REFINE_SEED_OFFSET = 1
-
-
-#: A search refines every candidate plan, at a cost that grows with the batch, so it fits on the first
-#: this many refinement inputs (at 224 px: the first distilled chunk); the chosen plan gets them all.
-SEARCH_REFINE_INPUTS = 64
-
-
-def _refiner(pruner, net, cfg, shape, seed: int, quiet: bool, synth: SynthSettings = SynthSettings()):
-    from autodfp.compress.refine import DEFAULT_DIMS_RIDGE, Refiner
-
-    n = synth.refine_inputs if synth.refine_inputs is not None else _by_input_size(shape, REFINE_INPUTS)
-    batch = _calibration_batch(net, cfg, shape, seed + REFINE_SEED_OFFSET, n, quiet, synth.steps)
-    dims_ridge = DEFAULT_DIMS_RIDGE if synth.dims_ridge is None else synth.dims_ridge
-    return Refiner(pruner, batch, ridge=synth.ridge, dims_ridge=dims_ridge)
-
-
-def _search_refiner(refiner):
-    """The refiner a search scores candidates with: the final one on at most :data:`SEARCH_REFINE_INPUTS` inputs."""
-    from autodfp.compress.refine import Refiner
-
-    if refiner is None or len(refiner.inputs) <= SEARCH_REFINE_INPUTS:
-        return refiner
-    return Refiner(refiner.pruner, refiner.inputs[:SEARCH_REFINE_INPUTS], ridge=refiner.ridge,
-                   max_positions=refiner.max_positions, include_unpruned=refiner.include_unpruned,
-                   dims_ridge=refiner.dims_ridge)
-
-
-def _make_pruner(net, cfg, shape, corr: str, seed: int, calib_n: int, quiet: bool, synthesising: bool = False,
-                 synth: SynthSettings = SynthSettings()):
-    """``corr="auto"``: measured correlations whenever the synthetic batch exists anyway.
-
-    On ResNet-56, lsq with correlations measured on synthetic inputs beats the filter-geometry
-    estimate by 1.4 points at uniform 0.7 and 13.0 points at 0.5 (docs/RESULTS.md), but making the
-    batch costs minutes for 224-px models on a CPU, so plain uniform prunes keep the free estimate.
-    """
-    from autodfp.compress.surgery import Pruner
-
-    if corr == "auto":
-        corr = "calibration" if synthesising or _needs_calibration(net, "geometry") else "geometry"
-    calib = _calibration_batch(net, cfg, shape, seed, calib_n, quiet, synth.steps) if _needs_calibration(net, corr) else None
-    return Pruner(net, shape, calibration=calib, corr_source=corr)
-
-
-def _eval_batches(cfg, data: Optional[str], limit: Optional[int], batch_size: int):
-    from autodfp.eval.bench import cache_batches
-    from autodfp.data.datasets import make_loader, resolve_dataset
-
-    return cache_batches(make_loader(resolve_dataset(data, cfg), batch_size=_batch_size(cfg, batch_size), limit=limit))
-
-
-CriterionOpt = typer.Option("l1", "--criterion", help="Channel selection: l1 | l2 | cluster | random.")
-ReconOpt = typer.Option("lsq", "--reconstruct", help="Reconstruction: none | mean | nm | autodfp | lsq.")
-CorrOpt = typer.Option("auto", "--corr", help="lsq correlations: geometry (weights) | calibration (synthetic inputs) | "
-                       "auto (calibration when synthetic inputs are made anyway: searches, BN-free models).")
+CriterionOpt = typer.Option(None, "--criterion", help="Channel selection: l1 | l2 | cluster | random "
+                            "(default l1, or the plan's).")
+ReconOpt = typer.Option(None, "--reconstruct", help="Reconstruction: none | mean | nm | autodfp | lsq "
+                        "(default lsq, or the plan's).")
+CorrOpt = typer.Option(None, "--corr", help="lsq correlations: geometry (weights) | calibration (synthetic inputs) | "
+                       "auto (default: calibration when synthetic inputs are made anyway: searches, BN-free models).")
 SeedOpt = typer.Option(0, "--seed", help="Seed for synthetic inputs, random criteria and the search.")
 SynthStepsOpt = typer.Option(None, "--synth-steps", help="Optimisation steps per synthetic batch (default by input "
                              "size: 100 for ≤64 px, 200 for larger; each batch is cached).")
-RefineRidgeOpt = typer.Option(1e-2, "--refine-ridge", help="Ridge of the refinement fits, relative to the kept variance.")
+RefineRidgeOpt = typer.Option(None, "--refine-ridge", help="Ridge of the refinement fits, relative to the kept "
+                              "variance (default 0.01).")
 RefineDimsRidgeOpt = typer.Option(None, "--refine-dims-ridge",
                                   help="Extra ridge × kept channels / fitted positions (guards wide, low-resolution "
                                        "layers). Default: searches, bench and proxy-check use 3; a prune's final "
@@ -274,12 +309,14 @@ RefineDimsRidgeOpt = typer.Option(None, "--refine-dims-ridge",
 RewardInputsOpt = typer.Option(None, "--reward-inputs", help="Synthetic inputs the reward compares the models on "
                                "(default 256 for ≤64-px inputs, 64 for larger ones).")
 RefineInputsOpt = typer.Option(None, "--refine-inputs", help="Synthetic inputs the final refinement fits on (seed + 1; "
-                               "default 64 for ≤64-px inputs, 256 for larger; more help wide low-resolution layers "
-                               "but cost distillation time). Searches score candidates refined on the first "
-                               f"{SEARCH_REFINE_INPUTS}.")
+                               "default 64 for ≤64-px inputs, 256 for larger). Searches score candidates refined on "
+                               "the first 64.")
 RefineOpt = typer.Option(True, "--refine/--no-refine",
                          help="Re-fit every consumer in forward order on synthetic inputs, so the kept channels also "
                               "absorb the error of earlier layers (data-free; searches score plans after it).")
+
+#: search flags that mean nothing without --macs-ratio (a notice says so instead of ignoring them)
+_SEARCH_FLAGS = ("--search", "--episodes", "--warmup", "--r-min", "--checkpoint-every", "--resume")
 
 
 @app.command()
@@ -287,245 +324,154 @@ def prune(model: str = typer.Argument(..., help="Zoo name or user model."),
           uniform: Optional[float] = typer.Option(None, "--uniform", help="One preserved ratio for every prunable group."),
           plan_file: Optional[Path] = typer.Option(None, "--plan", help="A plan JSON (per-group ratios)."),
           macs_ratio: Optional[float] = typer.Option(None, "--macs-ratio", help="Search a plan keeping this fraction of the MACs (0.5 halves them)."),
-          search_method: str = typer.Option("sac", "--search", help="With --macs-ratio: sac | uniform | random."),
-          episodes: int = typer.Option(300, "--episodes", help="Search episodes (sac, random)."),
+          search_method: Optional[str] = typer.Option(None, "--search", help="With --macs-ratio: sac (default) | uniform | random."),
+          episodes: Optional[int] = typer.Option(None, "--episodes", help="Search episodes (sac, random; default 300)."),
           warmup: Optional[int] = typer.Option(None, "--warmup", help="Random-action episodes before SAC learns (default min(50, episodes/4))."),
           reward_spec: str = typer.Option("synthetic", "--reward", help="synthetic | unlabeled:DIR | labeled:SPEC (never the evaluation set)."),
           r_min: Optional[float] = typer.Option(None, "--r-min", help="Smallest preserved ratio the search may choose per group (default: chosen from the budget, at most 0.3)."),
-          checkpoint_every: int = typer.Option(25, "--checkpoint-every", help="Write a resumable search checkpoint every K episodes."),
+          checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Write a resumable search checkpoint every K episodes (default 25)."),
           resume: bool = typer.Option(False, "--resume", help="Continue an interrupted search from OUT/search/."),
-          criterion: Optional[str] = typer.Option(None, "--criterion", help="l1 | l2 | cluster | random (default l1, or the plan's)."),
-          reconstruct: Optional[str] = typer.Option(None, "--reconstruct", help="none | mean | nm | autodfp | lsq (default lsq, or the plan's)."),
+          criterion: Optional[str] = CriterionOpt, reconstruct: Optional[str] = ReconOpt,
           strength: Optional[float] = typer.Option(None, "--strength", help="Merge strength λ in [0, 1] for autodfp."),
-          corr: str = CorrOpt, seed: int = SeedOpt, refine: bool = RefineOpt,
-          synth_steps: Optional[int] = SynthStepsOpt, refine_ridge: float = RefineRidgeOpt,
+          corr: Optional[str] = CorrOpt, seed: int = SeedOpt, refine: bool = RefineOpt,
+          synth_steps: Optional[int] = SynthStepsOpt, refine_ridge: Optional[float] = RefineRidgeOpt,
           refine_dims_ridge: Optional[float] = RefineDimsRidgeOpt, reward_inputs: Optional[int] = RewardInputsOpt,
           refine_inputs: Optional[int] = RefineInputsOpt,
-          out: Path = typer.Option(..., "--out", help="Output directory (model.ts, pruned.pt, plan.json)."),
+          out: Path = typer.Option(..., "--out", help="Output directory (model.ts, pruned.pt, plan.json, manifest.json)."),
           weights: Optional[str] = WeightsOpt, arch: Optional[str] = ArchOpt, trust_pickle: bool = TrustOpt,
-          like: Optional[str] = LikeOpt, data: Optional[str] = DataOpt, limit: Optional[int] = LimitOpt,
-          batch_size: Optional[int] = BatchOpt, no_eval: bool = typer.Option(False, "--no-eval", help="Skip accuracy evaluation."),
+          like: Optional[str] = LikeOpt, input_size: Optional[int] = InputSizeOpt,
+          mean: Optional[str] = MeanOpt, std: Optional[str] = StdOpt, data: Optional[str] = DataOpt,
+          limit: Optional[int] = LimitOpt, batch_size: Optional[int] = BatchOpt, device: str = DeviceOpt,
+          no_eval: bool = typer.Option(False, "--no-eval", help="Skip accuracy evaluation."),
           as_json: bool = JsonOpt) -> None:
-    """Prune a model with a uniform ratio or a plan file, reconstruct, and save it."""
-    from autodfp.errors import PlanError
-    from autodfp.eval.export import save_pruned
-    from autodfp.eval.metrics import evaluate, latency_table, profile
+    """Prune a model with a uniform ratio, a plan file or a searched plan, reconstruct, and save it."""
+    import autodfp.api as api
     from autodfp.compress.plan import Plan
+    from autodfp.eval.export import OutputLock, check_output_dir
+    from autodfp.eval.metrics import latency_table
 
+    # every check that needs no model comes first: nothing is computed for a run that cannot finish
     if sum(x is not None for x in (uniform, plan_file, macs_ratio)) != 1:
         raise PlanError("give exactly one of --uniform R, --plan plan.json or --macs-ratio R")
-    if strength is not None and not 0.0 <= strength <= 1.0:
-        raise PlanError(f"--strength must be in [0, 1], got {strength}")
-    con = _console(as_json)
-    net, cfg = _load(model, weights, arch, trust_pickle, like)
-    shape = _input_shape(cfg)
-    synth = SynthSettings(synth_steps, refine_ridge, refine_dims_ridge, reward_inputs, refine_inputs)
-    pruner = _make_pruner(net, cfg, shape, corr, seed, 64, as_json,
-                          synthesising=refine or (macs_ratio is not None and reward_spec == "synthetic"), synth=synth)
-    refiner = _refiner(pruner, net, cfg, shape, seed, as_json, synth) if refine else None
-    selecting = refiner is not None and synth.dims_ridge is None
-    reward = (_reward(net, cfg, shape, reward_spec, data, seed, as_json, synth)
-              if macs_ratio is not None or selecting else None)
-    search_out: dict[str, Any] = {}
-    if macs_ratio is not None:
-        plan, search_out = _run_search(net, cfg, shape, pruner, macs_ratio, search_method, episodes, warmup,
-                                       reward, seed, criterion or "l1", reconstruct, strength, r_min,
-                                       out, checkpoint_every, resume, as_json, _search_refiner(refiner))
-    elif plan_file is not None:
+    for name, value in (("uniform", uniform), ("macs_ratio", macs_ratio)):
+        if value is not None:
+            _checked(api.check_ratio, name, value)
+    _checked(api.check_seed, seed)
+    _checked(api.resolve_device, device)
+    _check_limit(limit, batch_size)
+    config = _config(criterion=criterion, strategy=reconstruct, strength=strength, corr=corr, refine=refine,
+                     synth_steps=synth_steps, refine_ridge=refine_ridge, refine_dims_ridge=refine_dims_ridge,
+                     reward_inputs=reward_inputs, refine_inputs=refine_inputs, search=search_method,
+                     episodes=episodes, warmup=warmup, r_min=r_min, checkpoint_every=checkpoint_every,
+                     eval_batch_size=batch_size)
+    if macs_ratio is None:
+        ignored = [f for f, v in zip(_SEARCH_FLAGS, (search_method, episodes, warmup, r_min, checkpoint_every,
+                                                     resume or None)) if v is not None]
+        if ignored:
+            raise PlanError(f"{', '.join(ignored)} only apply to a search (--macs-ratio)")
+    plan = None
+    if plan_file is not None:
         plan = Plan.load(plan_file)
         plan.criterion = criterion or plan.criterion
         plan.strategy = reconstruct or plan.strategy
-    else:
-        plan = Plan.uniform(pruner.graph, uniform, criterion=criterion or "l1", strategy=reconstruct or "lsq")
-    plan.model = cfg.name
-    if strength is not None:
-        plan.params["strength"] = strength
-    if plan.criterion == "random":
-        plan.params.setdefault("seed", seed)
-    decisions = pruner.decide(plan)
-    if selecting:
-        decisions, search_out["refine_dims_ridge"] = _select_dims_ridge(pruner, refiner, decisions, reward, con)
-    elif refiner is not None:
-        decisions = refiner(decisions)
-    result = pruner.apply(plan, decisions)
-    paths = save_pruned(result, out, cfg, shape, arch=arch)
-
-    before, after = profile(net, shape), profile(result.model, shape)
+        _checked(plan.check_names)
+    check_output_dir(out)
+    con = _console(as_json)
+    _setup_logging()
+    with OutputLock(out):
+        net, cfg = _load(model, weights, arch, trust_pickle, like, input_size, mean, std)
+        if resume and not (out / "search").is_dir():
+            _notice(f"--resume: no checkpoint in {out / 'search'}; starting a new search")
+        result = _checked(api.prune, net, model_config=cfg, macs_ratio=macs_ratio, uniform=uniform, plan=plan,
+                          reward=reward_spec, config=config, seed=seed, device=device, progress=_progress_on(),
+                          checkpoint_dir=out / "search", resume=resume, eval_data=data, arch=arch)
+        paths = api.save(result, out)
+    shape = result.input_shape
+    report = result.report
     lat_b, lat_a = latency_table(net, shape, (1,)), latency_table(result.model, shape, (1,))
     top1_b = top1_a = None
     if not no_eval:
-        batches = _eval_batches(cfg, data, limit, batch_size)
-        top1_b = evaluate(net, batches, cfg.label_offset, progress=False).top1
-        top1_a = evaluate(result.model, batches, cfg.label_offset, progress=False).top1
-    t = Table(title=f"{cfg.name}: {plan.strategy} + {plan.criterion}{' + refine' if refine else ''}")
+        top1_b = api.evaluate(net, data, model_config=cfg, limit=limit, batch_size=batch_size, device=device).top1
+        top1_a = api.evaluate(result.model, data, model_config=cfg, limit=limit, batch_size=batch_size,
+                              device=device).top1
+    plan = result.plan
+    t = Table(title=f"{cfg.name}: {plan.strategy} + {plan.criterion}{' + refine' if config.refine else ''}")
     for col in ("", "before", "after", "ratio"):
         t.add_column(col, justify="right")
-    t.add_row("MACs", _fmt_m(before.total_macs), _fmt_m(after.total_macs), f"{after.total_macs / before.total_macs:.3f}")
-    t.add_row("params", _fmt_m(before.total_params), _fmt_m(after.total_params),
-              f"{after.total_params / before.total_params:.3f}")
-    if top1_b is not None:
+    mb, ma, pb, pa = report["macs_before"], report["macs_after"], report["params_before"], report["params_after"]
+    t.add_row("MACs", _fmt_m(mb), _fmt_m(ma), f"{ma / mb:.3f}")
+    t.add_row("params", _fmt_m(pb), _fmt_m(pa), f"{pa / pb:.3f}")
+    if top1_b is not None and top1_a is not None:
         t.add_row("top-1", f"{top1_b:.2f} %", f"{top1_a:.2f} %", f"{top1_a - top1_b:+.2f} pt")
     t.add_row("latency b=1", f"{lat_b[1]:.2f} ms", f"{lat_a[1]:.2f} ms", f"speed-up {lat_b[1] / lat_a[1]:.2f}×")
     con.print(t)
     con.print(f"saved: {', '.join(str(p) for p in paths.values())}")
     if as_json:
-        _emit_json({**search_out, "refine": refine, "macs_before": before.total_macs, "macs_after": after.total_macs,
-                    "macs_ratio_achieved": round(after.total_macs / before.total_macs, 6),
-                    "params_before": before.total_params, "params_after": after.total_params,
+        keys = ("search", "episodes", "search_seconds", "best_reward", "plateau_episode", "refine_dims_ridge")
+        _emit_json({**{k: report[k] for k in keys if k in report}, "refine": config.refine,
+                    "macs_before": mb, "macs_after": ma, "macs_ratio_achieved": report["macs_ratio_achieved"],
+                    "params_before": pb, "params_after": pa,
                     "top1_before": None if top1_b is None else round(top1_b, 4),
                     "top1_after": None if top1_a is None else round(top1_a, 4),
                     "latency_ms_b1_before": round(lat_b[1], 3), "latency_ms_b1_after": round(lat_a[1], 3),
                     "out": str(out)})
 
 
-#: Synthetic inputs the reward compares on, by input size. On ResNet-56 at 0.5 MACs the proxy
-#: check's Spearman rho rises from 0.873 with 64 inputs to 0.896 with 256, and 0.912 with the
-#: current refinement defaults (docs/RESULTS.md); at 224 px each input costs ~50x more to distil
-#: and to score, so 64 stay the default there.
-REWARD_INPUTS = {"small": 256, "large": 64}
-
-
-#: Synthetic inputs the final refinement fits on, by input size. On MobileNet-V1 at 224 px, 256
-#: instead of 64 took the refined uniform 0.8 prune from 51.54 % to 54.38 % (docs/RESULTS.md), for
-#: ~30 more minutes of one-off distillation on a 2-core CPU (then cached). Searches score
-#: candidates on the first :data:`SEARCH_REFINE_INPUTS` only, so a search costs the same either way.
-REFINE_INPUTS = {"small": 64, "large": 256}
-
-
-def _by_input_size(shape, table: dict[str, int]) -> int:
-    from autodfp.synth.distill import size_class
-
-    return table[size_class(shape)]
-
-
-def _reward_inputs(shape, synth: SynthSettings) -> int:
-    if synth.reward_inputs is not None:
-        return synth.reward_inputs
-    return _by_input_size(shape, REWARD_INPUTS)
-
-
-def _reward(net, cfg, shape, spec: str, eval_data: Optional[str], seed: int, quiet: bool,
-            synth: SynthSettings = SynthSettings()):
-    """Build the search reward from ``--reward``; the labelled set must not be the evaluation set."""
-    import torch
-
-    from autodfp.data.datasets import UnlabeledImageDir, build_transform, make_loader, resolve_dataset
-    from autodfp.errors import DataError, PlanError
-    from autodfp.search.rewards import AccuracyReward, AgreementReward
-
-    kind, _, arg = spec.partition(":")
-    if kind == "synthetic" and not arg:
-        return AgreementReward(net, _calibration_batch(net, cfg, shape, seed, _reward_inputs(shape, synth), quiet,
-                                                       synth.steps),
-                               label_offset=cfg.label_offset)
-    if kind == "unlabeled" and arg:
-        ds = UnlabeledImageDir(arg, build_transform(cfg.preprocessing))
-        n = min(len(ds), max(256, synth.reward_inputs or 0))
-        if n == 0:
-            raise DataError(f"no images found under {arg}")
-        return AgreementReward(net, torch.stack([ds[i] for i in range(n)]), label_offset=cfg.label_offset)
-    if kind == "labeled" and arg:
-        if arg == eval_data or (eval_data is None and _is_default_eval(cfg, arg)):
-            raise PlanError("--reward labeled: must not use the evaluation set; pass a held-out set")
-        loader = make_loader(resolve_dataset(arg, cfg, split="train" if arg.startswith("cifar") else "test"),
-                             batch_size=_batch_size(cfg, None), limit=512)
-        return AccuracyReward([(x, y) for x, y in loader], label_offset=cfg.label_offset)
-    raise PlanError(f"unknown --reward '{spec}'; use synthetic, unlabeled:DIR or labeled:SPEC")
-
-
-def _is_default_eval(cfg, spec: str) -> bool:
-    from autodfp.data.datasets import parse_spec
-    from autodfp.models.hub import assets_dir
-
-    ref = cfg.default_dataset
-    if ref is None:
-        return False
-    _, root, _ = parse_spec(spec)
-    base = assets_dir()
-    return base is not None and root.resolve() == (base / ref.path).resolve()
-
-
-def _select_dims_ridge(pruner, refiner, decisions, reward, con: Console):
-    """The final refinement's dims ridge, chosen by the reward on its own (held-out) inputs."""
-    from autodfp.search.env import MaskedModel
-    from autodfp.compress.refine import select_dims_ridge
-
-    def score(refined) -> float:
-        return reward(MaskedModel(pruner.model, pruner.masked_state(refined)))
-
-    chosen, refined, scores = select_dims_ridge(refiner, decisions, score)
-    con.print("refinement dims ridge by reward: " + ", ".join(f"{k:g} → {v:.4f}" for k, v in scores.items())
-              + f"; chose {chosen:g}")
-    return refined, chosen
-
-
-def _run_search(net, cfg, shape, pruner, macs_ratio, method, episodes, warmup, reward, seed,
-                criterion, reconstruct, strength, r_min, out: Path, checkpoint_every, resume, quiet, refiner=None):
-    from autodfp.search.driver import plot_ratios, plot_rewards, search
-
-    params = {"strength": strength} if strength is not None else None
-    result = search(pruner, macs_ratio, method=method, episodes=episodes, warmup=warmup, reward=reward, seed=seed,
-                    strategy=reconstruct or "lsq", criterion=criterion, params=params,
-                    r_min=r_min, checkpoint_dir=out / "search",
-                    checkpoint_every=checkpoint_every, resume=resume, progress=not quiet or sys.stderr.isatty(),
-                    model_key=cfg.name, refiner=refiner)
-    out.mkdir(parents=True, exist_ok=True)
-    uniform = search(pruner, macs_ratio, method="uniform", reward=reward, strategy=reconstruct or "lsq",
-                     criterion=criterion, progress=False, model_key=cfg.name).best_plan
-    plot_ratios(result.best_plan, uniform, out / "ratios.png", title=f"{cfg.name}: preserved ratio per group")
-    if result.history:
-        plot_rewards(result.history, out / "rewards.png", title=f"{cfg.name}: {method} search")
-    from autodfp._io import atomic_write_text
-
-    atomic_write_text(out / "search.json", json.dumps(result.to_dict(), indent=2) + "\n")
-    _console(quiet).print(f"search: {method}, {result.episodes} episodes in {result.seconds:.1f} s, best reward "
-                          f"{result.best_reward:.4f} (plateau at episode {result.plateau_episode})")
-    return result.best_plan, {"episodes": result.episodes, "search_seconds": round(result.seconds, 2),
-                              "best_reward": result.best_reward, "plateau_episode": result.plateau_episode,
-                              "search": method}
-
-
 @app.command("proxy-check")
 def proxy_check_cmd(model: str = typer.Argument(..., help="Zoo name or user model."),
                     macs_ratio: float = typer.Option(0.5, "--macs-ratio", help="Budget of the sampled plans."),
-                    plans: int = typer.Option(50, "--plans", help="Number of random feasible plans (K)."),
+                    plans: int = typer.Option(50, "--plans", help="Number of random feasible plans (K ≥ 3)."),
                     reward_spec: str = typer.Option("synthetic", "--reward", help="synthetic | unlabeled:DIR | labeled:SPEC."),
-                    reconstruct: str = typer.Option("lsq", "--reconstruct", help="Strategy used by the plans."),
-                    corr: str = CorrOpt, seed: int = SeedOpt, refine: bool = RefineOpt,
-                    synth_steps: Optional[int] = SynthStepsOpt, refine_ridge: float = RefineRidgeOpt,
+                    reconstruct: Optional[str] = ReconOpt,
+                    corr: Optional[str] = CorrOpt, seed: int = SeedOpt, refine: bool = RefineOpt,
+                    synth_steps: Optional[int] = SynthStepsOpt, refine_ridge: Optional[float] = RefineRidgeOpt,
                     refine_dims_ridge: Optional[float] = RefineDimsRidgeOpt, reward_inputs: Optional[int] = RewardInputsOpt,
-                    refine_inputs: int = typer.Option(SEARCH_REFINE_INPUTS, "--refine-inputs",
-                                                      help="Synthetic inputs each plan is refined on (seed + 1); "
-                                                           "the default is what searches score candidates with."),
+                    refine_inputs: Optional[int] = typer.Option(None, "--refine-inputs",
+                                                                help="Synthetic inputs each plan is refined on "
+                                                                     "(seed + 1); default: what searches score "
+                                                                     "candidates with (64)."),
                     out: Path = typer.Option(Path("runs/proxy"), "--out", help="Directory for proxy.png/json."),
                     weights: Optional[str] = WeightsOpt, arch: Optional[str] = ArchOpt, trust_pickle: bool = TrustOpt,
-                    like: Optional[str] = LikeOpt, data: Optional[str] = DataOpt, limit: Optional[int] = LimitOpt,
-                    batch_size: Optional[int] = BatchOpt, as_json: bool = JsonOpt) -> None:
+                    like: Optional[str] = LikeOpt, input_size: Optional[int] = InputSizeOpt,
+                    data: Optional[str] = DataOpt, limit: Optional[int] = LimitOpt,
+                    batch_size: Optional[int] = BatchOpt, device: str = DeviceOpt, as_json: bool = JsonOpt) -> None:
     """Can the data-free reward be trusted? Spearman ρ of reward vs real accuracy over K plans."""
     from autodfp._io import atomic_write_text
+    from autodfp.api import Pipeline, check_ratio, check_seed, input_shape_of, resolve_device
+    from autodfp.eval.export import check_output_dir
     from autodfp.eval.metrics import evaluate
     from autodfp.search.driver import plot_proxy, proxy_check
 
-    net, cfg = _load(model, weights, arch, trust_pickle, like)
-    shape = _input_shape(cfg)
-    synth = SynthSettings(synth_steps, refine_ridge, refine_dims_ridge, reward_inputs, refine_inputs)
-    pruner = _make_pruner(net, cfg, shape, corr, seed, 64, as_json, synthesising=refine or reward_spec == "synthetic",
-                          synth=synth)
-    refiner = _refiner(pruner, net, cfg, shape, seed, as_json, synth) if refine else None
-    reward = _reward(net, cfg, shape, reward_spec, data, seed, as_json, synth)
-    batches = _eval_batches(cfg, data, limit, batch_size)
+    if plans < 3:
+        raise PlanError(f"--plans must be at least 3 for a rank correlation, got {plans}")
+    _checked(check_ratio, "macs_ratio", macs_ratio)
+    _checked(check_seed, seed)
+    _checked(resolve_device, device)
+    _check_limit(limit, batch_size)
+    config = _config(strategy=reconstruct, corr=corr, refine=refine, synth_steps=synth_steps,
+                     refine_ridge=refine_ridge, refine_dims_ridge=refine_dims_ridge, reward_inputs=reward_inputs,
+                     refine_inputs=refine_inputs, eval_batch_size=batch_size)
+    check_output_dir(out)
+    _setup_logging()
+    net, cfg = _load(model, weights, arch, trust_pickle, like, input_size)
+    shape = input_shape_of(cfg)
+    pipe = Pipeline(net, cfg, shape, config, seed=seed, device=device, progress=_progress_on())
+    pruner = pipe.pruner(synthesising=config.refine or reward_spec == "synthetic")
+    n_refine = config.refine_inputs if config.refine_inputs is not None else config.search_refine_inputs
+    refiner = pipe.refiner(pruner, n=n_refine) if config.refine else None
+    reward = _checked(pipe.reward, reward_spec, data)
+    batches = _eval_batches(cfg, data, limit, config.eval_batch_size_for(shape))
     acc = lambda m: evaluate(m, batches, cfg.label_offset, progress=False).top1  # noqa: E731
-    rho, rewards, accs = proxy_check(pruner, reward, acc, macs_ratio, k=plans, seed=seed, strategy=reconstruct,
-                                     progress=not as_json or sys.stderr.isatty(), refiner=refiner)
+    rho, rewards, accs = proxy_check(pruner, reward, acc, macs_ratio, k=plans, seed=seed, strategy=config.strategy,
+                                     progress=_progress_on(), refiner=refiner)
     out.mkdir(parents=True, exist_ok=True)
-    plot_proxy(rewards, accs, out / "proxy.png", title=f"{cfg.name} @ {macs_ratio:g} MACs: Spearman ρ = {rho:.3f}")
-    atomic_write_text(out / "proxy.json", json.dumps({"model": cfg.name, "macs_ratio": macs_ratio, "plans": plans,
-                                                       "reward": reward_spec, "refine": refine,
-                                                       "refine_inputs": len(refiner.inputs) if refiner else 0,
-                                                       "rho": rho,
-                                                       "rewards": rewards,
-                                                       "top1": accs}, indent=2) + "\n")
-    _console(as_json).print(f"Spearman ρ (reward vs top-1, {plans} plans) = {rho:.3f}; top-1 range "
+    rho_txt = "undefined" if rho is None or not math.isfinite(rho) else f"{rho:.3f}"
+    plot_proxy(rewards, accs, out / "proxy.png", title=f"{cfg.name} @ {macs_ratio:g} MACs: Spearman ρ = {rho_txt}")
+    atomic_write_text(out / "proxy.json", json.dumps(_json_safe({
+        "model": cfg.name, "macs_ratio": macs_ratio, "plans": plans, "reward": reward_spec, "refine": config.refine,
+        "refine_inputs": len(refiner.inputs) if refiner else 0, "rho": rho, "rewards": rewards, "top1": accs}),
+        indent=2) + "\n")
+    _console(as_json).print(f"Spearman ρ (reward vs top-1, {plans} plans) = {rho_txt}; top-1 range "
                             f"{min(accs):.2f}–{max(accs):.2f} %; wrote {out / 'proxy.png'}")
     if as_json:
         _emit_json({"model": cfg.name, "rho": rho, "plans": plans, "top1_min": min(accs), "top1_max": max(accs)})
@@ -538,31 +484,46 @@ def bench(model: str = typer.Argument(..., help="Zoo name or user model."),
                                       help="Comma-separated strategy+criterion[+refine]; +refine adds the "
                                            "sequential drift correction on synthetic inputs."),
           strength: float = typer.Option(1.0, "--strength", help="Merge strength λ for autodfp."),
-          corr: str = CorrOpt, seed: int = SeedOpt,
-          synth_steps: Optional[int] = SynthStepsOpt, refine_ridge: float = RefineRidgeOpt,
+          corr: Optional[str] = CorrOpt, seed: int = SeedOpt,
+          synth_steps: Optional[int] = SynthStepsOpt, refine_ridge: Optional[float] = RefineRidgeOpt,
           refine_dims_ridge: Optional[float] = RefineDimsRidgeOpt, refine_inputs: Optional[int] = RefineInputsOpt,
           out: Path = typer.Option(Path("runs/bench"), "--out", help="Directory for bench.md/json/png."),
           weights: Optional[str] = WeightsOpt, arch: Optional[str] = ArchOpt, trust_pickle: bool = TrustOpt,
-          like: Optional[str] = LikeOpt, data: Optional[str] = DataOpt, limit: Optional[int] = LimitOpt,
-          batch_size: Optional[int] = BatchOpt) -> None:
+          like: Optional[str] = LikeOpt, input_size: Optional[int] = InputSizeOpt,
+          data: Optional[str] = DataOpt, limit: Optional[int] = LimitOpt,
+          batch_size: Optional[int] = BatchOpt, device: str = DeviceOpt) -> None:
     """Grid of methods × uniform ratios: Markdown table and accuracy-vs-MACs plot."""
+    from autodfp.api import Pipeline, check_ratio, check_seed, input_shape_of, resolve_device
     from autodfp.eval.bench import parse_method, run_grid, write_report
-    from autodfp.errors import PlanError
+    from autodfp.eval.export import check_output_dir
 
     try:
         ratio_list = [float(r) for r in ratios.split(",") if r.strip()]
     except ValueError:
         raise PlanError(f"--ratios must be comma-separated numbers, got '{ratios}'") from None
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    if not ratio_list:
+        raise PlanError("--ratios is empty; give at least one ratio, e.g. --ratios 0.7")
+    if not method_list:
+        raise PlanError("--methods is empty; give at least one method, e.g. --methods lsq+l1+refine")
+    for r in ratio_list:
+        _checked(check_ratio, "ratios", r)
     for m in method_list:
         parse_method(m)
-    net, cfg = _load(model, weights, arch, trust_pickle, like)
-    shape = _input_shape(cfg)
+    _checked(check_seed, seed)
+    _checked(resolve_device, device)
+    _check_limit(limit, batch_size)
+    config = _config(strength=strength, corr=corr, synth_steps=synth_steps, refine_ridge=refine_ridge,
+                     refine_dims_ridge=refine_dims_ridge, refine_inputs=refine_inputs, eval_batch_size=batch_size)
+    check_output_dir(out)
+    _setup_logging()
+    net, cfg = _load(model, weights, arch, trust_pickle, like, input_size)
+    shape = input_shape_of(cfg)
     refining = any(parse_method(m)[2] for m in method_list)
-    synth = SynthSettings(synth_steps, refine_ridge, refine_dims_ridge, refine_inputs=refine_inputs)
-    pruner = _make_pruner(net, cfg, shape, corr, seed, 64, False, synthesising=refining, synth=synth)
-    refiner = _refiner(pruner, net, cfg, shape, seed, False, synth) if refining else None
-    batches = _eval_batches(cfg, data, limit, batch_size)
+    pipe = Pipeline(net, cfg, shape, config, seed=seed, device=device, progress=_progress_on())
+    pruner = pipe.pruner(synthesising=refining)
+    refiner = pipe.refiner(pruner, dims_ridge=config.refine_dims_ridge) if refining else None
+    batches = _eval_batches(cfg, data, limit, config.eval_batch_size_for(shape))
     n = sum(len(y) for _, y in batches)
 
     def report(row) -> None:
@@ -579,16 +540,31 @@ def bench(model: str = typer.Argument(..., help="Zoo name or user model."),
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point. Typer's standalone mode handles usage errors (exit 2) and ``--help``."""
+    """Entry point: one ``error:`` line and exit 2 for anything the user caused, usage errors included."""
+    # typer ships its own copy of click: take the usage-error type from where typer's come from
+    usage_error = sys.modules[typer.BadParameter.__module__].UsageError
+
+    command = typer.main.get_command(app)
     try:
-        app(args=argv, prog_name="autodfp")
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        result = command.main(args=argv if argv is not None else sys.argv[1:], prog_name="autodfp",
+                              standalone_mode=False)
+    except usage_error as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # the help was printed: nothing went wrong
+            return 0
+        msg = " ".join(exc.format_message().split())
+        print(f"error: {msg} (see 'autodfp {exc.ctx.info_name if exc.ctx and exc.ctx.parent else ''} --help')"
+              .replace("autodfp  --help", "autodfp --help"), file=sys.stderr)
+        return 2
+    except typer.Abort:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except typer.Exit as exc:
+        return int(exc.exit_code or 0)
     except KeyboardInterrupt:
-        _err.print("interrupted")
+        print("interrupted", file=sys.stderr)
         return 130
     except AutoDFPError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except Exception as exc:  # a bug, not bad input: keep it to one line unless debugging
         if os.environ.get("AUTODFP_DEBUG"):
@@ -597,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"internal error: {exc.__class__.__name__}: {msg} (set AUTODFP_DEBUG=1 for the traceback)",
               file=sys.stderr)
         return 1
-    return 0
+    return int(result) if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ Ties are broken by channel index (stable sort), so a plan is reproducible across
 from __future__ import annotations
 
 import operator
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -14,7 +14,8 @@ from torch import Tensor
 from autodfp.errors import PlanError
 from autodfp.analysis.similarity import ChannelAnalysis, ChannelStats
 
-CRITERIA = ("l1", "l2", "cluster", "random")
+#: a criterion maps (stats, analysis, raw filters, seed) to channel indices, most important first
+CriterionFn = Callable[[ChannelStats, ChannelAnalysis | None, Tensor | None, int], Tensor]
 
 
 def _split(order: Tensor, n_keep: int) -> tuple[Tensor, Tensor]:
@@ -73,7 +74,7 @@ def select_channels(
         raise PlanError(f"n_keep must be in [1, {c}] for a group of {c} channels, got {n_keep}")
     fn = _CRITERIA.get(criterion)
     if fn is None:
-        raise PlanError(f"unknown pruning criterion '{criterion}' (expected one of {', '.join(CRITERIA)})")
+        raise PlanError(f"unknown pruning criterion '{criterion}' (expected one of {', '.join(_CRITERIA)})")
     order = fn(stats, analysis, raw_filters, seed)
     return _split(order, n_keep)
 
@@ -107,9 +108,30 @@ def _random(stats: ChannelStats, analysis: ChannelAnalysis | None, raw: Tensor |
     return torch.randperm(stats.num_channels, generator=g)
 
 
-_CRITERIA: dict[str, Callable[[ChannelStats, ChannelAnalysis | None, Tensor | None, int], Tensor]] = {
-    "l1": _l1,
-    "l2": _l2,
-    "cluster": _cluster,
-    "random": _random,
-}
+_CRITERIA: dict[str, CriterionFn] = {}
+
+
+def register_criterion(name: str, fn: CriterionFn | None = None) -> Any:
+    """Add a channel-selection criterion under ``name`` (usable as a decorator), as timm registers models.
+
+    ``fn(stats, analysis, raw_filters, seed)`` returns every channel index, most important first;
+    plans, the CLI's ``--criterion`` and the config accept the name once it is registered.
+    """
+    def add(f: CriterionFn) -> CriterionFn:
+        if name in _CRITERIA:
+            raise ValueError(f"criterion {name!r} is already registered")
+        _CRITERIA[name] = f
+        return f
+    return add(fn) if fn is not None else add
+
+
+def criterion_names() -> tuple[str, ...]:
+    """The registered criteria, in registration order (the built-ins first)."""
+    return tuple(_CRITERIA)
+
+
+for _name, _fn in (("l1", _l1), ("l2", _l2), ("cluster", _cluster), ("random", _random)):
+    register_criterion(_name, _fn)
+
+
+__all__ = ["CriterionFn", "criterion_names", "register_criterion", "select_channels"]

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from autodfp._io import atomic_write_text
+from autodfp.compress.criteria import criterion_names
+from autodfp.compress.reconstruct import strategy_names
+from autodfp.config import DEFAULTS
 from autodfp.errors import PlanError
 from autodfp.analysis.graph import GroupGraph
 
-CRITERIA = ("l1", "l2", "cluster", "random")
-STRATEGIES = ("none", "mean", "nm", "autodfp", "lsq")
 
 
 def n_keep(channels: int, ratio: float) -> int:
@@ -35,8 +36,8 @@ class Plan:
     """
 
     ratios: dict[str, float]
-    criterion: str = "l1"
-    strategy: str = "autodfp"
+    criterion: str = DEFAULTS.criterion
+    strategy: str = DEFAULTS.strategy
     params: dict[str, Any] = field(default_factory=dict)
     layer_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     keep: dict[str, list[int]] = field(default_factory=dict)
@@ -49,11 +50,15 @@ class Plan:
     def params_for(self, group: str) -> dict[str, Any]:
         return {**self.params, **self.layer_params.get(group, {})}
 
+    def check_names(self) -> None:
+        """The criterion and strategy exist (checked before a model is even loaded)."""
+        if self.criterion not in criterion_names():
+            raise PlanError(f"unknown criterion '{self.criterion}'; choose from {', '.join(criterion_names())}")
+        if self.strategy not in strategy_names():
+            raise PlanError(f"unknown strategy '{self.strategy}'; choose from {', '.join(strategy_names())}")
+
     def validate(self, graph: GroupGraph) -> None:
-        if self.criterion not in CRITERIA:
-            raise PlanError(f"unknown criterion '{self.criterion}'; choose from {', '.join(CRITERIA)}")
-        if self.strategy not in STRATEGIES:
-            raise PlanError(f"unknown strategy '{self.strategy}'; choose from {', '.join(STRATEGIES)}")
+        self.check_names()
         known = {g.name: g for g in graph.groups}
         for name, ratio in self.ratios.items():
             if name not in known:
@@ -109,7 +114,8 @@ class Plan:
                 keep[name] = [int(i) for i in entry.pop("keep")]
             if entry:
                 layer_params[name] = entry
-        return cls(ratios=ratios, criterion=d.get("criterion", "l1"), strategy=d.get("strategy", "autodfp"),
+        return cls(ratios=ratios, criterion=d.get("criterion", DEFAULTS.criterion),
+                   strategy=d.get("strategy", DEFAULTS.strategy),
                    params=dict(d.get("params") or {}), layer_params=layer_params, keep=keep, model=d.get("model"))
 
     def save(self, path: str | os.PathLike) -> Path:

@@ -13,7 +13,7 @@ Results are float64; callers cast to the model's dtype when folding.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -487,13 +487,33 @@ def fit_drift(target: Tensor, observed: Tensor, comp: Compensation, kept: Tensor
     return Compensation(m[pruned], v[pruned], partner=comp.partner, info=info, K=m[kept], d=v[kept])
 
 
-STRATEGIES: dict[str, Callable[..., Compensation]] = {
-    "none": strategy_none,
-    "mean": strategy_mean,
-    "nm": strategy_nm,
-    "autodfp": strategy_autodfp,
-    "lsq": strategy_lsq,
-}
+#: name → strategy ``fn(stats, analysis, kept, pruned, **params) -> Compensation``; add with
+#: :func:`register_strategy`
+STRATEGIES: dict[str, Callable[..., Compensation]] = {}
+
+
+def register_strategy(name: str, fn: Callable[..., Compensation] | None = None) -> Any:
+    """Add a reconstruction strategy under ``name`` (usable as a decorator), as timm registers models.
+
+    The function is called as ``fn(stats, analysis, kept, pruned, **params)`` and returns a
+    :class:`Compensation`; the keyword parameters it declares are the ones a plan may set for it.
+    """
+    def add(f: Callable[..., Compensation]) -> Callable[..., Compensation]:
+        if name in STRATEGIES:
+            raise ValueError(f"strategy {name!r} is already registered")
+        STRATEGIES[name] = f
+        return f
+    return add(fn) if fn is not None else add
+
+
+def strategy_names() -> tuple[str, ...]:
+    """The registered strategies, in registration order (the built-ins first)."""
+    return tuple(STRATEGIES)
+
+
+for _name, _fn in (("none", strategy_none), ("mean", strategy_mean), ("nm", strategy_nm),
+                   ("autodfp", strategy_autodfp), ("lsq", strategy_lsq)):
+    register_strategy(_name, _fn)
 
 
 def reconstruct(name: str, stats: ChannelStats, analysis: ChannelAnalysis | None, kept: Tensor, pruned: Tensor,
@@ -507,5 +527,5 @@ def reconstruct(name: str, stats: ChannelStats, analysis: ChannelAnalysis | None
 
 __all__ = [
     "Compensation", "STRATEGIES", "fit_drift", "fold_into_consumer", "gaussian_correlation", "post_activation_covariance",
-    "reconstruct", "strategy_autodfp", "strategy_lsq", "strategy_mean", "strategy_nm", "strategy_none",
+    "reconstruct", "register_strategy", "strategy_autodfp", "strategy_names", "strategy_lsq", "strategy_mean", "strategy_nm", "strategy_none",
 ]

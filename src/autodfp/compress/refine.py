@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from autodfp._modes import eval_mode
+from autodfp.config import DEFAULTS
 from autodfp.errors import PlanError
 from autodfp.compress.reconstruct import Compensation, fit_drift
 
@@ -45,8 +46,8 @@ def _positions(x: torch.Tensor, channels: int, max_positions: int, seed: int) ->
         return None
     if flat.shape[0] > max_positions:
         gen = torch.Generator().manual_seed(seed)
-        flat = flat[torch.randperm(flat.shape[0], generator=gen)[:max_positions]]
-    return flat.to(torch.float64)
+        flat = flat[torch.randperm(flat.shape[0], generator=gen).to(flat.device)[:max_positions]]
+    return flat.cpu().to(torch.float64)  # the fits run in float64 on the CPU, wherever the forward ran
 
 
 def _full_decision(pruner: Pruner, name: str, decisions: dict[str, GroupDecision]) -> GroupDecision:
@@ -60,7 +61,7 @@ def _full_decision(pruner: Pruner, name: str, decisions: dict[str, GroupDecision
 
 
 #: the dims ridge of searches, bench and proxy-check, and of prunes given ``--refine-dims-ridge``
-DEFAULT_DIMS_RIDGE = 3.0
+DEFAULT_DIMS_RIDGE = DEFAULTS.search_dims_ridge
 
 
 class Refiner:
@@ -76,10 +77,21 @@ class Refiner:
     a least-squares fit on a few synthetic images overfits. Defaults from ``autodfp bench`` with
     ``--refine-ridge``/``--refine-dims-ridge`` (docs/RESULTS.md): at uniform 0.8 MobileNet-V1 goes
     from 40.2 % (dims_ridge 0) to 51.5 % (3), while ResNet-56 at 0.5 stays within one image.
+
+    :param pruner: the model's pruner (its model is never modified)
+    :param inputs: the refinement batch, (N, *input_shape)
+    :param ridge: ridge relative to the mean kept variance
+    :param max_positions: spatial positions sampled per layer for a fit
+    :param include_unpruned: also correct groups the plan leaves whole (their inputs drift too)
+    :param dims_ridge: the dimension-scaled ridge term
+    :param device: where the forward passes run (a copy of the model lives there); fits stay on the CPU
+    :param progress: a progress bar over the groups on stderr
     """
 
-    def __init__(self, pruner: Pruner, inputs: torch.Tensor, ridge: float = 1e-2, max_positions: int = 32768,
-                 include_unpruned: bool = True, dims_ridge: float = DEFAULT_DIMS_RIDGE) -> None:
+    def __init__(self, pruner: Pruner, inputs: torch.Tensor, ridge: float = DEFAULTS.refine_ridge,
+                 max_positions: int = DEFAULTS.refine_max_positions, include_unpruned: bool = True,
+                 dims_ridge: float = DEFAULT_DIMS_RIDGE, device: torch.device | str | None = None,
+                 progress: bool = False) -> None:
         if ridge < 0 or dims_ridge < 0:
             raise PlanError(f"refine ridges must be non-negative, got {ridge} and {dims_ridge}")
         if inputs.dim() != len(pruner.input_shape) + 1 or tuple(inputs.shape[1:]) != pruner.input_shape:
@@ -91,6 +103,8 @@ class Refiner:
         self.dims_ridge = float(dims_ridge)
         self.max_positions = int(max_positions)
         self.include_unpruned = include_unpruned
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+        self.progress = progress
         self._target: dict[str, torch.Tensor | None] | None = None
         self._work: nn.Module | None = None
 
@@ -114,11 +128,11 @@ class Refiner:
                         target[name] = self._sample(name, args[0])
                 return hook
 
-            model = self.pruner.model
+            model = self._work_model()  # holds the original's weights between calls
             handles = [model.get_submodule(self._consumer(n)).register_forward_pre_hook(capture(n)) for n in names]
             try:
                 with eval_mode(model):  # targets are the deployed (running-statistics) model's activations
-                    model(self.inputs)
+                    model(self.inputs.to(self.device))
             finally:
                 for h in handles:
                     h.remove()
@@ -142,9 +156,7 @@ class Refiner:
             return dict(decisions)
         target = self.targets()
         # a masked copy of the pruned model, re-fitted group by group as the forward pass arrives
-        if self._work is None:
-            self._work = copy.deepcopy(pruner.model).eval()
-        work = self._work
+        work = self._work_model()
         originals = {n: v for n, v in list(pruner.model.named_parameters()) + list(pruner.model.named_buffers())}
 
         touched: set[str] = set()
@@ -177,21 +189,39 @@ class Refiner:
                 new = type(dec)(dec.kept, dec.pruned, fit_drift(want, have, comp, dec.kept, dec.pruned, ridge))
                 refined[name] = new
                 write(pruner.masked_state({name: new}))
+                if bar is not None:
+                    bar.update(1)
             return hook
+
+        bar = None
+        if self.progress:
+            import sys
+
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(names), desc="refine", unit="layer", file=sys.stderr, leave=False,
+                       dynamic_ncols=True)
 
         handles = [work.get_submodule(self._consumer(n)).register_forward_pre_hook(refit(n)) for n in names]
         try:
-            work(self.inputs)
+            work(self.inputs.to(self.device))
         finally:
+            if bar is not None:
+                bar.close()
             for h in handles:
                 h.remove()
             write({n: originals[n].detach() for n in list(touched)})  # the copy is reused: restore it
         return refined
 
+    def _work_model(self) -> nn.Module:
+        """A copy of the original on :attr:`device`; each call edits it and then restores it."""
+        if self._work is None:
+            self._work = copy.deepcopy(self.pruner.model).to(self.device).eval()
+        return self._work
+
 
 #: dims ridges the final refinement chooses among (:func:`select_dims_ridge`): log-spaced around the
 #: fixed default of 3, which stays what searches score their candidates with.
-DIMS_RIDGE_GRID = (1.0, 3.0, 10.0, 30.0)
+DIMS_RIDGE_GRID = DEFAULTS.dims_ridge_grid
 
 
 def select_dims_ridge(refiner: Refiner, decisions: dict[str, GroupDecision],
@@ -221,8 +251,8 @@ def select_dims_ridge(refiner: Refiner, decisions: dict[str, GroupDecision],
     return best[0], best[1], scores
 
 
-def refine(pruner: Pruner, decisions: dict[str, GroupDecision], inputs: torch.Tensor, ridge: float = 1e-2,
-           max_positions: int = 32768, include_unpruned: bool = True, dims_ridge: float = DEFAULT_DIMS_RIDGE,
+def refine(pruner: Pruner, decisions: dict[str, GroupDecision], inputs: torch.Tensor,
+           ridge: float = DEFAULTS.refine_ridge, max_positions: int = DEFAULTS.refine_max_positions, include_unpruned: bool = True, dims_ridge: float = DEFAULT_DIMS_RIDGE,
            ) -> dict[str, GroupDecision]:
     """One-shot :class:`Refiner`: decisions re-fitted on ``inputs`` (synthetic by default upstream)."""
     return Refiner(pruner, inputs, ridge, max_positions, include_unpruned, dims_ridge)(decisions)

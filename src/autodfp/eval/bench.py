@@ -21,7 +21,9 @@ import torch
 from autodfp._io import atomic_path, atomic_write_text
 from autodfp.errors import PlanError
 from autodfp.eval.metrics import evaluate, profile
-from autodfp.compress.plan import CRITERIA, STRATEGIES, Plan
+from autodfp.compress.criteria import criterion_names
+from autodfp.compress.plan import Plan
+from autodfp.compress.reconstruct import strategy_names
 from autodfp.compress.surgery import Pruner
 
 
@@ -46,10 +48,10 @@ def parse_method(spec: str) -> tuple[str, str, bool]:
         raise PlanError(f"method '{spec}' must look like strategy+criterion[+refine], e.g. lsq+l1+refine")
     strategy = parts[0]
     criterion = parts[1] if len(parts) > 1 else "l1"
-    if strategy not in STRATEGIES:
-        raise PlanError(f"unknown strategy '{strategy}' in method '{spec}'; choose from {', '.join(STRATEGIES)}")
-    if criterion not in CRITERIA:
-        raise PlanError(f"unknown criterion '{criterion}' in method '{spec}'; choose from {', '.join(CRITERIA)}")
+    if strategy not in strategy_names():
+        raise PlanError(f"unknown strategy '{strategy}' in method '{spec}'; choose from {', '.join(strategy_names())}")
+    if criterion not in criterion_names():
+        raise PlanError(f"unknown criterion '{criterion}' in method '{spec}'; choose from {', '.join(criterion_names())}")
     return strategy, criterion, refine
 
 

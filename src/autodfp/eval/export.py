@@ -1,35 +1,103 @@
-"""Saving pruned models in forms a user can load without autodfp's internals.
+"""Saving pruned models as one complete set of files, and loading them back safely.
 
-Two forms are written, atomically:
+A pruned output directory holds:
 
-- ``model.ts``: TorchScript (scripted when possible, traced otherwise). ``torch.jit.load`` needs
-  nothing but PyTorch.
-- ``pruned.pt``: a weights-only checkpoint (state dict + plan + per-group channel counts + the zoo
-  name or ``--arch`` factory). :func:`load_pruned` rebuilds the architecture from the zoo entry,
-  shrinks it to the recorded widths and loads the tensors; ``torch.load(weights_only=True)``
-  opens it safely.
+- ``model.ts``: TorchScript (scripted when possible, traced otherwise); ``torch.jit.load`` needs
+  nothing but PyTorch, and loading it imports no Python code.
+- ``pruned.pt``: a weights-only checkpoint: state dict, plan, per-group channel counts, input
+  shape, preprocessing and classes, and where the architecture came from (a zoo name, or the
+  ``--arch`` factory for information).
+- ``plan.json`` and, from :func:`autodfp.save`, ``report.json`` and the search's files.
+- ``manifest.json``: the sha256 of every file of the set, written last.
 
-:func:`onnx_check` exports to ONNX and compares onnxruntime's output with PyTorch's.
+**One set, never a mix.** The old manifest is removed before anything is replaced, the files are
+staged in a hidden folder inside OUT and renamed into place, and the manifest is written last; a
+set without a matching manifest is refused by :func:`load_pruned`. A kill or a full disk at any
+moment therefore leaves either the old set, or a set that loads refuse, never a silent mix of two
+runs. :class:`OutputLock` keeps two runs from sharing one OUT.
+
+**No code from a file.** :func:`load_pruned` rebuilds a zoo architecture from the registry (our
+code), a user architecture only from what the *caller* passes (``model=`` or ``arch=``), and
+otherwise loads ``model.ts``. The factory a ``pruned.pt`` records is never imported on its own.
 """
 from __future__ import annotations
 
+import copy
+import errno
+import hashlib
+import io
+import json
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
 
-from autodfp._io import atomic_path
-from autodfp.errors import ModelError, WeightsError
+from autodfp._io import atomic_write_bytes, file_mode
 from autodfp.analysis.graph import find_groups
-from autodfp.models.load import build_from_arch, load_checkpoint, load_state_dict_strict
-from autodfp.models.registry import ModelConfig, get_config
 from autodfp.compress.plan import Plan
 from autodfp.compress.surgery import PruneResult, prune_channels
+from autodfp.errors import AutoDFPError, ModelError, WeightsError
+from autodfp.models.load import build_from_arch, check_finite, load_checkpoint, load_state_dict_strict
+from autodfp.models.registry import DatasetRef, ModelConfig, Preprocessing, get_config, is_registered
 
-FORMAT = "autodfp.pruned/1"
+FORMAT = "autodfp.pruned/2"
+_OLD_FORMATS = ("autodfp.pruned/1",)
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "autodfp.output/1"
+#: every file a save may write; a save removes those it does not write, so no stale one survives
+SET_FILES = ("pruned.pt", "model.ts", "plan.json", "report.json", "search.json", "ratios.png", "rewards.png")
+
+
+class OutputLock:
+    """An exclusive lock on an output directory for the length of a run.
+
+    Two runs writing one OUT would interleave their files; the second one is refused at once,
+    before it spends minutes of work. The lock is an ``flock`` on ``OUT/.autodfp.lock``, released
+    by the kernel if the process dies, so a killed run never leaves OUT locked.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike) -> None:
+        self.out = Path(out_dir)
+        self._fd: int | None = None
+
+    def __enter__(self) -> "OutputLock":
+        import fcntl
+
+        check_output_dir(self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.out / ".autodfp.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise AutoDFPError(f"{self.out} is in use by another autodfp run; wait for it or choose another "
+                               "output directory") from None
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def check_output_dir(out: str | os.PathLike) -> Path:
+    """Fail now, not after a search: OUT must be a directory (or creatable) that we can write."""
+    out = Path(out)
+    for parent in [out, *out.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                where = "is" if parent == out else f"lies under {parent}, which is"
+                raise AutoDFPError(f"output directory {out} {where} a file, not a directory")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise AutoDFPError(f"output directory {out} cannot be written (no write permission on {parent})")
+            break
+    return out
 
 
 def to_torchscript(model: nn.Module, input_shape: tuple[int, ...]) -> torch.jit.ScriptModule:
@@ -40,7 +108,7 @@ def to_torchscript(model: nn.Module, input_shape: tuple[int, ...]) -> torch.jit.
     """
     model = model.eval()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore")
         try:
             return torch.jit.script(model)
         except Exception:  # dynamic Python that scripting cannot compile
@@ -48,59 +116,226 @@ def to_torchscript(model: nn.Module, input_shape: tuple[int, ...]) -> torch.jit.
                 return torch.jit.trace(model, torch.zeros(1, *input_shape))
 
 
-def save_pruned(result: PruneResult, out_dir: str | os.PathLike, config: ModelConfig,
-                input_shape: tuple[int, ...], arch: str | None = None) -> dict[str, Path]:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def _config_record(config: ModelConfig) -> dict[str, Any]:
+    p = config.preprocessing
+    ds = config.default_dataset
+    return {"preprocessing": {"input_size": p.input_size, "mean": list(p.mean), "std": list(p.std),
+                              "resize": p.resize, "interpolation": p.interpolation},
+            "num_classes": config.num_classes, "label_offset": config.label_offset,
+            "default_dataset": None if ds is None else {"kind": ds.kind, "path": ds.path, "class_list": ds.class_list},
+            "description": config.description}
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def save_pruned(result: PruneResult | Any, out_dir: str | os.PathLike, config: ModelConfig,
+                input_shape: tuple[int, ...], arch: str | None = None, zoo: bool | None = None,
+                extra: Mapping[str, bytes] | None = None) -> dict[str, Path]:
+    """Write the output set (see module doc) and return ``{kind: path}``.
+
+    :param result: anything with ``model``, ``plan`` and ``decisions`` (or ``kept``)
+    :param config: the unpruned model's config; its preprocessing and classes are recorded
+    :param arch: the factory that built a user architecture (recorded, never imported on load)
+    :param zoo: whether ``config.name`` is a zoo entry the loader may rebuild (default: registered
+        and no ``arch``)
+    :param extra: more files of the set (``report.json``, ``search.json``, plots), as bytes
+    """
+    out = check_output_dir(out_dir)
     model = result.model.eval()
+    kept = {k: len(d.kept) for k, d in result.decisions.items()} if hasattr(result, "decisions") \
+        else {k: len(v) for k, v in result.kept.items()}
+    zoo = (arch is None and is_registered(config.name)) if zoo is None else zoo
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     payload: dict[str, Any] = {
-        "format": FORMAT,
-        "model": config.name,
-        "arch": arch,
-        "input_shape": list(input_shape),
-        "plan": result.plan.to_dict(),
-        "channels": {k: len(v) for k, v in result.kept.items()},
-        "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "format": FORMAT, "model": config.name, "zoo": bool(zoo), "arch": arch,
+        "input_shape": [int(s) for s in input_shape], "plan": result.plan.to_dict(), "channels": kept,
+        **_config_record(config), "state_dict": state,
     }
-    paths = {"checkpoint": out / "pruned.pt", "torchscript": out / "model.ts", "plan": out / "plan.json"}
-    with atomic_path(paths["checkpoint"]) as tmp:
-        torch.save(payload, tmp)
-    ts = to_torchscript(model, input_shape)
-    with atomic_path(paths["torchscript"]) as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.save(ts, str(tmp))
-    result.plan.save(paths["plan"])
-    return paths
+    # Serialise in memory first: torch's C++ writers abort the process on a full disk, and a
+    # Python write raises an OSError we can report.
+    files: dict[str, bytes] = {}
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    files["pruned.pt"] = buf.getvalue()
+    ts = to_torchscript(copy.deepcopy(model).cpu(), input_shape)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(ts, buf)
+    files["model.ts"] = buf.getvalue()
+    files["plan.json"] = (json.dumps(result.plan.to_dict(), indent=2) + "\n").encode()
+    for name, data in (extra or {}).items():
+        if name not in SET_FILES:
+            raise ValueError(f"{name} is not a file of the output set")
+        files[name] = data
+    write_set(out, files)
+    return {"checkpoint": out / "pruned.pt", "torchscript": out / "model.ts", "plan": out / "plan.json",
+            **{Path(n).stem: out / n for n in files if n not in ("pruned.pt", "model.ts", "plan.json")}}
 
 
-def load_pruned(path: str | os.PathLike) -> tuple[nn.Module, ModelConfig, Plan]:
-    """Rebuild a model saved by :func:`save_pruned` (zoo or ``--arch`` architectures)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "pruned.pt"
-    payload = load_checkpoint(path)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise WeightsError(f"{path} is not an autodfp pruned checkpoint (missing format '{FORMAT}')")
-    if payload.get("arch"):
-        net = build_from_arch(payload["arch"])
-        config = get_config(payload["model"]) if payload.get("model") else None
-    else:
-        config = get_config(payload["model"])
-        net = config.builder()
-    input_shape = tuple(payload["input_shape"])
-    graph = find_groups(net.eval(), input_shape)
-    pruned = {}
-    for name, kept in payload["channels"].items():
+def write_set(out: Path, files: Mapping[str, bytes]) -> None:
+    """Replace the output set in ``out`` by ``files``; the manifest, written last, seals it."""
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+    try:
         try:
-            g = graph.get(name)
-        except KeyError:
-            raise ModelError(f"{path} names group '{name}' that the rebuilt architecture does not have") from None
-        pruned[name] = list(range(kept, g.channels))  # any indices: the widths matter, tensors are loaded next
-    prune_channels(net, graph, pruned, input_shape)
-    load_state_dict_strict(net, payload["state_dict"], str(path))
+            for name, data in files.items():
+                (stage / name).write_bytes(data)
+                os.chmod(stage / name, file_mode())
+            (out / MANIFEST).unlink(missing_ok=True)  # from here on, the old set no longer loads
+            for name in SET_FILES:
+                if name not in files:
+                    (out / name).unlink(missing_ok=True)
+            for name in files:
+                os.replace(stage / name, out / name)
+            manifest = {"format": MANIFEST_FORMAT, "files": {n: _sha256(d) for n, d in sorted(files.items())}}
+            atomic_write_bytes(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise AutoDFPError(f"no space left on the device while writing the outputs to {out}; "
+                                   "free some space and run again") from None
+            raise AutoDFPError(f"cannot write the outputs to {out} ({exc.strerror or exc})") from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def verify_set(directory: Path) -> dict[str, str]:
+    """The manifest's hashes, after checking every listed file against them."""
+    mpath = directory / MANIFEST
+    if not mpath.is_file():
+        raise WeightsError(f"{directory} is not a complete autodfp output: {MANIFEST} is missing (an interrupted "
+                           "save, or a directory from autodfp < 0.2); prune again")
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+        if manifest.get("format") != MANIFEST_FORMAT or not isinstance(files, dict):
+            raise ValueError
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise WeightsError(f"{mpath} is damaged; prune again") from None
+    for name, digest in files.items():
+        if name not in SET_FILES:
+            raise WeightsError(f"{mpath} lists an unexpected file {name!r}")
+        path = directory / name
+        if not path.is_file():
+            raise WeightsError(f"{directory} is incomplete: {name} is missing; prune again")
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        if h.hexdigest() != digest:
+            raise WeightsError(f"{path} does not match {MANIFEST} (the set was modified or mixed with another "
+                               "run's files); prune again")
+    return files
+
+
+def _str(payload: dict[str, Any], key: str, path: Path, optional: bool = False) -> str | None:
+    v = payload.get(key)
+    if v is None and optional:
+        return None
+    if not isinstance(v, str):
+        raise WeightsError(f"{path}: field '{key}' must be a string")
+    return v
+
+
+def _record_config(payload: dict[str, Any], path: Path) -> ModelConfig:
+    """The model config recorded in the checkpoint: no registry needed."""
+    name = _str(payload, "model", path) or "model"
+    try:
+        p = payload["preprocessing"]
+        pre = Preprocessing(int(p["input_size"]), tuple(float(v) for v in p["mean"]),  # type: ignore[arg-type]
+                            tuple(float(v) for v in p["std"]),  # type: ignore[arg-type]
+                            None if p.get("resize") is None else int(p["resize"]), str(p.get("interpolation", "bilinear")))
+        ds = payload.get("default_dataset")
+        ref = None if ds is None else DatasetRef(str(ds["kind"]), str(ds["path"]),
+                                                 None if ds.get("class_list") is None else str(ds["class_list"]))
+        return ModelConfig(name=name, builder=_no_builder, weights=None, preprocessing=pre,
+                           num_classes=int(payload.get("num_classes", 0)), label_offset=int(payload.get("label_offset", 0)),
+                           default_dataset=ref, description=str(payload.get("description", "")))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise WeightsError(f"{path}: the recorded preprocessing or classes are malformed") from None
+
+
+def _no_builder() -> nn.Module:
+    raise ModelError("a model loaded from a pruned directory has no builder")
+
+
+def load_pruned(path: str | os.PathLike, model: nn.Module | None = None, arch: str | None = None,
+                ) -> tuple[nn.Module, ModelConfig, Plan]:
+    """Rebuild a model saved by :func:`save_pruned`, checking the set's manifest first.
+
+    The architecture comes from, in order: ``model`` (an unpruned instance, shrunk to the recorded
+    widths), ``arch`` (a factory the *caller* names), the zoo entry the checkpoint names, and
+    otherwise ``model.ts`` (TorchScript: it runs, but cannot be pruned again). The factory the
+    checkpoint itself records is never imported: a crafted file must not choose code to run.
+    """
+    path = Path(path)
+    directory = path if path.is_dir() else path.parent
+    ckpt = directory / "pruned.pt"
+    if not ckpt.is_file():
+        raise WeightsError(f"{directory} holds no pruned.pt; is it a directory written by 'autodfp prune'?")
+    verify_set(directory)
+    payload = load_checkpoint(ckpt)
+    if not isinstance(payload, dict) or payload.get("format") not in (FORMAT, *_OLD_FORMATS):
+        raise WeightsError(f"{ckpt} is not an autodfp pruned checkpoint (missing format '{FORMAT}')")
+    name = _str(payload, "model", ckpt)
+    recorded_arch = _str(payload, "arch", ckpt, optional=True)
+    shape = payload.get("input_shape")
+    if not isinstance(shape, list) or len(shape) != 3 or not all(isinstance(s, int) and s > 0 for s in shape):
+        raise WeightsError(f"{ckpt}: field 'input_shape' must be a list of 3 positive integers")
+    channels = payload.get("channels")
+    if not isinstance(channels, dict) or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+                                                 and v > 0 for k, v in channels.items()):
+        raise WeightsError(f"{ckpt}: field 'channels' must map group names to positive channel counts")
+    state = payload.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise WeightsError(f"{ckpt}: field 'state_dict' must map names to tensors")
+    if not isinstance(payload.get("plan"), dict):
+        raise WeightsError(f"{ckpt}: field 'plan' must be an object")
     plan = Plan.from_dict(payload["plan"])
-    if config is None:
-        raise ModelError(f"{path} records no zoo model for its configuration")
+    zoo = bool(payload.get("zoo", payload.get("format") in _OLD_FORMATS and not recorded_arch))
+    if "preprocessing" in payload:
+        config = _record_config(payload, ckpt)
+    elif zoo:
+        config = get_config(str(name))
+    else:
+        raise WeightsError(f"{ckpt} records no preprocessing for its user model; prune again")
+
+    if model is not None:
+        net = copy.deepcopy(model).eval()
+    elif arch is not None:
+        net = build_from_arch(arch)
+    elif zoo and is_registered(str(name)):
+        net = get_config(str(name)).builder()
+    else:
+        ts = directory / "model.ts"
+        if not ts.is_file():
+            raise ModelError(f"{ckpt} was built by '{recorded_arch or name}', and autodfp does not import code that a "
+                             "file names; pass the architecture yourself (--arch / arch=) if you trust it")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                scripted = torch.jit.load(str(ts), map_location="cpu")
+        except Exception as exc:  # a damaged archive: report it, never a traceback
+            first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else exc.__class__.__name__
+            raise WeightsError(f"{ts} cannot be loaded ({first})") from None
+        return scripted.eval(), config, plan
+
+    graph = find_groups(net.eval(), tuple(shape))
+    pruned = {}
+    for gname, kept in channels.items():
+        try:
+            g = graph.get(gname)
+        except KeyError:
+            raise ModelError(f"{ckpt} names group '{gname}' that the rebuilt architecture does not have") from None
+        if kept > g.channels:
+            raise ModelError(f"{ckpt} keeps {kept} channels of group '{gname}', which has only {g.channels}")
+        pruned[gname] = list(range(kept, g.channels))  # any indices: the widths matter, tensors are loaded next
+    prune_channels(net, graph, pruned, tuple(shape))
+    load_state_dict_strict(net, state, str(ckpt))
+    check_finite(net, str(ckpt))
     return net.eval(), config, plan
 
 
@@ -109,6 +344,8 @@ def onnx_check(model: nn.Module, input_shape: tuple[int, ...], path: str | os.Pa
     """Export to ONNX, run it with onnxruntime and return the max abs difference to PyTorch."""
     import numpy as np
     import onnxruntime as ort
+
+    from autodfp._io import atomic_path
 
     x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
     with atomic_path(path) as tmp, warnings.catch_warnings():
@@ -123,3 +360,7 @@ def onnx_check(model: nn.Module, input_shape: tuple[int, ...], path: str | os.Pa
     if diff > atol:
         raise ModelError(f"ONNX export disagrees with PyTorch (max abs diff {diff:.2e} > {atol:g})")
     return diff
+
+
+__all__ = ["FORMAT", "MANIFEST", "OutputLock", "check_output_dir", "load_pruned", "onnx_check", "save_pruned",
+           "to_torchscript", "verify_set", "write_set"]

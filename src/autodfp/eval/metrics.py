@@ -123,9 +123,24 @@ def _layer_macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
 _COUNTED = (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear)
 
 
+def _scripted_profile(model: torch.jit.ScriptModule, shape: tuple[int, ...]) -> Profile:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(_example_input(model, shape))
+    return Profile(total_macs=int(counter.get_total_flops()) // 2, total_params=count_params(model),
+                   input_shape=shape, layers=[])
+
+
 def profile(model: nn.Module, input_size: int | Sequence[int]) -> Profile:
-    """MACs and parameters of ``model`` for one image of ``input_size`` (see module docstring)."""
+    """MACs and parameters of ``model`` for one image of ``input_size`` (see module docstring).
+
+    A TorchScript module (a pruned directory loaded without its architecture's code) takes no
+    forward hooks, so it gets totals only, from ``FlopCounterMode`` (its FLOPs are twice these MACs).
+    """
     shape = _input_shape(input_size)
+    if isinstance(model, torch.jit.ScriptModule):
+        return _scripted_profile(model, shape)
     targets = [
         (name, m) for name, m in model.named_modules()
         if isinstance(m, _COUNTED) or any(True for _ in m.parameters(recurse=False))

@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
+import sys
+import weakref
 import zipfile
 from dataclasses import replace
 from pathlib import Path
@@ -84,17 +86,43 @@ def build_from_arch(arch: str) -> nn.Module:
     if ":" not in arch:
         raise ModelError(f"--arch must look like package.module:factory, got '{arch}'")
     mod_name, fn_name = arch.split(":", 1)
+    if not mod_name or not fn_name:
+        raise ModelError(f"--arch must look like package.module:factory, got '{arch}'")
+    # like `python -m`, find the user's own modules in the current directory (console scripts don't)
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(mod_name)
     except ImportError as exc:
         raise ModelError(f"cannot import '{mod_name}' for --arch ({exc})") from None
+    except SyntaxError as exc:
+        raise ModelError(f"cannot import '{mod_name}' for --arch: syntax error at line {exc.lineno}") from None
+    finally:
+        if added:
+            sys.path.remove(cwd)
     factory = getattr(module, fn_name, None)
     if not callable(factory):
         raise ModelError(f"'{fn_name}' is not a callable in '{mod_name}'")
-    model = factory()
+    try:
+        model = factory()
+    except TypeError as exc:
+        raise ModelError(f"--arch {arch} must be callable without arguments ({exc})") from None
+    except Exception as exc:  # the user's code failed: say so in one line
+        raise ModelError(f"--arch {arch} raised {exc.__class__.__name__}: {str(exc).strip()[:160]}") from None
     if not isinstance(model, nn.Module):
         raise ModelError(f"--arch {arch} returned {type(model).__name__}, not an nn.Module")
     return model
+
+
+#: modules built from a zoo entry, so that a module passed on keeps its preprocessing and classes
+_ZOO_MODULES: "weakref.WeakKeyDictionary[nn.Module, ModelConfig]" = weakref.WeakKeyDictionary()
+
+
+def zoo_config_of(module: nn.Module) -> ModelConfig | None:
+    """The zoo config a module was built from by :func:`load_model`, if it was."""
+    return _ZOO_MODULES.get(module)
 
 
 def load_model(
@@ -117,6 +145,7 @@ def load_model(
             path = resolve_weights(cfg.weights.filename, cfg.weights.sha256, cfg.weights.url, weights)
             state = extract_state_dict(load_checkpoint(path), cfg.weights.key)
             load_state_dict_strict(net, state, str(path))
+        _ZOO_MODULES[net] = cfg
         return net.eval(), cfg
 
     base = get_config(like) if like else None
@@ -146,3 +175,18 @@ def load_model(
         cfg = ModelConfig(name=model, builder=lambda: net, weights=None, preprocessing=TF_IMAGENET_PRE,
                           num_classes=0, description="user model")
     return net.eval(), cfg
+
+
+def check_finite(model: nn.Module, source: str) -> None:
+    """Refuse NaN/Inf weights and non-positive BN variances, naming the first bad tensor.
+
+    Such a model prunes "successfully" into garbage: the analysis sees no structure, nothing is
+    removed, and accuracy collapses without a word, so this is checked before any work.
+    """
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ModelError(f"{source}: tensor '{name}' has non-finite values (NaN or Inf)")
+    for mname, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None:
+            if bool((m.running_var <= 0).any()):
+                raise ModelError(f"{source}: tensor '{mname}.running_var' has values ≤ 0")

@@ -24,6 +24,7 @@ from typing import Mapping
 
 import torch.nn as nn
 
+from autodfp.config import DEFAULTS
 from autodfp.errors import PlanError
 from autodfp.analysis.graph import GroupGraph
 from autodfp.eval.metrics import profile
@@ -42,7 +43,7 @@ AUTO_R_MIN_MAX = 0.3
 AUTO_R_MIN_LOW = 0.05
 AUTO_HEADROOM = 0.65
 #: Relative budget tolerance: a plan is on budget within ±1 % of the target MACs.
-DEFAULT_TOL = 0.01
+DEFAULT_TOL = DEFAULTS.tol
 
 
 @dataclass(frozen=True)

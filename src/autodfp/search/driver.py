@@ -39,6 +39,7 @@ from autodfp.search.budget import DEFAULT_TOL, MacsModel
 from autodfp.search.env import MaskedModel, PruningEnv, RewardFn
 from autodfp.errors import AutoDFPError, PlanError
 from autodfp.compress.plan import Plan
+from autodfp.config import DEFAULTS
 from autodfp.compress.surgery import Pruner
 
 METHODS = ("sac", "uniform", "random")
@@ -360,16 +361,16 @@ def search(
     pruner: Pruner,
     target_macs_ratio: float,
     method: str = "sac",
-    episodes: int = 300,
+    episodes: int = DEFAULTS.episodes,
     warmup: int | None = None,
     reward: RewardFn | None = None,
     seed: int = 0,
-    strategy: str = "autodfp",
+    strategy: str = DEFAULTS.strategy,
     r_min: float | None = None,
-    criterion: str = "l1",
+    criterion: str = DEFAULTS.criterion,
     params: dict[str, Any] | None = None,
     checkpoint_dir: str | Path | None = None,
-    checkpoint_every: int = 25,
+    checkpoint_every: int = DEFAULTS.checkpoint_every,
     resume: bool = False,
     progress: bool = True,
     tol: float = DEFAULT_TOL,
@@ -377,6 +378,7 @@ def search(
     model_key: str | None = None,
     macs_model: MacsModel | None = None,
     refiner: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    reward_base: nn.Module | None = None,
 ) -> SearchResult:
     """Find a plan at ``target_macs_ratio`` of the original MACs (within ``±tol``).
 
@@ -387,7 +389,8 @@ def search(
     afresh if there is none). ``r_min=None`` lets :meth:`MacsModel.auto_r_min` pick the smallest
     ratio for the target. Seeds python ``random``, numpy and torch globally, as SB3 does.
     ``refiner`` (:class:`autodfp.compress.refine.Refiner`) scores every plan after drift correction, as
-    it will be delivered.
+    it will be delivered. ``reward_base`` is the original network the reward's forward passes run
+    on (a copy on an accelerator); the pruner's own model by default.
     """
     if method not in METHODS:
         raise PlanError(f"unknown search method '{method}'; choose from {', '.join(METHODS)}")
@@ -398,12 +401,13 @@ def search(
     seed = int(seed)
     reward_fn = _default_reward(pruner, reward)
     env = PruningEnv(pruner, target_macs_ratio, reward_fn, r_min=r_min, strategy=strategy, criterion=criterion,
-                     params=params, tol=tol, macs_model=macs_model, model_key=model_key, refiner=refiner)
+                     params=params, tol=tol, macs_model=macs_model, model_key=model_key, refiner=refiner,
+                     reward_base=reward_base)
     t0 = time.perf_counter()
     if method == "uniform":
         return _search_uniform(env, t0)
     if warmup is None:
-        warmup = min(50, episodes // 4)
+        warmup = DEFAULTS.warmup_for(episodes)
         if resume and method == "sac":  # the default depends on episodes; a resumed run keeps its own
             saved = _peek_config(checkpoint_dir)
             warmup = int(saved.get("warmup", warmup)) if saved else warmup
@@ -550,7 +554,7 @@ def _save_to(path: Path, save: Callable[[Any], None]) -> None:
 # Proxy check and plots
 # ---------------------------------------------------------------------------------------------
 def proxy_check(pruner: Pruner, reward: RewardFn, accuracy_fn: Callable[[nn.Module], float],
-                target_macs_ratio: float, k: int = 50, seed: int = 0, strategy: str = "autodfp",
+                target_macs_ratio: float, k: int = 50, seed: int = 0, strategy: str = DEFAULTS.strategy,
                 r_min: float | None = None, physical: bool = False, progress: bool = True,
                 refiner: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
                 ) -> tuple[float, list[float], list[float]]:

@@ -25,6 +25,8 @@ from torch.func import functional_call
 from autodfp.search.budget import DEFAULT_TOL, MacsModel, plan_from_keep
 from autodfp.errors import AutoDFPError, PlanError
 from autodfp.compress.plan import Plan, n_keep
+from autodfp.compress.reconstruct import strategy_names
+from autodfp.config import DEFAULTS
 from autodfp.compress.surgery import Pruner
 from autodfp.analysis.similarity import FEATURE_NAMES
 
@@ -32,7 +34,6 @@ from autodfp.analysis.similarity import FEATURE_NAMES
 #: masked original (:class:`MaskedModel`) on the fast path, or any physically pruned model.
 RewardFn = Callable[[nn.Module], float]
 
-ENV_STRATEGIES = ("autodfp", "lsq", "nm", "mean", "none")
 
 OBS_NAMES: list[str] = [
     "layer_index",        # group index / number of groups
@@ -65,7 +66,9 @@ class MaskedModel(nn.Module):
         self.train(base.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.base, self.state, (x,))
+        device = next(iter(self.base.parameters()), torch.empty(0)).device
+        state = {k: v.to(device) for k, v in self.state.items()}  # a no-op when both live on the CPU
+        return functional_call(self.base, state, (x,))
 
 
 @dataclass
@@ -90,13 +93,16 @@ class PruningEnv(gym.Env):
     metadata = {"render_modes": []}
 
     def __init__(self, pruner: Pruner, target_macs_ratio: float, reward: RewardFn,
-                 r_min: float | None = None, strategy: str = "autodfp", criterion: str = "l1",
+                 r_min: float | None = None, strategy: str = DEFAULTS.strategy, criterion: str = DEFAULTS.criterion,
                  params: dict[str, Any] | None = None, tol: float = DEFAULT_TOL,
                  macs_model: MacsModel | None = None, model_key: str | None = None,
-                 refiner: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+                 refiner: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                 reward_base: nn.Module | None = None) -> None:
         super().__init__()
-        if strategy not in ENV_STRATEGIES:
-            raise PlanError(f"unknown strategy '{strategy}'; choose from {', '.join(ENV_STRATEGIES)}")
+        #: the original network the reward runs (a copy on the accelerator, or the pruner's own)
+        self.reward_base = pruner.model if reward_base is None else reward_base
+        if strategy not in strategy_names():
+            raise PlanError(f"unknown strategy '{strategy}'; choose from {', '.join(strategy_names())}")
         if not callable(reward):
             raise TypeError("reward must be a callable taking a model and returning a float")
         self.pruner = pruner
@@ -271,7 +277,7 @@ class PruningEnv(gym.Env):
             decisions = self.refiner(decisions)
         self.last_decisions = decisions
         state = self.pruner.masked_state(decisions)
-        value = float(self.reward_fn(MaskedModel(self.pruner.model, state)))
+        value = float(self.reward_fn(MaskedModel(self.reward_base, state)))
         if not math.isfinite(value):
             ratio = self.mm.macs_for_plan(plan) / self.mm.total_macs
             raise AutoDFPError(f"the reward returned {value} for a plan at {ratio:.3f}x MACs; rewards must be finite")
@@ -287,4 +293,4 @@ class PruningEnv(gym.Env):
         return self.last
 
 
-__all__ = ["ENV_STRATEGIES", "EpisodeResult", "MaskedModel", "OBS_NAMES", "PruningEnv", "RewardFn"]
+__all__ = ["EpisodeResult", "MaskedModel", "OBS_NAMES", "PruningEnv", "RewardFn"]

@@ -74,22 +74,13 @@ import torch.nn.functional as F
 
 from autodfp._io import atomic_write
 from autodfp._modes import eval_mode
+from autodfp.config import SYNTH_METHODS, SYNTH_SETTINGS, size_class
 from autodfp.models.hub import cache_dir as _default_cache_root
 
-METHODS = ("auto", "bn", "deepinversion", "inversion", "noise")
+METHODS = SYNTH_METHODS
 #: what ``method="auto"`` uses for models without BatchNorm (chosen by measurement, see module doc)
 NO_BN_FALLBACK = "inversion"
 
-#: default (steps, Adam learning rate) per method, for small inputs (CIFAR-size, <= 64x64 pixels) and
-#: for large ones (ImageNet-size), where one step costs ~50x more. The rank correlations barely move
-#: between 50 and 300 steps (see module doc), so the defaults sit at the cheap end.
-DEFAULTS: dict[str, dict[str, tuple[int, float]]] = {
-    "bn": {"small": (100, 0.2), "large": (200, 0.2)},
-    "deepinversion": {"small": (100, 0.2), "large": (100, 0.2)},
-    "inversion": {"small": (100, 0.1), "large": (60, 0.1)},
-    "noise": {"small": (0, 0.0), "large": (0, 0.0)},
-}
-SMALL_INPUT_PIXELS = 64 * 64
 #: Large-input batches bigger than this are distilled, and cached, in chunks of this size. Each chunk
 #: is a ZeroQ batch of its own (its statistics match every BN layer's), memory stays bounded, and a
 #: larger batch extends a smaller one: the first chunk of a 256-input batch *is* the 64-input batch of
@@ -103,17 +94,9 @@ DI_CE_WEIGHT = 0.3
 DI_TV_WEIGHT = 0.1
 
 
-def size_class(input_shape: Sequence[int]) -> str:
-    """``"small"`` (CIFAR-size, at most :data:`SMALL_INPUT_PIXELS`) or ``"large"`` (ImageNet-size)."""
-    pixels = 1
-    for s in tuple(input_shape)[1:]:
-        pixels *= int(s)
-    return "small" if pixels <= SMALL_INPUT_PIXELS else "large"
-
-
 def default_settings(method: str, input_shape: Sequence[int]) -> tuple[int, float]:
-    """(steps, lr) used when the caller gives none; depends on the input's spatial size."""
-    return DEFAULTS[method][size_class(input_shape)]
+    """(steps, lr) used when the caller gives none (:data:`autodfp.config.SYNTH_SETTINGS`)."""
+    return SYNTH_SETTINGS[method][size_class(input_shape)]
 
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -413,6 +396,7 @@ def synthetic_batch(
     lr: float | None = None,
     label_offset: int = 0,
     progress: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> torch.Tensor:
     """:func:`synthesize`, cached on disk: distillation costs minutes, a reload milliseconds.
 
@@ -420,14 +404,15 @@ def synthetic_batch(
     fine-tuned model under the same name gets its own entry), shape, ``n``, seed, the resolved
     method, steps and learning rate. Default location: ``autodfp.hub.cache_dir()/"synthetic"``.
     Large-input batches are concatenated chunks (:func:`chunk_sizes`), each distilled and cached on
-    its own.
+    its own. ``log`` receives one line per batch: read from the cache, or being distilled (with
+    its cost), so a long first run never looks hung.
     """
     resolved = resolve_method(model, method)
     sizes = chunk_sizes(n, input_shape)
     if len(sizes) > 1:
         return torch.cat([
             synthetic_batch(model, model_key, input_shape, size, seed + i * CHUNK_SEED_STRIDE, cache_dir, resolved,
-                            steps, lr, label_offset, progress)
+                            steps, lr, label_offset, progress, log)
             for i, size in enumerate(sizes)
         ])
     d_steps, d_lr = default_settings(resolved, input_shape)
@@ -445,10 +430,17 @@ def synthetic_batch(
             blob = torch.load(path, map_location="cpu", weights_only=True)
             images = blob["images"]
             if isinstance(images, torch.Tensor) and tuple(images.shape) == (n, *parts["shape"]):
+                if log is not None:
+                    log(f"synthetic batch: {n} inputs (seed {seed}) read from the cache")
                 return images
         except Exception:  # a corrupt entry is recomputed and overwritten, never fatal
             pass
+    if log is not None:
+        log(f"synthesising {n} inputs from the model ({resolved}, {steps} steps, seed {seed}); "
+            "cached after the first run")
     result = distill(model, input_shape, n, steps, lr, seed, resolved, label_offset, progress)
+    if log is not None:
+        log(f"synthesised {n} inputs in {result.seconds:.1f} s")
     blob = {"images": result.images, "method": result.method, "steps": result.steps, "lr": result.lr,
             "initial_loss": result.initial_loss, "final_loss": result.final_loss,
             "model_key": model_key, "weights_sha256": parts["weights"]}

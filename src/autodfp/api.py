@@ -1,0 +1,603 @@
+"""The Python API: prune a model you hold, save the result, load it back.
+
+::
+
+    import autodfp
+    model = autodfp.load_model("resnet20_cifar10")[0]          # or any nn.Module of yours
+    result = autodfp.prune(model, input_shape=(3, 32, 32), macs_ratio=0.5)
+    result.model, result.plan, result.report
+    autodfp.save(result, "runs/r20")
+    same = autodfp.load("runs/r20")
+
+:func:`prune` owns the whole pipeline: which synthetic batches are made (and with which seeds),
+the pruner and its correlation source, the refinement, the reward, the search and the final
+choice of the refinement's shrinkage. Every default comes from :class:`autodfp.config.Config`;
+the CLI is a thin layer that builds the same config from its flags and calls these functions, so
+a plan pruned from Python and from the shell gives the same model.
+
+No real data is used by the method: synthetic inputs come from the model's own BatchNorm
+statistics. Real images enter only when the caller asks for them (``reward="unlabeled:DIR"`` or
+``"labeled:SPEC"``), and evaluation is separate (:func:`evaluate`).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from autodfp._modes import eval_mode
+from autodfp.compress.plan import Plan
+from autodfp.compress.refine import Refiner, select_dims_ridge
+from autodfp.compress.surgery import GroupDecision, Pruner
+from autodfp.config import Config
+from autodfp.errors import DataError, ModelError, PlanError
+from autodfp.models.load import check_finite
+from autodfp.models.registry import ModelConfig, Preprocessing
+
+log = logging.getLogger("autodfp")
+
+RewardSpec = Union[str, Callable[[nn.Module], float]]
+PlanSpec = Union[Plan, Mapping[str, Any], str, os.PathLike]
+
+#: seeds: distillation caches key on them, so they must fit the cache and torch's generators
+MAX_SEED = 2**32 - 1
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` picks CUDA, then Apple's MPS, then the CPU; an unavailable device is an error.
+
+    Results are the same on every device up to floating-point rounding: the method's fits run in
+    float64 on the CPU wherever the forward passes run.
+    """
+    if isinstance(device, torch.device):
+        spec = device.type
+    else:
+        spec = "auto" if device is None else str(device).lower()
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if spec.split(":")[0] == "cuda":
+        if not torch.cuda.is_available():
+            raise PlanError(f"device '{device}' was requested but CUDA is not available here")
+        return torch.device(str(device))
+    if spec == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise PlanError("device 'mps' was requested but Apple's MPS is not available here")
+        return torch.device("mps")
+    if spec == "cpu":
+        return torch.device("cpu")
+    raise PlanError(f"unknown device '{device}'; use auto, cpu, cuda or mps")
+
+
+def check_seed(seed: Any) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED - 16:
+        raise PlanError(f"seed must be an integer in [0, {MAX_SEED - 16}], got {seed!r}")
+    return int(seed)
+
+
+def user_model_config(model: nn.Module, input_shape: Sequence[int], name: str | None = None,
+                      preprocessing: Preprocessing | None = None, num_classes: int = 0,
+                      label_offset: int = 0) -> ModelConfig:
+    """A registry-free config for a model passed from Python.
+
+    The preprocessing matters only for evaluation on images; the method itself needs nothing but
+    the input shape (synthetic inputs live in the model's normalised input space).
+    """
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise PlanError(f"input_shape must be (channels, height, width), got {tuple(input_shape)}")
+    if preprocessing is None:
+        preprocessing = Preprocessing(shape[-1], (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    net = model
+    return ModelConfig(name=name or type(model).__name__, builder=lambda: net, weights=None,
+                       preprocessing=preprocessing, num_classes=num_classes, label_offset=label_offset,
+                       description="user model")
+
+
+def input_shape_of(config: ModelConfig) -> tuple[int, int, int]:
+    s = config.preprocessing.input_size
+    return (3, s, s)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pieces of the pipeline, built once per call
+# ---------------------------------------------------------------------------------------------
+class Pipeline:
+    """Synthetic batches, pruner, refiner and reward of one model under one config and seed.
+
+    Each batch has its own seed so that no fit is ever scored on its own inputs: the reward's batch
+    uses ``seed``, the refinement's ``seed + config.refine_seed_offset``. Batches are distilled on
+    ``device`` and cached on disk (:func:`autodfp.synth.distill.synthetic_batch`).
+
+    :param model: the unpruned network (never modified)
+    :param model_config: its config (name for the cache key, label offset)
+    :param input_shape: (C, H, W) of one input
+    :param config: every knob and default
+    :param seed: the run's seed
+    :param device: where forward passes run (distillation, rewards, refinement)
+    :param progress: show progress bars with an ETA on stderr
+    """
+
+    def __init__(self, model: nn.Module, model_config: ModelConfig, input_shape: Sequence[int],
+                 config: Config | None = None, seed: int = 0, device: str | torch.device = "auto",
+                 progress: bool = True) -> None:
+        self.model = model
+        self.model_config = model_config
+        self.shape = tuple(int(s) for s in input_shape)
+        self.config = config if config is not None else Config()
+        self.seed = check_seed(seed)
+        self.device = resolve_device(device)
+        self.progress = progress
+        self._device_model: nn.Module | None = None
+
+    @property
+    def device_model(self) -> nn.Module:
+        """The original network on :attr:`device` (the model itself on the CPU; a copy elsewhere)."""
+        if self._device_model is None:
+            if self.device.type == "cpu" and _device_of(self.model).type == "cpu":
+                self._device_model = self.model
+            else:
+                self._device_model = copy.deepcopy(self.model).to(self.device).eval()
+        return self._device_model
+
+    def batch(self, seed: int, n: int) -> torch.Tensor:
+        """``n`` synthetic inputs distilled from the model with ``seed`` (cached on disk)."""
+        from autodfp.synth.distill import synthetic_batch
+
+        return synthetic_batch(self.device_model, self.model_config.name, self.shape, n=n, seed=seed,
+                               method=self.config.synth_method, steps=self.config.synth_steps,
+                               label_offset=self.model_config.label_offset, progress=self.progress,
+                               log=log.info)
+
+    def needs_calibration(self, corr: str) -> bool:
+        from autodfp.synth.distill import bn_layers
+
+        return corr == "calibration" or not bn_layers(self.model)
+
+    def pruner(self, synthesising: bool) -> Pruner:
+        """``corr="auto"``: correlations measured on synthetic inputs whenever a batch exists anyway.
+
+        On ResNet-56, lsq with measured correlations beats the filter-geometry estimate by 1.4
+        points at uniform 0.7 and 13.0 at 0.5 (docs/RESULTS.md), but a batch costs minutes for
+        224-px models on a CPU, so a prune that needs none keeps the free estimate.
+        """
+        corr = self.config.corr
+        if corr == "auto":
+            corr = "calibration" if synthesising or self.needs_calibration("geometry") else "geometry"
+        calib = self.batch(self.seed, self.config.calibration_inputs) if self.needs_calibration(corr) else None
+        return Pruner(self.model, self.shape, calibration=calib, corr_source=corr)
+
+    def refiner(self, pruner: Pruner, n: int | None = None, dims_ridge: float | None = None) -> Refiner:
+        """The drift-correction refiner on its own batch (seed + offset)."""
+        cfg = self.config
+        n = cfg.refine_inputs_for(self.shape) if n is None else n
+        inputs = self.batch(self.seed + cfg.refine_seed_offset, n)
+        dims = cfg.search_dims_ridge if dims_ridge is None else dims_ridge
+        return Refiner(pruner, inputs, ridge=cfg.refine_ridge, dims_ridge=dims,
+                       max_positions=cfg.refine_max_positions, device=self.device, progress=self.progress)
+
+    def search_refiner(self, refiner: Refiner | None) -> Refiner | None:
+        """The refiner candidates are scored with: the first ``search_refine_inputs`` inputs only."""
+        n = self.config.search_refine_inputs
+        if refiner is None or len(refiner.inputs) <= n:
+            return refiner
+        return Refiner(refiner.pruner, refiner.inputs[:n], ridge=refiner.ridge,
+                       max_positions=refiner.max_positions, include_unpruned=refiner.include_unpruned,
+                       dims_ridge=refiner.dims_ridge, device=self.device, progress=False)
+
+    def reward(self, spec: RewardSpec, eval_data: str | None = None) -> Callable[[nn.Module], float]:
+        """``"synthetic"`` (the default, data-free), ``"unlabeled:DIR"``, ``"labeled:SPEC"`` or a callable.
+
+        A labelled reward must not use the evaluation set: a search tuned on it would report a
+        flattering top-1.
+        """
+        from autodfp.data.datasets import UnlabeledImageDir, build_transform, make_loader, resolve_dataset
+        from autodfp.search.rewards import AccuracyReward, AgreementReward
+
+        cfg, mc = self.config, self.model_config
+        if callable(spec):
+            return spec
+        if not isinstance(spec, str):
+            raise PlanError(f"reward must be 'synthetic', 'unlabeled:DIR', 'labeled:SPEC' or a callable, got {spec!r}")
+        kind, _, arg = spec.partition(":")
+        if kind == "synthetic" and not arg:
+            return AgreementReward(self.device_model, self.batch(self.seed, cfg.reward_inputs_for(self.shape)),
+                                   measure=cfg.reward_measure, temperature=cfg.reward_temperature,
+                                   label_offset=mc.label_offset)
+        if kind == "unlabeled" and arg:
+            ds = UnlabeledImageDir(arg, build_transform(mc.preprocessing))
+            n = min(len(ds), cfg.unlabeled_reward_inputs)
+            if n == 0:
+                raise DataError(f"no images found under {arg}")
+            return AgreementReward(self.device_model, torch.stack([ds[i] for i in range(n)]),
+                                   measure=cfg.reward_measure, temperature=cfg.reward_temperature,
+                                   label_offset=mc.label_offset)
+        if kind == "labeled" and arg:
+            if arg == eval_data or (eval_data is None and _is_default_eval(mc, arg)):
+                raise PlanError("the labeled reward must not use the evaluation set; pass a held-out set")
+            loader = make_loader(resolve_dataset(arg, mc, split="train" if arg.startswith("cifar") else "test"),
+                                 batch_size=cfg.eval_batch_size_for(self.shape), limit=cfg.labeled_reward_inputs)
+            return AccuracyReward([(x, y) for x, y in loader], label_offset=mc.label_offset)
+        raise PlanError(f"unknown reward '{spec}'; use synthetic, unlabeled:DIR or labeled:SPEC")
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _is_default_eval(config: ModelConfig, spec: str) -> bool:
+    from autodfp.data.datasets import parse_spec
+    from autodfp.models.hub import assets_dir
+
+    ref = config.default_dataset
+    if ref is None:
+        return False
+    _, root, _ = parse_spec(spec)
+    base = assets_dir()
+    return base is not None and root.resolve() == (base / ref.path).resolve()
+
+
+# ---------------------------------------------------------------------------------------------
+# prune
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class PruningResult:
+    """What :func:`prune` returns.
+
+    :param model: the physically smaller network (fewer channels in real tensors)
+    :param plan: the per-group preserved ratios, criterion and strategy that made it
+    :param report: before/after MACs and params, the search's figures, the refinement's choice
+    :param original: the unpruned network (unchanged)
+    :param model_config: name, preprocessing and classes of the network
+    :param input_shape: (C, H, W) of one input
+    :param config: the config the run used
+    :param search: the search's result (``None`` for a uniform or given plan)
+    :param uniform_plan: the uniform plan at the same budget, for comparison plots
+    :param arch: the ``package.module:factory`` that builds the unpruned architecture, if known
+    """
+
+    model: nn.Module
+    plan: Plan
+    report: dict[str, Any]
+    original: nn.Module = field(repr=False)
+    model_config: ModelConfig = field(repr=False)
+    input_shape: tuple[int, ...] = (3, 32, 32)
+    config: Config = field(default_factory=Config, repr=False)
+    search: Any = field(default=None, repr=False)
+    uniform_plan: Plan | None = field(default=None, repr=False)
+    decisions: dict[str, GroupDecision] = field(default_factory=dict, repr=False)
+    arch: str | None = None
+
+
+def _as_plan(plan: PlanSpec) -> Plan:
+    if isinstance(plan, Plan):
+        return copy.deepcopy(plan)
+    if isinstance(plan, Mapping):
+        return Plan.from_dict(dict(plan))
+    return Plan.load(plan)
+
+
+def prepare_model(model: nn.Module | str, input_shape: Sequence[int] | None = None,
+                  model_config: ModelConfig | None = None, name: str | None = None,
+                  ) -> tuple[nn.Module, ModelConfig, tuple[int, ...]]:
+    """A zoo name or a module → (module in eval mode, its config, input shape), checked for finiteness."""
+    if isinstance(model, str):
+        from autodfp.models import load_model
+
+        net, mc = load_model(model)
+    elif isinstance(model, nn.Module):
+        from autodfp.models.load import zoo_config_of
+
+        net = model
+        known = zoo_config_of(model)
+        if model_config is not None:
+            mc = model_config
+        elif known is not None:
+            mc = known
+        elif input_shape is not None:
+            mc = user_model_config(model, input_shape, name=name)
+        else:
+            raise PlanError("input_shape is needed for a model passed as a module, e.g. input_shape=(3, 224, 224)")
+    else:
+        raise ModelError(f"model must be an nn.Module or a zoo name, got {type(model).__name__}")
+    shape = tuple(int(s) for s in input_shape) if input_shape is not None else input_shape_of(mc)
+    if len(shape) != 3:
+        raise PlanError(f"input_shape must be (channels, height, width), got {shape}")
+    check_finite(net, mc.name)
+    return net, mc, shape
+
+
+def prune(
+    model: nn.Module | str,
+    input_shape: Sequence[int] | None = None,
+    *,
+    macs_ratio: float | None = None,
+    uniform: float | None = None,
+    plan: PlanSpec | None = None,
+    search: str | None = None,
+    reward: RewardSpec = "synthetic",
+    config: Config | None = None,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    model_config: ModelConfig | None = None,
+    name: str | None = None,
+    eval_data: str | None = None,
+    arch: str | None = None,
+) -> PruningResult:
+    """Prune ``model`` to a budget with no training data; the model passed in is left unchanged.
+
+    Give exactly one of ``macs_ratio`` (search a plan keeping this fraction of the MACs),
+    ``uniform`` (one preserved ratio for every prunable group) or ``plan`` (a :class:`Plan`, its
+    dict, or a plan.json path).
+
+    :param model: any ``nn.Module`` (with ``input_shape``), or a zoo name
+    :param input_shape: (C, H, W) of one input; a zoo model's own by default
+    :param macs_ratio: target fraction of the original MACs, met within ``config.tol``
+    :param uniform: one preserved ratio in (0, 1] for every prunable group
+    :param plan: a plan to apply as it is (its criterion and strategy are kept)
+    :param search: ``sac``, ``uniform`` or ``random`` (default ``config.search``)
+    :param reward: what the search maximises: ``"synthetic"`` (agreement with the original on
+        inputs distilled from its BN statistics; data-free), ``"unlabeled:DIR"``,
+        ``"labeled:SPEC"`` or a callable ``f(model) -> float`` (higher is better)
+    :param config: every other knob (:class:`Config`); the defaults live there
+    :param seed: seeds synthetic inputs, random criteria and the search
+    :param device: ``auto``, ``cpu``, ``cuda`` or ``mps``, for distillation, rewards and refinement
+    :param progress: progress bars with an ETA on stderr (messages go to the ``autodfp`` logger)
+    :param checkpoint_dir: where a search writes resumable checkpoints
+    :param resume: continue an interrupted search from ``checkpoint_dir``
+    :param model_config: preprocessing/classes for a module (else a neutral one is made)
+    :param name: a label for a module (cache keys, reports)
+    :param eval_data: the evaluation data spec, so a labelled reward can refuse to use it
+    :param arch: ``package.module:factory`` that builds the architecture, recorded by :func:`save`
+    :return: a :class:`PruningResult`
+    """
+    t_start = time.perf_counter()
+    cfg = config if config is not None else Config()
+    if sum(x is not None for x in (macs_ratio, uniform, plan)) != 1:
+        raise PlanError("give exactly one of macs_ratio, uniform or plan")
+    if macs_ratio is not None:
+        check_ratio("macs_ratio", macs_ratio)
+    if uniform is not None:
+        check_ratio("uniform", uniform)
+    method = search if search is not None else cfg.search
+    if method not in ("sac", "uniform", "random"):
+        raise PlanError(f"unknown search '{method}'; choose from sac, uniform, random")
+    if resume and checkpoint_dir is None:
+        raise PlanError("resume needs a checkpoint_dir")
+    net, mc, shape = prepare_model(model, input_shape, model_config, name)
+    given_plan = _as_plan(plan) if plan is not None else None
+    pipe = Pipeline(net, mc, shape, cfg, seed=seed, device=device, progress=progress)
+
+    searching = macs_ratio is not None
+    synthetic_reward = isinstance(reward, str) and reward == "synthetic"
+    pruner = pipe.pruner(synthesising=cfg.refine or (searching and synthetic_reward))
+    refiner = pipe.refiner(pruner) if cfg.refine else None
+    selecting = refiner is not None and cfg.refine_dims_ridge is None
+    reward_fn = pipe.reward(reward, eval_data) if searching or selecting else None
+
+    report: dict[str, Any] = {"model": mc.name, "seed": pipe.seed, "device": str(pipe.device)}
+    search_result = uniform_plan = None
+    if searching:
+        assert reward_fn is not None
+        search_result, uniform_plan = _search(pipe, pruner, refiner, reward_fn, float(macs_ratio), method,
+                                              checkpoint_dir, resume)
+        the_plan = search_result.best_plan
+        report.update({"search": method, "episodes": search_result.episodes,
+                       "search_seconds": round(search_result.seconds, 2), "best_reward": search_result.best_reward,
+                       "plateau_episode": search_result.plateau_episode})
+    elif given_plan is not None:
+        the_plan = given_plan
+    else:
+        the_plan = Plan.uniform(pruner.graph, float(uniform), criterion=cfg.criterion,  # type: ignore[arg-type]
+                                strategy=cfg.strategy)
+    the_plan.model = mc.name
+    if cfg.strength is not None and given_plan is None:
+        the_plan.params["strength"] = cfg.strength
+    if the_plan.criterion == "random":
+        the_plan.params.setdefault("seed", pipe.seed)
+    decisions = pruner.decide(the_plan)
+    if refiner is not None:
+        if cfg.refine_dims_ridge is not None:
+            decisions = refiner(decisions, dims_ridge=cfg.refine_dims_ridge)
+            report["refine_dims_ridge"] = cfg.refine_dims_ridge
+        else:
+            assert reward_fn is not None
+            decisions, report["refine_dims_ridge"], scores = _select_dims_ridge(pruner, refiner, decisions,
+                                                                                 reward_fn, cfg.dims_ridge_grid,
+                                                                                 pipe.device_model)
+            report["refine_dims_ridge_scores"] = {f"{k:g}": v for k, v in scores.items()}
+    pruned = pruner.apply(the_plan, decisions)
+    check_finite(pruned.model, "the pruned model")
+    before = _count(net, shape)
+    after = _count(pruned.model, shape)
+    report.update({"strategy": the_plan.strategy, "criterion": the_plan.criterion, "refine": cfg.refine,
+                   "macs_before": before[0], "macs_after": after[0],
+                   "macs_ratio_achieved": round(after[0] / before[0], 6) if before[0] else None,
+                   "params_before": before[1], "params_after": after[1],
+                   "seconds": round(time.perf_counter() - t_start, 2)})
+    out_model = pruned.model.to(_device_of(net)).eval()
+    return PruningResult(out_model, the_plan, report, net, mc, shape, cfg, search_result, uniform_plan,
+                         pruned.decisions, arch)
+
+
+def check_ratio(name: str, value: Any) -> float:
+    """A ratio in (0, 1]: NaN fails every comparison, so finiteness is checked first."""
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)) \
+            or not 0.0 < float(value) <= 1.0:
+        raise PlanError(f"{name} must be in (0, 1], got {value!r}")
+    return float(value)
+
+
+def _count(model: nn.Module, shape: tuple[int, ...]) -> tuple[int, int]:
+    from autodfp.eval.metrics import profile
+
+    p = profile(model, shape)
+    return p.total_macs, p.total_params
+
+
+def _search(pipe: Pipeline, pruner: Pruner, refiner: Refiner | None, reward_fn: Callable[[nn.Module], float],
+            macs_ratio: float, method: str, checkpoint_dir: str | os.PathLike | None, resume: bool) -> tuple[Any, Plan]:
+    from autodfp.search.driver import search as run_search
+
+    cfg = pipe.config
+    params = {"strength": cfg.strength} if cfg.strength is not None else None
+    common = dict(reward=reward_fn, strategy=cfg.strategy, criterion=cfg.criterion, params=params,
+                  model_key=pipe.model_config.name, tol=cfg.tol, reward_base=pipe.device_model)
+    result = run_search(pruner, macs_ratio, method=method, episodes=cfg.episodes,
+                        warmup=None if cfg.warmup is None and resume else cfg.warmup_for(cfg.episodes),
+                        seed=pipe.seed, r_min=cfg.r_min, checkpoint_dir=checkpoint_dir,
+                        checkpoint_every=cfg.checkpoint_every, resume=resume, progress=pipe.progress,
+                        sac_kwargs=dict(cfg.sac) or None, refiner=pipe.search_refiner(refiner), **common)
+    uniform = run_search(pruner, macs_ratio, method="uniform", progress=False, **common).best_plan
+    log.info(f"search: {method}, {result.episodes} episodes in {result.seconds:.1f} s, best reward "
+             f"{result.best_reward:.4f} (plateau at episode {result.plateau_episode})")
+    return result, uniform
+
+
+def _select_dims_ridge(pruner: Pruner, refiner: Refiner, decisions: dict[str, GroupDecision],
+                       reward_fn: Callable[[nn.Module], float], grid: Sequence[float], base: nn.Module,
+                       ) -> tuple[dict[str, GroupDecision], float, dict[float, float]]:
+    """The final refinement's dims ridge, chosen by the reward on its own (held-out) inputs."""
+    from autodfp.search.env import MaskedModel
+
+    def score(refined: dict[str, GroupDecision]) -> float:
+        return reward_fn(MaskedModel(base, pruner.masked_state(refined)))
+
+    chosen, refined, scores = select_dims_ridge(refiner, decisions, score, grid=grid)
+    log.info("refinement dims ridge by reward: " + ", ".join(f"{k:g} → {v:.4f}" for k, v in scores.items())
+             + f"; chose {chosen:g}")
+    return refined, chosen, scores
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate
+# ---------------------------------------------------------------------------------------------
+def evaluate(model: nn.Module, data: str | None = None, *, model_config: ModelConfig | None = None,
+             limit: int | None = None, batch_size: int | None = None, device: str | torch.device = "auto",
+             progress: bool = False, config: Config | None = None) -> Any:
+    """Top-1/top-5 of ``model`` on labelled data: a spec (``cifar10:DIR``, ``folder:DIR[:CLASSLIST]``)
+    or, without one, the model config's default evaluation set.
+
+    :return: :class:`autodfp.eval.metrics.EvalResult` (percentages and the image count)
+    """
+    from autodfp.data.datasets import make_loader, resolve_dataset
+    from autodfp.eval.metrics import evaluate as run_eval
+
+    if model_config is None:
+        raise PlanError("evaluate needs a model_config (preprocessing and classes) for a module")
+    cfg = config if config is not None else Config()
+    dev = resolve_device(device)
+    shape = input_shape_of(model_config)
+    loader = make_loader(resolve_dataset(data, model_config), batch_size=batch_size or cfg.eval_batch_size_for(shape),
+                         limit=limit)
+    moved = model if _device_of(model) == dev else copy.deepcopy(model).to(dev)
+    with eval_mode(moved):
+        return run_eval(moved, loader, label_offset=model_config.label_offset, progress=progress)
+
+
+# ---------------------------------------------------------------------------------------------
+# save / load
+# ---------------------------------------------------------------------------------------------
+def save(result: PruningResult, out_dir: str | os.PathLike, *, plots: bool = True) -> dict[str, Path]:
+    """Write the result as one complete set: pruned.pt, model.ts, plan.json, report.json and, after a
+    search, search.json, ratios.png and rewards.png (see :mod:`autodfp.eval.export`).
+
+    :param result: what :func:`prune` returned
+    :param out_dir: the output directory (created; an earlier set in it is replaced whole)
+    :param plots: also draw the search's plots
+    :return: ``{kind: path}`` of the files written
+    """
+    import json
+
+    from autodfp.eval.export import save_pruned
+
+    extra: dict[str, bytes] = {"report.json": (json.dumps(result.report, indent=2) + "\n").encode()}
+    if result.search is not None:
+        extra["search.json"] = (json.dumps(result.search.to_dict(), indent=2) + "\n").encode()
+        if plots:
+            extra.update(_search_plots(result))
+    zoo = result.arch is None and _is_zoo(result)
+    return save_pruned(_SavedView(result), out_dir, result.model_config, result.input_shape, arch=result.arch,
+                       zoo=zoo, extra=extra)
+
+
+@dataclass
+class _SavedView:
+    model: nn.Module
+    plan: Plan
+    decisions: dict[str, GroupDecision]
+
+    def __init__(self, result: PruningResult) -> None:
+        self.model, self.plan, self.decisions = result.model, result.plan, result.decisions
+
+
+def _is_zoo(result: PruningResult) -> bool:
+    from autodfp.models.registry import get_config, is_registered
+
+    name = result.model_config.name
+    return is_registered(name) and get_config(name).preprocessing == result.model_config.preprocessing
+
+
+def _search_plots(result: PruningResult) -> dict[str, bytes]:
+    import tempfile
+
+    from autodfp.search.driver import plot_ratios, plot_rewards
+
+    files: dict[str, bytes] = {}
+    name = result.model_config.name
+    with tempfile.TemporaryDirectory() as tmp:
+        plot_ratios(result.plan, result.uniform_plan, Path(tmp) / "ratios.png",
+                    title=f"{name}: preserved ratio per group")
+        files["ratios.png"] = (Path(tmp) / "ratios.png").read_bytes()
+        if result.search.history:
+            plot_rewards(result.search.history, Path(tmp) / "rewards.png",
+                         title=f"{name}: {result.search.method} search")
+            files["rewards.png"] = (Path(tmp) / "rewards.png").read_bytes()
+    return files
+
+
+def load(path: str | os.PathLike, *, model: nn.Module | None = None, arch: str | None = None) -> nn.Module:
+    """The pruned network saved in ``path`` (a directory written by :func:`save` or ``autodfp prune``).
+
+    Zoo models are rebuilt from the registry. A user architecture is rebuilt only from what you
+    pass: ``model`` (an unpruned instance, shrunk to the saved widths) or ``arch``
+    (``package.module:factory``); otherwise the saved TorchScript is returned, which computes the
+    same outputs but cannot be pruned again. Nothing the file itself names is ever imported.
+    """
+    from autodfp.eval.export import load_pruned
+
+    return load_pruned(path, model=model, arch=arch)[0]
+
+
+def create_model(name: str, pretrained: bool = True) -> nn.Module:
+    """A zoo model by name, in eval mode, with its weights (resolved from the mirror, cache or URL).
+
+    Like ``timm.create_model``; :func:`prune` and :func:`save` recognise the module as the zoo
+    entry, so its preprocessing and classes follow it and a saved result rebuilds from the zoo.
+    """
+    from autodfp.models import load_model
+
+    return load_model(name, pretrained=pretrained)[0]
+
+
+__all__ = ["Pipeline", "PruningResult", "check_ratio", "check_seed", "create_model", "evaluate", "load", "prepare_model", "prune",
+           "resolve_device", "save", "user_model_config"]

@@ -1,0 +1,246 @@
+"""Every default of the pipeline, in one place.
+
+The library, the CLI and the benchmarks all read their defaults from :class:`Config`; the CLI
+builds the same object from its flags, so the two cannot disagree. Values that depend on the input
+size (synthesis steps, batch sizes) are tables keyed by :func:`size_class`, resolved by the
+``*_for(shape)`` methods once the model's input shape is known.
+
+Why the values are what they are is recorded next to each one, with the measurement in
+docs/RESULTS.md that chose it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from autodfp.errors import PlanError
+
+#: Inputs of at most this many pixels (per channel) are "small" (CIFAR-size); above, "large"
+#: (ImageNet-size), where one forward pass costs ~50x more on a CPU.
+SMALL_INPUT_PIXELS = 64 * 64
+
+
+def size_class(input_shape: Sequence[int]) -> str:
+    """``"small"`` (at most :data:`SMALL_INPUT_PIXELS` per channel) or ``"large"``."""
+    pixels = 1
+    for s in tuple(input_shape)[1:]:
+        pixels *= int(s)
+    return "small" if pixels <= SMALL_INPUT_PIXELS else "large"
+
+
+#: (steps, Adam learning rate) of each synthesis method, by input size. For *ranking*, 50 to 300
+#: steps give the same Spearman rho on ResNet-56; refinement fits weights to the batch and needs
+#: more at 224 px (40 steps: 40.54 %, 200 steps: 51.54 % for refined uniform 0.8 on MobileNet-V1).
+SYNTH_SETTINGS: Mapping[str, Mapping[str, tuple[int, float]]] = {
+    "bn": {"small": (100, 0.2), "large": (200, 0.2)},
+    "deepinversion": {"small": (100, 0.2), "large": (100, 0.2)},
+    "inversion": {"small": (100, 0.1), "large": (60, 0.1)},
+    "noise": {"small": (0, 0.0), "large": (0, 0.0)},
+}
+
+#: Synthetic inputs the reward compares on. On ResNet-56 at 0.5 MACs the proxy check's rho rises
+#: from 0.873 with 64 inputs to 0.896 with 256 (0.912 with refinement); at 224 px each input costs
+#: ~50x more to distil and to score.
+REWARD_INPUTS: Mapping[str, int] = {"small": 256, "large": 64}
+
+#: Synthetic inputs the final refinement fits on. On MobileNet-V1 256 instead of 64 took refined
+#: uniform 0.8 from 51.54 % to 54.38 %, for ~30 min of one-off distillation on 2 cores (then cached).
+REFINE_INPUTS: Mapping[str, int] = {"small": 64, "large": 256}
+
+#: Evaluation batch size: small batches are several times faster per image for 224-px CNNs on a
+#: CPU (they stay cache-resident).
+EVAL_BATCH: Mapping[str, int] = {"small": 256, "large": 8}
+
+SYNTH_METHODS = ("auto", "bn", "deepinversion", "inversion", "noise")
+CORR_SOURCES = ("auto", "geometry", "calibration")
+SEARCH_METHODS = ("sac", "uniform", "random")
+REWARD_MEASURES = ("kl", "top1", "mse")
+
+
+@dataclass(frozen=True)
+class Config:
+    """All knobs of :func:`autodfp.prune`, with their defaults.
+
+    Build one with keyword overrides, ``Config(refine_ridge=0.1)``, or derive one with
+    :meth:`replace`. Every field is validated on construction, so a bad value fails before any
+    minutes of work.
+
+    :param criterion: channel selection (``l1``, ``l2``, ``cluster``, ``random`` or a registered one)
+    :param strategy: reconstruction (``none``, ``mean``, ``nm``, ``autodfp``, ``lsq`` or a registered
+        one). ``lsq`` is the default: on ResNet-56 it beats the paper's ``autodfp`` merge at every
+        ratio (docs/RESULTS.md, refinement bench).
+    :param strength: merge strength λ in [0, 1] for ``autodfp`` (``None``: the strategy's own default)
+    :param corr: where ``lsq`` gets its channel correlations: ``geometry`` (filters), ``calibration``
+        (synthetic inputs) or ``auto`` (calibration whenever a synthetic batch is made anyway: on
+        ResNet-56 it beats geometry by 13 points at uniform 0.5)
+    :param synth_method: synthetic-input method (``auto`` = ZeroQ for BN models, inversion otherwise)
+    :param synth_steps: optimisation steps per synthetic batch (``None``: :data:`SYNTH_SETTINGS`)
+    :param calibration_inputs: synthetic inputs for measured correlations and BN-free moments
+    :param reward_inputs: synthetic inputs of the reward (``None``: :data:`REWARD_INPUTS`)
+    :param refine_inputs: synthetic inputs of the final refinement (``None``: :data:`REFINE_INPUTS`)
+    :param search_refine_inputs: a search refines each candidate on the first this many refinement
+        inputs (at 224 px, the first distilled chunk); the chosen plan gets them all
+    :param refine_seed_offset: the refinement batch uses seed ``seed + offset``, apart from the
+        reward's: a fit scored on the very inputs it was fitted to flatters the plans that overfit
+    :param refine: re-fit every consumer in forward order on synthetic inputs (drift correction)
+    :param refine_ridge: ridge of the refinement fits, relative to the kept variance
+    :param refine_dims_ridge: extra ridge × kept channels / positions; ``None``: the final
+        refinement tries :attr:`dims_ridge_grid` and keeps the one the reward scores best
+    :param search_dims_ridge: the dims ridge searches, bench and proxy-check score candidates with
+    :param dims_ridge_grid: candidates of the final dims-ridge selection
+    :param refine_max_positions: spatial positions sampled per layer for a refinement fit
+    :param reward_measure: agreement measure of the synthetic reward (``kl``, ``top1``, ``mse``)
+    :param reward_temperature: softmax temperature of the KL reward (T=2 ranked best)
+    :param unlabeled_reward_inputs: real unlabelled images the ``unlabeled:`` reward uses (at most)
+    :param labeled_reward_inputs: labelled images the ``labeled:`` reward uses (at most)
+    :param search: ``sac`` (the agent), ``uniform`` or ``random``
+    :param episodes: search episodes (SAC, random)
+    :param warmup: random-action episodes before SAC learns (``None``: ``min(warmup_cap, episodes // 4)``)
+    :param warmup_cap: upper bound of the default warm-up
+    :param r_min: smallest preserved ratio per group (``None``: chosen from the budget, at most 0.3)
+    :param tol: the budget tolerance: plans land within ``±tol`` of the target MACs ratio
+    :param checkpoint_every: a resumable search checkpoint every this many episodes
+    :param eval_batch_size: evaluation batch size (``None``: :data:`EVAL_BATCH`)
+    """
+
+    # channel selection and reconstruction
+    criterion: str = "l1"
+    strategy: str = "lsq"
+    strength: float | None = None
+    corr: str = "auto"
+    # synthetic inputs
+    synth_method: str = "auto"
+    synth_steps: int | None = None
+    calibration_inputs: int = 64
+    reward_inputs: int | None = None
+    refine_inputs: int | None = None
+    search_refine_inputs: int = 64
+    refine_seed_offset: int = 1
+    # refinement
+    refine: bool = True
+    refine_ridge: float = 1e-2
+    refine_dims_ridge: float | None = None
+    search_dims_ridge: float = 3.0
+    dims_ridge_grid: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0)
+    refine_max_positions: int = 32768
+    # reward
+    reward_measure: str = "kl"
+    reward_temperature: float = 2.0
+    unlabeled_reward_inputs: int = 256
+    labeled_reward_inputs: int = 512
+    # search
+    search: str = "sac"
+    episodes: int = 300
+    warmup: int | None = None
+    warmup_cap: int = 50
+    r_min: float | None = None
+    tol: float = 0.01
+    checkpoint_every: int = 25
+    # evaluation
+    eval_batch_size: int | None = None
+    #: SAC hyper-parameters (see :data:`autodfp.search.driver.SAC_DEFAULTS`); overrides only
+    sac: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from autodfp.compress.criteria import criterion_names
+        from autodfp.compress.reconstruct import strategy_names
+
+        _choice("criterion", self.criterion, criterion_names())
+        _choice("strategy", self.strategy, strategy_names())
+        _choice("corr", self.corr, CORR_SOURCES)
+        _choice("synth_method", self.synth_method, SYNTH_METHODS)
+        _choice("search", self.search, SEARCH_METHODS)
+        _choice("reward_measure", self.reward_measure, REWARD_MEASURES)
+        if self.strength is not None:
+            _real("strength", self.strength, 0.0, 1.0)
+        _real("refine_ridge", self.refine_ridge, 0.0)
+        if self.refine_dims_ridge is not None:
+            _real("refine_dims_ridge", self.refine_dims_ridge, 0.0)
+        _real("search_dims_ridge", self.search_dims_ridge, 0.0)
+        if not self.dims_ridge_grid:
+            raise PlanError("dims_ridge_grid must not be empty")
+        for v in self.dims_ridge_grid:
+            _real("dims_ridge_grid", v, 0.0)
+        _real("reward_temperature", self.reward_temperature, 0.0, strict_low=True)
+        _real("tol", self.tol, 0.0, 0.5, strict_low=True)
+        if self.r_min is not None:
+            _real("r_min", self.r_min, 0.0, 1.0, strict_low=True)
+        if self.synth_steps is not None:
+            _integer("synth_steps", self.synth_steps, 0)
+        for name in ("reward_inputs", "refine_inputs"):
+            if getattr(self, name) is not None:
+                _integer(name, getattr(self, name), 2)
+        for name, low in (("calibration_inputs", 2), ("search_refine_inputs", 2), ("refine_seed_offset", 0),
+                          ("refine_max_positions", 1), ("unlabeled_reward_inputs", 1),
+                          ("labeled_reward_inputs", 1), ("episodes", 1), ("warmup_cap", 0),
+                          ("checkpoint_every", 1)):
+            _integer(name, getattr(self, name), low)
+        if self.warmup is not None:
+            _integer("warmup", self.warmup, 0)
+        if self.eval_batch_size is not None:
+            _integer("eval_batch_size", self.eval_batch_size, 1)
+        if not isinstance(self.refine, bool):
+            raise PlanError(f"refine must be True or False, got {self.refine!r}")
+
+    def replace(self, **changes: Any) -> "Config":
+        """A copy with some fields changed (validated like a new one)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["dims_ridge_grid"] = list(self.dims_ridge_grid)
+        d["sac"] = dict(self.sac)
+        return d
+
+    # -- values that depend on the input size ------------------------------------------------
+    def synth_settings_for(self, method: str, input_shape: Sequence[int]) -> tuple[int, float]:
+        """(steps, lr) of a resolved synthesis method at this input size; ``synth_steps`` wins."""
+        steps, lr = SYNTH_SETTINGS[method][size_class(input_shape)]
+        return (steps if self.synth_steps is None else int(self.synth_steps)), lr
+
+    def reward_inputs_for(self, input_shape: Sequence[int]) -> int:
+        return self.reward_inputs if self.reward_inputs is not None else REWARD_INPUTS[size_class(input_shape)]
+
+    def refine_inputs_for(self, input_shape: Sequence[int]) -> int:
+        return self.refine_inputs if self.refine_inputs is not None else REFINE_INPUTS[size_class(input_shape)]
+
+    def eval_batch_size_for(self, input_shape: Sequence[int]) -> int:
+        return self.eval_batch_size if self.eval_batch_size is not None else EVAL_BATCH[size_class(input_shape)]
+
+    def warmup_for(self, episodes: int | None = None) -> int:
+        if self.warmup is not None:
+            return self.warmup
+        return min(self.warmup_cap, (self.episodes if episodes is None else episodes) // 4)
+
+
+def _choice(name: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise PlanError(f"unknown {name} {value!r}; choose from {', '.join(allowed)}")
+
+
+def _real(name: str, value: Any, low: float, high: float | None = None, strict_low: bool = False) -> None:
+    """A finite real in range: ``nan`` slips through every ``<``/``>`` comparison, so check it first."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        raise PlanError(f"{name} must be a finite number, got {value!r}")
+    v = float(value)
+    if v < low or (strict_low and v == low) or (high is not None and v > high):
+        lo = f"({low:g}" if strict_low else f"[{low:g}"
+        hi = f"{high:g}]" if high is not None else "∞)"
+        raise PlanError(f"{name} must be in {lo}, {hi}, got {value!r}")
+
+
+def _integer(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise PlanError(f"{name} must be an integer ≥ {low}, got {value!r}")
+
+
+#: The defaults, for library functions whose keyword defaults must agree with the pipeline's.
+DEFAULTS = Config.__new__(Config)  # filled below without validation (registries may not be loaded yet)
+for _f in dataclasses.fields(Config):
+    object.__setattr__(DEFAULTS, _f.name, _f.default if _f.default is not dataclasses.MISSING
+                       else _f.default_factory())  # type: ignore[misc]
+
+__all__ = ["Config", "DEFAULTS", "EVAL_BATCH", "REFINE_INPUTS", "REWARD_INPUTS", "SMALL_INPUT_PIXELS",
+           "SYNTH_SETTINGS", "size_class"]

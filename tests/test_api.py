@@ -1,0 +1,238 @@
+"""The Python API: the README example as written, user models end to end, one config, devices."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import autodfp
+from autodfp.api import resolve_device
+from autodfp.config import DEFAULTS, Config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+USER_MODEL = textwrap.dedent('''
+    import torch.nn as nn
+
+    def build():
+        def block(i, o):
+            return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU()]
+        net = nn.Sequential(*block(3, 16), *block(16, 32), nn.MaxPool2d(2), *block(32, 32),
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+        return net
+''')
+
+
+def _readme_python_example() -> str:
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, "the README shows a Python example"
+    return blocks[0]
+
+
+def test_readme_python_example_runs_as_written(tmp_path: Path) -> None:
+    code = _readme_python_example()
+    assert 'create_model("resnet20_cifar10")' in code, "the example prunes resnet20_cifar10"
+    code += "\nimport json\nprint(json.dumps({'ratio': result.report['macs_ratio_achieved'], 'ts': type(same).__name__}))\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "AUTODFP_PROGRESS": "0"}, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert abs(out["ratio"] - 0.5) <= 0.005 + 1e-9, out  # the budget is met within ±1 % of the target
+    saved = next(p for p in tmp_path.rglob("manifest.json")).parent
+    assert {"pruned.pt", "model.ts", "plan.json", "report.json"} <= {p.name for p in saved.iterdir()}
+
+
+def _runner(tmp_path: Path) -> list[str]:
+    """Run the CLI as the console script does: sys.path[0] is the script's folder, not the cwd."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    script = bindir / "autodfp_cli.py"
+    script.write_text("import sys\nfrom autodfp.cli import main\nsys.exit(main())\n")
+    return [sys.executable, str(script)]
+
+
+def _run(cmd: list[str], cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, cwd=cwd, timeout=900,
+                          env={**os.environ, "AUTODFP_PROGRESS": "0"})
+
+
+@pytest.fixture()
+def user_model_dir(tmp_path: Path) -> Path:
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "mymodel.py").write_text(USER_MODEL)
+    sys.path.insert(0, str(work))
+    try:
+        import importlib
+
+        import mymodel  # type: ignore[import-not-found]
+        importlib.reload(mymodel)
+        torch.manual_seed(0)
+        net = mymodel.build().train()
+        with torch.no_grad():  # BN statistics from forward passes, as a trained net would have
+            for _ in range(5):
+                net(torch.randn(64, 3, 32, 32))
+        torch.save(net.eval().state_dict(), work / "w.pt")
+    finally:
+        sys.path.remove(str(work))
+        sys.modules.pop("mymodel", None)
+    return work
+
+
+def test_user_model_prune_eval_and_load_from_its_folder(tmp_path: Path, user_model_dir: Path) -> None:
+    cmd = _runner(tmp_path)
+    out = user_model_dir / "out"
+    proc = _run(cmd, user_model_dir, "prune", "mine", "--arch", "mymodel:build", "--weights", "w.pt",
+                "--like", "resnet20_cifar10", "--uniform", "0.7", "--synth-steps", "20", "--out", str(out),
+                "--limit", "64", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pruned = json.loads(proc.stdout.strip().splitlines()[-1])
+    ev = _run(cmd, tmp_path, "eval", str(out), "--limit", "64", "--json")  # another folder: no import needed
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert json.loads(ev.stdout.strip().splitlines()[-1])["top1"] == pruned["top1_after"]
+    info = _run(cmd, tmp_path, "info", str(out), "--json")
+    assert info.returncode == 0, info.stderr[-3000:]
+    assert json.loads(info.stdout.strip().splitlines()[-1])["macs"] == pruned["macs_after"]
+
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    ts = torch.jit.load(str(out / "model.ts"))
+    loaded = autodfp.load(out)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), ts(x))
+    sys.path.insert(0, str(user_model_dir))
+    try:  # rebuilt eagerly from the factory the caller names: same function
+        eager = autodfp.load(out, arch="mymodel:build")
+        with torch.no_grad():
+            assert torch.allclose(eager(x), ts(x), atol=1e-5)
+        assert not isinstance(eager, torch.jit.ScriptModule)
+    finally:
+        sys.path.remove(str(user_model_dir))
+        sys.modules.pop("mymodel", None)
+
+
+def _forge(out: Path, arch: str) -> None:
+    """Rewrite pruned.pt to name ``arch`` and re-seal the manifest, as an attacker could."""
+    import hashlib
+
+    payload = torch.load(out / "pruned.pt", weights_only=True)
+    payload["arch"] = arch
+    payload["zoo"] = False
+    torch.save(payload, out / "pruned.pt")
+    manifest = json.loads((out / "manifest.json").read_text())
+    for name in list(manifest["files"]):
+        if not (out / name).exists():
+            del manifest["files"][name]
+        else:
+            manifest["files"][name] = hashlib.sha256((out / name).read_bytes()).hexdigest()
+    (out / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_recorded_architecture_is_never_imported(tmp_path: Path) -> None:
+    from autodfp.compress.plan import Plan
+    from autodfp.compress.surgery import Pruner
+    from autodfp.eval.export import save_pruned
+    from autodfp.models import get_config
+    from autodfp.models.resnet_cifar import resnet20
+
+    net = resnet20().eval()
+    pruner = Pruner(net, (3, 32, 32))
+    result = pruner.apply(Plan.uniform(pruner.graph, 0.5, strategy="none"))
+    out = tmp_path / "out"
+    save_pruned(result, out, get_config("resnet20_cifar10"), (3, 32, 32))
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    marker = tmp_path / "ran"
+    (evil / "payload.py").write_text(f"def boom():\n    open({str(marker)!r}, 'w').close()\n    raise SystemExit(0)\n")
+    _forge(out, "payload:boom")
+    cmd = _runner(tmp_path)
+    ok = _run(cmd, evil, "eval", str(out), "--limit", "16", "--json")  # model.ts is there: it is used instead
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert not marker.exists()
+    (out / "model.ts").unlink()
+    _forge(out, "payload:boom")
+    bad = _run(cmd, evil, "eval", str(out), "--limit", "16")
+    assert bad.returncode == 2, bad.stderr
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "payload:boom" in lines[0], bad.stderr
+    assert not marker.exists(), "the recorded callable ran"
+
+
+def test_one_config_holds_the_defaults_and_the_cli_builds_it() -> None:
+    from autodfp.cli.app import _config
+    from autodfp.compress.plan import Plan
+    from autodfp.compress.refine import DEFAULT_DIMS_RIDGE, DIMS_RIDGE_GRID, Refiner
+    from autodfp.search.budget import DEFAULT_TOL
+
+    assert _config() == Config() == DEFAULTS
+    assert Plan({}).strategy == Plan.from_dict({"groups": {}}).strategy == DEFAULTS.strategy == "lsq"
+    assert DEFAULT_DIMS_RIDGE == DEFAULTS.search_dims_ridge and DIMS_RIDGE_GRID == DEFAULTS.dims_ridge_grid
+    assert DEFAULT_TOL == DEFAULTS.tol
+    import inspect
+
+    assert inspect.signature(Refiner).parameters["ridge"].default == DEFAULTS.refine_ridge
+    assert _config(refine_ridge=0.5) == Config(refine_ridge=0.5)
+    with pytest.raises(autodfp.AutoDFPError, match="--refine-ridge must be a finite number"):
+        _config(refine_ridge=float("nan"))
+    with pytest.raises(autodfp.AutoDFPError, match="^refine_ridge must be a finite number"):
+        Config(refine_ridge=float("inf"))
+
+
+def test_prune_a_plain_module_needs_no_registry(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.randn(32, 3, 16, 16))
+    net.eval()
+    config = Config(refine=False)
+    same = autodfp.prune(net, input_shape=(3, 16, 16), uniform=1.0, config=config, progress=False)
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(same.model(x), net(x)), "a zero-ratio prune is output-identical"
+    half = autodfp.prune(net, input_shape=(3, 16, 16), uniform=0.5, config=config, progress=False)
+    assert half.report["macs_after"] < half.report["macs_before"]
+    assert half.model[0].out_channels == 4 and net[0].out_channels == 8, "the input model is left unchanged"
+    paths = autodfp.save(half, tmp_path / "o")
+    assert paths["checkpoint"].is_file()
+    with torch.no_grad():
+        assert torch.equal(autodfp.load(tmp_path / "o")(x), half.model(x))
+    with pytest.raises(autodfp.AutoDFPError, match="input_shape"):
+        autodfp.prune(net, uniform=0.5)
+    bad = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    bad[1].running_var[0] = float("nan")
+    with pytest.raises(autodfp.AutoDFPError, match="1.running_var"):
+        autodfp.prune(bad, input_shape=(3, 8, 8), uniform=0.5)
+
+
+def test_device_option() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    with pytest.raises(autodfp.AutoDFPError, match="unknown device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(autodfp.AutoDFPError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_gives_the_cpu_result() -> None:
+    model = autodfp.create_model("resnet20_cifar10")
+    config = Config(synth_steps=20)
+    cpu = autodfp.prune(model, uniform=0.7, config=config, device="cpu", progress=False)
+    gpu = autodfp.prune(model, uniform=0.7, config=config, device="cuda", progress=False)
+    assert cpu.report["macs_after"] == gpu.report["macs_after"]
+    x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        agree = (cpu.model(x).argmax(1) == gpu.model.cpu()(x).argmax(1)).float().mean()
+    assert agree >= 0.9, "float rounding on the GPU may move a few decisions, not the model"
