@@ -44,8 +44,14 @@ def atomic_write(dest: str | os.PathLike, writer: Callable[[Path], None]) -> Pat
 
 
 def atomic_write_text(dest: str | os.PathLike, text: str) -> Path:
-    return atomic_write(dest, lambda p: p.write_text(text))
+    def write(p: Path) -> None:
+        p.write_text(text)
+
+    return atomic_write(dest, write)
 
 
 def atomic_write_bytes(dest: str | os.PathLike, data: bytes) -> Path:
-    return atomic_write(dest, lambda p: p.write_bytes(data))
+    def write(p: Path) -> None:
+        p.write_bytes(data)
+
+    return atomic_write(dest, write)

@@ -396,6 +396,7 @@ def prune(
     search_result = uniform_plan = None
     if searching:
         assert reward_fn is not None
+        assert macs_ratio is not None
         search_result, uniform_plan = _search(pipe, pruner, refiner, reward_fn, float(macs_ratio), method,
                                               checkpoint_dir, resume)
         the_plan = search_result.best_plan
@@ -405,8 +406,8 @@ def prune(
     elif given_plan is not None:
         the_plan = given_plan
     else:
-        the_plan = Plan.uniform(pruner.graph, float(uniform), criterion=cfg.criterion,  # type: ignore[arg-type]
-                                strategy=cfg.strategy)
+        assert uniform is not None
+        the_plan = Plan.uniform(pruner.graph, float(uniform), criterion=cfg.criterion, strategy=cfg.strategy)
     the_plan.model = mc.name
     if cfg.strength is not None and given_plan is None:
         the_plan.params["strength"] = cfg.strength
@@ -455,16 +456,17 @@ def _count(model: nn.Module, shape: tuple[int, ...]) -> tuple[int, int]:
 
 
 def _search(pipe: Pipeline, pruner: Pruner, refiner: Refiner | None, reward_fn: Callable[[nn.Module], float],
-            macs_ratio: float, method: str, checkpoint_dir: str | os.PathLike | None, resume: bool) -> tuple[Any, Plan]:
+            macs_ratio: float, method: str, checkpoint_dir: str | os.PathLike | None, resume: bool,
+            ) -> tuple[Any, Plan]:
     from autodfp.search.driver import search as run_search
 
     cfg = pipe.config
     params = {"strength": cfg.strength} if cfg.strength is not None else None
-    common = dict(reward=reward_fn, strategy=cfg.strategy, criterion=cfg.criterion, params=params,
+    common: dict[str, Any] = dict(reward=reward_fn, strategy=cfg.strategy, criterion=cfg.criterion, params=params,
                   model_key=pipe.model_config.name, tol=cfg.tol, reward_base=pipe.device_model)
     result = run_search(pruner, macs_ratio, method=method, episodes=cfg.episodes,
                         warmup=None if cfg.warmup is None and resume else cfg.warmup_for(cfg.episodes),
-                        seed=pipe.seed, r_min=cfg.r_min, checkpoint_dir=checkpoint_dir,
+                        seed=pipe.seed, r_min=cfg.r_min, checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir),
                         checkpoint_every=cfg.checkpoint_every, resume=resume, progress=pipe.progress,
                         sac_kwargs=dict(cfg.sac) or None, refiner=pipe.search_refiner(refiner), **common)
     uniform = run_search(pruner, macs_ratio, method="uniform", progress=False, **common).best_plan

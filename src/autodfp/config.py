@@ -236,11 +236,18 @@ def _integer(name: str, value: Any, low: int) -> None:
         raise PlanError(f"{name} must be an integer ≥ {low}, got {value!r}")
 
 
+def _unvalidated_defaults() -> Config:
+    """The default config without running validation: the registries it checks against import
+    modules that themselves read :data:`DEFAULTS`, so validating here would be circular."""
+    obj = Config.__new__(Config)
+    for f in dataclasses.fields(Config):
+        value = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]
+        object.__setattr__(obj, f.name, value)
+    return obj
+
+
 #: The defaults, for library functions whose keyword defaults must agree with the pipeline's.
-DEFAULTS = Config.__new__(Config)  # filled below without validation (registries may not be loaded yet)
-for _f in dataclasses.fields(Config):
-    object.__setattr__(DEFAULTS, _f.name, _f.default if _f.default is not dataclasses.MISSING
-                       else _f.default_factory())  # type: ignore[misc]
+DEFAULTS = _unvalidated_defaults()
 
 __all__ = ["Config", "DEFAULTS", "EVAL_BATCH", "REFINE_INPUTS", "REWARD_INPUTS", "SMALL_INPUT_PIXELS",
            "SYNTH_SETTINGS", "size_class"]

@@ -97,7 +97,7 @@ def _setup_logging() -> None:
     if not any(getattr(h, "_autodfp_cli", False) for h in logger.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._autodfp_cli = True  # type: ignore[attr-defined]
+        setattr(handler, "_autodfp_cli", True)  # noqa: B010 (a marker attribute on a stdlib object)
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
@@ -132,7 +132,7 @@ def _floats3(text: Optional[str], flag: str) -> Optional[tuple[float, float, flo
         raise PlanError(f"{flag} must be three finite comma-separated numbers, got '{text}'")
     if flag == "--std" and min(vals) <= 0:
         raise PlanError(f"--std must be positive, got '{text}'")
-    return vals  # type: ignore[return-value]
+    return vals[0], vals[1], vals[2]
 
 
 def _load(model: str, weights: Optional[str], arch: Optional[str], trust_pickle: bool, like: Optional[str],
