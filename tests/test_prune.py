@@ -131,7 +131,8 @@ def test_saved_forms_reload_with_identical_outputs(tmp_path, resnet20_pretrained
         assert torch.equal(rebuilt(x), ref)
     assert cfg2.name == cfg.name and plan2.ratios == result.plan.ratios
     assert Plan.load(paths["plan"]).to_dict() == result.plan.to_dict()
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.ts", "plan.json", "pruned.pt"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.json", "model.ts", "plan.json",
+                                                                     "pruned.pt"]
     assert onnx_check(result.model, (3, 32, 32), tmp_path / "m.onnx") < 1e-4
 
 

@@ -162,9 +162,14 @@ def test_a_huge_dims_ridge_leaves_the_prior_in_place() -> None:
 
 
 def test_search_refiner_fits_on_the_first_inputs_only() -> None:
-    from autodfp.cli.app import SEARCH_REFINE_INPUTS, _search_refiner
+    from autodfp.api import Pipeline
+    from autodfp.config import DEFAULTS
+    from autodfp.models import get_config
 
-    pruner = Pruner(_randomised_resnet20(), SHAPE)
+    SEARCH_REFINE_INPUTS = DEFAULTS.search_refine_inputs
+    net = _randomised_resnet20()
+    _search_refiner = Pipeline(net, get_config("resnet20_cifar10"), SHAPE, device="cpu").search_refiner
+    pruner = Pruner(net, SHAPE)
     small = Refiner(pruner, _inputs(SEARCH_REFINE_INPUTS, 0))
     assert _search_refiner(small) is small and _search_refiner(None) is None
     big = Refiner(pruner, _inputs(SEARCH_REFINE_INPUTS + 5, 0), ridge=0.5, dims_ridge=2.0)
@@ -174,12 +179,13 @@ def test_search_refiner_fits_on_the_first_inputs_only() -> None:
 
 
 def test_refinement_batch_size_defaults_by_input_size() -> None:
-    from autodfp.cli.app import REFINE_INPUTS, SynthSettings, _by_input_size
+    from autodfp.config import REFINE_INPUTS, Config
 
-    assert _by_input_size((3, 32, 32), REFINE_INPUTS) == REFINE_INPUTS["small"]
-    assert _by_input_size((3, 224, 224), REFINE_INPUTS) == REFINE_INPUTS["large"]
-    with pytest.raises(PlanError, match="--refine-inputs"):
-        SynthSettings(refine_inputs=1)
+    assert Config().refine_inputs_for((3, 32, 32)) == REFINE_INPUTS["small"] == 64
+    assert Config().refine_inputs_for((3, 224, 224)) == REFINE_INPUTS["large"] == 256
+    assert Config(refine_inputs=9).refine_inputs_for((3, 224, 224)) == 9
+    with pytest.raises(PlanError, match="^refine_inputs must be"):
+        Config(refine_inputs=1)
 
 
 def test_refiner_targets_are_the_eval_mode_models_even_if_it_was_left_training() -> None:

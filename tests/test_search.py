@@ -57,7 +57,8 @@ def test_mobilenet_budget_is_met_by_the_environment():
 
 def test_fast_path_reward_equals_the_physically_pruned_models(resnet20):
     pruner, reward = resnet20
-    result = search(pruner, 0.5, method="random", episodes=2, reward=reward, seed=0, progress=False)
+    result = search(pruner, 0.5, method="random", episodes=2, reward=reward, seed=0, progress=False,
+                    strategy="autodfp")
     physical = pruner.apply(result.best_plan).model
     assert reward(physical) == pytest.approx(result.best_reward, abs=1e-4)
     assert result.best_plan.strategy == "autodfp"

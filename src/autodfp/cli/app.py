@@ -68,9 +68,9 @@ FLAGS = {
 
 
 def _as_flags(msg: str) -> str:
-    for field, flag in FLAGS.items():
-        msg = re.sub(rf"(?<![\w-]){field}(?![\w-])", flag, msg)
-    return msg
+    """``refine_ridge must be …`` → ``--refine-ridge must be …`` (only the subject is a parameter name)."""
+    field = msg.split(" ", 1)[0]
+    return FLAGS[field] + msg[len(field):] if field in FLAGS else msg
 
 
 def _config(**flags: Any):

@@ -22,6 +22,7 @@ otherwise loads ``model.ts``. The factory a ``pruned.pt`` records is never impor
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import hashlib
@@ -64,11 +65,13 @@ class OutputLock:
     def __init__(self, out_dir: str | os.PathLike) -> None:
         self.out = Path(out_dir)
         self._fd: int | None = None
+        self._created = False
 
     def __enter__(self) -> "OutputLock":
         import fcntl
 
         check_output_dir(self.out)
+        self._created = not self.out.exists()
         self.out.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.out / ".autodfp.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -81,9 +84,17 @@ class OutputLock:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        """Release, and leave no trace: the lock file goes, and so does an OUT this run created
+        if a failure left it empty."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            (self.out / ".autodfp.lock").unlink()
+        os.close(self._fd)
+        self._fd = None
+        if self._created:
+            with contextlib.suppress(OSError):
+                self.out.rmdir()  # only succeeds when empty
 
 
 def check_output_dir(out: str | os.PathLike) -> Path:
