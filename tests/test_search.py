@@ -96,7 +96,7 @@ def test_same_seed_same_plan_and_resume_is_exact(resnet20, tmp_path):
     search(pruner, 0.5, episodes=4, seed=3, checkpoint_every=2, checkpoint_dir=ckpt, **kw)  # "interrupted"
     latest = json.loads((ckpt / "latest.json").read_text())
     assert latest["episodes"] == 4
-    assert {p.name for p in (ckpt / latest["dir"]).iterdir()} == {"sac.zip", "replay.pkl", "state.json"}
+    assert {p.name for p in (ckpt / latest["dir"]).iterdir()} == {"sac.pt", "replay.npz", "state.json"}
     # warmup left at its default: a resumed run takes the checkpoint's (3), not min(50, 8 // 4)
     resumed = search(pruner, 0.5, method="sac", reward=reward, progress=False, episodes=8, seed=3,
                      checkpoint_every=2, checkpoint_dir=ckpt, resume=True)
