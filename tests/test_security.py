@@ -181,3 +181,39 @@ def test_damaged_checkpoint_is_a_one_line_error_naming_the_file(sac_checkpoint, 
         _resume(sac_checkpoint, root)
     assert isinstance(err.value, AutoDFPError)
     _one_line(err.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# decompression bombs
+
+def _bomb_png(path: Path, side: int) -> None:
+    """A 1-bit greyscale PNG of side x side zero pixels: tiny on disk, huge once decoded.
+
+    Written chunk by chunk with zlib so that the test itself never holds the decoded image.
+    """
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    comp = zlib.compressobj(9)
+    row = b"\x00" * (1 + (side + 7) // 8)  # filter byte + packed bits
+    idat = b"".join(comp.compress(row) for _ in range(side)) + comp.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("side", [14000, 10000])  # over twice PIL's limit (its error); over the limit (a warning)
+def test_decompression_bomb_image_is_a_data_error_naming_the_file(tmp_path, side):
+    from autodfp.data.datasets import ImageFolderDataset, UnlabeledImageDir
+    from autodfp.errors import DataError
+
+    bomb = tmp_path / "data" / "cat" / "bomb.png"
+    _bomb_png(bomb, side)
+    assert bomb.stat().st_size < 1_000_000
+    for ds in (ImageFolderDataset(tmp_path / "data"), UnlabeledImageDir(tmp_path / "data")):
+        with pytest.raises(DataError, match="bomb.png") as err:
+            ds[0]
+        _one_line(err.value)

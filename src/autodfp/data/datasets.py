@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -264,10 +265,20 @@ def _to_float_tensor(arr: np.ndarray) -> torch.Tensor:
 
 
 def _load_image(path: Path) -> Image.Image:
+    """Decode one image; a header claiming more pixels than PIL's limit is refused before decoding.
+
+    PIL only warns between ``MAX_IMAGE_PIXELS`` and twice that; a 100-megapixel PNG can be a few
+    hundred kilobytes on disk and gigabytes in memory, so the warning is treated as the error.
+    """
     try:
-        with open(path, "rb") as f:
-            img = Image.open(f)
-            return img.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with open(path, "rb") as f:
+                img = Image.open(f)
+                return img.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DataError(f"image {path} is too large to decode (more than {Image.MAX_IMAGE_PIXELS} pixels; "
+                        "possibly a decompression bomb)") from None
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise DataError(f"cannot read image {path} ({exc.__class__.__name__}: {exc})") from None
 
