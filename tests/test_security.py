@@ -217,3 +217,61 @@ def test_decompression_bomb_image_is_a_data_error_naming_the_file(tmp_path, side
         with pytest.raises(DataError, match="bomb.png") as err:
             ds[0]
         _one_line(err.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# oversized checkpoints
+
+_PEAK_SCRIPT = r"""
+import json, resource, sys
+from autodfp.errors import AutoDFPError
+from autodfp.models import load_model
+load_model("resnet20_cifar10", pretrained=False)  # imports and first allocations happen here
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = {}
+for path in sys.argv[1:]:
+    try:
+        load_model("resnet20_cifar10", weights=path)
+        out[path] = ["loaded", ""]
+    except AutoDFPError as exc:
+        out[path] = [type(exc).__name__, str(exc)]
+out["grew_mib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+print(json.dumps(out))
+"""
+
+
+def test_oversized_tensors_are_refused_before_they_are_read(tmp_path):
+    """A 128 MiB tensor where the model has 432 numbers: refused by its shape, its bytes never read.
+
+    ``plain.th`` is what torch.save writes (memory-mapped, then refused by the shape check);
+    ``deflated.th`` is the same zip re-packed with compression: 130 KB that would inflate to
+    128 MiB, refused from the zip directory. The peak memory of a fresh process must not grow by
+    anything like the tensor's size.
+    """
+    import os
+    import subprocess
+    import sys
+
+    from autodfp.models.resnet_cifar import resnet20
+
+    state = resnet20().state_dict()
+    state["conv1.weight"] = torch.empty(32 * 1024 * 1024)  # never touched: costs no memory here
+    plain, deflated = tmp_path / "plain.th", tmp_path / "deflated.th"
+    torch.save(state, plain)
+    del state
+    with zipfile.ZipFile(plain) as zin, zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            with zin.open(info) as src, zout.open(info.filename, "w", force_zip64=True) as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+    assert deflated.stat().st_size < 2_000_000 < plain.stat().st_size
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(plain), str(deflated)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["grew_mib"] < 48, out
+    kind, msg = out[str(plain)]
+    assert kind == "ModelError" and "shape mismatch at conv1.weight" in msg and "plain.th" in msg
+    kind, msg = out[str(deflated)]
+    assert kind == "WeightsError" and "compressed record" in msg and "deflated.th" in msg and "\n" not in msg

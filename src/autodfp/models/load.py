@@ -2,6 +2,8 @@
 
 Checkpoints are loaded with ``weights_only=True`` unless the user opts in with ``trust_pickle``:
 a pickle can run arbitrary code, and a pretrained-model tool is exactly where one would hide.
+They are also memory-mapped, so a tensor's shape is checked against the model before its bytes
+are read: a hostile file cannot make us allocate what it claims to hold.
 """
 from __future__ import annotations
 
@@ -22,12 +24,41 @@ from autodfp.models.layers import ChannelPadShortcut
 from autodfp.models.registry import TF_IMAGENET_PRE, ModelConfig, get_config, is_registered
 
 
-def load_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
+def _check_records(path: Path) -> bool:
+    """Whether ``path`` is a zip checkpoint; refuse one whose records are compressed.
+
+    ``torch.save`` stores every record uncompressed (that is what lets it be memory-mapped). A
+    deflated record is a re-packed or crafted file, and one of a few megabytes can inflate to
+    gigabytes when read, so it is refused from the zip directory alone, before any data is read.
+    """
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if info.compress_type != zipfile.ZIP_STORED:
+                    raise WeightsError(f"{path} has a compressed record '{info.filename}' ({info.file_size} bytes "
+                                       "once inflated); torch.save never compresses, so the file was re-packed or "
+                                       "crafted: refusing it")
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return True  # let torch.load report the damage in its own words
+    return True
+
+
+def load_checkpoint(path: str | os.PathLike, trust_pickle: bool = False, mmap: bool | None = None) -> Any:
+    """Read a checkpoint on the CPU, refusing pickled code unless ``trust_pickle``.
+
+    ``mmap`` (default: on for weights-only loads of zip checkpoints) maps tensors from the file
+    instead of reading them, so nothing is allocated until a tensor is copied; copy tensors out
+    (``load_state_dict`` does) rather than keeping them, since they are backed by the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"checkpoint not found: {path}")
+    is_zip = _check_records(path)
+    use_mmap = (not trust_pickle if mmap is None else mmap) and is_zip
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=use_mmap)
     except pickle.UnpicklingError as exc:
         if not trust_pickle and ("Unsupported global" in str(exc) or "GLOBAL" in str(exc)):
             raise WeightsError(
