@@ -3,13 +3,17 @@
 Checkpoints are loaded with ``weights_only=True`` unless the user opts in with ``trust_pickle``:
 a pickle can run arbitrary code, and a pretrained-model tool is exactly where one would hide.
 They are also memory-mapped, so a tensor's shape is checked against the model before its bytes
-are read: a hostile file cannot make us allocate what it claims to hold.
+are read: a hostile file cannot make us allocate what it claims to hold. A loaded model is checked
+for NaN/Inf and impossible BatchNorm variances, which would otherwise prune and score as if fine.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import inspect
 import os
 import pickle
+import sys
 import zipfile
 from dataclasses import replace
 from pathlib import Path
@@ -71,8 +75,9 @@ def load_checkpoint(path: str | os.PathLike, trust_pickle: bool = False, mmap: b
         raise WeightsError(f"{path} is corrupt or not a PyTorch checkpoint ({first})") from None
 
 
-def extract_state_dict(obj: Any, key: str | None = None) -> dict[str, torch.Tensor]:
+def extract_state_dict(obj: Any, key: str | None = None, source: str | None = None) -> dict[str, torch.Tensor]:
     """Unwrap common checkpoint containers and strip DataParallel's ``module.`` prefix."""
+    where = f"{source}: " if source else ""
     if key is not None and isinstance(obj, dict) and key in obj:
         obj = obj[key]
     elif isinstance(obj, dict):
@@ -83,7 +88,11 @@ def extract_state_dict(obj: Any, key: str | None = None) -> dict[str, torch.Tens
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError("checkpoint does not contain a state dict of tensors")
+        raise WeightsError(f"{where}checkpoint does not contain a state dict of tensors")
+    bad = next((k for k in obj if not isinstance(k, str)), None)
+    if bad is not None:
+        shown = " ".join(repr(bad).split())[:60]
+        raise WeightsError(f"{where}state dict key {shown} is a {type(bad).__name__}, not a string")
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
@@ -110,22 +119,93 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], sou
     model.load_state_dict(state, strict=False)
 
 
-def build_from_arch(arch: str) -> nn.Module:
-    """Call ``package.module:factory`` and return the module it builds."""
-    if ":" not in arch:
-        raise ModelError(f"--arch must look like package.module:factory, got '{arch}'")
-    mod_name, fn_name = arch.split(":", 1)
+@contextlib.contextmanager
+def _cwd_on_path() -> Any:
+    """Let ``import`` find modules in the working directory, as ``python -m`` does, for one import."""
+    cwd = os.getcwd()
+    sys.path.insert(0, cwd)
+    importlib.invalidate_caches()  # a module written since the last import must be seen
     try:
-        module = importlib.import_module(mod_name)
-    except ImportError as exc:
-        raise ModelError(f"cannot import '{mod_name}' for --arch ({exc})") from None
+        yield
+    finally:
+        try:
+            sys.path.remove(cwd)  # the first occurrence: the one inserted above
+        except ValueError:
+            pass
+
+
+def _exc_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())[:200]
+    return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__
+
+
+def build_from_arch(arch: str) -> nn.Module:
+    """Call ``package.module:factory`` and return the module it builds.
+
+    The user's own code is imported and run here, so anything it does wrong (a syntax error, an
+    exception at import or call time, a factory that needs arguments) is reported as a ModelError
+    naming ``arch`` rather than escaping as an internal error.
+    """
+    mod_name, sep, fn_name = str(arch).partition(":")
+    mod_name, fn_name = mod_name.strip(), fn_name.strip()
+    if not sep or not mod_name or not fn_name or not all(p.isidentifier() for p in mod_name.split(".")) \
+            or not fn_name.isidentifier():
+        raise ModelError(f"arch must look like package.module:factory, got '{arch}'")
+    try:
+        with _cwd_on_path():
+            module = importlib.import_module(mod_name)
+    except SyntaxError as exc:
+        where = f"{Path(exc.filename).name}, line {exc.lineno}" if exc.filename else f"line {exc.lineno}"
+        raise ModelError(f"cannot import '{mod_name}' for arch {arch}: syntax error ({where})") from None
+    except Exception as exc:  # the user's module ran and failed; report it, do not crash
+        raise ModelError(f"cannot import '{mod_name}' for arch {arch} ({_exc_line(exc)})") from None
     factory = getattr(module, fn_name, None)
     if not callable(factory):
-        raise ModelError(f"'{fn_name}' is not a callable in '{mod_name}'")
-    model = factory()
+        raise ModelError(f"'{fn_name}' is not a callable in '{mod_name}' (arch {arch})")
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):
+        sig = None
+    if sig is not None:
+        required = [p.name for p in sig.parameters.values()
+                    if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        if required:
+            raise ModelError(f"arch {arch}: '{fn_name}' needs arguments ({', '.join(required)}); "
+                             "arch must name a factory that can be called without arguments")
+    try:
+        model = factory()
+    except Exception as exc:
+        raise ModelError(f"arch {arch}: calling '{fn_name}()' failed ({_exc_line(exc)})") from None
     if not isinstance(model, nn.Module):
-        raise ModelError(f"--arch {arch} returned {type(model).__name__}, not an nn.Module")
+        raise ModelError(f"arch {arch} returned {type(model).__name__}, not an nn.Module")
     return model
+
+
+_BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
+
+
+def check_finite(model: nn.Module, source: str) -> None:
+    """Refuse a model whose weights or statistics are NaN/Inf, or whose BN variances are negative.
+
+    Such a model runs without error: every channel scores the same, so nothing is pruned, and its
+    accuracy is reported as if it were a result. ``source`` (a file, or a description of where the
+    model came from) starts the message. A BN variance of exactly 0 is accepted when ``eps`` is
+    positive: channels that were dead in training decay to 0 (MobileNet-V1 has variances of 4e-35),
+    and BN stays finite for them; a negative variance, or ``var + eps <= 0``, cannot be.
+    """
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() or t.is_complex():
+            if not bool(torch.isfinite(t.detach()).all()):
+                raise ModelError(f"{source}: tensor '{name}' has non-finite values")
+    for name, m in model.named_modules():
+        if isinstance(m, _BN_TYPES) and getattr(m, "running_var", None) is not None:
+            var = m.running_var.detach()
+            tensor = f"{name}.running_var" if name else "running_var"
+            if bool((var < 0).any()):
+                raise ModelError(f"{source}: tensor '{tensor}' has negative values (a BatchNorm variance cannot be)")
+            if bool((var + m.eps <= 0).any()):
+                raise ModelError(f"{source}: tensor '{tensor}' has zeros and eps is {m.eps:g}: BatchNorm would "
+                                 "divide by zero")
 
 
 def load_model(
@@ -146,22 +226,25 @@ def load_model(
         net = cfg.builder()
         if pretrained and cfg.weights is not None:
             path = resolve_weights(cfg.weights.filename, cfg.weights.sha256, cfg.weights.url, weights)
-            state = extract_state_dict(load_checkpoint(path), cfg.weights.key)
+            state = extract_state_dict(load_checkpoint(path), cfg.weights.key, str(path))
             load_state_dict_strict(net, state, str(path))
+            check_finite(net, str(path))
         return net.eval(), cfg
 
     base = get_config(like) if like else None
     if arch is not None:
         net = build_from_arch(arch)
+        source = f"arch {arch}"
         if weights is not None:
-            state = extract_state_dict(load_checkpoint(weights, trust_pickle=False))
-            load_state_dict_strict(net, state, str(weights))
+            source = str(weights)
+            state = extract_state_dict(load_checkpoint(weights, trust_pickle=False), source=source)
+            load_state_dict_strict(net, state, source)
     elif trust_pickle:
         src = weights if weights is not None else model
         obj = load_checkpoint(src, trust_pickle=True)
         if not isinstance(obj, nn.Module):
             raise ModelError(f"{src} does not contain a pickled nn.Module (got {type(obj).__name__})")
-        net = obj
+        net, source = obj, str(src)
     else:
         if Path(model).suffix in {".pt", ".pth", ".th", ".pkl"} or Path(model).is_file():
             raise ModelError(
@@ -170,6 +253,8 @@ def load_model(
             )
         get_config(model)  # raises the 'unknown model' error with the list of known names
         raise AssertionError("unreachable")
+
+    check_finite(net, source)
 
     if base is not None:
         cfg = replace(base, name=model, builder=lambda: net, weights=None)

@@ -1,0 +1,130 @@
+"""Bad inputs get a one-line AutoDFPError naming the file or parameter, before any work is done."""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from autodfp.errors import AutoDFPError, DataError, ModelError, PlanError, WeightsError
+from autodfp.models import load_model
+from autodfp.models.load import build_from_arch, check_finite
+from autodfp.models.resnet_cifar import resnet20
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc)
+    assert text and "\n" not in text, text
+    return text
+
+
+# ------------------------------------------------------------------------------------------------
+# non-finite weights and impossible BN statistics
+
+@pytest.mark.parametrize("tensor, value, message", [
+    ("layer1.0.bn1.running_var", math.nan, "tensor 'layer1.0.bn1.running_var' has non-finite values"),
+    ("linear.weight", math.inf, "tensor 'linear.weight' has non-finite values"),
+    ("bn1.running_mean", -math.inf, "tensor 'bn1.running_mean' has non-finite values"),
+    ("layer2.1.bn2.running_var", -1.0, "tensor 'layer2.1.bn2.running_var' has negative values"),
+])
+def test_non_finite_weights_are_a_model_error_naming_the_tensor(tmp_path, tensor, value, message):
+    state = resnet20().state_dict()
+    state[tensor].view(-1)[3] = value
+    path = tmp_path / "weights.th"
+    torch.save({"state_dict": state}, path)
+    # the zoo entry with user weights, and a user architecture with the same file
+    for kw in ({"model": "resnet20_cifar10"}, {"model": "mine", "arch": "autodfp.models.resnet_cifar:resnet20"}):
+        with pytest.raises(ModelError, match=f"weights.th: {message}") as err:
+            load_model(weights=path, **kw)
+        _one_line(err.value)
+
+
+def test_non_finite_trusted_pickle_and_python_models_are_refused(tmp_path):
+    net = resnet20()
+    with torch.no_grad():
+        net.conv1.weight[0, 0, 0, 0] = math.nan
+    path = tmp_path / "model.pt"
+    torch.save(net, path)
+    with pytest.raises(ModelError, match="model.pt: tensor 'conv1.weight' has non-finite values"):
+        load_model(str(path), trust_pickle=True)
+    with pytest.raises(ModelError, match="from Python: tensor 'conv1.weight'"):
+        check_finite(net, "model from Python")
+
+
+def test_dead_bn_channels_are_not_mistaken_for_damage():
+    """Channels dead in training decay to variance 0; with eps > 0 BatchNorm is still finite."""
+    net = resnet20()
+    net.bn1.running_var[2] = 0.0
+    check_finite(net, "x")  # no error
+    net.bn1.eps = 0.0
+    with pytest.raises(ModelError, match="'bn1.running_var' has zeros and eps is 0"):
+        check_finite(net, "x")
+
+
+# ------------------------------------------------------------------------------------------------
+# state dicts and --arch factories
+
+def test_state_dict_keys_that_are_not_strings(tmp_path):
+    state = resnet20().state_dict()
+    state[7] = torch.zeros(1)
+    path = tmp_path / "intkeys.th"
+    torch.save(state, path)
+    with pytest.raises(WeightsError, match="intkeys.th: state dict key 7 is a int, not a string") as err:
+        load_model("mine", weights=path, arch="autodfp.models.resnet_cifar:resnet20")
+    _one_line(err.value)
+
+
+_COUNTER = itertools.count()
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """Write a module into a fresh working directory; yield a function that returns its name."""
+    monkeypatch.chdir(tmp_path)
+    names = []
+
+    def write(source: str) -> str:
+        name = f"autodfp_test_arch_{os.getpid()}_{next(_COUNTER)}"
+        (tmp_path / f"{name}.py").write_text(source)
+        names.append(name)
+        return name
+
+    yield write
+    for name in names:
+        sys.modules.pop(name, None)
+
+
+def test_arch_module_in_the_working_directory_is_found(user_module):
+    name = user_module("import torch.nn as nn\ndef net():\n    return nn.Sequential(nn.Conv2d(3, 4, 3))\n")
+    path_before = list(sys.path)
+    assert isinstance(build_from_arch(f"{name}:net"), nn.Module)
+    assert sys.path == path_before  # the working directory was on the path for that import only
+
+
+@pytest.mark.parametrize("source, arch, message", [
+    ("def net(width):\n    pass\n", "{m}:net", r"'net' needs arguments \(width\)"),
+    ("def net():\n    raise RuntimeError('boom')\n", "{m}:net", r"calling 'net\(\)' failed \(RuntimeError: boom\)"),
+    ("def net(:\n", "{m}:net", r"syntax error \(.*\.py, line 1\)"),
+    ("raise ImportError('no torch here')\n", "{m}:net", "cannot import .* no torch here"),
+    ("x = 1\n", "{m}:x", "'x' is not a callable"),
+    ("def net():\n    return 3\n", "{m}:net", "returned int, not an nn.Module"),
+    ("", ":", "arch must look like package.module:factory, got ':'"),
+    ("", "{m}:", "arch must look like package.module:factory"),
+    ("", ":net", "arch must look like package.module:factory"),
+    ("", "{m}", "arch must look like package.module:factory"),
+    ("", "a..b:net", "arch must look like package.module:factory"),
+    ("", "no_such_module_xyz:net", "cannot import 'no_such_module_xyz'"),
+])
+def test_bad_arch_is_a_model_error(user_module, source, arch, message):
+    name = user_module(source)
+    with pytest.raises(ModelError, match=message) as err:
+        build_from_arch(arch.format(m=name))
+    _one_line(err.value)
