@@ -128,3 +128,54 @@ def test_bad_arch_is_a_model_error(user_module, source, arch, message):
     with pytest.raises(ModelError, match=message) as err:
         build_from_arch(arch.format(m=name))
     _one_line(err.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# plans
+
+@pytest.mark.parametrize("groups, extra, message", [
+    ({"layer1.0.conv1": {"ratio": 0.5, "keep": ["a"]}}, {}, "'keep' of group 'layer1.0.conv1' must be a list"),
+    ({"layer1.0.conv1": {"ratio": 0.5, "keep": 5}}, {}, "'keep' of group 'layer1.0.conv1' must be a list"),
+    ({"layer1.0.conv1": {"ratio": 0.5, "keep": [True]}}, {}, "must be a list of channel indices"),
+    ({"layer1.0.conv1": 0.5}, {"params": [1, 2]}, "'params' must be an object"),
+    ({"layer1.0.conv1": {"ratio": 0.5, "strength": "abc"}}, {}, "'strength' in group 'layer1.0.conv1' must be a number"),
+    ({"layer1.0.conv1": {"ratio": 0.5, "strength": True}}, {}, "'strength' .* must be a number, got true"),
+    ({"layer1.0.conv1": 0.5}, {"params": {"strength": "abc"}}, "'strength' in 'params' must be a number"),
+    ({"layer1.0.conv1": 0.5}, {"params": {"ridge": [1]}}, "'ridge' in 'params' must be a number"),
+    ({"layer1.0.conv1": {"ratio": True}}, {}, "ratio of group 'layer1.0.conv1' must be a number, got true"),
+    ({"layer1.0.conv1": True}, {}, "group 'layer1.0.conv1' in plan needs a 'ratio'"),
+    ({"layer1.0.conv1": {"ratio": "0.5"}}, {}, "ratio of group .* must be a number"),
+    ({"layer1.0.conv1": {"ratio": math.nan}}, {}, "ratio of group .* must be a number, got NaN"),
+    ({"layer1.0.conv1": 0.5}, {"strategy": ["lsq"]}, "'strategy' must be a string"),
+    ({"layer1.0.conv1": 0.5}, {"model": 3}, "'model' must be a string"),
+])
+def test_plan_fields_of_the_wrong_type_are_plan_errors(tmp_path, groups, extra, message):
+    from autodfp.compress.plan import Plan
+
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"groups": groups, **extra}))
+    with pytest.raises(PlanError, match=message) as err:
+        Plan.load(path)
+    assert _one_line(err.value).startswith(f"plan file {path}: ")
+    with pytest.raises(PlanError, match=message):
+        Plan.from_dict({"groups": groups, **extra})
+
+
+def test_plan_file_that_is_not_utf8(tmp_path):
+    from autodfp.compress.plan import Plan
+
+    path = tmp_path / "plan.json"
+    path.write_bytes(b'{"groups": {"\xff\xfe": 0.5}}')
+    with pytest.raises(PlanError, match="plan.json is not UTF-8 text") as err:
+        Plan.load(path)
+    _one_line(err.value)
+
+
+def test_well_typed_plan_still_loads(tmp_path):
+    from autodfp.compress.plan import Plan
+
+    d = {"strategy": "lsq", "params": {"ridge": 0.01, "seed": 3, "gate": True, "max_distance": None},
+         "groups": {"layer1.0.conv1": {"ratio": 0.5, "strength": 1, "keep": [0, 2]}, "layer2.0.conv1": 1}}
+    plan = Plan.from_dict(d)
+    assert plan.keep == {"layer1.0.conv1": [0, 2]} and plan.ratios["layer2.0.conv1"] == 1
+    assert Plan.from_dict(plan.to_dict()).to_dict() == plan.to_dict()
