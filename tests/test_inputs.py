@@ -179,3 +179,79 @@ def test_well_typed_plan_still_loads(tmp_path):
     plan = Plan.from_dict(d)
     assert plan.keep == {"layer1.0.conv1": [0, 2]} and plan.ratios["layer2.0.conv1"] == 1
     assert Plan.from_dict(plan.to_dict()).to_dict() == plan.to_dict()
+
+
+# ------------------------------------------------------------------------------------------------
+# datasets
+
+def _cifar_dir(tmp_path: Path, data: object, labels: object) -> Path:
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "test_batch", "wb") as f:
+        pickle.dump({b"data": data, b"labels": labels}, f, protocol=2)
+    return root
+
+
+@pytest.mark.parametrize("labels, message", [
+    (["cat", "dog", "cat"], "labels must be integers, found str 'cat'"),
+    ([1.0, math.nan, 2.0], "labels must be integers, found nan"),
+    ([1.5, 2.0, 3.0], "labels must be integers, found 1.5"),
+    ([0, 1, 10], r"labels must be in 0\.\.9, found 10"),
+    ([0, -1, 2], r"labels must be in 0\.\.9, found -1"),
+    ([0, None, 2], "labels must be integers"),
+])
+def test_cifar_labels_that_are_not_class_indices(tmp_path, labels, message):
+    from autodfp.data.datasets import read_cifar
+
+    root = _cifar_dir(tmp_path, np.zeros((3, 3072), np.uint8), labels)
+    with pytest.raises(DataError, match=message) as err:
+        read_cifar(root)
+    assert "test_batch" in _one_line(err.value)
+
+
+def test_cifar_float_pixels_in_unit_range_are_refused(tmp_path):
+    from autodfp.data.datasets import read_cifar
+
+    rng = np.random.default_rng(0)
+    root = _cifar_dir(tmp_path, rng.random((3, 3072)).astype(np.float32), [0, 1, 2])
+    with pytest.raises(DataError, match=r"test_batch: pixel data are floats in \[0, 1\]") as err:
+        read_cifar(root)
+    _one_line(err.value)
+    # whole-number floats in 0..255 are the same pixels in another dtype: still read
+    root = _cifar_dir(tmp_path / "b", np.full((3, 3072), 200.0), [0, 1, 2])
+    images, labels = read_cifar(root)
+    assert images.dtype == np.uint8 and int(images.max()) == 200 and labels.tolist() == [0, 1, 2]
+
+
+def test_class_list_that_does_not_cover_the_model(tmp_path):
+    from PIL import Image
+
+    from autodfp.data.datasets import ImageFolderDataset, check_label_coverage, resolve_dataset
+    from autodfp.models import get_config
+
+    for cls in ("cat", "dog"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        Image.new("RGB", (32, 32)).save(tmp_path / "data" / cls / "1.png")
+    (tmp_path / "two.txt").write_text("cat\ndog\n")
+    spec = f"folder:{tmp_path / 'data'}:{tmp_path / 'two.txt'}"
+    with pytest.raises(DataError, match="labels do not cover the model's classes: the class list .*two.txt "
+                                        "name 2 classes, the model has 10") as err:
+        resolve_dataset(spec, get_config("resnet20_cifar10"))
+    _one_line(err.value)
+    # without a class list: sorted folder names are only right when every class is present
+    with pytest.raises(DataError, match="its class folders name 2 classes, the model has 10; pass a class list"):
+        resolve_dataset(f"folder:{tmp_path / 'data'}", get_config("resnet20_cifar10"))
+    ds = ImageFolderDataset(tmp_path / "data")
+    check_label_coverage(ds, 2)  # a two-class model is covered
+    check_label_coverage(ds, 3, label_offset=1)  # so is one with a background output
+    check_label_coverage(ds, 0)  # unknown class count: nothing to check
+    with pytest.raises(DataError, match="label 1 is outside the model's 1 classes"):
+        check_label_coverage(torch.utils.data.Subset(_Labelled([0, 1]), [0, 1]), 1)
+
+
+class _Labelled(torch.utils.data.Dataset):
+    def __init__(self, targets):
+        self.targets = targets
+
+    def __len__(self):
+        return len(self.targets)
