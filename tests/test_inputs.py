@@ -255,3 +255,143 @@ class _Labelled(torch.utils.data.Dataset):
 
     def __len__(self):
         return len(self.targets)
+
+
+# ------------------------------------------------------------------------------------------------
+# seeds and proxy checks: refused before any work
+
+def _tiny_bn_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 3)).eval()
+
+
+def _no_work(*args, **kwargs):
+    raise AssertionError("work started before the arguments were checked")
+
+
+@pytest.mark.parametrize("seed", [-1, 2 ** 32, 1.5, True, "3"])
+def test_bad_seed_is_refused_before_synthesis(tmp_path, monkeypatch, seed):
+    from autodfp.synth import distill as d
+
+    monkeypatch.setattr(d, "_distill", _no_work)
+    with pytest.raises(PlanError, match="seed must be") as err:
+        d.synthetic_batch(_tiny_bn_net(), "tiny", (3, 8, 8), n=4, seed=seed, cache_dir=tmp_path)
+    _one_line(err.value)
+    with pytest.raises(PlanError, match="seed must be"):
+        d.distill(_tiny_bn_net(), (3, 8, 8), n=4, seed=seed)
+
+
+def test_chunk_seeds_past_the_user_limit_are_fine(tmp_path):
+    """Large batches are distilled in chunks seeded ``seed + i * stride``: only the user's seed is checked."""
+    from autodfp.synth.distill import synthetic_batch
+
+    x = synthetic_batch(_tiny_bn_net(), "tiny", (3, 72, 72), n=130, seed=2 ** 32 - 1, cache_dir=tmp_path,
+                        method="noise")
+    assert x.shape == (130, 3, 72, 72)
+
+
+@pytest.fixture(scope="module")
+def resnet20_pruner():
+    from autodfp.compress.surgery import Pruner
+    from autodfp.search.rewards import AgreementReward
+
+    net, _ = load_model("resnet20_cifar10")
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    return Pruner(net, (3, 32, 32)), AgreementReward(net, x)
+
+
+@pytest.mark.parametrize("seed", [-1, 2 ** 32])
+def test_bad_seed_is_refused_before_search(resnet20_pruner, monkeypatch, seed):
+    from autodfp.search import driver
+
+    pruner, reward = resnet20_pruner
+    monkeypatch.setattr(driver, "PruningEnv", _no_work)
+    for method in ("sac", "random"):
+        with pytest.raises(PlanError, match=r"seed must be in \[0, 2\*\*32\)"):
+            driver.search(pruner, 0.5, method=method, episodes=2, reward=reward, seed=seed, progress=False)
+    with pytest.raises(PlanError, match="seed must be"):
+        driver.proxy_check(pruner, reward, lambda m: 0.0, 0.5, k=3, seed=seed, progress=False)
+
+
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_proxy_check_needs_three_plans(resnet20_pruner, monkeypatch, k):
+    from autodfp.search import driver
+
+    pruner, reward = resnet20_pruner
+    monkeypatch.setattr(driver, "PruningEnv", _no_work)
+    with pytest.raises(PlanError, match=f"at least 3 plans to rank \\(k\\), got {k}") as err:
+        driver.proxy_check(pruner, reward, lambda m: 0.0, 0.5, k=k, progress=False)
+    _one_line(err.value)
+
+
+def test_proxy_check_rho_is_none_not_nan_when_undefined(resnet20_pruner):
+    from autodfp.search.driver import proxy_check
+
+    pruner, reward = resnet20_pruner
+    rho, rewards, accs = proxy_check(pruner, reward, lambda m: 50.0, 0.5, k=3, strategy="none", progress=False)
+    assert rho is None and len(rewards) == len(accs) == 3
+    assert json.loads(json.dumps({"rho": rho})) == {"rho": None}
+
+
+# ------------------------------------------------------------------------------------------------
+# caches and file modes
+
+def test_unusable_cache_for_synthetic_inputs(tmp_path, monkeypatch):
+    from autodfp.errors import CacheWarning
+    from autodfp.synth import distill as d
+
+    home = tmp_path / "home"
+    home.write_text("not a directory")
+    monkeypatch.setenv("AUTODFP_HOME", str(home))
+    real = d._distill
+    calls: list[int] = []
+
+    def distill_after_warning(*args, **kwargs):
+        calls.append(len(caught))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(d, "_distill", distill_after_warning)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        x = d.synthetic_batch(_tiny_bn_net(), "tiny", (3, 8, 8), n=4, steps=2)
+    assert x.shape == (4, 3, 8, 8)
+    cache_warnings = [w for w in caught if issubclass(w.category, CacheWarning)]
+    assert len(cache_warnings) == 1 and "home/synthetic cannot be used" in str(cache_warnings[0].message)
+    assert "\n" not in str(cache_warnings[0].message)
+    assert calls == [1]  # the warning came before the distillation
+    assert home.read_text() == "not a directory"
+
+
+def test_unusable_cache_for_downloaded_weights(tmp_path, monkeypatch):
+    import io
+    import urllib.request
+
+    from autodfp.errors import CacheWarning
+    from autodfp.models import hub
+
+    home = tmp_path / "home"
+    home.write_text("not a directory")
+    monkeypatch.setenv("AUTODFP_HOME", str(home))
+    monkeypatch.setenv("AUTODFP_ASSETS", str(tmp_path / "no-mirror"))
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: io.BytesIO(b"weights"))
+    with pytest.warns(CacheWarning, match="home/weights cannot be used"):
+        path = hub.resolve_weights("w.th", None, url="https://example.invalid/w.th")
+    assert path.read_bytes() == b"weights" and home not in path.parents
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o077])
+def test_atomic_writes_get_the_umask_mode(tmp_path, monkeypatch, mask):
+    from autodfp import _io
+
+    old = os.umask(mask)
+    try:
+        monkeypatch.setattr(_io, "_UMASK", None)
+        path = _io.atomic_write_text(tmp_path / "a.json", "{}")
+        torch_path = _io.atomic_write(tmp_path / "b.pt", lambda p: torch.save({"x": torch.zeros(1)}, p))
+    finally:
+        os.umask(old)
+        _io._UMASK = None
+    for p in (path, torch_path):
+        assert (p.stat().st_mode & 0o777) == 0o666 & ~mask

@@ -29,3 +29,7 @@ class PlanError(AutoDFPError):
 
 class CheckpointError(AutoDFPError):
     """A search checkpoint that is damaged, foreign, unsafe to load, or from another configuration."""
+
+
+class CacheWarning(UserWarning):
+    """The cache directory cannot be used; work goes on without caching (one line, no traceback)."""

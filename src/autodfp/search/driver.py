@@ -25,6 +25,7 @@ import math
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from autodfp._checks import check_seed
 from autodfp._io import atomic_path
 from autodfp.search.budget import DEFAULT_TOL, MacsModel
 from autodfp.search.checkpoint import (
@@ -348,7 +350,7 @@ def search(
         raise PlanError(f"episodes must be at least 1, got {episodes}")
     if checkpoint_every < 1:
         raise PlanError(f"checkpoint_every must be at least 1, got {checkpoint_every}")
-    seed = int(seed)
+    seed = check_seed(seed)
     reward_fn = _default_reward(pruner, reward)
     env = PruningEnv(pruner, target_macs_ratio, reward_fn, r_min=r_min, strategy=strategy, criterion=criterion,
                      params=params, tol=tol, macs_model=macs_model, model_key=model_key, refiner=refiner)
@@ -511,16 +513,23 @@ def proxy_check(pruner: Pruner, reward: RewardFn, accuracy_fn: Callable[[nn.Modu
                 target_macs_ratio: float, k: int = 50, seed: int = 0, strategy: str = "autodfp",
                 r_min: float | None = None, physical: bool = False, progress: bool = True,
                 refiner: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-                ) -> tuple[float, list[float], list[float]]:
+                ) -> tuple[float | None, list[float], list[float]]:
     """Does the reward rank plans like real accuracy? Spearman ρ over ``k`` random feasible plans.
 
     Plans come from random actions through the same environment the search uses (same clipping
     and repair). ``accuracy_fn`` gets the masked model, or with ``physical=True`` a physically
     pruned copy (slower, same function). With ``refiner`` both the reward and the accuracy are
     those of the drift-corrected plan, as the search would deliver it.
+
+    ``k`` must be at least 3: a rank correlation of two points is ±1 whatever they are. ρ is
+    None when it is undefined (all rewards or all accuracies equal), never NaN, so that it can be
+    written as JSON.
     """
     from scipy.stats import spearmanr
 
+    if isinstance(k, bool) or not isinstance(k, int) or k < 3:
+        raise PlanError(f"proxy check needs at least 3 plans to rank (k), got {k!r}")
+    seed = check_seed(seed)
     env = PruningEnv(pruner, target_macs_ratio, reward, r_min=r_min, strategy=strategy, refiner=refiner)
     rng = np.random.default_rng(seed)
     rewards, accs = [], []
@@ -543,8 +552,10 @@ def proxy_check(pruner: Pruner, reward: RewardFn, accuracy_fn: Callable[[nn.Modu
             tracker.record(info)
     finally:
         tracker.close()
-    rho = float(spearmanr(rewards, accs).statistic) if k > 1 else float("nan")
-    return rho, rewards, accs
+    with warnings.catch_warnings():  # scipy warns on constant input; that case is reported as None
+        warnings.simplefilter("ignore")
+        rho = float(spearmanr(rewards, accs).statistic)
+    return (rho if math.isfinite(rho) else None), rewards, accs
 
 
 def _figure():
