@@ -523,7 +523,8 @@ def check_label_coverage(dataset: Dataset, num_classes: int, label_offset: int =
     if classes is not None and len(classes) != n:
         class_list = getattr(base, "class_list", None)
         source = f"the class list {class_list}" if class_list is not None else "its class folders"
-        hint = "" if class_list is not None else "; pass a class list with one line per model class (folder:DIR:CLASSLIST)"
+        hint = ("" if class_list is not None
+                else "; pass a class list with one line per model class (folder:DIR:CLASSLIST)")
         raise DataError(f"{where}the labels do not cover the model's classes: {source} name {len(classes)} "
                         f"classes, the model has {n}{hint}")
     targets = getattr(base, "targets", None)

@@ -617,5 +617,5 @@ def plot_rewards(history: Sequence[EpisodeRecord], path: str | Path, title: str 
     return _save_fig(fig, path)
 
 
-__all__ = ["CHECKPOINT_FORMAT", "EpisodeRecord", "METHODS", "SAC_DEFAULTS", "SearchResult", "plateau_episode", "plot_proxy",
-           "plot_ratios", "plot_rewards", "proxy_check", "search"]
+__all__ = ["CHECKPOINT_FORMAT", "EpisodeRecord", "METHODS", "SAC_DEFAULTS", "SearchResult", "plateau_episode",
+           "plot_proxy", "plot_ratios", "plot_rewards", "proxy_check", "search"]
