@@ -97,7 +97,7 @@ def test_same_seed_same_plan_and_resume_is_exact(resnet20, tmp_path):
     search(pruner, 0.5, episodes=4, seed=3, checkpoint_every=2, checkpoint_dir=ckpt, **kw)  # "interrupted"
     latest = json.loads((ckpt / "latest.json").read_text())
     assert latest["episodes"] == 4
-    assert {p.name for p in (ckpt / latest["dir"]).iterdir()} == {"sac.zip", "replay.pkl", "state.json"}
+    assert {p.name for p in (ckpt / latest["dir"]).iterdir()} == {"sac.pt", "replay.npz", "state.json"}
     # warmup left at its default: a resumed run takes the checkpoint's (3), not min(50, 8 // 4)
     resumed = search(pruner, 0.5, method="sac", reward=reward, progress=False, episodes=8, seed=3,
                      checkpoint_every=2, checkpoint_dir=ckpt, resume=True)
@@ -143,7 +143,7 @@ def test_proxy_check_ranks_rewards_against_accuracy(resnet20):
     pruner, reward = resnet20
     top1 = AgreementReward(pruner.model, reward.inputs, measure="top1")
     rho, rewards, accs = proxy_check(pruner, reward, top1, 0.5, k=4, seed=0, progress=False)
-    assert len(rewards) == len(accs) == 4 and -1.0 <= rho <= 1.0 or np.isnan(rho)
+    assert len(rewards) == len(accs) == 4 and (rho is None or -1.0 <= rho <= 1.0)
     assert all(0.0 <= a <= 1.0 for a in accs)
 
 

@@ -148,13 +148,13 @@ def test_resnet20_bn_loss_drops(resnet20: nn.Module) -> None:
 def test_cache_reuses_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     net = _bn_net()
     calls = []
-    real_distill = synth.distill
+    real_distill = synth._distill
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real_distill(*args, **kwargs)
 
-    monkeypatch.setattr(synth, "distill", counting)
+    monkeypatch.setattr(synth, "_distill", counting)
     a = synthetic_batch(net, "tiny/net", (3, 8, 8), n=6, seed=1, cache_dir=tmp_path, steps=4)
     files = list(tmp_path.iterdir())
     assert len(calls) == 1 and len(files) == 1 and files[0].suffix == ".pt"
@@ -201,13 +201,13 @@ def test_large_batches_are_chunks_and_extend_smaller_ones(tmp_path: Path, monkey
     monkeypatch.setattr(synth, "LARGE_CHUNK", 4)
     net, shape = _bn_net(), (3, 72, 72)
     calls = []
-    real_distill = synth.distill
+    real_distill = synth._distill
 
     def counting(*args, **kwargs):
         calls.append(args[2])
         return real_distill(*args, **kwargs)
 
-    monkeypatch.setattr(synth, "distill", counting)
+    monkeypatch.setattr(synth, "_distill", counting)
     small = synthetic_batch(net, "tiny/net", shape, n=4, seed=3, cache_dir=tmp_path, steps=2)
     big = synthetic_batch(net, "tiny/net", shape, n=10, seed=3, cache_dir=tmp_path, steps=2)
     assert big.shape == (10, *shape)

@@ -1,22 +1,50 @@
-"""Atomic file writes: a crash or Ctrl-C never leaves a half-written artefact behind."""
+"""Atomic file writes: a crash or Ctrl-C never leaves a half-written artefact behind.
+
+Files are written to a ``mkstemp`` file and renamed into place. ``mkstemp`` creates files with
+mode 0600 whatever the umask, so the finished file is given the mode an ordinary ``open`` would
+have given it (0666 less the umask): artefacts and caches stay readable by whoever the user's
+umask says should read them.
+"""
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
 _UMASK: int | None = None
+_UMASK_LOCK = threading.Lock()
+
+
+def umask() -> int:
+    """The process umask, read once without changing it where the OS allows."""
+    global _UMASK
+    if _UMASK is None:
+        with _UMASK_LOCK:
+            if _UMASK is None:
+                _UMASK = _read_umask()
+    return _UMASK
+
+
+def _read_umask() -> int:
+    try:  # Linux >= 4.7 reports it; no window in which the umask is changed
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            m = re.search(r"^Umask:\s*([0-7]+)", f.read(), re.MULTILINE)
+        if m:
+            return int(m.group(1), 8)
+    except OSError:
+        pass
+    old = os.umask(0o022)  # elsewhere: set and restore at once
+    os.umask(old)
+    return old
 
 
 def file_mode() -> int:
-    """The mode a plain ``open()`` would give a new file: ``mkstemp`` ignores the umask (0600)."""
-    global _UMASK
-    if _UMASK is None:
-        _UMASK = os.umask(0)  # the only portable way to read it: set and restore at once
-        os.umask(_UMASK)
-    return 0o666 & ~_UMASK
+    """The mode ``open(path, "w")`` would give a new file."""
+    return 0o666 & ~umask()
 
 
 @contextlib.contextmanager

@@ -25,3 +25,11 @@ class ModelError(AutoDFPError):
 
 class PlanError(AutoDFPError):
     """A pruning plan that cannot be applied: unknown group, ratio out of range, impossible budget."""
+
+
+class CheckpointError(AutoDFPError):
+    """A search checkpoint that is damaged, foreign, unsafe to load, or from another configuration."""
+
+
+class CacheWarning(UserWarning):
+    """The cache directory cannot be used; work goes on without caching (one line, no traceback)."""

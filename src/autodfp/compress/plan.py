@@ -27,6 +27,40 @@ def n_keep(channels: int, ratio: float) -> int:
     return int(math.floor(channels * ratio + 0.5))
 
 
+#: Types of the strategy parameters a plan may set (see autodfp.compress.reconstruct's strategies).
+_PARAM_TYPES: dict[str, str] = {
+    "strength": "number", "lam": "number", "threshold": "number", "ridge": "number",
+    "max_distance": "number or null", "gate": "boolean", "slope": "string", "method": "string",
+    "nodes": "integer", "n_samples": "integer", "seed": "integer", "chunk": "integer",
+}
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _show(v: Any) -> str:
+    text = json.dumps(v) if isinstance(v, (str, int, float, bool, list, dict, type(None))) else repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_params(params: dict[str, Any], where: str) -> None:
+    for key, value in params.items():
+        want = _PARAM_TYPES.get(key)
+        ok = {
+            None: isinstance(value, (str, int, float, bool, type(None))) and (not isinstance(value, float)
+                                                                           or math.isfinite(value)),
+            "number": _is_number(value),
+            "number or null": value is None or _is_number(value),
+            "boolean": isinstance(value, bool),
+            "string": isinstance(value, str),
+            "integer": isinstance(value, int) and not isinstance(value, bool),
+        }[want]
+        if not ok:
+            raise PlanError(f"parameter '{key}' in {where} must be a {want or 'finite JSON scalar'}, "
+                            f"got {_show(value)}")
+
+
 @dataclass
 class Plan:
     """Per-group preserved ratios plus a selection criterion and a reconstruction strategy.
@@ -100,23 +134,45 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Plan":
+        """Read a plan from parsed JSON, checking every field's type.
+
+        Plans are edited by hand and shipped inside pruned checkpoints, so a wrong type must be a
+        PlanError naming the field here, not a TypeError deep inside the surgery. ``true`` is a
+        number to Python but never a ratio, index or strength, so booleans are refused explicitly.
+        """
         if not isinstance(d, dict) or not isinstance(d.get("groups"), dict):
             raise PlanError("a plan must be a JSON object with a 'groups' mapping")
+        for key in ("criterion", "strategy"):
+            if key in d and not isinstance(d[key], str):
+                raise PlanError(f"plan field '{key}' must be a string, got {_show(d[key])}")
+        if d.get("model") is not None and not isinstance(d["model"], str):
+            raise PlanError(f"plan field 'model' must be a string, got {_show(d['model'])}")
+        params = d.get("params") or {}
+        if not isinstance(params, dict):
+            raise PlanError(f"plan field 'params' must be an object, got {_show(params)}")
+        _check_params(params, "'params'")
         ratios, layer_params, keep = {}, {}, {}
         for name, entry in d["groups"].items():
-            if isinstance(entry, (int, float)):
+            if _is_number(entry):
                 entry = {"ratio": entry}
             if not isinstance(entry, dict) or "ratio" not in entry:
                 raise PlanError(f"group '{name}' in plan needs a 'ratio'")
             entry = dict(entry)
-            ratios[name] = entry.pop("ratio")
+            ratio = entry.pop("ratio")
+            if not _is_number(ratio):
+                raise PlanError(f"ratio of group '{name}' must be a number, got {_show(ratio)}")
+            ratios[name] = ratio
             if "keep" in entry:
-                keep[name] = [int(i) for i in entry.pop("keep")]
+                idx = entry.pop("keep")
+                if not isinstance(idx, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in idx):
+                    raise PlanError(f"'keep' of group '{name}' must be a list of channel indices, got {_show(idx)}")
+                keep[name] = list(idx)
+            _check_params(entry, f"group '{name}'")
             if entry:
                 layer_params[name] = entry
         return cls(ratios=ratios, criterion=d.get("criterion", DEFAULTS.criterion),
                    strategy=d.get("strategy", DEFAULTS.strategy),
-                   params=dict(d.get("params") or {}), layer_params=layer_params, keep=keep, model=d.get("model"))
+                   params=dict(params), layer_params=layer_params, keep=keep, model=d.get("model"))
 
     def save(self, path: str | os.PathLike) -> Path:
         return atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
@@ -127,6 +183,14 @@ class Plan:
         if not path.is_file():
             raise PlanError(f"plan file not found: {path}")
         try:
-            return cls.from_dict(json.loads(path.read_text()))
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise PlanError(f"plan file {path} is not UTF-8 text") from None
+        except OSError as exc:
+            raise PlanError(f"cannot read plan file {path} ({exc.strerror or exc})") from None
+        try:
+            return cls.from_dict(json.loads(text))
         except json.JSONDecodeError as exc:
             raise PlanError(f"plan file {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        except PlanError as exc:
+            raise PlanError(f"plan file {path}: {exc}") from None

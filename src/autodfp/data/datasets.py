@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -35,7 +36,7 @@ from autodfp.models.registry import DatasetRef, ModelConfig, Preprocessing
 
 __all__ = [
     "IMAGE_EXTENSIONS", "SPEC_KINDS", "CifarDataset", "ImageFolderDataset", "ImageTransform",
-    "UnlabeledImageDir", "build_transform", "find_images", "make_loader", "parse_spec",
+    "UnlabeledImageDir", "build_transform", "check_label_coverage", "find_images", "make_loader", "parse_spec",
     "read_class_list", "read_cifar", "resolve_dataset",
 ]
 
@@ -121,6 +122,50 @@ def _cifar_root(root: Path, kind: str) -> Path:
     return root
 
 
+def _cifar_labels(path: Path, lab: Any, classes: int) -> np.ndarray:
+    """Labels as int64, refusing what a cast would silently turn into wrong classes.
+
+    ``np.asarray(..., int64)`` raises on strings and turns NaN into an arbitrary integer, so the
+    type is checked first: integers, or floats that are whole numbers, in ``0..classes-1``.
+    """
+    try:
+        arr = np.asarray(lab).reshape(-1)
+    except (ValueError, TypeError):
+        raise DataError(f"{path}: labels must be a list of integers") from None
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all() or (arr != np.round(arr)).any():
+            bad = arr[~np.isfinite(arr) | (arr != np.round(arr))][0]
+            raise DataError(f"{path}: labels must be integers, found {float(bad)!r}")
+        arr = arr.astype(np.int64)
+    elif arr.dtype.kind not in "iu" or arr.dtype == np.bool_:
+        shown = next(iter(arr.tolist()), None)
+        raise DataError(f"{path}: labels must be integers, found {type(shown).__name__} {str(shown)[:20]!r}")
+    arr = arr.astype(np.int64)
+    if arr.size and (arr.min() < 0 or arr.max() >= classes):
+        bad = int(arr.min()) if arr.min() < 0 else int(arr.max())
+        raise DataError(f"{path}: labels must be in 0..{classes - 1}, found {bad}")
+    return arr
+
+
+def _cifar_pixels(path: Path, data: np.ndarray) -> np.ndarray:
+    """Pixels as uint8, refusing float images in [0, 1] (a cast would make them all black)."""
+    if data.dtype == np.uint8:
+        return data
+    if data.dtype.kind not in "iuf" or data.dtype == np.bool_:
+        raise DataError(f"{path}: pixel data must be uint8, got {data.dtype}")
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        raise DataError(f"{path}: pixel data has NaN or infinite values")
+    if data.size and (data.min() < 0 or data.max() > 255):
+        raise DataError(f"{path}: pixel values outside 0..255")
+    if data.dtype.kind == "f":
+        if data.size and data.max() <= 1.0:
+            raise DataError(f"{path}: pixel data are floats in [0, 1]; CIFAR batches hold uint8 values 0..255 "
+                            "(multiply by 255 and store as uint8)")
+        if (data != np.round(data)).any():
+            raise DataError(f"{path}: pixel data are fractional floats; CIFAR batches hold uint8 values 0..255")
+    return data.astype(np.uint8)
+
+
 def read_cifar(root: str | os.PathLike, split: str = "test", kind: str | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
     """Read CIFAR-10/100 python batches into uint8 ``(N, 32, 32, 3)`` RGB images and int64 labels.
@@ -175,13 +220,10 @@ def read_cifar(root: str | os.PathLike, split: str = "test", kind: str | None = 
         data = np.asarray(data)
         if data.ndim != 2 or data.shape[1] != 3072:
             raise DataError(f"{path}: expected data of shape (N, 3072), got {tuple(data.shape)}")
-        lab = np.asarray(lab, dtype=np.int64).reshape(-1)
+        lab = _cifar_labels(path, lab, 10 if found == "cifar10" else 100)
         if lab.shape[0] != data.shape[0]:
             raise DataError(f"{path}: {data.shape[0]} images but {lab.shape[0]} labels")
-        if data.dtype != np.uint8:
-            if data.size and (data.min() < 0 or data.max() > 255):
-                raise DataError(f"{path}: pixel values outside 0..255")
-            data = data.astype(np.uint8)
+        data = _cifar_pixels(path, data)
         images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         labels.append(lab)
     return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels)
@@ -264,10 +306,20 @@ def _to_float_tensor(arr: np.ndarray) -> torch.Tensor:
 
 
 def _load_image(path: Path) -> Image.Image:
+    """Decode one image; a header claiming more pixels than PIL's limit is refused before decoding.
+
+    PIL only warns between ``MAX_IMAGE_PIXELS`` and twice that; a 100-megapixel PNG can be a few
+    hundred kilobytes on disk and gigabytes in memory, so the warning is treated as the error.
+    """
     try:
-        with open(path, "rb") as f:
-            img = Image.open(f)
-            return img.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with open(path, "rb") as f:
+                img = Image.open(f)
+                return img.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DataError(f"image {path} is too large to decode (more than {Image.MAX_IMAGE_PIXELS} pixels; "
+                        "possibly a decompression bomb)") from None
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise DataError(f"cannot read image {path} ({exc.__class__.__name__}: {exc})") from None
 
@@ -374,6 +426,7 @@ class ImageFolderDataset(Dataset):
             raise DataError(f"image folder is not a directory: {root}")
         self.root = root
         self.transform = transform
+        self.class_list = Path(class_list).expanduser() if class_list is not None else None
         folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not folders:
             if _cifar_kind(root) is not None:
@@ -444,6 +497,42 @@ class UnlabeledImageDir(Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         img = _load_image(self.paths[i])
         return self.transform(img) if self.transform is not None else _to_float_tensor(np.asarray(img))
+
+
+def check_label_coverage(dataset: Dataset, num_classes: int, label_offset: int = 0,
+                         source: str | None = None) -> None:
+    """Refuse a labelled dataset whose class indices are not the model's.
+
+    A class list with 2 names for a 10-class model, or sorted folder names when only some classes
+    are present, number the classes 0, 1, ... in a way the model does not: accuracy comes out near
+    0 % with no hint why. The dataset must name exactly ``num_classes - label_offset`` classes
+    (when it names them) and every label must be below that. ``num_classes <= 0`` means unknown
+    (a user model without ``like``), and nothing is checked. ``source`` (e.g. the data spec)
+    starts the message; by default the dataset's root, if it has one.
+    """
+    if num_classes <= 0:
+        return
+    n = num_classes - label_offset
+    base = dataset
+    while isinstance(base, Subset):
+        base = base.dataset
+    if source is None and getattr(base, "root", None) is not None:
+        source = str(base.root)
+    where = f"{source}: " if source else ""
+    classes = getattr(base, "classes", None)
+    if classes is not None and len(classes) != n:
+        class_list = getattr(base, "class_list", None)
+        source = f"the class list {class_list}" if class_list is not None else "its class folders"
+        hint = ("" if class_list is not None
+                else "; pass a class list with one line per model class (folder:DIR:CLASSLIST)")
+        raise DataError(f"{where}the labels do not cover the model's classes: {source} name {len(classes)} "
+                        f"classes, the model has {n}{hint}")
+    targets = getattr(base, "targets", None)
+    if targets is not None and len(targets):
+        top, low = max(targets), min(targets)
+        if top >= n or low < 0:
+            raise DataError(f"{where}label {top if top >= n else low} is outside the model's {n} classes "
+                            f"(0..{n - 1})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -522,6 +611,7 @@ def resolve_dataset(spec: str | None, config: ModelConfig, split: str = "test") 
     dataset = _open(kind, root, class_list, split, build_transform(config.preprocessing))
     if len(dataset) == 0:
         raise DataError(f"empty dataset: {kind}:{root} holds no samples")
+    check_label_coverage(dataset, config.num_classes, config.label_offset, f"{kind}:{root}")
     return dataset
 
 

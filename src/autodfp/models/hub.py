@@ -6,15 +6,18 @@ verified at every step, so a truncated download or a swapped file is caught befo
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import shutil
+import tempfile
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 
 from autodfp._io import atomic_path
-from autodfp.errors import WeightsError
+from autodfp.errors import CacheWarning, WeightsError
 
 ENV_ASSETS = "AUTODFP_ASSETS"
 ENV_HOME = "AUTODFP_HOME"
@@ -30,6 +33,43 @@ def cache_dir() -> Path:
     """The user cache (``$AUTODFP_HOME`` or ``~/.cache/autodfp``)."""
     value = os.environ.get(ENV_HOME)
     return Path(value).expanduser() if value else Path.home() / ".cache" / "autodfp"
+
+
+_WARNED: set[str] = set()
+
+
+def cache_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot serve as a cache directory (created if missing), or None if it can."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        return "it is a file"
+    except OSError as exc:
+        return exc.strerror or exc.__class__.__name__
+    if not path.is_dir():
+        return "it is not a directory"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return "it is not writable"
+    return None
+
+
+def usable_cache_dir(path: str | os.PathLike) -> Path | None:
+    """``path`` if it can hold cache files, else None after a one-line CacheWarning.
+
+    A cache only saves time, so a read-only home or an ``AUTODFP_HOME`` that names a file must not
+    stop a run, least of all after minutes of work whose result could not be saved. Callers check
+    this before the work, so the warning comes first; it is given once per directory.
+    """
+    problem = cache_problem(path)
+    if problem is None:
+        return Path(path)
+    key = str(path)
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(f"cache directory {path} cannot be used ({problem}); continuing without a cache",
+                      CacheWarning, stacklevel=2)
+    return None
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -85,6 +125,11 @@ def resolve_weights(
             f"weights '{filename}' not found: place it at {cached} "
             f"or set {ENV_ASSETS} to a mirror containing weights/{filename}"
         )
+    if usable_cache_dir(cached.parent) is None:
+        # download for this run only, into a directory removed when the process ends
+        scratch = Path(tempfile.mkdtemp(prefix="autodfp-weights-"))
+        atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+        cached = scratch / filename
     return _download(url, cached, sha256)
 
 

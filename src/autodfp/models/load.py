@@ -2,10 +2,15 @@
 
 Checkpoints are loaded with ``weights_only=True`` unless the user opts in with ``trust_pickle``:
 a pickle can run arbitrary code, and a pretrained-model tool is exactly where one would hide.
+They are also memory-mapped, so a tensor's shape is checked against the model before its bytes
+are read: a hostile file cannot make us allocate what it claims to hold. A loaded model is checked
+for NaN/Inf and impossible BatchNorm variances, which would otherwise prune and score as if fine.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import inspect
 import os
 import pickle
 import sys
@@ -24,12 +29,41 @@ from autodfp.models.layers import ChannelPadShortcut
 from autodfp.models.registry import TF_IMAGENET_PRE, ModelConfig, get_config, is_registered
 
 
-def load_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
+def _check_records(path: Path) -> bool:
+    """Whether ``path`` is a zip checkpoint; refuse one whose records are compressed.
+
+    ``torch.save`` stores every record uncompressed (that is what lets it be memory-mapped). A
+    deflated record is a re-packed or crafted file, and one of a few megabytes can inflate to
+    gigabytes when read, so it is refused from the zip directory alone, before any data is read.
+    """
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if info.compress_type != zipfile.ZIP_STORED:
+                    raise WeightsError(f"{path} has a compressed record '{info.filename}' ({info.file_size} bytes "
+                                       "once inflated); torch.save never compresses, so the file was re-packed or "
+                                       "crafted: refusing it")
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return True  # let torch.load report the damage in its own words
+    return True
+
+
+def load_checkpoint(path: str | os.PathLike, trust_pickle: bool = False, mmap: bool | None = None) -> Any:
+    """Read a checkpoint on the CPU, refusing pickled code unless ``trust_pickle``.
+
+    ``mmap`` (default: on for weights-only loads of zip checkpoints) maps tensors from the file
+    instead of reading them, so nothing is allocated until a tensor is copied; copy tensors out
+    (``load_state_dict`` does) rather than keeping them, since they are backed by the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"checkpoint not found: {path}")
+    is_zip = _check_records(path)
+    use_mmap = (not trust_pickle if mmap is None else mmap) and is_zip
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=use_mmap)
     except pickle.UnpicklingError as exc:
         if not trust_pickle and ("Unsupported global" in str(exc) or "GLOBAL" in str(exc)):
             raise WeightsError(
@@ -42,8 +76,9 @@ def load_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
         raise WeightsError(f"{path} is corrupt or not a PyTorch checkpoint ({first})") from None
 
 
-def extract_state_dict(obj: Any, key: str | None = None) -> dict[str, torch.Tensor]:
+def extract_state_dict(obj: Any, key: str | None = None, source: str | None = None) -> dict[str, torch.Tensor]:
     """Unwrap common checkpoint containers and strip DataParallel's ``module.`` prefix."""
+    where = f"{source}: " if source else ""
     if key is not None and isinstance(obj, dict) and key in obj:
         obj = obj[key]
     elif isinstance(obj, dict):
@@ -54,7 +89,11 @@ def extract_state_dict(obj: Any, key: str | None = None) -> dict[str, torch.Tens
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError("checkpoint does not contain a state dict of tensors")
+        raise WeightsError(f"{where}checkpoint does not contain a state dict of tensors")
+    bad = next((k for k in obj if not isinstance(k, str)), None)
+    if bad is not None:
+        shown = " ".join(repr(bad).split())[:60]
+        raise WeightsError(f"{where}state dict key {shown} is a {type(bad).__name__}, not a string")
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
@@ -81,38 +120,65 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], sou
     model.load_state_dict(state, strict=False)
 
 
-def build_from_arch(arch: str) -> nn.Module:
-    """Call ``package.module:factory`` and return the module it builds."""
-    if ":" not in arch:
-        raise ModelError(f"--arch must look like package.module:factory, got '{arch}'")
-    mod_name, fn_name = arch.split(":", 1)
-    if not mod_name or not fn_name:
-        raise ModelError(f"--arch must look like package.module:factory, got '{arch}'")
-    # like `python -m`, find the user's own modules in the current directory (console scripts don't)
+@contextlib.contextmanager
+def _cwd_on_path() -> Any:
+    """Let ``import`` find modules in the working directory, as ``python -m`` does, for one import."""
     cwd = os.getcwd()
-    added = cwd not in sys.path
-    if added:
-        sys.path.insert(0, cwd)
+    sys.path.insert(0, cwd)
+    importlib.invalidate_caches()  # a module written since the last import must be seen
     try:
-        module = importlib.import_module(mod_name)
-    except ImportError as exc:
-        raise ModelError(f"cannot import '{mod_name}' for --arch ({exc})") from None
-    except SyntaxError as exc:
-        raise ModelError(f"cannot import '{mod_name}' for --arch: syntax error at line {exc.lineno}") from None
+        yield
     finally:
-        if added:
-            sys.path.remove(cwd)
+        try:
+            sys.path.remove(cwd)  # the first occurrence: the one inserted above
+        except ValueError:
+            pass
+
+
+def _exc_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())[:200]
+    return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__
+
+
+def build_from_arch(arch: str) -> nn.Module:
+    """Call ``package.module:factory`` and return the module it builds.
+
+    The user's own code is imported and run here, so anything it does wrong (a syntax error, an
+    exception at import or call time, a factory that needs arguments) is reported as a ModelError
+    naming ``arch`` rather than escaping as an internal error.
+    """
+    mod_name, sep, fn_name = str(arch).partition(":")
+    mod_name, fn_name = mod_name.strip(), fn_name.strip()
+    if not sep or not mod_name or not fn_name or not all(p.isidentifier() for p in mod_name.split(".")) \
+            or not fn_name.isidentifier():
+        raise ModelError(f"arch must look like package.module:factory, got '{arch}'")
+    try:
+        with _cwd_on_path():
+            module = importlib.import_module(mod_name)
+    except SyntaxError as exc:
+        where = f"{Path(exc.filename).name}, line {exc.lineno}" if exc.filename else f"line {exc.lineno}"
+        raise ModelError(f"cannot import '{mod_name}' for arch {arch}: syntax error ({where})") from None
+    except Exception as exc:  # the user's module ran and failed; report it, do not crash
+        raise ModelError(f"cannot import '{mod_name}' for arch {arch} ({_exc_line(exc)})") from None
     factory = getattr(module, fn_name, None)
     if not callable(factory):
-        raise ModelError(f"'{fn_name}' is not a callable in '{mod_name}'")
+        raise ModelError(f"'{fn_name}' is not a callable in '{mod_name}' (arch {arch})")
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):
+        sig = None
+    if sig is not None:
+        required = [p.name for p in sig.parameters.values()
+                    if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        if required:
+            raise ModelError(f"arch {arch}: '{fn_name}' needs arguments ({', '.join(required)}); "
+                             "arch must name a factory that can be called without arguments")
     try:
         model = factory()
-    except TypeError as exc:
-        raise ModelError(f"--arch {arch} must be callable without arguments ({exc})") from None
-    except Exception as exc:  # the user's code failed: say so in one line
-        raise ModelError(f"--arch {arch} raised {exc.__class__.__name__}: {str(exc).strip()[:160]}") from None
+    except Exception as exc:
+        raise ModelError(f"arch {arch}: calling '{fn_name}()' failed ({_exc_line(exc)})") from None
     if not isinstance(model, nn.Module):
-        raise ModelError(f"--arch {arch} returned {type(model).__name__}, not an nn.Module")
+        raise ModelError(f"arch {arch} returned {type(model).__name__}, not an nn.Module")
     return model
 
 
@@ -123,6 +189,31 @@ _ZOO_MODULES: "weakref.WeakKeyDictionary[nn.Module, ModelConfig]" = weakref.Weak
 def zoo_config_of(module: nn.Module) -> ModelConfig | None:
     """The zoo config a module was built from by :func:`load_model`, if it was."""
     return _ZOO_MODULES.get(module)
+_BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
+
+
+def check_finite(model: nn.Module, source: str) -> None:
+    """Refuse a model whose weights or statistics are NaN/Inf, or whose BN variances are negative.
+
+    Such a model runs without error: every channel scores the same, so nothing is pruned, and its
+    accuracy is reported as if it were a result. ``source`` (a file, or a description of where the
+    model came from) starts the message. A BN variance of exactly 0 is accepted when ``eps`` is
+    positive: channels that were dead in training decay to 0 (MobileNet-V1 has variances of 4e-35),
+    and BN stays finite for them; a negative variance, or ``var + eps <= 0``, cannot be.
+    """
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() or t.is_complex():
+            if not bool(torch.isfinite(t.detach()).all()):
+                raise ModelError(f"{source}: tensor '{name}' has non-finite values")
+    for name, m in model.named_modules():
+        if isinstance(m, _BN_TYPES) and getattr(m, "running_var", None) is not None:
+            var = m.running_var.detach()
+            tensor = f"{name}.running_var" if name else "running_var"
+            if bool((var < 0).any()):
+                raise ModelError(f"{source}: tensor '{tensor}' has negative values (a BatchNorm variance cannot be)")
+            if bool((var + m.eps <= 0).any()):
+                raise ModelError(f"{source}: tensor '{tensor}' has zeros and eps is {m.eps:g}: BatchNorm would "
+                                 "divide by zero")
 
 
 def load_model(
@@ -143,23 +234,26 @@ def load_model(
         net = cfg.builder()
         if pretrained and cfg.weights is not None:
             path = resolve_weights(cfg.weights.filename, cfg.weights.sha256, cfg.weights.url, weights)
-            state = extract_state_dict(load_checkpoint(path), cfg.weights.key)
+            state = extract_state_dict(load_checkpoint(path), cfg.weights.key, str(path))
             load_state_dict_strict(net, state, str(path))
+            check_finite(net, str(path))
         _ZOO_MODULES[net] = cfg
         return net.eval(), cfg
 
     base = get_config(like) if like else None
     if arch is not None:
         net = build_from_arch(arch)
+        source = f"arch {arch}"
         if weights is not None:
-            state = extract_state_dict(load_checkpoint(weights, trust_pickle=False))
-            load_state_dict_strict(net, state, str(weights))
+            source = str(weights)
+            state = extract_state_dict(load_checkpoint(weights, trust_pickle=False), source=source)
+            load_state_dict_strict(net, state, source)
     elif trust_pickle:
         src = weights if weights is not None else model
         obj = load_checkpoint(src, trust_pickle=True)
         if not isinstance(obj, nn.Module):
             raise ModelError(f"{src} does not contain a pickled nn.Module (got {type(obj).__name__})")
-        net = obj
+        net, source = obj, str(src)
     else:
         if Path(model).suffix in {".pt", ".pth", ".th", ".pkl"} or Path(model).is_file():
             raise ModelError(
@@ -169,6 +263,8 @@ def load_model(
         get_config(model)  # raises the 'unknown model' error with the list of known names
         raise AssertionError("unreachable")
 
+    check_finite(net, source)
+
     if base is not None:
         cfg = replace(base, name=model, builder=lambda: net, weights=None)
     else:
@@ -176,17 +272,3 @@ def load_model(
                           num_classes=0, description="user model")
     return net.eval(), cfg
 
-
-def check_finite(model: nn.Module, source: str) -> None:
-    """Refuse NaN/Inf weights and non-positive BN variances, naming the first bad tensor.
-
-    Such a model prunes "successfully" into garbage: the analysis sees no structure, nothing is
-    removed, and accuracy collapses without a word, so this is checked before any work.
-    """
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ModelError(f"{source}: tensor '{name}' has non-finite values (NaN or Inf)")
-    for mname, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None:
-            if bool((m.running_var <= 0).any()):
-                raise ModelError(f"{source}: tensor '{mname}.running_var' has values ≤ 0")

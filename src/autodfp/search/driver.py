@@ -23,9 +23,9 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
@@ -34,16 +34,20 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from autodfp._io import atomic_path, atomic_write_text
+from autodfp._checks import check_seed
+from autodfp._io import atomic_path
 from autodfp.search.budget import DEFAULT_TOL, MacsModel
+from autodfp.search.checkpoint import (
+    AGENT, CHECKPOINT_FORMAT, REPLAY, STATE, Checkpointer, agent_counters, load_agent, load_replay, reading,
+    replay_meta, save_agent, save_replay,
+)
 from autodfp.search.env import MaskedModel, PruningEnv, RewardFn
-from autodfp.errors import AutoDFPError, PlanError
+from autodfp.errors import AutoDFPError, CheckpointError, PlanError
 from autodfp.compress.plan import Plan
 from autodfp.config import DEFAULTS
 from autodfp.compress.surgery import Pruner
 
 METHODS = ("sac", "uniform", "random")
-CHECKPOINT_FORMAT = "autodfp.search-checkpoint/1"
 
 #: SAC settings for a 10–30-step episodic problem with one reward per episode (see module doc).
 #: γ and τ do not matter with per-episode credit (every target is terminal). One training round per
@@ -189,55 +193,6 @@ def _seed_all(seed: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: a directory per checkpoint, published by atomically rewriting ``latest.json``
-# ---------------------------------------------------------------------------------------------
-class _Checkpointer:
-    def __init__(self, root: str | Path | None, config: dict[str, Any]) -> None:
-        self.root = Path(root) if root is not None else None
-        self.config = config
-
-    def latest(self) -> Path | None:
-        if self.root is None or not (self.root / "latest.json").is_file():
-            return None
-        try:
-            name = json.loads((self.root / "latest.json").read_text())["dir"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise AutoDFPError(f"checkpoint pointer {self.root / 'latest.json'} is corrupt") from None
-        path = self.root / name
-        if not (path / "state.json").is_file():
-            raise AutoDFPError(f"checkpoint {path} is incomplete (no state.json)")
-        return path
-
-    def load_state(self, path: Path) -> dict[str, Any]:
-        state = json.loads((path / "state.json").read_text())
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise AutoDFPError(f"{path} is not an autodfp search checkpoint")
-        saved = state["config"]
-        diff = [k for k in self.config if saved.get(k) != self.config[k]]
-        if diff:
-            k = diff[0]
-            raise AutoDFPError(f"cannot resume from {path}: it was made with {k}={saved.get(k)!r}, "
-                               f"this search has {k}={self.config[k]!r}")
-        return state
-
-    def save(self, episodes: int, state: dict[str, Any], writers: dict[str, Callable[[Path], None]]) -> None:
-        if self.root is None:
-            return
-        name = f"ep-{episodes:06d}"
-        path = self.root / name
-        path.mkdir(parents=True, exist_ok=True)
-        for fname, write in writers.items():
-            with atomic_path(path / fname) as tmp:
-                write(tmp)
-        atomic_write_text(path / "state.json", json.dumps(
-            {"format": CHECKPOINT_FORMAT, "config": self.config, "episodes_done": episodes, **state}) + "\n")
-        atomic_write_text(self.root / "latest.json", json.dumps({"dir": name, "episodes": episodes}) + "\n")
-        for old in self.root.glob("ep-*"):
-            if old.is_dir() and old.name != name:
-                shutil.rmtree(old, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------------------------
 # SAC pieces
 # ---------------------------------------------------------------------------------------------
 def _episode_buffer_class():
@@ -324,7 +279,7 @@ def episode_replay_buffer_class():
     return _BUFFER_CLASS
 
 
-def __getattr__(name: str) -> Any:  # pickle looks the buffer class up by name on resume
+def __getattr__(name: str) -> Any:  # the class is built on first use (importing SB3 is slow)
     if name == "EpisodeReplayBuffer":
         return episode_replay_buffer_class()
     raise AttributeError(name)
@@ -398,7 +353,7 @@ def search(
         raise PlanError(f"episodes must be at least 1, got {episodes}")
     if checkpoint_every < 1:
         raise PlanError(f"checkpoint_every must be at least 1, got {checkpoint_every}")
-    seed = int(seed)
+    seed = check_seed(seed)
     reward_fn = _default_reward(pruner, reward)
     env = PruningEnv(pruner, target_macs_ratio, reward_fn, r_min=r_min, strategy=strategy, criterion=criterion,
                      params=params, tol=tol, macs_model=macs_model, model_key=model_key, refiner=refiner,
@@ -419,7 +374,7 @@ def search(
               "refine": refiner is not None}
     if method == "sac":
         config.update({"warmup": warmup, "sac": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}})
-    ckpt = _Checkpointer(checkpoint_dir, json.loads(json.dumps(config)))
+    ckpt = Checkpointer(checkpoint_dir, json.loads(json.dumps(config)))
     tracker = _Tracker(episodes, progress, desc=method)
     tracker.total_macs = env.mm.total_macs
     try:
@@ -448,16 +403,12 @@ def _search_uniform(env: PruningEnv, t0: float) -> SearchResult:
 
 
 def _peek_config(root: str | Path | None) -> dict[str, Any] | None:
-    path = _Checkpointer(root, {}).latest()
-    if path is None:
-        return None
-    try:
-        return json.loads((path / "state.json").read_text()).get("config")
-    except (OSError, json.JSONDecodeError):
-        return None
+    ckpt = Checkpointer(root, {})
+    path = ckpt.latest()
+    return None if path is None else ckpt.read_state(path)["config"]
 
 
-def _resume_state(ckpt: _Checkpointer, resume: bool) -> tuple[Path | None, dict[str, Any] | None]:
+def _resume_state(ckpt: Checkpointer, resume: bool) -> tuple[Path | None, dict[str, Any] | None]:
     if not resume:
         return None, None
     path = ckpt.latest()
@@ -469,20 +420,30 @@ def _resume_state(ckpt: _Checkpointer, resume: bool) -> tuple[Path | None, dict[
 def _check_done(state: dict[str, Any], episodes: int, path: Path | None) -> int:
     done = int(state["episodes_done"])
     if done > episodes:
-        raise AutoDFPError(f"checkpoint {path} already holds {done} episodes, more than the {episodes} requested")
+        raise CheckpointError(f"checkpoint {path} already holds {done} episodes, more than the {episodes} requested")
     return done
 
 
-def _run_random(env: PruningEnv, tracker: _Tracker, episodes: int, seed: int, ckpt: _Checkpointer,
+def _restore_common(state: dict[str, Any], path: Path, tracker: _Tracker, env: PruningEnv,
+                    generators: dict[str, np.random.Generator]) -> float:
+    """Restore what every method keeps in state.json; return the seconds already spent."""
+    with reading(path / STATE):
+        tracker.load(state["tracker"])
+        _set_rng_state(state["rng"], generators)
+        seconds = float(state.get("seconds", 0.0))
+    env.episodes = int(state["episodes_done"])
+    return seconds
+
+
+def _run_random(env: PruningEnv, tracker: _Tracker, episodes: int, seed: int, ckpt: Checkpointer,
                 every: int, resume: bool) -> float:
     rng = np.random.default_rng(seed)
     done, prior = 0, 0.0
     path, state = _resume_state(ckpt, resume)
     if state is not None:
-        done, prior = _check_done(state, episodes, path), float(state.get("seconds", 0.0))
-        tracker.load(state["tracker"])
-        _set_rng_state(state["rng"], {"random": rng})
-        env.episodes = done
+        assert path is not None
+        done = _check_done(state, episodes, path)
+        prior = _restore_common(state, path, tracker, env, {"random": rng})
     t0 = time.perf_counter()
     while done < episodes:
         for _ in range(min(every, episodes - done)):
@@ -499,8 +460,7 @@ def _run_random(env: PruningEnv, tracker: _Tracker, episodes: int, seed: int, ck
 
 
 def _run_sac(env: PruningEnv, tracker: _Tracker, episodes: int, warmup: int, seed: int, cfg: dict[str, Any],
-             ckpt: _Checkpointer, every: int, resume: bool) -> float:
-    from stable_baselines3 import SAC
+             ckpt: Checkpointer, every: int, resume: bool) -> float:
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.vec_env import DummyVecEnv
 
@@ -519,17 +479,22 @@ def _run_sac(env: PruningEnv, tracker: _Tracker, episodes: int, warmup: int, see
         _seed_all(seed)
         model = _make_sac(vec_env, cfg, seed, learning_starts=warmup * steps)
     else:
-        _check_done(state, episodes, path)
-        model = SAC.load(path / "sac.zip", env=vec_env, device="cpu",
-                         custom_objects={"replay_buffer_class": episode_replay_buffer_class()})
-        model.load_replay_buffer(path / "replay.pkl")
-        tracker.load(state["tracker"])
-        done, prior = int(state["episodes_done"]), float(state.get("seconds", 0.0))
-        env.episodes = done
+        assert path is not None
+        done = _check_done(state, episodes, path)
+        # The agent is rebuilt from the configuration (which the checkpoint was checked to share) and
+        # only its states are read back: nothing in the checkpoint names code to run.
+        model = _make_sac(vec_env, cfg, seed, learning_starts=warmup * steps)
+        with reading(path / STATE):
+            counters, meta = state["agent"], state["replay"]
+        load_agent(model, path, counters)
+        load_replay(model.replay_buffer, path, meta)
+        prior = _restore_common(state, path, tracker, env, {})
         # the env is fresh (at an episode start, as it was when the checkpoint was written)
         model._last_obs = vec_env.reset()
-        _set_rng_state(state["rng"], {})
-        model.action_space.np_random.bit_generator.state = state["rng"]["action_space"]
+        model._last_episode_starts = np.ones((vec_env.num_envs,), dtype=bool)
+        with reading(path / STATE):
+            _set_rng_state(state["rng"], {})
+            model.action_space.np_random.bit_generator.state = state["rng"]["action_space"]
     callback = _Record()
     t0 = time.perf_counter()
     while done < episodes:
@@ -539,15 +504,10 @@ def _run_sac(env: PruningEnv, tracker: _Tracker, episodes: int, warmup: int, see
         done += chunk
         rng = _rng_state({})
         rng["action_space"] = model.action_space.np_random.bit_generator.state
-        ckpt.save(done, {"tracker": tracker.state(), "rng": rng, "seconds": prior + time.perf_counter() - t0},
-                  {"sac.zip": lambda p: _save_to(p, model.save),
-                   "replay.pkl": lambda p: _save_to(p, model.save_replay_buffer)})
+        ckpt.save(done, {"tracker": tracker.state(), "rng": rng, "seconds": prior + time.perf_counter() - t0,
+                         "agent": agent_counters(model), "replay": replay_meta(model.replay_buffer)},
+                  {AGENT: lambda p: save_agent(model, p), REPLAY: lambda p: save_replay(model.replay_buffer, p)})
     return prior
-
-
-def _save_to(path: Path, save: Callable[[Any], None]) -> None:
-    with open(path, "wb") as f:
-        save(f)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -557,16 +517,23 @@ def proxy_check(pruner: Pruner, reward: RewardFn, accuracy_fn: Callable[[nn.Modu
                 target_macs_ratio: float, k: int = 50, seed: int = 0, strategy: str = DEFAULTS.strategy,
                 r_min: float | None = None, physical: bool = False, progress: bool = True,
                 refiner: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-                ) -> tuple[float, list[float], list[float]]:
+                ) -> tuple[float | None, list[float], list[float]]:
     """Does the reward rank plans like real accuracy? Spearman ρ over ``k`` random feasible plans.
 
     Plans come from random actions through the same environment the search uses (same clipping
     and repair). ``accuracy_fn`` gets the masked model, or with ``physical=True`` a physically
     pruned copy (slower, same function). With ``refiner`` both the reward and the accuracy are
     those of the drift-corrected plan, as the search would deliver it.
+
+    ``k`` must be at least 3: a rank correlation of two points is ±1 whatever they are. ρ is
+    None when it is undefined (all rewards or all accuracies equal), never NaN, so that it can be
+    written as JSON.
     """
     from scipy.stats import spearmanr
 
+    if isinstance(k, bool) or not isinstance(k, int) or k < 3:
+        raise PlanError(f"proxy check needs at least 3 plans to rank (k), got {k!r}")
+    seed = check_seed(seed)
     env = PruningEnv(pruner, target_macs_ratio, reward, r_min=r_min, strategy=strategy, refiner=refiner)
     rng = np.random.default_rng(seed)
     rewards, accs = [], []
@@ -589,8 +556,10 @@ def proxy_check(pruner: Pruner, reward: RewardFn, accuracy_fn: Callable[[nn.Modu
             tracker.record(info)
     finally:
         tracker.close()
-    rho = float(spearmanr(rewards, accs).statistic) if k > 1 else float("nan")
-    return rho, rewards, accs
+    with warnings.catch_warnings():  # scipy warns on constant input; that case is reported as None
+        warnings.simplefilter("ignore")
+        rho = float(spearmanr(rewards, accs).statistic)
+    return (rho if math.isfinite(rho) else None), rewards, accs
 
 
 def _figure():
@@ -652,5 +621,5 @@ def plot_rewards(history: Sequence[EpisodeRecord], path: str | Path, title: str 
     return _save_fig(fig, path)
 
 
-__all__ = ["EpisodeRecord", "METHODS", "SAC_DEFAULTS", "SearchResult", "plateau_episode", "plot_proxy",
-           "plot_ratios", "plot_rewards", "proxy_check", "search"]
+__all__ = ["CHECKPOINT_FORMAT", "EpisodeRecord", "METHODS", "SAC_DEFAULTS", "SearchResult", "plateau_episode",
+           "plot_proxy", "plot_ratios", "plot_rewards", "proxy_check", "search"]

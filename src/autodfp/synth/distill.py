@@ -64,6 +64,7 @@ import contextlib
 import hashlib
 import re
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -72,10 +73,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from autodfp._checks import check_seed
 from autodfp._io import atomic_write
 from autodfp._modes import eval_mode
 from autodfp.config import SYNTH_METHODS, SYNTH_SETTINGS, size_class
+from autodfp.errors import CacheWarning
 from autodfp.models.hub import cache_dir as _default_cache_root
+from autodfp.models.hub import usable_cache_dir
 
 METHODS = SYNTH_METHODS
 #: what ``method="auto"`` uses for models without BatchNorm (chosen by measurement, see module doc)
@@ -240,6 +244,22 @@ def distill(
     callback: Callable[[int, float], None] | None = None,
 ) -> SynthResult:
     """Like :func:`synthesize`, returning convergence numbers alongside the batch."""
+    return _distill(model, input_shape, n, steps, lr, check_seed(seed), method, label_offset, progress, callback)
+
+
+def _distill(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    n: int,
+    steps: int | None,
+    lr: float | None,
+    seed: int,
+    method: str,
+    label_offset: int,
+    progress: bool,
+    callback: Callable[[int, float], None] | None = None,
+) -> SynthResult:
+    """:func:`distill` for any seed torch accepts: chunk seeds (:data:`CHUNK_SEED_STRIDE`) may pass 2**32."""
     method = resolve_method(model, method)
     d_steps, d_lr = default_settings(method, input_shape)
     steps = d_steps if steps is None else int(steps)
@@ -406,13 +426,23 @@ def synthetic_batch(
     Large-input batches are concatenated chunks (:func:`chunk_sizes`), each distilled and cached on
     its own. ``log`` receives one line per batch: read from the cache, or being distilled (with
     its cost), so a long first run never looks hung.
+    its own. ``log`` receives one line per batch: read from the cache, or being distilled (with
+    its cost), so a long first run never looks hung. A cache directory that cannot be written costs only the caching: the batch is
+    computed and returned, with one :class:`~autodfp.errors.CacheWarning` given before the work.
     """
+    return _synthetic_batch(model, model_key, input_shape, n, check_seed(seed), cache_dir, method, steps, lr,
+                            label_offset, progress, log)
+
+
+def _synthetic_batch(model: nn.Module, model_key: str, input_shape: Sequence[int], n: int, seed: int,
+                     cache_dir: str | Path | None, method: str, steps: int | None, lr: float | None,
+                     label_offset: int, progress: bool, log: Callable[[str], None] | None = None) -> torch.Tensor:
     resolved = resolve_method(model, method)
     sizes = chunk_sizes(n, input_shape)
     if len(sizes) > 1:
         return torch.cat([
-            synthetic_batch(model, model_key, input_shape, size, seed + i * CHUNK_SEED_STRIDE, cache_dir, resolved,
-                            steps, lr, label_offset, progress, log)
+            _synthetic_batch(model, model_key, input_shape, size, seed + i * CHUNK_SEED_STRIDE, cache_dir, resolved,
+                             steps, lr, label_offset, progress, log)
             for i, size in enumerate(sizes)
         ])
     d_steps, d_lr = default_settings(resolved, input_shape)
@@ -435,14 +465,21 @@ def synthetic_batch(
                 return images
         except Exception:  # a corrupt entry is recomputed and overwritten, never fatal
             pass
+    writable = usable_cache_dir(root) is not None  # warns now, not after the distillation
     if log is not None:
-        log(f"synthesising {n} inputs from the model ({resolved}, {steps} steps, seed {seed}); "
-            "cached after the first run")
-    result = distill(model, input_shape, n, steps, lr, seed, resolved, label_offset, progress)
+        log(f"synthesising {n} inputs from the model ({resolved}, {steps} steps, seed {seed})"
+            + ("; cached after the first run" if writable else ""))
+    result = _distill(model, input_shape, n, steps, lr, seed, resolved, label_offset, progress)
     if log is not None:
         log(f"synthesised {n} inputs in {result.seconds:.1f} s")
     blob = {"images": result.images, "method": result.method, "steps": result.steps, "lr": result.lr,
             "initial_loss": result.initial_loss, "final_loss": result.final_loss,
             "model_key": model_key, "weights_sha256": parts["weights"]}
-    atomic_write(path, lambda p: torch.save(blob, p))
+    if writable:
+        try:
+            atomic_write(path, lambda p: torch.save(blob, p))
+        except (OSError, RuntimeError) as exc:  # e.g. a full disk: the batch is still good
+            reason = " ".join(str(exc).split())[:120] or exc.__class__.__name__
+            warnings.warn(f"could not cache synthetic inputs at {path} ({reason}); continuing without",
+                          CacheWarning, stacklevel=2)
     return result.images
