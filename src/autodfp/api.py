@@ -32,6 +32,7 @@ from typing import Any, Callable, Mapping, Sequence, Union
 import torch
 import torch.nn as nn
 
+from autodfp._checks import check_seed
 from autodfp._modes import eval_mode
 from autodfp.compress.plan import Plan
 from autodfp.compress.refine import Refiner, select_dims_ridge
@@ -45,9 +46,6 @@ log = logging.getLogger("autodfp")
 
 RewardSpec = Union[str, Callable[[nn.Module], float]]
 PlanSpec = Union[Plan, Mapping[str, Any], str, os.PathLike]
-
-#: seeds: distillation caches key on them, so they must fit the cache and torch's generators
-MAX_SEED = 2**32 - 1
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -79,12 +77,6 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if spec == "cpu":
         return torch.device("cpu")
     raise PlanError(f"unknown device '{device}'; use auto, cpu, cuda or mps")
-
-
-def check_seed(seed: Any) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED - 16:
-        raise PlanError(f"seed must be an integer in [0, {MAX_SEED - 16}], got {seed!r}")
-    return int(seed)
 
 
 def user_model_config(model: nn.Module, input_shape: Sequence[int], name: str | None = None,

@@ -52,7 +52,7 @@ def _json_safe(obj: Any) -> Any:
 
 
 def _notice(msg: str) -> None:
-    _err.print(msg, markup=False, highlight=False)
+    print(msg, file=sys.stderr, flush=True)  # one line, never wrapped: scripts match it
 
 
 # -- flags → config ------------------------------------------------------------------------------
@@ -539,8 +539,27 @@ def bench(model: str = typer.Argument(..., help="Zoo name or user model."),
     _out.print(f"wrote {', '.join(str(p) for p in paths.values())}")
 
 
+def _one_line_warnings() -> None:
+    """Our own warnings (an unusable cache, say) as one ``warning:`` line; scripts match ``^warning:``."""
+    import warnings
+
+    from autodfp.errors import CacheWarning
+
+    default = warnings.showwarning
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: Any = None, line: str | None = None) -> None:
+        if issubclass(category, CacheWarning) or filename.startswith(str(Path(__file__).parents[1])):
+            print(f"warning: {' '.join(str(message).split())}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one ``error:`` line and exit 2 for anything the user caused, usage errors included."""
+    _one_line_warnings()
     # typer ships its own copy of click: take the usage-error type from where typer's come from
     usage_error = sys.modules[typer.BadParameter.__module__].UsageError
 
@@ -573,6 +592,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"internal error: {exc.__class__.__name__}: {msg} (set AUTODFP_DEBUG=1 for the traceback)",
               file=sys.stderr)
         return 1
+    if result == 130:  # typer turns Ctrl-C into exit code 130 without a word
+        print("interrupted", file=sys.stderr)
     return int(result) if isinstance(result, int) else 0
 
 
