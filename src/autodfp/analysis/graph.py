@@ -12,6 +12,12 @@ Groups are *inner* when one producer feeds its consumers directly (ResNet block 
 MobileNet chains, plain VGG convs) and *coupled* when a residual add, a channel-pad shortcut or a
 concat ties several producers together. Only inner groups are pruned by default: coupled groups
 change the residual stream and need reconstruction across every tied layer.
+
+The activation between the last stage and the consumers is read from one forward pass (see
+:func:`_detect_activations`). The pre-activation is captured *cloned*: an in-place activation
+(``nn.ReLU(inplace=True)``, as in every torchvision model) would otherwise overwrite it and the
+activation would read as "identity".
+
 """
 from __future__ import annotations
 
@@ -135,8 +141,9 @@ def _detect_activations(model: nn.Module, example: torch.Tensor,
     """Identify the element-wise activation between each ``last`` output and its consumers' inputs.
 
     Checked numerically on one forward pass instead of parsing code, so it works for functional
-    (``F.relu``) and module activations alike. Anything else (pooling, an unknown non-linearity)
-    is reported as ``"unknown"``, which makes the group unprunable by default.
+    (``F.relu``) and module activations alike. Both ends are cloned when captured, because in-place
+    activations overwrite the tensors afterwards. Anything else (pooling, an unknown
+    non-linearity) is reported as ``"unknown"``, which makes the group unprunable by default.
     """
     outs: dict[nn.Module, torch.Tensor] = {}
     ins: dict[nn.Module, torch.Tensor] = {}
@@ -144,12 +151,15 @@ def _detect_activations(model: nn.Module, example: torch.Tensor,
     cons = {c for _, cs in pairs for c in cs}
 
     def grab_out(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
-        outs.setdefault(mod, out.detach())
+        if mod not in outs:
+            outs[mod] = out.detach().clone()
 
     def grab_in(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
-        ins.setdefault(mod, inp[0].detach())
+        if mod not in ins:
+            ins[mod] = inp[0].detach().clone()
 
-    hooks = [m.register_forward_hook(grab_out) for m in lasts] + [m.register_forward_hook(grab_in) for m in cons]
+    hooks = [m.register_forward_hook(grab_out) for m in lasts]
+    hooks += [m.register_forward_hook(grab_in) for m in cons]
     try:
         with torch.no_grad():
             model(example * 3.0)  # a wide input range so that ReLU6 clipping shows
@@ -194,8 +204,7 @@ def find_groups(model: nn.Module, input_shape: tuple[int, ...]) -> GroupGraph:
 
     seen_producers: set[nn.Module] = set()
     groups: list[PrunableGroup] = []
-    last_of: list[nn.Module] = []
-    consumers_of: list[list[nn.Module]] = []
+    pairs: list[tuple[nn.Module, list[nn.Module]]] = []
     for module in order:
         if not is_dense(module) or module in seen_producers:
             continue
@@ -254,10 +263,9 @@ def find_groups(model: nn.Module, input_shape: tuple[int, ...]) -> GroupGraph:
             activation="unknown", coupled=coupled, prunable=prunable, reason=reason, kind=kind,
             members=[names[p] for p in producers],
         ))
-        last_of.append(last_bn or last_module)
-        consumers_of.append(consumers)
+        pairs.append((last_bn or last_module, consumers))
 
-    for g, act in zip(groups, _detect_activations(model, example, list(zip(last_of, consumers_of)))):
+    for g, act in zip(groups, _detect_activations(model, example, pairs)):
         g.activation = act
         if g.prunable and act == "unknown":
             g.prunable, g.reason = False, "no element-wise activation between producer and consumer"
