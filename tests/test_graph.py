@@ -76,3 +76,69 @@ def test_inplace_relu_model_prunes_to_the_same_function():
                 pruner = Pruner(net, SHAPE)
                 outs.append(pruner.apply(Plan.uniform(pruner.graph, 0.5, strategy=strategy)).model(x))
             assert (outs[0] - outs[1]).abs().max().item() <= 1e-5
+
+
+def _fused_net(act: type[nn.Module]) -> tuple[nn.Module, nn.Module]:
+    """The same weights as conv → timm BatchNormAct2d and as conv → BatchNorm2d → act."""
+    timm_layers = pytest.importorskip("timm.layers")
+
+    class Fused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), timm_layers.BatchNormAct2d(8, act_layer=act)
+            self.conv2, self.bn2 = nn.Conv2d(8, 12, 3, padding=1, bias=False), timm_layers.BatchNormAct2d(12, act_layer=act)
+            self.conv3 = nn.Conv2d(12, 16, 3, padding=1)
+            self.fc = nn.Linear(16, 10)
+
+        def forward(self, x):
+            x = self.bn2(self.conv2(self.bn1(self.conv1(x))))
+            return self.fc(torch.relu(self.conv3(x)).mean((2, 3)))
+
+    class Plain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+            self.conv2, self.bn2 = nn.Conv2d(8, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12)
+            self.conv3 = nn.Conv2d(12, 16, 3, padding=1)
+            self.fc = nn.Linear(16, 10)
+            self.act = act()
+
+        def forward(self, x):
+            x = self.act(self.bn2(self.conv2(self.act(self.bn1(self.conv1(x))))))
+            return self.fc(torch.relu(self.conv3(x)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    fused = _calibrate(Fused())
+    plain = Plain()
+    plain.load_state_dict(fused.state_dict())
+    return fused, plain.eval()
+
+
+def test_timm_batchnorm_act_is_a_bn_with_its_activation():
+    fused, plain = _fused_net(nn.ReLU)
+    g = find_groups(fused, SHAPE)
+    for name, bn, cons, cbn in (("conv1", "bn1", "conv2", "bn2"), ("conv2", "bn2", "conv3", None)):
+        grp = g.get(name)
+        assert grp.producer.bn == bn and grp.consumers == [cons] and grp.consumer_bns == [cbn]
+        assert grp.activation == "relu" and grp.prunable
+    # same groups and the same pruned function as the unfused model, without any calibration batch
+    assert [grp.to_dict() for grp in g] == [grp.to_dict() for grp in find_groups(plain, SHAPE)]
+    x = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        outs = [Pruner(n, SHAPE).apply(Plan.uniform(find_groups(n, SHAPE), 0.5, strategy="lsq")).model(x)
+                for n in (fused, plain)]
+        assert (outs[0] - outs[1]).abs().max().item() <= 1e-5
+        # calibration moments hook the pre-activation (the input of the fused ``act``)
+        calib = torch.randn(8, *SHAPE, generator=torch.Generator().manual_seed(2))
+        from autodfp.analysis.fold import empirical_moments
+        m_fused = empirical_moments(fused, g, calib)
+        m_plain = empirical_moments(plain, find_groups(plain, SHAPE), calib)
+        for name in ("conv1", "conv2"):
+            assert torch.allclose(m_fused[name][0], m_plain[name][0]) and torch.allclose(m_fused[name][1], m_plain[name][1])
+            assert (m_fused[name][0] < 0).any()  # a pre-activation, not a ReLU output
+
+
+def test_timm_batchnorm_act_with_an_unsupported_activation_is_not_identity():
+    fused, _ = _fused_net(nn.SiLU)
+    g = find_groups(fused, SHAPE).get("conv1")
+    assert g.producer.bn == "bn1" and g.activation == "unknown" and not g.prunable

@@ -16,16 +16,20 @@ change the residual stream and need reconstruction across every tied layer.
 The activation between the last stage and the consumers is read from one forward pass (see
 :func:`_detect_activations`). The pre-activation is captured *cloned*: an in-place activation
 (``nn.ReLU(inplace=True)``, as in every torchvision model) would otherwise overwrite it and the
-activation would read as "identity".
+activation would read as "identity". A fused norm+activation layer (timm's ``BatchNormAct2d``, a
+``BatchNorm2d`` subclass whose ``act`` runs inside its forward) counts as the stage's BN, and its
+``act`` as the group's activation; its pre-activation is the input of that ``act``.
 
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
+from torch.utils.hooks import RemovableHandle
 
 from autodfp.errors import ModelError
 from autodfp.models.layers import CUSTOM_PRUNERS, ChannelPadShortcut
@@ -40,6 +44,28 @@ def is_depthwise(m: nn.Module) -> bool:
 def is_dense(m: nn.Module) -> bool:
     """A conv with groups=1 or a linear layer: the only producers/consumers we reconstruct."""
     return isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)
+
+
+def fused_activation(module: nn.Module) -> nn.Module | None:
+    """The activation a fused BN layer applies to its own output (timm ``BatchNormAct2d.act``), if any."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        act = getattr(module, "act", None)
+        if isinstance(act, nn.Module):
+            return act
+    return None
+
+
+def register_preactivation_hook(module: nn.Module, fn: Callable[[torch.Tensor], None]) -> RemovableHandle:
+    """Call ``fn(y)`` with the pre-activation output of a stage's last module on every forward.
+
+    That is the module's output, or for a fused BN the input of its ``act``. ``y`` is the live
+    tensor: an in-place activation will overwrite it right after ``fn`` returns, so ``fn`` must
+    use it (or clone it) at once.
+    """
+    act = fused_activation(module)
+    if act is not None:
+        return act.register_forward_pre_hook(lambda mod, inp: fn(inp[0]))
+    return module.register_forward_hook(lambda mod, inp, out: fn(out))
 
 
 @dataclass
@@ -150,15 +176,17 @@ def _detect_activations(model: nn.Module, example: torch.Tensor,
     lasts = {last for last, _ in pairs}
     cons = {c for _, cs in pairs for c in cs}
 
-    def grab_out(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
-        if mod not in outs:
-            outs[mod] = out.detach().clone()
+    def grab_out(mod: nn.Module):
+        def fn(y: torch.Tensor) -> None:
+            if mod not in outs:
+                outs[mod] = y.detach().clone()
+        return fn
 
     def grab_in(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
         if mod not in ins:
             ins[mod] = inp[0].detach().clone()
 
-    hooks = [m.register_forward_hook(grab_out) for m in lasts]
+    hooks = [register_preactivation_hook(m, grab_out(m)) for m in lasts]
     hooks += [m.register_forward_hook(grab_in) for m in cons]
     try:
         with torch.no_grad():
@@ -185,9 +213,15 @@ def _bn_after(dg: tp.DependencyGraph, module: nn.Module) -> nn.BatchNorm2d | Non
         seen.add(id(n))
         if isinstance(n.module, nn.modules.batchnorm._BatchNorm):
             return n.module
+        grad = type(n.grad_fn).__name__ if n.grad_fn is not None else ""
+        if "BatchNorm" in grad:
+            # torch-pruning maps a fused BN+act layer to its activation's output, so the batch-norm
+            # itself shows up as a functional op right before the layer's node
+            fused = [o.module for o in n.outputs if fused_activation(o.module) is not None]
+            if fused:
+                return fused[0]
         if isinstance(n.module, nn.Module):  # a real layer: stop
             continue
-        grad = type(n.grad_fn).__name__ if n.grad_fn is not None else ""
         if any(k in grad for k in ("ConstantPadNd", "Unsqueeze", "Convolution")):
             frontier.extend(n.outputs)
     return None
