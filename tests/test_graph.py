@@ -142,3 +142,55 @@ def test_timm_batchnorm_act_with_an_unsupported_activation_is_not_identity():
     fused, _ = _fused_net(nn.SiLU)
     g = find_groups(fused, SHAPE).get("conv1")
     assert g.producer.bn == "bn1" and g.activation == "unknown" and not g.prunable
+
+
+class TinyVGG(nn.Module):
+    """conv–BN–ReLU blocks with max-pools, then a flatten and a 2-Linear classifier MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.MaxPool2d(2, 2),
+            nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
+            nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True), nn.MaxPool2d(2, 2),
+            nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(2),
+        )
+        self.classifier = nn.Sequential(nn.Linear(16 * 4, 32), nn.ReLU(inplace=True), nn.Dropout(),
+                                        nn.Linear(32, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+def _vgg() -> nn.Module:
+    torch.manual_seed(0)
+    return _calibrate(TinyVGG())
+
+
+def test_the_output_layer_and_its_feeder_are_never_pruned():
+    net = _vgg()
+    graph = find_groups(net, SHAPE)
+    head, hidden = graph.get("classifier.3"), graph.get("classifier.0")
+    assert not head.prunable and head.reason == "model output"
+    assert not hidden.prunable and hidden.reason == "feeds the classifier"
+    assert hidden.activation == "relu"  # the dropout (identity in eval) is no obstacle
+    pruner = Pruner(net, SHAPE)
+    pruned = pruner.apply(Plan.uniform(pruner.graph, 0.5, strategy="lsq")).model
+    assert pruned.classifier[0].out_features == 32 and pruned.classifier[3].in_features == 32
+    assert pruned(torch.randn(2, *SHAPE)).shape == (2, 10)
+
+
+def test_a_conv_whose_output_is_a_model_output_is_not_prunable():
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Conv2d(3, 8, 3, padding=1)
+            self.head = nn.Conv2d(8, 6, 1)
+
+        def forward(self, x):
+            f = torch.relu(self.body(x))
+            return {"features": f, "out": self.head(f)}  # body's channels are an output too
+
+    graph = find_groups(TwoHeads().eval(), SHAPE)
+    assert [(g.name, g.prunable, g.reason) for g in graph] == [("body", False, "model output"),
+                                                              ("head", False, "model output")]

@@ -13,6 +13,10 @@ MobileNet chains, plain VGG convs) and *coupled* when a residual add, a channel-
 concat ties several producers together. Only inner groups are pruned by default: coupled groups
 change the residual stream and need reconstruction across every tied layer.
 
+A group whose channels reach the model's output without passing another conv/linear layer (the
+classifier, a detection head) is never prunable: that would change the output's shape. The
+groups that feed such a layer are not pruned by default either ("feeds the classifier").
+
 The activation between the last stage and the consumers is read from one forward pass (see
 :func:`_detect_activations`). The pre-activation is captured *cloned*: an in-place activation
 (``nn.ReLU(inplace=True)``, as in every torchvision model) would otherwise overwrite it and the
@@ -44,6 +48,13 @@ def is_depthwise(m: nn.Module) -> bool:
 def is_dense(m: nn.Module) -> bool:
     """A conv with groups=1 or a linear layer: the only producers/consumers we reconstruct."""
     return isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)
+
+
+def _mixes_channels(m: nn.Module) -> bool:
+    """A layer whose outputs are new channels (not the input's channels, reordered or scaled)."""
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return not (m.groups > 1 and m.groups == m.in_channels == m.out_channels)
+    return isinstance(m, (nn.Linear, nn.MultiheadAttention, nn.RNNBase, nn.Embedding))
 
 
 def fused_activation(module: nn.Module) -> nn.Module | None:
@@ -227,6 +238,27 @@ def _bn_after(dg: tp.DependencyGraph, module: nn.Module) -> nn.BatchNorm2d | Non
     return None
 
 
+def _reaches_output(dg: tp.DependencyGraph, module: nn.Module) -> bool:
+    """Whether ``module``'s output channels reach a model output without a channel-mixing layer.
+
+    torch-pruning adds an explicit output node only when the model ends in a functional op; a
+    model that ends in its classifier layer has that layer's node as the sink. Every sink of its
+    graph is (part of) an output, because the graph is traced back from the outputs.
+    """
+    node = dg.module2node.get(module)
+    frontier = [node] if node is not None else []
+    seen = set()
+    while frontier:
+        n = frontier.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        if not n.outputs or isinstance(n.module, tp.ops._OutputOp):
+            return True
+        frontier.extend(o for o in n.outputs if not _mixes_channels(o.module))
+    return False
+
+
 def find_groups(model: nn.Module, input_shape: tuple[int, ...]) -> GroupGraph:
     """Discover every output-channel group of ``model`` and classify it."""
     model.eval()
@@ -281,6 +313,7 @@ def find_groups(model: nn.Module, input_shape: tuple[int, ...]) -> GroupGraph:
         consumer_bns = [names.get(_bn_after(dg, c)) if _bn_after(dg, c) is not None else None for c in consumers]
         last_module = dws[-1] if dws else producer
         last_bn = _bn_after(dg, last_module)
+        feeds_output = feeds_output or any(_reaches_output(dg, m) for m in producers + dws)
 
         prunable, reason = True, ""
         if feeds_output:
@@ -306,7 +339,7 @@ def find_groups(model: nn.Module, input_shape: tuple[int, ...]) -> GroupGraph:
 
     # Never prune into the classifier by default: its input channels are the final features, and
     # their loss cannot be reconstructed by any later layer.
-    classifier = {g.name for g in groups if g.reason == "model output"}
+    classifier = {m for g in groups if g.reason == "model output" for m in g.members}
     for g in groups:
         if g.prunable and classifier & set(g.consumers):
             g.prunable, g.reason = False, "feeds the classifier"
