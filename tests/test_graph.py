@@ -194,3 +194,33 @@ def test_a_conv_whose_output_is_a_model_output_is_not_prunable():
     graph = find_groups(TwoHeads().eval(), SHAPE)
     assert [(g.name, g.prunable, g.reason) for g in graph] == [("body", False, "model output"),
                                                               ("head", False, "model output")]
+
+
+def test_max_pool_between_conv_and_consumer_is_a_pass_through():
+    net = _vgg()
+    graph = find_groups(net, SHAPE)
+    first, third = graph.get("features.0"), graph.get("features.7")
+    for g in (first, third):
+        assert g.prunable and g.activation == "relu" and g.pools == ["max_pool2d(k=2, s=2)"]
+    assert graph.get("features.4").prunable and graph.get("features.4").pools == []
+    last = graph.get("features.11")  # behind an adaptive average pool and a flatten
+    assert not last.prunable
+    # zero ratio is output-identical, and an exact duplicate behind the pool merges exactly
+    x = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(3))
+    pruner = Pruner(net, SHAPE)
+    with torch.no_grad():
+        ref = net(x)
+        same = pruner.apply(Plan.uniform(pruner.graph, 1.0, strategy="autodfp")).model(x)
+        assert (same - ref).abs().max().item() <= 1e-5
+        conv, bn = net.features[0], net.features[1]
+        conv.weight[5] = conv.weight[2]
+        conv.bias[5] = conv.bias[2]
+        bn.running_mean[5], bn.running_var[5] = bn.running_mean[2], bn.running_var[2]
+        bn.weight[5], bn.bias[5] = 1.7 * bn.weight[2], 1.7 * bn.bias[2]
+        ref = net(x)
+        pruner = Pruner(net, SHAPE)
+        keep = [i for i in range(8) if i != 5]
+        plan = Plan({"features.0": 7 / 8}, strategy="autodfp", keep={"features.0": keep}, params={"strength": 1.0})
+        merged = pruner.apply(plan).model
+        assert merged.features[0].out_channels == 7
+        assert (merged(x) - ref).abs().max().item() <= 1e-4
