@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from autodfp.analysis.graph import GroupGraph, PrunableGroup, Stage
+from autodfp.analysis.graph import GroupGraph, PrunableGroup, Stage, register_preactivation_hook
 from autodfp.analysis.similarity import ChannelStats
 
 
@@ -80,6 +80,9 @@ def empirical_moments(model: nn.Module, graph: GroupGraph, x: torch.Tensor, with
                       ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """Per-channel mean/std (and correlation) of every prunable group's pre-activation on ``x``.
 
+    The pre-activation is the last stage's output, or for a fused BN+activation layer (timm's
+    ``BatchNormAct2d``) the input of its ``act``.
+
     Positions (batch × spatial) are pooled: the Gaussian model describes one activation value, not
     a feature map. At most ``max_positions`` positions per group are kept for the correlation,
     sampled with a fixed generator so the estimate is reproducible.
@@ -90,7 +93,7 @@ def empirical_moments(model: nn.Module, graph: GroupGraph, x: torch.Tensor, with
     gen = torch.Generator().manual_seed(0)
 
     def make_hook(name: str):
-        def hook(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
+        def hook(out: torch.Tensor) -> None:  # runs before an in-place activation overwrites ``out``
             y = out.detach().double()
             y = y.transpose(0, 1).reshape(y.shape[1], -1) if y.dim() == 4 else y.t()
             acc = sums[name]
@@ -103,7 +106,7 @@ def empirical_moments(model: nn.Module, graph: GroupGraph, x: torch.Tensor, with
                 acc[3].append(y[:, idx])
         return hook
 
-    hooks = [m.register_forward_hook(make_hook(n)) for n, m in mods.items()]
+    hooks = [register_preactivation_hook(m, make_hook(n)) for n, m in mods.items()]
     try:
         model.eval()
         for i in range(0, x.shape[0], batch_size):
