@@ -28,8 +28,8 @@ test: $(VENV)/.installed
 
 # Lint and type checks (CI runs them before the tests).
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/mypy
 
 clean:

@@ -12,6 +12,7 @@ is printed too, but a random network's logits are nearly flat, so it is noisy).
 
 Results are quoted in :mod:`autodfp.analysis.graph`'s docstring. CPU, about a minute per seed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,9 @@ def tiny_vgg(seed: int) -> nn.Module:
         else:
             layers += [nn.Conv2d(c, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
             c = v
-    net = nn.Sequential(nn.Sequential(*layers), nn.Flatten(),
-                        nn.Sequential(nn.Linear(c * 4, 64), nn.ReLU(True), nn.Linear(64, 10)))
+    net = nn.Sequential(
+        nn.Sequential(*layers), nn.Flatten(), nn.Sequential(nn.Linear(c * 4, 64), nn.ReLU(True), nn.Linear(64, 10))
+    )
     g = torch.Generator().manual_seed(seed + 100)
     for m in net.modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -69,16 +71,18 @@ def main() -> None:
         net = tiny_vgg(seed).train()
         with torch.no_grad():
             for i in range(0, len(calib), 200):
-                net(calib[i:i + 200])
+                net(calib[i : i + 200])
             net.eval()
             ref = net(test)
         pruner = Pruner(net, (3, 32, 32))
-        sets = {"pooled": [g.name for g in pruner.graph.prunable if g.pools],
-                "plain": [g.name for g in pruner.graph.prunable if not g.pools and g.kind == "conv"]}
+        sets = {
+            "pooled": [g.name for g in pruner.graph.prunable if g.pools],
+            "plain": [g.name for g in pruner.graph.prunable if not g.pools and g.kind == "conv"],
+        }
         if seed == 0:
             print({k: v for k, v in sets.items()})
 
-        def score(model: nn.Module) -> tuple[float, float]:
+        def score(model: nn.Module, ref: torch.Tensor = ref) -> tuple[float, float]:
             with torch.no_grad():
                 z = model(test)
             return float(((z - ref) ** 2).mean() / ref.var()), float((z.argmax(1) == ref.argmax(1)).float().mean())
@@ -90,8 +94,11 @@ def main() -> None:
                     e, a = score(pruner.apply(plan).model)
                     er, ar = score(pruner.apply(plan, refine(pruner, pruner.decide(plan), fit)).model)
                     rows[(which, ratio, strategy)].append((e, a, er, ar))
-                    print(f"seed {seed} {which:6s} keep {ratio:.2f} {strategy:8s} err {e:.4f} agree {a:.3f} "
-                          f"| refined err {er:.4f} agree {ar:.3f}", flush=True)
+                    print(
+                        f"seed {seed} {which:6s} keep {ratio:.2f} {strategy:8s} err {e:.4f} agree {a:.3f} "
+                        f"| refined err {er:.4f} agree {ar:.3f}",
+                        flush=True,
+                    )
 
     print(f"\nmean over {args.seeds} seeds")
     print("| groups | keep | strategy | rel. logit MSE | top-1 agreement | MSE, refined | agreement, refined |")

@@ -1,5 +1,6 @@
 """Shared fixtures. The asset mirror (``../shared/assets`` beside the repo) is required, not optional:
 tests that silently skip without it would report green on a machine that checked nothing."""
+
 from __future__ import annotations
 
 import os

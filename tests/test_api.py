@@ -1,4 +1,5 @@
 """The Python API: the README example as written, user models end to end, one config, devices."""
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,7 @@ from autodfp.config import DEFAULTS, Config
 
 ROOT = Path(__file__).resolve().parents[1]
 
-USER_MODEL = textwrap.dedent('''
+USER_MODEL = textwrap.dedent("""
     import torch.nn as nn
 
     def build():
@@ -28,7 +29,7 @@ USER_MODEL = textwrap.dedent('''
         net = nn.Sequential(*block(3, 16), *block(16, 32), nn.MaxPool2d(2), *block(32, 32),
                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
         return net
-''')
+""")
 
 
 def _readme_python_example() -> str:
@@ -41,9 +42,17 @@ def _readme_python_example() -> str:
 def test_readme_python_example_runs_as_written(tmp_path: Path) -> None:
     code = _readme_python_example()
     assert 'create_model("resnet20_cifar10")' in code, "the example prunes resnet20_cifar10"
-    code += "\nimport json\nprint(json.dumps({'ratio': result.report['macs_ratio_achieved'], 'ts': type(same).__name__}))\n"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
-                          env={**os.environ, "AUTODFP_PROGRESS": "0"}, timeout=1200)
+    code += (
+        "\nimport json\nprint(json.dumps({'ratio': result.report['macs_ratio_achieved'], 'ts': type(same).__name__}))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "AUTODFP_PROGRESS": "0"},
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert abs(out["ratio"] - 0.5) <= 0.005 + 1e-9, out  # the budget is met within ±1 % of the target
@@ -61,8 +70,9 @@ def _runner(tmp_path: Path) -> list[str]:
 
 
 def _run(cmd: list[str], cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, cwd=cwd, timeout=900,
-                          env={**os.environ, "AUTODFP_PROGRESS": "0"})
+    return subprocess.run(
+        [*cmd, *args], capture_output=True, text=True, cwd=cwd, timeout=900, env={**os.environ, "AUTODFP_PROGRESS": "0"}
+    )
 
 
 @pytest.fixture()
@@ -75,6 +85,7 @@ def user_model_dir(tmp_path: Path) -> Path:
         import importlib
 
         import mymodel  # type: ignore[import-not-found]
+
         importlib.reload(mymodel)
         torch.manual_seed(0)
         net = mymodel.build().train()
@@ -91,9 +102,27 @@ def user_model_dir(tmp_path: Path) -> Path:
 def test_user_model_prune_eval_and_load_from_its_folder(tmp_path: Path, user_model_dir: Path) -> None:
     cmd = _runner(tmp_path)
     out = user_model_dir / "out"
-    proc = _run(cmd, user_model_dir, "prune", "mine", "--arch", "mymodel:build", "--weights", "w.pt",
-                "--like", "resnet20_cifar10", "--uniform", "0.7", "--synth-steps", "20", "--out", str(out),
-                "--limit", "64", "--json")
+    proc = _run(
+        cmd,
+        user_model_dir,
+        "prune",
+        "mine",
+        "--arch",
+        "mymodel:build",
+        "--weights",
+        "w.pt",
+        "--like",
+        "resnet20_cifar10",
+        "--uniform",
+        "0.7",
+        "--synth-steps",
+        "20",
+        "--out",
+        str(out),
+        "--limit",
+        "64",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     pruned = json.loads(proc.stdout.strip().splitlines()[-1])
     ev = _run(cmd, tmp_path, "eval", str(out), "--limit", "64", "--json")  # another folder: no import needed
@@ -188,9 +217,17 @@ def test_one_config_holds_the_defaults_and_the_cli_builds_it() -> None:
 
 def test_prune_a_plain_module_needs_no_registry(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-                        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).train()
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    ).train()
     with torch.no_grad():
         for _ in range(3):
             net(torch.randn(32, 3, 16, 16))

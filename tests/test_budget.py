@@ -1,16 +1,17 @@
 """MACs budgets: the closed-form count against real pruned models, feasibility, uniform fit, repair."""
+
 from __future__ import annotations
 
 import random
 
 import pytest
 
-from autodfp.search.budget import MacsModel, plan_from_keep
+from autodfp.compress.plan import Plan, n_keep
+from autodfp.compress.surgery import Pruner
 from autodfp.errors import PlanError
 from autodfp.eval.metrics import profile
 from autodfp.models import load_model
-from autodfp.compress.plan import Plan, n_keep
-from autodfp.compress.surgery import Pruner
+from autodfp.search.budget import MacsModel, plan_from_keep
 
 CIFAR = (3, 32, 32)
 IMAGENET = (3, 224, 224)
@@ -123,6 +124,7 @@ def test_impossible_targets_are_plan_errors_that_state_the_floor(resnet56_mm):
 
 def test_auto_r_min_leaves_headroom_below_the_target(resnet56_mm, mobilenet):
     from autodfp.search.budget import AUTO_R_MIN_MAX
+
     mm = resnet56_mm
     assert mm.auto_r_min(0.5 * mm.total_macs) == 0.3 == AUTO_R_MIN_MAX  # the measured setting
     previous = 0.0

@@ -1,4 +1,5 @@
 """The CLI end to end, as a user runs it: exit codes, one-line errors, JSON contracts."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "autodfp.cli", *args], capture_output=True, text=True,
-                          env=full_env, cwd=ROOT, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "autodfp.cli", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=ROOT,
+        timeout=600,
+    )
 
 
 def last_json(stdout: str) -> dict:
@@ -35,8 +42,12 @@ def test_zoo_lists_the_four_models():
     proc = run("zoo", "--json")
     assert proc.returncode == 0
     names = [m["name"] for m in last_json(proc.stdout)["models"]]
-    assert names == ["mobilenet_v1_075_imagenet", "mobilenet_v2_100_imagenet_bnfolded", "resnet20_cifar10",
-                     "resnet56_cifar10"]
+    assert names == [
+        "mobilenet_v1_075_imagenet",
+        "mobilenet_v2_100_imagenet_bnfolded",
+        "resnet20_cifar10",
+        "resnet56_cifar10",
+    ]
 
 
 def test_eval_json_contract():
@@ -47,8 +58,11 @@ def test_eval_json_contract():
     assert out["n"] == 200 and out["model"] == "resnet20_cifar10"
     assert 80.0 < out["top1"] <= 100.0 and out["top5"] >= out["top1"]
     # ResNet-20 analytic MACs: stem + 3 stages of 6 3x3 convs (the first of stages 2/3 strided) + linear
-    stages = 32 * 32 * 16 * 16 * 9 * 6 + (16 * 16 * 32 * 16 * 9 + 16 * 16 * 32 * 32 * 9 * 5) \
+    stages = (
+        32 * 32 * 16 * 16 * 9 * 6
+        + (16 * 16 * 32 * 16 * 9 + 16 * 16 * 32 * 32 * 9 * 5)
         + (8 * 8 * 64 * 32 * 9 + 8 * 8 * 64 * 64 * 9 * 5)
+    )
     assert out["macs"] == 32 * 32 * 16 * 27 + stages + 64 * 10
     assert out["latency_ms_b1"] > 0
 
@@ -64,8 +78,19 @@ def test_info_lists_prunable_groups():
 
 def test_prune_json_contract_and_reload(tmp_path):
     out_dir = tmp_path / "p"
-    proc = run("prune", "resnet20_cifar10", "--uniform", "0.5", "--reconstruct", "lsq", "--out", str(out_dir),
-               "--limit", "200", "--json")
+    proc = run(
+        "prune",
+        "resnet20_cifar10",
+        "--uniform",
+        "0.5",
+        "--reconstruct",
+        "lsq",
+        "--out",
+        str(out_dir),
+        "--limit",
+        "200",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     out = last_json(proc.stdout)
     assert set(out) >= {"macs_before", "macs_after", "params_before", "params_after", "top1_before", "top1_after"}
@@ -79,17 +104,41 @@ def test_prune_json_contract_and_reload(tmp_path):
 
 def test_prune_search_json_contract_and_artifacts(tmp_path):
     out_dir = tmp_path / "s"
-    proc = run("prune", "resnet20_cifar10", "--macs-ratio", "0.6", "--search", "random", "--episodes", "3",
-               "--reward-inputs", "16", "--out", str(out_dir), "--limit", "100", "--json")
+    proc = run(
+        "prune",
+        "resnet20_cifar10",
+        "--macs-ratio",
+        "0.6",
+        "--search",
+        "random",
+        "--episodes",
+        "3",
+        "--reward-inputs",
+        "16",
+        "--out",
+        str(out_dir),
+        "--limit",
+        "100",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     out = last_json(proc.stdout)
-    assert set(out) >= {"macs_ratio_achieved", "top1_before", "top1_after", "episodes", "search_seconds",
-                        "best_reward"}
+    assert set(out) >= {"macs_ratio_achieved", "top1_before", "top1_after", "episodes", "search_seconds", "best_reward"}
     assert abs(out["macs_ratio_achieved"] - 0.6) <= 0.006 and out["episodes"] == 3 and out["refine"] is True
     for name in ("plan.json", "ratios.png", "rewards.png", "search.json", "pruned.pt"):
         assert (out_dir / name).is_file(), name
-    plain = run("prune", "resnet20_cifar10", "--plan", str(out_dir / "plan.json"), "--no-refine",
-                "--out", str(tmp_path / "plain"), "--limit", "100", "--json")
+    plain = run(
+        "prune",
+        "resnet20_cifar10",
+        "--plan",
+        str(out_dir / "plan.json"),
+        "--no-refine",
+        "--out",
+        str(tmp_path / "plain"),
+        "--limit",
+        "100",
+        "--json",
+    )
     assert plain.returncode == 0, plain.stderr
     assert last_json(plain.stdout)["refine"] is False and "refine_dims_ridge" not in last_json(plain.stdout)
     assert last_json(plain.stdout)["macs_after"] == out["macs_after"]  # refinement edits weights, not shapes
@@ -97,8 +146,23 @@ def test_prune_search_json_contract_and_artifacts(tmp_path):
 
 def test_proxy_check_json_contract_and_artifacts(tmp_path):
     out_dir = tmp_path / "proxy"
-    proc = run("proxy-check", "resnet20_cifar10", "--macs-ratio", "0.6", "--plans", "3", "--reward-inputs", "16",
-               "--refine-inputs", "8", "--out", str(out_dir), "--limit", "100", "--json")
+    proc = run(
+        "proxy-check",
+        "resnet20_cifar10",
+        "--macs-ratio",
+        "0.6",
+        "--plans",
+        "3",
+        "--reward-inputs",
+        "16",
+        "--refine-inputs",
+        "8",
+        "--out",
+        str(out_dir),
+        "--limit",
+        "100",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     out = last_json(proc.stdout)
     assert out["plans"] == 3 and -1.0 <= out["rho"] <= 1.0 and out["top1_min"] <= out["top1_max"]
@@ -108,20 +172,23 @@ def test_proxy_check_json_contract_and_artifacts(tmp_path):
     assert (out_dir / "proxy.png").is_file()
 
 
-@pytest.mark.parametrize("args,pattern", [
-    (("eval", "nope"), "unknown model 'nope'"),
-    (("eval", "resnet20_cifar10", "--weights", "/nonexistent/w.th"), "weights file not found"),
-    (("eval", "resnet20_cifar10", "--data", "cifar10:/nonexistent"), "/nonexistent"),
-    (("eval", "resnet20_cifar10", "--data", "imagenet:/tmp"), "unknown data spec kind"),
-    (("prune", "resnet20_cifar10", "--out", "x"), "exactly one of --uniform"),
-    (("prune", "resnet20_cifar10", "--uniform", "1.5", "--out", "x", "--no-eval"), "must be in (0, 1]"),
-    (("prune", "resnet20_cifar10", "--uniform", "0.01", "--out", "x", "--no-eval"), "would remove the whole layer"),
-    (("prune", "resnet20_cifar10", "--uniform", "0.5", "--reconstruct", "magic", "--out", "x"), "unknown strategy"),
-    (("prune", "resnet20_cifar10", "--uniform", "0.5", "--synth-steps", "-1", "--out", "x"), "--synth-steps"),
-    (("bench", "resnet20_cifar10", "--methods", "lsq+l1+refine", "--refine-ridge", "-1"), "--refine-ridge"),
-    (("prune", "resnet20_cifar10", "--uniform", "0.5", "--refine-inputs", "1", "--out", "x"), "--refine-inputs"),
-    (("prune", "resnet20_cifar10", "--uniform", "0.5", "--reward-inputs", "1", "--out", "x"), "--reward-inputs"),
-])
+@pytest.mark.parametrize(
+    "args,pattern",
+    [
+        (("eval", "nope"), "unknown model 'nope'"),
+        (("eval", "resnet20_cifar10", "--weights", "/nonexistent/w.th"), "weights file not found"),
+        (("eval", "resnet20_cifar10", "--data", "cifar10:/nonexistent"), "/nonexistent"),
+        (("eval", "resnet20_cifar10", "--data", "imagenet:/tmp"), "unknown data spec kind"),
+        (("prune", "resnet20_cifar10", "--out", "x"), "exactly one of --uniform"),
+        (("prune", "resnet20_cifar10", "--uniform", "1.5", "--out", "x", "--no-eval"), "must be in (0, 1]"),
+        (("prune", "resnet20_cifar10", "--uniform", "0.01", "--out", "x", "--no-eval"), "would remove the whole layer"),
+        (("prune", "resnet20_cifar10", "--uniform", "0.5", "--reconstruct", "magic", "--out", "x"), "unknown strategy"),
+        (("prune", "resnet20_cifar10", "--uniform", "0.5", "--synth-steps", "-1", "--out", "x"), "--synth-steps"),
+        (("bench", "resnet20_cifar10", "--methods", "lsq+l1+refine", "--refine-ridge", "-1"), "--refine-ridge"),
+        (("prune", "resnet20_cifar10", "--uniform", "0.5", "--refine-inputs", "1", "--out", "x"), "--refine-inputs"),
+        (("prune", "resnet20_cifar10", "--uniform", "0.5", "--reward-inputs", "1", "--out", "x"), "--reward-inputs"),
+    ],
+)
 def test_bad_input_gets_one_line_errors(args, pattern):
     assert_one_line_error(run(*args), pattern)
 
@@ -137,6 +204,8 @@ def test_corrupt_and_wrong_layout_inputs(tmp_path):
     assert_one_line_error(run("eval", "resnet20_cifar10", "--data", f"cifar10:{tmp_path / 'imgs'}"), "error")
     bad_plan = tmp_path / "plan.json"
     bad_plan.write_text(json.dumps({"groups": {"layer9.conv1": 0.5}}))
-    assert_one_line_error(run("prune", "resnet20_cifar10", "--plan", str(bad_plan), "--out", str(tmp_path / "o")),
-                          "unknown group 'layer9.conv1'")
+    assert_one_line_error(
+        run("prune", "resnet20_cifar10", "--plan", str(bad_plan), "--out", str(tmp_path / "o")),
+        "unknown group 'layer9.conv1'",
+    )
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())

@@ -1,4 +1,5 @@
 """Readers, preprocessing geometry and data-spec resolution (synthetic data plus the real mirror)."""
+
 from __future__ import annotations
 
 import pickle
@@ -10,16 +11,23 @@ import torch
 from PIL import Image
 
 from autodfp.data.datasets import (
-    CifarDataset, ImageFolderDataset, UnlabeledImageDir, build_transform, make_loader, parse_spec,
-    read_cifar, read_class_list, resolve_dataset,
+    CifarDataset,
+    ImageFolderDataset,
+    UnlabeledImageDir,
+    build_transform,
+    make_loader,
+    parse_spec,
+    read_cifar,
+    read_class_list,
+    resolve_dataset,
 )
 from autodfp.errors import DataError
 from autodfp.models import get_config
 from autodfp.models.registry import CIFAR_PRE, TF_IMAGENET_PRE, Preprocessing
 
-
 # ------------------------------------------------------------------------------------------------
 # helpers
+
 
 def _cifar_batch(n: int, seed: int, label_key: str = "labels", bytes_keys: bool = True) -> tuple[dict, np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -37,8 +45,9 @@ def _write_pickle(path: Path, obj: object) -> None:
         pickle.dump(obj, f, protocol=2)
 
 
-def _write_image(path: Path, size: tuple[int, int] = (40, 30), color: tuple[int, int, int] = (10, 200, 30),
-                 mode: str = "RGB") -> None:
+def _write_image(
+    path: Path, size: tuple[int, int] = (40, 30), color: tuple[int, int, int] = (10, 200, 30), mode: str = "RGB"
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     img = Image.new("RGB", size, color)
     if mode != "RGB":
@@ -66,6 +75,7 @@ def _reference_transform(img: Image.Image, pre: Preprocessing) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------
 # CIFAR reader
+
 
 def test_read_cifar10_synthetic_any_n(tmp_path: Path) -> None:
     batch, data = _cifar_batch(7, seed=0)
@@ -106,12 +116,15 @@ def test_read_cifar100_fine_labels(tmp_path: Path) -> None:
     assert len(ds) == 5
 
 
-@pytest.mark.parametrize("payload, message", [
-    ([1, 2, 3], "not a dict"),
-    ({b"data": np.zeros((2, 3072), np.uint8)}, "no 'data'/'labels'"),
-    ({b"data": np.zeros((2, 1024), np.uint8), b"labels": [0, 1]}, r"shape \(N, 3072\)"),
-    ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}, "2 images but 1 labels"),
-])
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        ([1, 2, 3], "not a dict"),
+        ({b"data": np.zeros((2, 3072), np.uint8)}, "no 'data'/'labels'"),
+        ({b"data": np.zeros((2, 1024), np.uint8), b"labels": [0, 1]}, r"shape \(N, 3072\)"),
+        ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}, "2 images but 1 labels"),
+    ],
+)
 def test_read_cifar_rejects_malformed_batches(tmp_path: Path, payload: object, message: str) -> None:
     _write_pickle(tmp_path / "test_batch", payload)
     with pytest.raises(DataError, match=message):
@@ -131,6 +144,7 @@ def test_read_cifar_garbage_and_missing(tmp_path: Path) -> None:
 class _Evil:
     def __reduce__(self):
         import os
+
         return (os.system, ("echo pwned > /dev/null",))
 
 
@@ -149,6 +163,7 @@ def test_read_cifar_real_mirror(assets: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------
 # preprocessing
+
 
 @pytest.mark.parametrize("size", [(227, 227), (300, 200), (303, 200), (200, 303), (256, 256), (500, 375)])
 def test_transform_matches_torchvision_geometry(size: tuple[int, int]) -> None:
@@ -193,6 +208,7 @@ def test_cifar_fast_path_equals_pil_path() -> None:
 
 # ------------------------------------------------------------------------------------------------
 # image folders
+
 
 def _class_list(path: Path) -> Path:
     path.write_text("n000 zero\nn001 one, first\nn002\nn003 three\nn004 four\n\n")
@@ -264,8 +280,11 @@ def test_empty_and_wrong_layouts(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="holds split folders"):
         resolve_dataset(f"folder:{splits}", cfg)
     classes = tmp_path / "classes.txt"  # the split holds one of the model's ten classes
-    classes.write_text("".join(f"{name}\n" for name in ["plane", "car", "bird", "cat", "deer", "dog", "frog",
-                                                        "horse", "ship", "truck"]))
+    classes.write_text(
+        "".join(
+            f"{name}\n" for name in ["plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+        )
+    )
     assert len(resolve_dataset(f"folder:{splits / 'test'}:{classes}", cfg)) == 1
 
     flat = tmp_path / "flat"
@@ -322,6 +341,7 @@ def test_make_loader_limit_and_order() -> None:
 # ------------------------------------------------------------------------------------------------
 # default datasets: mirror, then cache
 
+
 def test_default_dataset_from_cache_then_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = get_config("resnet56_cifar10")
     monkeypatch.setenv("AUTODFP_ASSETS", str(tmp_path / "no-mirror"))
@@ -333,8 +353,9 @@ def test_default_dataset_from_cache_then_missing(tmp_path: Path, monkeypatch: py
     assert str(tmp_path / "home" / "datasets" / "cifar10" / "cifar-10-batches-py") in msg
     assert "AUTODFP_ASSETS" in msg
 
-    _write_pickle(tmp_path / "home" / "datasets" / "cifar10" / "cifar-10-batches-py" / "test_batch",
-                  _cifar_batch(7, seed=5)[0])
+    _write_pickle(
+        tmp_path / "home" / "datasets" / "cifar10" / "cifar-10-batches-py" / "test_batch", _cifar_batch(7, seed=5)[0]
+    )
     ds = resolve_dataset(None, cfg)
     assert len(ds) == 7 and ds[0][0].shape == (3, 32, 32)
 

@@ -1,4 +1,5 @@
 """Group discovery on small random models: activations, fused BN layers, output guards, pooling."""
+
 from __future__ import annotations
 
 import pytest
@@ -34,9 +35,21 @@ class TinyCNN(nn.Module):
 
     def __init__(self, act: type[nn.Module], inplace: bool) -> None:
         super().__init__()
-        self.conv1, self.bn1, self.act1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), act(inplace=inplace)
-        self.conv2, self.bn2, self.act2 = nn.Conv2d(8, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12), act(inplace=inplace)
-        self.conv3, self.bn3, self.act3 = nn.Conv2d(12, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), act(inplace=inplace)
+        self.conv1, self.bn1, self.act1 = (
+            nn.Conv2d(3, 8, 3, padding=1, bias=False),
+            nn.BatchNorm2d(8),
+            act(inplace=inplace),
+        )
+        self.conv2, self.bn2, self.act2 = (
+            nn.Conv2d(8, 12, 3, padding=1, bias=False),
+            nn.BatchNorm2d(12),
+            act(inplace=inplace),
+        )
+        self.conv3, self.bn3, self.act3 = (
+            nn.Conv2d(12, 16, 3, padding=1, bias=False),
+            nn.BatchNorm2d(16),
+            act(inplace=inplace),
+        )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(16, 10)
 
@@ -55,8 +68,9 @@ def _pair(act: type[nn.Module]) -> tuple[nn.Module, nn.Module]:
     return plain, inplace.eval()
 
 
-@pytest.mark.parametrize("act, expected", [(nn.ReLU, "relu"), (nn.ReLU6, "relu6"),
-                                           (nn.Hardswish, "unknown"), (nn.SiLU, "unknown")])
+@pytest.mark.parametrize(
+    "act, expected", [(nn.ReLU, "relu"), (nn.ReLU6, "relu6"), (nn.Hardswish, "unknown"), (nn.SiLU, "unknown")]
+)
 def test_inplace_activations_read_like_their_out_of_place_versions(act, expected):
     plain, inplace = _pair(act)
     g_plain, g_inplace = find_groups(plain, SHAPE), find_groups(inplace, SHAPE)
@@ -85,8 +99,14 @@ def _fused_net(act: type[nn.Module]) -> tuple[nn.Module, nn.Module]:
     class Fused(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), timm_layers.BatchNormAct2d(8, act_layer=act)
-            self.conv2, self.bn2 = nn.Conv2d(8, 12, 3, padding=1, bias=False), timm_layers.BatchNormAct2d(12, act_layer=act)
+            self.conv1, self.bn1 = (
+                nn.Conv2d(3, 8, 3, padding=1, bias=False),
+                timm_layers.BatchNormAct2d(8, act_layer=act),
+            )
+            self.conv2, self.bn2 = (
+                nn.Conv2d(8, 12, 3, padding=1, bias=False),
+                timm_layers.BatchNormAct2d(12, act_layer=act),
+            )
             self.conv3 = nn.Conv2d(12, 16, 3, padding=1)
             self.fc = nn.Linear(16, 10)
 
@@ -125,16 +145,21 @@ def test_timm_batchnorm_act_is_a_bn_with_its_activation():
     assert [grp.to_dict() for grp in g] == [grp.to_dict() for grp in find_groups(plain, SHAPE)]
     x = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        outs = [Pruner(n, SHAPE).apply(Plan.uniform(find_groups(n, SHAPE), 0.5, strategy="lsq")).model(x)
-                for n in (fused, plain)]
+        outs = [
+            Pruner(n, SHAPE).apply(Plan.uniform(find_groups(n, SHAPE), 0.5, strategy="lsq")).model(x)
+            for n in (fused, plain)
+        ]
         assert (outs[0] - outs[1]).abs().max().item() <= 1e-5
         # calibration moments hook the pre-activation (the input of the fused ``act``)
         calib = torch.randn(8, *SHAPE, generator=torch.Generator().manual_seed(2))
         from autodfp.analysis.fold import empirical_moments
+
         m_fused = empirical_moments(fused, g, calib)
         m_plain = empirical_moments(plain, find_groups(plain, SHAPE), calib)
         for name in ("conv1", "conv2"):
-            assert torch.allclose(m_fused[name][0], m_plain[name][0]) and torch.allclose(m_fused[name][1], m_plain[name][1])
+            assert torch.allclose(m_fused[name][0], m_plain[name][0]) and torch.allclose(
+                m_fused[name][1], m_plain[name][1]
+            )
             assert (m_fused[name][0] < 0).any()  # a pre-activation, not a ReLU output
 
 
@@ -150,13 +175,23 @@ class TinyVGG(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.MaxPool2d(2, 2),
-            nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
-            nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True), nn.MaxPool2d(2, 2),
-            nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(2),
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2, 2),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(16, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2, 2),
+            nn.Conv2d(16, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(2),
         )
-        self.classifier = nn.Sequential(nn.Linear(16 * 4, 32), nn.ReLU(inplace=True), nn.Dropout(),
-                                        nn.Linear(32, 10))
+        self.classifier = nn.Sequential(nn.Linear(16 * 4, 32), nn.ReLU(inplace=True), nn.Dropout(), nn.Linear(32, 10))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.features(x), 1))
@@ -192,8 +227,10 @@ def test_a_conv_whose_output_is_a_model_output_is_not_prunable():
             return {"features": f, "out": self.head(f)}  # body's channels are an output too
 
     graph = find_groups(TwoHeads().eval(), SHAPE)
-    assert [(g.name, g.prunable, g.reason) for g in graph] == [("body", False, "model output"),
-                                                              ("head", False, "model output")]
+    assert [(g.name, g.prunable, g.reason) for g in graph] == [
+        ("body", False, "model output"),
+        ("head", False, "model output"),
+    ]
 
 
 def test_max_pool_between_conv_and_consumer_is_a_pass_through():

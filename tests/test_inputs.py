@@ -1,4 +1,5 @@
 """Bad inputs get a one-line AutoDFPError naming the file or parameter, before any work is done."""
+
 from __future__ import annotations
 
 import itertools
@@ -29,12 +30,16 @@ def _one_line(exc: BaseException) -> str:
 # ------------------------------------------------------------------------------------------------
 # non-finite weights and impossible BN statistics
 
-@pytest.mark.parametrize("tensor, value, message", [
-    ("layer1.0.bn1.running_var", math.nan, "tensor 'layer1.0.bn1.running_var' has non-finite values"),
-    ("linear.weight", math.inf, "tensor 'linear.weight' has non-finite values"),
-    ("bn1.running_mean", -math.inf, "tensor 'bn1.running_mean' has non-finite values"),
-    ("layer2.1.bn2.running_var", -1.0, "tensor 'layer2.1.bn2.running_var' has negative values"),
-])
+
+@pytest.mark.parametrize(
+    "tensor, value, message",
+    [
+        ("layer1.0.bn1.running_var", math.nan, "tensor 'layer1.0.bn1.running_var' has non-finite values"),
+        ("linear.weight", math.inf, "tensor 'linear.weight' has non-finite values"),
+        ("bn1.running_mean", -math.inf, "tensor 'bn1.running_mean' has non-finite values"),
+        ("layer2.1.bn2.running_var", -1.0, "tensor 'layer2.1.bn2.running_var' has negative values"),
+    ],
+)
 def test_non_finite_weights_are_a_model_error_naming_the_tensor(tmp_path, tensor, value, message):
     state = resnet20().state_dict()
     state[tensor].view(-1)[3] = value
@@ -71,6 +76,7 @@ def test_dead_bn_channels_are_not_mistaken_for_damage():
 
 # ------------------------------------------------------------------------------------------------
 # state dicts and --arch factories
+
 
 def test_state_dict_keys_that_are_not_strings(tmp_path):
     state = resnet20().state_dict()
@@ -109,20 +115,23 @@ def test_arch_module_in_the_working_directory_is_found(user_module):
     assert sys.path == path_before  # the working directory was on the path for that import only
 
 
-@pytest.mark.parametrize("source, arch, message", [
-    ("def net(width):\n    pass\n", "{m}:net", r"'net' needs arguments \(width\)"),
-    ("def net():\n    raise RuntimeError('boom')\n", "{m}:net", r"calling 'net\(\)' failed \(RuntimeError: boom\)"),
-    ("def net(:\n", "{m}:net", r"syntax error \(.*\.py, line 1\)"),
-    ("raise ImportError('no torch here')\n", "{m}:net", "cannot import .* no torch here"),
-    ("x = 1\n", "{m}:x", "'x' is not a callable"),
-    ("def net():\n    return 3\n", "{m}:net", "returned int, not an nn.Module"),
-    ("", ":", "arch must look like package.module:factory, got ':'"),
-    ("", "{m}:", "arch must look like package.module:factory"),
-    ("", ":net", "arch must look like package.module:factory"),
-    ("", "{m}", "arch must look like package.module:factory"),
-    ("", "a..b:net", "arch must look like package.module:factory"),
-    ("", "no_such_module_xyz:net", "cannot import 'no_such_module_xyz'"),
-])
+@pytest.mark.parametrize(
+    "source, arch, message",
+    [
+        ("def net(width):\n    pass\n", "{m}:net", r"'net' needs arguments \(width\)"),
+        ("def net():\n    raise RuntimeError('boom')\n", "{m}:net", r"calling 'net\(\)' failed \(RuntimeError: boom\)"),
+        ("def net(:\n", "{m}:net", r"syntax error \(.*\.py, line 1\)"),
+        ("raise ImportError('no torch here')\n", "{m}:net", "cannot import .* no torch here"),
+        ("x = 1\n", "{m}:x", "'x' is not a callable"),
+        ("def net():\n    return 3\n", "{m}:net", "returned int, not an nn.Module"),
+        ("", ":", "arch must look like package.module:factory, got ':'"),
+        ("", "{m}:", "arch must look like package.module:factory"),
+        ("", ":net", "arch must look like package.module:factory"),
+        ("", "{m}", "arch must look like package.module:factory"),
+        ("", "a..b:net", "arch must look like package.module:factory"),
+        ("", "no_such_module_xyz:net", "cannot import 'no_such_module_xyz'"),
+    ],
+)
 def test_bad_arch_is_a_model_error(user_module, source, arch, message):
     name = user_module(source)
     with pytest.raises(ModelError, match=message) as err:
@@ -133,22 +142,26 @@ def test_bad_arch_is_a_model_error(user_module, source, arch, message):
 # ------------------------------------------------------------------------------------------------
 # plans
 
-@pytest.mark.parametrize("groups, extra, message", [
-    ({"layer1.0.conv1": {"ratio": 0.5, "keep": ["a"]}}, {}, "'keep' of group 'layer1.0.conv1' must be a"),
-    ({"layer1.0.conv1": {"ratio": 0.5, "keep": 5}}, {}, "'keep' of group 'layer1.0.conv1' must be a list"),
-    ({"layer1.0.conv1": {"ratio": 0.5, "keep": [True]}}, {}, "must be a list of channel indices"),
-    ({"layer1.0.conv1": 0.5}, {"params": [1, 2]}, "'params' must be an object"),
-    ({"layer1.0.conv1": {"ratio": 0.5, "strength": "abc"}}, {}, "'strength' in group '.*' must be a number"),
-    ({"layer1.0.conv1": {"ratio": 0.5, "strength": True}}, {}, "'strength' .* must be a number, got true"),
-    ({"layer1.0.conv1": 0.5}, {"params": {"strength": "abc"}}, "'strength' in 'params' must be a number"),
-    ({"layer1.0.conv1": 0.5}, {"params": {"ridge": [1]}}, "'ridge' in 'params' must be a number"),
-    ({"layer1.0.conv1": {"ratio": True}}, {}, "ratio of group 'layer1.0.conv1' must be a number, got true"),
-    ({"layer1.0.conv1": True}, {}, "group 'layer1.0.conv1' in plan needs a 'ratio'"),
-    ({"layer1.0.conv1": {"ratio": "0.5"}}, {}, "ratio of group .* must be a number"),
-    ({"layer1.0.conv1": {"ratio": math.nan}}, {}, "ratio of group .* must be a number, got NaN"),
-    ({"layer1.0.conv1": 0.5}, {"strategy": ["lsq"]}, "'strategy' must be a string"),
-    ({"layer1.0.conv1": 0.5}, {"model": 3}, "'model' must be a string"),
-])
+
+@pytest.mark.parametrize(
+    "groups, extra, message",
+    [
+        ({"layer1.0.conv1": {"ratio": 0.5, "keep": ["a"]}}, {}, "'keep' of group 'layer1.0.conv1' must be a"),
+        ({"layer1.0.conv1": {"ratio": 0.5, "keep": 5}}, {}, "'keep' of group 'layer1.0.conv1' must be a list"),
+        ({"layer1.0.conv1": {"ratio": 0.5, "keep": [True]}}, {}, "must be a list of channel indices"),
+        ({"layer1.0.conv1": 0.5}, {"params": [1, 2]}, "'params' must be an object"),
+        ({"layer1.0.conv1": {"ratio": 0.5, "strength": "abc"}}, {}, "'strength' in group '.*' must be a number"),
+        ({"layer1.0.conv1": {"ratio": 0.5, "strength": True}}, {}, "'strength' .* must be a number, got true"),
+        ({"layer1.0.conv1": 0.5}, {"params": {"strength": "abc"}}, "'strength' in 'params' must be a number"),
+        ({"layer1.0.conv1": 0.5}, {"params": {"ridge": [1]}}, "'ridge' in 'params' must be a number"),
+        ({"layer1.0.conv1": {"ratio": True}}, {}, "ratio of group 'layer1.0.conv1' must be a number, got true"),
+        ({"layer1.0.conv1": True}, {}, "group 'layer1.0.conv1' in plan needs a 'ratio'"),
+        ({"layer1.0.conv1": {"ratio": "0.5"}}, {}, "ratio of group .* must be a number"),
+        ({"layer1.0.conv1": {"ratio": math.nan}}, {}, "ratio of group .* must be a number, got NaN"),
+        ({"layer1.0.conv1": 0.5}, {"strategy": ["lsq"]}, "'strategy' must be a string"),
+        ({"layer1.0.conv1": 0.5}, {"model": 3}, "'model' must be a string"),
+    ],
+)
 def test_plan_fields_of_the_wrong_type_are_plan_errors(tmp_path, groups, extra, message):
     from autodfp.compress.plan import Plan
 
@@ -174,8 +187,11 @@ def test_plan_file_that_is_not_utf8(tmp_path):
 def test_well_typed_plan_still_loads(tmp_path):
     from autodfp.compress.plan import Plan
 
-    d = {"strategy": "lsq", "params": {"ridge": 0.01, "seed": 3, "gate": True, "max_distance": None},
-         "groups": {"layer1.0.conv1": {"ratio": 0.5, "strength": 1, "keep": [0, 2]}, "layer2.0.conv1": 1}}
+    d = {
+        "strategy": "lsq",
+        "params": {"ridge": 0.01, "seed": 3, "gate": True, "max_distance": None},
+        "groups": {"layer1.0.conv1": {"ratio": 0.5, "strength": 1, "keep": [0, 2]}, "layer2.0.conv1": 1},
+    }
     plan = Plan.from_dict(d)
     assert plan.keep == {"layer1.0.conv1": [0, 2]} and plan.ratios["layer2.0.conv1"] == 1
     assert Plan.from_dict(plan.to_dict()).to_dict() == plan.to_dict()
@@ -183,6 +199,7 @@ def test_well_typed_plan_still_loads(tmp_path):
 
 # ------------------------------------------------------------------------------------------------
 # datasets
+
 
 def _cifar_dir(tmp_path: Path, data: object, labels: object) -> Path:
     root = tmp_path / "cifar-10-batches-py"
@@ -192,14 +209,17 @@ def _cifar_dir(tmp_path: Path, data: object, labels: object) -> Path:
     return root
 
 
-@pytest.mark.parametrize("labels, message", [
-    (["cat", "dog", "cat"], "labels must be integers, found str 'cat'"),
-    ([1.0, math.nan, 2.0], "labels must be integers, found nan"),
-    ([1.5, 2.0, 3.0], "labels must be integers, found 1.5"),
-    ([0, 1, 10], r"labels must be in 0\.\.9, found 10"),
-    ([0, -1, 2], r"labels must be in 0\.\.9, found -1"),
-    ([0, None, 2], "labels must be integers"),
-])
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        (["cat", "dog", "cat"], "labels must be integers, found str 'cat'"),
+        ([1.0, math.nan, 2.0], "labels must be integers, found nan"),
+        ([1.5, 2.0, 3.0], "labels must be integers, found 1.5"),
+        ([0, 1, 10], r"labels must be in 0\.\.9, found 10"),
+        ([0, -1, 2], r"labels must be in 0\.\.9, found -1"),
+        ([0, None, 2], "labels must be integers"),
+    ],
+)
 def test_cifar_labels_that_are_not_class_indices(tmp_path, labels, message):
     from autodfp.data.datasets import read_cifar
 
@@ -234,8 +254,10 @@ def test_class_list_that_does_not_cover_the_model(tmp_path):
         Image.new("RGB", (32, 32)).save(tmp_path / "data" / cls / "1.png")
     (tmp_path / "two.txt").write_text("cat\ndog\n")
     spec = f"folder:{tmp_path / 'data'}:{tmp_path / 'two.txt'}"
-    with pytest.raises(DataError, match="labels do not cover the model's classes: the class list .*two.txt "
-                                        "name 2 classes, the model has 10") as err:
+    with pytest.raises(
+        DataError,
+        match="labels do not cover the model's classes: the class list .*two.txt name 2 classes, the model has 10",
+    ) as err:
         resolve_dataset(spec, get_config("resnet20_cifar10"))
     _one_line(err.value)
     # without a class list: sorted folder names are only right when every class is present
@@ -260,16 +282,18 @@ class _Labelled(torch.utils.data.Dataset):
 # ------------------------------------------------------------------------------------------------
 # seeds and proxy checks: refused before any work
 
+
 def _tiny_bn_net() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(4, 3)).eval()
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)
+    ).eval()
 
 
 def _no_work(*args, **kwargs):
     raise AssertionError("work started before the arguments were checked")
 
 
-@pytest.mark.parametrize("seed", [-1, 2 ** 32, 1.5, True, "3"])
+@pytest.mark.parametrize("seed", [-1, 2**32, 1.5, True, "3"])
 def test_bad_seed_is_refused_before_synthesis(tmp_path, monkeypatch, seed):
     from autodfp.synth import distill as d
 
@@ -285,8 +309,7 @@ def test_chunk_seeds_past_the_user_limit_are_fine(tmp_path):
     """Large batches are distilled in chunks seeded ``seed + i * stride``: only the user's seed is checked."""
     from autodfp.synth.distill import synthetic_batch
 
-    x = synthetic_batch(_tiny_bn_net(), "tiny", (3, 72, 72), n=130, seed=2 ** 32 - 1, cache_dir=tmp_path,
-                        method="noise")
+    x = synthetic_batch(_tiny_bn_net(), "tiny", (3, 72, 72), n=130, seed=2**32 - 1, cache_dir=tmp_path, method="noise")
     assert x.shape == (130, 3, 72, 72)
 
 
@@ -300,7 +323,7 @@ def resnet20_pruner():
     return Pruner(net, (3, 32, 32)), AgreementReward(net, x)
 
 
-@pytest.mark.parametrize("seed", [-1, 2 ** 32])
+@pytest.mark.parametrize("seed", [-1, 2**32])
 def test_bad_seed_is_refused_before_search(resnet20_pruner, monkeypatch, seed):
     from autodfp.search import driver
 
@@ -335,6 +358,7 @@ def test_proxy_check_rho_is_none_not_nan_when_undefined(resnet20_pruner):
 
 # ------------------------------------------------------------------------------------------------
 # caches and file modes
+
 
 def test_unusable_cache_for_synthetic_inputs(tmp_path, monkeypatch):
     from autodfp.errors import CacheWarning

@@ -1,4 +1,5 @@
 """MAC/parameter counting, accuracy, latency; plus the zoo's accuracy on the shared assets."""
+
 from __future__ import annotations
 
 import math
@@ -27,12 +28,12 @@ def _resnet_cifar_closed_form(depth: int, num_classes: int = 10) -> tuple[int, i
     """(MACs, params) of the CIFAR ResNet straight from the paper's architecture description."""
     n = (depth - 2) // 6
     k = 9  # 3x3 kernels
-    macs = 32 * 32 * 16 * 3 * k                                   # stem
-    macs += 2 * n * (32 * 32 * 16 * 16 * k)                       # stage 1
+    macs = 32 * 32 * 16 * 3 * k  # stem
+    macs += 2 * n * (32 * 32 * 16 * 16 * k)  # stage 1
     macs += 16 * 16 * 32 * 16 * k + (2 * n - 1) * (16 * 16 * 32 * 32 * k)  # stage 2 (first conv strided)
-    macs += 8 * 8 * 64 * 32 * k + (2 * n - 1) * (8 * 8 * 64 * 64 * k)      # stage 3
-    macs += 64 * num_classes                                      # classifier
-    bn = lambda c: 2 * c  # noqa: E731  (weight + bias)
+    macs += 8 * 8 * 64 * 32 * k + (2 * n - 1) * (8 * 8 * 64 * 64 * k)  # stage 3
+    macs += 64 * num_classes  # classifier
+    bn = lambda c: 2 * c
     params = 3 * 16 * k + bn(16)
     params += 2 * n * (16 * 16 * k + bn(16))
     params += (16 * 32 * k + bn(32)) + (2 * n - 1) * (32 * 32 * k + bn(32))
@@ -43,6 +44,7 @@ def _resnet_cifar_closed_form(depth: int, num_classes: int = 10) -> tuple[int, i
 
 # ------------------------------------------------------------------------------------------------
 # profile
+
 
 @pytest.mark.parametrize("name, depth", [("resnet20_cifar10", 20), ("resnet56_cifar10", 56)])
 def test_resnet_cifar_macs_closed_form(name: str, depth: int) -> None:
@@ -59,11 +61,14 @@ def test_resnet_cifar_macs_closed_form(name: str, depth: int) -> None:
         assert round(prof.total_params / 1e6, 2) == 0.27
 
 
-@pytest.mark.parametrize("name, mmacs", [
-    ("resnet56_cifar10", 125.49),
-    ("mobilenet_v1_075_imagenet", 325.40),  # published: 325 M mult-adds
-    ("mobilenet_v2_100_imagenet_bnfolded", 300.78),  # published: 300 M
-])
+@pytest.mark.parametrize(
+    "name, mmacs",
+    [
+        ("resnet56_cifar10", 125.49),
+        ("mobilenet_v1_075_imagenet", 325.40),  # published: 325 M mult-adds
+        ("mobilenet_v2_100_imagenet_bnfolded", 300.78),  # published: 300 M
+    ],
+)
 def test_macs_equal_flop_counter_half(name: str, mmacs: float) -> None:
     cfg = get_config(name)
     model = cfg.builder()
@@ -125,6 +130,7 @@ def test_profile_restores_mode() -> None:
 # ------------------------------------------------------------------------------------------------
 # evaluate
 
+
 class _Lookup(nn.Module):
     """Returns a fixed logit row per sample index, and records the mode it was called in."""
 
@@ -140,11 +146,13 @@ class _Lookup(nn.Module):
 
 def test_evaluate_top1_top5_with_offset() -> None:
     # column 0 is "background" (label_offset=1); dataset classes are columns 1..6
-    table = torch.tensor([
-        [9.0, 6, 5, 4, 3, 2, 1],   # ranks: class0 first
-        [9.0, 1, 2, 3, 4, 5, 6],   # class5 first, class0 last (6th)
-        [0.0, 1, 6, 2, 3, 4, 5],   # class1 first
-    ])
+    table = torch.tensor(
+        [
+            [9.0, 6, 5, 4, 3, 2, 1],  # ranks: class0 first
+            [9.0, 1, 2, 3, 4, 5, 6],  # class5 first, class0 last (6th)
+            [0.0, 1, 6, 2, 3, 4, 5],  # class1 first
+        ]
+    )
     labels = torch.tensor([0, 0, 2])  # hit@1, miss@5, hit@5 (class2 is 5th)
     model = _Lookup(table).train()
     loader = [(torch.arange(2).view(2, 1), labels[:2]), (torch.tensor([[2]]), labels[2:])]
@@ -168,6 +176,7 @@ def test_evaluate_rejects_bad_data() -> None:
 # ------------------------------------------------------------------------------------------------
 # latency (no timing assertions: shared CI machines are noisy)
 
+
 def test_latency_positive_finite() -> None:
     model = get_config("resnet20_cifar10").builder()
     ms = latency_ms(model, 32, batch_size=1, warmup=1, repeats=3)
@@ -179,13 +188,17 @@ def test_latency_positive_finite() -> None:
 # ------------------------------------------------------------------------------------------------
 # the zoo reproduces the accuracies measured independently (shared/assets/README.md)
 
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name, top1, batch", [
-    ("resnet20_cifar10", 91.64, 256),
-    ("resnet56_cifar10", 92.72, 256),
-    ("mobilenet_v1_075_imagenet", 77.00, 8),
-    ("mobilenet_v2_100_imagenet_bnfolded", 80.08, 4),
-])
+@pytest.mark.parametrize(
+    "name, top1, batch",
+    [
+        ("resnet20_cifar10", 91.64, 256),
+        ("resnet56_cifar10", 92.72, 256),
+        ("mobilenet_v1_075_imagenet", 77.00, 8),
+        ("mobilenet_v2_100_imagenet_bnfolded", 80.08, 4),
+    ],
+)
 def test_zoo_accuracy_reproduces(assets, name: str, top1: float, batch: int) -> None:
     model, cfg = load_model(name)
     dataset = resolve_dataset(None, cfg)

@@ -1,4 +1,5 @@
 """Model definitions, the option-A shortcut under torch-pruning, and loading errors."""
+
 from __future__ import annotations
 
 import hashlib
@@ -9,10 +10,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch_pruning as tp
 
-from autodfp.errors import AutoDFPError, ModelError, WeightsError
 from autodfp.analysis.graph import find_groups
-from autodfp.models.hub import resolve_weights
+from autodfp.errors import AutoDFPError, ModelError, WeightsError
 from autodfp.models import CUSTOM_PRUNERS, ChannelPadShortcut, Conv2dSame, load_model
+from autodfp.models.hub import resolve_weights
 from autodfp.models.resnet_cifar import resnet20
 
 

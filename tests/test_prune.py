@@ -1,17 +1,18 @@
 """Surgery invariants: identity at ratio 1, exact duplicate merges, analytic MACs, saved forms."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 from torch.func import functional_call
 
+from autodfp.compress.plan import Plan, n_keep
+from autodfp.compress.surgery import Pruner
 from autodfp.errors import PlanError
 from autodfp.eval.export import load_pruned, onnx_check, save_pruned
 from autodfp.eval.metrics import profile
 from autodfp.models import get_config, load_model
 from autodfp.models.resnet_cifar import resnet20
-from autodfp.compress.plan import Plan, n_keep
-from autodfp.compress.surgery import Pruner
 
 ZOO = ["resnet20_cifar10", "resnet56_cifar10", "mobilenet_v1_075_imagenet", "mobilenet_v2_100_imagenet_bnfolded"]
 
@@ -56,6 +57,7 @@ def _make_duplicate(net, block, p: int, k: int, alpha: float) -> None:
 def test_pruning_an_exact_duplicate_with_reconstruction_is_output_identical(resnet20_pretrained, strategy):
     net = resnet20_pretrained
     import copy
+
     net = copy.deepcopy(net)
     block = net.layer2[1]
     p, k = 5, 11
@@ -68,8 +70,14 @@ def test_pruning_an_exact_duplicate_with_reconstruction_is_output_identical(resn
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = net(x)
-        merged = pruner.apply(Plan({name: ratio}, strategy=strategy, keep={name: keep}, params={"strength": 1.0}
-                                   if strategy == "autodfp" else {})).model
+        merged = pruner.apply(
+            Plan(
+                {name: ratio},
+                strategy=strategy,
+                keep={name: keep},
+                params={"strength": 1.0} if strategy == "autodfp" else {},
+            )
+        ).model
         plain = pruner.apply(Plan({name: ratio}, strategy="none", keep={name: keep})).model
         assert merged.layer2[1].conv1.out_channels == 31
         assert (merged(x) - ref).abs().max().item() <= 1e-5
@@ -131,8 +139,12 @@ def test_saved_forms_reload_with_identical_outputs(tmp_path, resnet20_pretrained
         assert torch.equal(rebuilt(x), ref)
     assert cfg2.name == cfg.name and plan2.ratios == result.plan.ratios
     assert Plan.load(paths["plan"]).to_dict() == result.plan.to_dict()
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.json", "model.ts", "plan.json",
-                                                                     "pruned.pt"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "manifest.json",
+        "model.ts",
+        "plan.json",
+        "pruned.pt",
+    ]
     assert onnx_check(result.model, (3, 32, 32), tmp_path / "m.onnx") < 1e-4
 
 
@@ -153,8 +165,14 @@ def test_bad_plans_get_clear_errors():
 
 
 def test_plan_json_round_trip_and_bad_files(tmp_path):
-    plan = Plan({"a": 0.5, "b": 0.75}, criterion="cluster", strategy="autodfp", params={"strength": 0.5},
-                layer_params={"a": {"strength": 0.25}}, model="m")
+    plan = Plan(
+        {"a": 0.5, "b": 0.75},
+        criterion="cluster",
+        strategy="autodfp",
+        params={"strength": 0.5},
+        layer_params={"a": {"strength": 0.25}},
+        model="m",
+    )
     plan.save(tmp_path / "p.json")
     again = Plan.load(tmp_path / "p.json")
     assert again.to_dict() == plan.to_dict() and again.params_for("a") == {"strength": 0.25}

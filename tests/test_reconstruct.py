@@ -1,21 +1,21 @@
 """Reconstruction strategies and consumer folding, checked by simulating producer → activation → consumer."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from autodfp.errors import PlanError
-from autodfp.compress.reconstruct import STRATEGIES, Compensation, fold_into_consumer, reconstruct
 from autodfp.analysis.similarity import ChannelStats, analyze, apply_activation
+from autodfp.compress.reconstruct import STRATEGIES, Compensation, fold_into_consumer, reconstruct
+from autodfp.errors import PlanError
 
 DT = torch.float64
 
 
 def layer(filters: torch.Tensor, bias: torch.Tensor, activation: str = "relu") -> ChannelStats:
     """Stats of ``y = x @ filters.T + bias`` with ``x ~ N(0, I)``: the Gaussian model is exact."""
-    return ChannelStats(filters=filters, bias=bias, mean=bias.clone(), std=filters.norm(dim=1),
-                        activation=activation)
+    return ChannelStats(filters=filters, bias=bias, mean=bias.clone(), std=filters.norm(dim=1), activation=activation)
 
 
 def split(c: int, pruned: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,15 +28,29 @@ def post_activation(stats: ChannelStats, x: torch.Tensor) -> torch.Tensor:
     return apply_activation(x @ stats.filters.T + stats.bias, stats.activation)
 
 
-def linear_outputs(stats: ChannelStats, comp: Compensation, kept: torch.Tensor, pruned: torch.Tensor,
-                   w: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_outputs(
+    stats: ChannelStats,
+    comp: Compensation,
+    kept: torch.Tensor,
+    pruned: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor,
+    x: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     a = post_activation(stats, x)
     wk, delta = fold_into_consumer(w, comp, kept, pruned)
     return a @ w.T + b, a[:, kept] @ wk.T + b + delta
 
 
-def conv_outputs(stats: ChannelStats, comp: Compensation, kept: torch.Tensor, pruned: torch.Tensor,
-                 w: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def conv_outputs(
+    stats: ChannelStats,
+    comp: Compensation,
+    kept: torch.Tensor,
+    pruned: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor,
+    x: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x: (N, H, W, D) per-position producer inputs; consumer conv with 'same' zero padding."""
     a = post_activation(stats, x).permute(0, 3, 1, 2)  # (N, C, H, W)
     pad = w.shape[-1] // 2
@@ -53,8 +67,9 @@ def consumers(c: int, seed: int = 1) -> dict[str, tuple[torch.Tensor, torch.Tens
     }
 
 
-def max_output_diff(stats: ChannelStats, comp: Compensation, kept: torch.Tensor, pruned: torch.Tensor,
-                    kind: str, x_seed: int = 2) -> float:
+def max_output_diff(
+    stats: ChannelStats, comp: Compensation, kept: torch.Tensor, pruned: torch.Tensor, kind: str, x_seed: int = 2
+) -> float:
     w, b = consumers(stats.num_channels)[kind]
     g = torch.Generator().manual_seed(x_seed)
     d = stats.filters.shape[1]
@@ -199,8 +214,10 @@ def test_lsq_beats_mean_beats_none_on_a_gaussian_layer() -> None:
     stats = correlated_layer()
     a = analyze(stats)
     kept, pruned = split(16, [1, 4, 7, 10, 13])
-    mse = {name: output_mse(stats, reconstruct(name, stats, a, kept, pruned), kept, pruned)
-           for name in ("none", "mean", "autodfp", "lsq")}
+    mse = {
+        name: output_mse(stats, reconstruct(name, stats, a, kept, pruned), kept, pruned)
+        for name in ("none", "mean", "autodfp", "lsq")
+    }
     # measured (seed 5): none 412, mean 248, autodfp 193, lsq 94
     assert mse["lsq"] < 0.6 * mse["mean"]
     assert mse["mean"] < 0.75 * mse["none"]
@@ -250,17 +267,21 @@ def test_lsq_ridge_shrinks_towards_mean() -> None:
 
 # ---------------------------------------------------------------- folding
 def test_fold_into_consumer_hand_computed() -> None:
-    w = torch.tensor([
-        [[[1.0, 2.0]], [[3.0, 4.0]], [[5.0, 6.0]]],
-        [[[0.0, -1.0]], [[1.0, 0.0]], [[2.0, 2.0]]],
-    ])  # (O=2, C=3, 1, 2)
+    w = torch.tensor(
+        [
+            [[[1.0, 2.0]], [[3.0, 4.0]], [[5.0, 6.0]]],
+            [[[0.0, -1.0]], [[1.0, 0.0]], [[2.0, 2.0]]],
+        ]
+    )  # (O=2, C=3, 1, 2)
     comp = Compensation(A=torch.tensor([[0.5, 2.0]], dtype=DT), c=torch.tensor([3.0], dtype=DT))
     kept, pruned = torch.tensor([0, 2]), torch.tensor([1])
     wk, delta = fold_into_consumer(w, comp, kept, pruned)
-    expected = torch.tensor([
-        [[[1.0 + 1.5, 2.0 + 2.0]], [[5.0 + 6.0, 6.0 + 8.0]]],
-        [[[0.0 + 0.5, -1.0 + 0.0]], [[2.0 + 2.0, 2.0 + 0.0]]],
-    ])
+    expected = torch.tensor(
+        [
+            [[[1.0 + 1.5, 2.0 + 2.0]], [[5.0 + 6.0, 6.0 + 8.0]]],
+            [[[0.0 + 0.5, -1.0 + 0.0]], [[2.0 + 2.0, 2.0 + 0.0]]],
+        ]
+    )
     assert wk.dtype == w.dtype and wk.shape == (2, 2, 1, 2)
     assert torch.equal(wk, expected)
     assert torch.equal(delta, torch.tensor([3.0 * (3 + 4), 3.0 * (1 + 0)]))

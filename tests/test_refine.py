@@ -1,4 +1,5 @@
 """Sequential drift correction: exact where it should be, an improvement where it claims to be."""
+
 from __future__ import annotations
 
 import copy
@@ -6,12 +7,12 @@ import copy
 import pytest
 import torch
 
-from autodfp.errors import PlanError
-from autodfp.models.resnet_cifar import resnet20
 from autodfp.compress.plan import Plan
-from autodfp.compress.surgery import Pruner
 from autodfp.compress.reconstruct import Compensation, fit_drift, fold_into_consumer
 from autodfp.compress.refine import Refiner, refine
+from autodfp.compress.surgery import Pruner
+from autodfp.errors import PlanError
+from autodfp.models.resnet_cifar import resnet20
 
 SHAPE = (3, 32, 32)
 
@@ -37,9 +38,12 @@ def _inputs(n: int, seed: int) -> torch.Tensor:
 def test_fold_with_kept_correction_hand_computed() -> None:
     w = torch.tensor([[1.0, 2.0, 3.0], [0.0, -1.0, 4.0]], dtype=torch.float64)
     kept, pruned = torch.tensor([0, 2]), torch.tensor([1])
-    comp = Compensation(torch.tensor([[0.5, 0.0]], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64),
-                        K=torch.tensor([[2.0, 0.0], [1.0, 1.0]], dtype=torch.float64),
-                        d=torch.tensor([0.0, -1.0], dtype=torch.float64))
+    comp = Compensation(
+        torch.tensor([[0.5, 0.0]], dtype=torch.float64),
+        torch.tensor([1.0], dtype=torch.float64),
+        K=torch.tensor([[2.0, 0.0], [1.0, 1.0]], dtype=torch.float64),
+        d=torch.tensor([0.0, -1.0], dtype=torch.float64),
+    )
     new, delta = fold_into_consumer(w, comp, kept, pruned)
     # W_k K + W_p A: [[1,3],[0,4]] @ K + [[2],[-1]] @ [[0.5, 0]]
     assert torch.allclose(new, torch.tensor([[1 * 2 + 3 * 1 + 1.0, 3.0], [4.0 - 0.5, 4.0]], dtype=torch.float64))
@@ -54,10 +58,14 @@ def test_fit_drift_keeps_an_exact_prior_and_recovers_a_linear_drift() -> None:
     kept, pruned = torch.tensor([0, 1, 3]), torch.tensor([2])
     x = torch.randn(500, 4, generator=g, dtype=torch.float64)
     x[:, 2] = 0.5 * x[:, 0] - x[:, 3] + 0.25  # the pruned channel is exactly predictable
-    exact = Compensation(torch.tensor([[0.5, 0.0, -1.0]], dtype=torch.float64), torch.tensor([0.25], dtype=torch.float64))
+    exact = Compensation(
+        torch.tensor([[0.5, 0.0, -1.0]], dtype=torch.float64), torch.tensor([0.25], dtype=torch.float64)
+    )
     same = fit_drift(x, x, exact, kept, pruned, ridge=1e-2)
     assert torch.allclose(same.A, exact.A) and torch.allclose(same.c, exact.c)
-    assert torch.allclose(same.K, torch.eye(3, dtype=torch.float64)) and torch.allclose(same.d, torch.zeros(3, dtype=torch.float64))
+    assert torch.allclose(same.K, torch.eye(3, dtype=torch.float64)) and torch.allclose(
+        same.d, torch.zeros(3, dtype=torch.float64)
+    )
 
     drifted = x.clone()
     drifted[:, kept] = x[:, kept] * 0.5 - 1.0  # upstream pruning scaled and shifted the kept channels

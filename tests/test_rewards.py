@@ -1,4 +1,5 @@
 """Agreement and accuracy rewards: exact values at the extremes, strict order under damage."""
+
 from __future__ import annotations
 
 import copy
@@ -14,9 +15,14 @@ def _net(seed: int = 0, n_out: int = 7) -> nn.Module:
     """Random weights, but a head strong enough that predictions differ between inputs."""
     gen = torch.Generator().manual_seed(seed)
     net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Flatten(), nn.Linear(8 * 8 * 8, n_out),
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 8 * 8, n_out),
     )
     with torch.no_grad():
         for m in net.modules():
@@ -154,7 +160,7 @@ def test_accuracy_reward_is_exact() -> None:
 
     xs = torch.tensor([[0.0], [1], [2], [3], [0], [1], [2], [3], [0], [1]])
     ys = torch.tensor([0, 1, 2, 0, 0, 0, 2, 3, 1, 1])  # 7 of 10 right
-    loader = [(xs[i:i + 3], ys[i:i + 3]) for i in range(0, 10, 3)]
+    loader = [(xs[i : i + 3], ys[i : i + 3]) for i in range(0, 10, 3)]
     assert AccuracyReward(loader, label_offset=1)(Lookup()) == pytest.approx(0.7)
     assert AccuracyReward(loader, label_offset=1, max_batches=2)(Lookup()) == pytest.approx(4 / 6)
     with pytest.raises(ValueError, match="no samples"):

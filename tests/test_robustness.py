@@ -3,6 +3,7 @@
 Every case here is refused before any expensive work (distillation, search), so the table is cheap.
 Each row names the issue-11 item it keeps fixed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,9 +52,11 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     files["var"] = d / "var.pt"
     torch.save({1: torch.zeros(1)}, d / "intkeys.pt")
     files["intkeys"] = d / "intkeys.pt"
-    for name, groups in (("keep_str", {"layer1.0.conv1": {"ratio": 0.5, "keep": ["a"]}}),
-                         ("keep_int", {"layer1.0.conv1": {"ratio": 0.5, "keep": 5}}),
-                         ("ratio_bool", {"layer1.0.conv1": {"ratio": True}})):
+    for name, groups in (
+        ("keep_str", {"layer1.0.conv1": {"ratio": 0.5, "keep": ["a"]}}),
+        ("keep_int", {"layer1.0.conv1": {"ratio": 0.5, "keep": 5}}),
+        ("ratio_bool", {"layer1.0.conv1": {"ratio": True}}),
+    ):
         (d / f"{name}.json").write_text(json.dumps({"groups": groups}))
         files[name] = d / f"{name}.json"
     (d / "params_list.json").write_text(json.dumps({"groups": {"layer1.0.conv1": 0.5}, "params": [1, 2]}))
@@ -68,8 +71,10 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (d / "mods" / "broken.py").write_text("def build(:\n")
     files["mods"] = d / "mods"
     # CIFAR layouts: float pixels in [0, 1], string labels; a class list too short for the model
-    for name, data, labels in (("cifar_float", np.random.rand(4, 3072).astype(np.float32), [0, 1, 2, 3]),
-                               ("cifar_strlabels", np.zeros((4, 3072), np.uint8), ["a", "b", "c", "d"])):
+    for name, data, labels in (
+        ("cifar_float", np.random.rand(4, 3072).astype(np.float32), [0, 1, 2, 3]),
+        ("cifar_strlabels", np.zeros((4, 3072), np.uint8), ["a", "b", "c", "d"]),
+    ):
         root = d / name / "cifar-10-batches-py"
         root.mkdir(parents=True)
         import pickle
@@ -97,24 +102,39 @@ CASES = [
     ("10 seed < 0", ["prune", R20, "--uniform", "0.5", "--seed", "-1", "--out", "OUT"], "--seed"),
     ("10 seed ≥ 2**32", ["prune", R20, "--uniform", "0.5", "--seed", "4294967296", "--out", "OUT"], "--seed"),
     ("6 NaN ridge", ["prune", R20, "--uniform", "0.5", "--refine-ridge", "nan", "--out", "OUT"], "--refine-ridge"),
-    ("6 Inf dims ridge", ["prune", R20, "--uniform", "0.5", "--refine-dims-ridge", "inf", "--out", "OUT"],
-     "--refine-dims-ridge"),
+    (
+        "6 Inf dims ridge",
+        ["prune", R20, "--uniform", "0.5", "--refine-dims-ridge", "inf", "--out", "OUT"],
+        "--refine-dims-ridge",
+    ),
     ("6 NaN ratio", ["prune", R20, "--uniform", "nan", "--out", "OUT"], "--uniform"),
     ("6 NaN strength", ["prune", R20, "--uniform", "0.5", "--strength", "nan", "--out", "OUT"], "--strength"),
     ("16 warmup < 0", ["prune", R20, "--macs-ratio", "0.5", "--warmup", "-1", "--out", "OUT"], "--warmup"),
-    ("16 search flags without a search", ["prune", R20, "--uniform", "0.5", "--episodes", "9", "--out", "OUT"],
-     "only apply to a search"),
+    (
+        "16 search flags without a search",
+        ["prune", R20, "--uniform", "0.5", "--episodes", "9", "--out", "OUT"],
+        "only apply to a search",
+    ),
     ("16 empty --ratios", ["bench", R20, "--ratios", "", "--out", "OUT"], "--ratios is empty"),
     ("16 empty --methods", ["bench", R20, "--methods", " , ", "--out", "OUT"], "--methods is empty"),
     ("11 proxy-check --plans 0", ["proxy-check", R20, "--plans", "0", "--out", "OUT"], "--plans"),
     ("10 --out is a file", ["prune", R20, "--uniform", "0.5", "--out", "{a_file}"], "is a file"),
     ("10 --out under a file", ["prune", R20, "--uniform", "0.5", "--out", "{a_file}/sub"], "lies under"),
-    ("5 NaN weight", ["prune", "mine", "--arch", ARCH, "--weights", "{nan}", "--like", R20, "--uniform", "0.7",
-                      "--out", "OUT"], "layer1.0.conv1.weight"),
-    ("5 negative BN variance", ["eval", "mine", "--arch", ARCH, "--weights", "{var}", "--like", R20],
-     "layer1.0.bn1.running_var"),
-    ("11 state-dict keys not strings", ["eval", "mine", "--arch", ARCH, "--weights", "{intkeys}", "--like", R20],
-     "intkeys.pt"),
+    (
+        "5 NaN weight",
+        ["prune", "mine", "--arch", ARCH, "--weights", "{nan}", "--like", R20, "--uniform", "0.7", "--out", "OUT"],
+        "layer1.0.conv1.weight",
+    ),
+    (
+        "5 negative BN variance",
+        ["eval", "mine", "--arch", ARCH, "--weights", "{var}", "--like", R20],
+        "layer1.0.bn1.running_var",
+    ),
+    (
+        "11 state-dict keys not strings",
+        ["eval", "mine", "--arch", ARCH, "--weights", "{intkeys}", "--like", R20],
+        "intkeys.pt",
+    ),
     ("11 --arch :", ["eval", "mine", "--arch", ":", "--like", R20], "package.module:factory"),
     ("11 factory needs an argument", ["eval", "mine", "--arch", "needs_arg:build", "--like", R20], "needs_arg:build"),
     ("11 factory raises", ["eval", "mine", "--arch", "raises:build", "--like", R20], "boom"),
@@ -133,8 +153,15 @@ CASES = [
 
 
 @pytest.mark.parametrize("item,args,needle", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_table(item: str, args: list[str], needle: str, bad_files: dict[str, Path], tmp_path: Path,
-                         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_input_table(
+    item: str,
+    args: list[str],
+    needle: str,
+    bad_files: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     out = tmp_path / "out"
     monkeypatch.chdir(bad_files["mods"])
     argv = [a.replace("OUT", str(out)).format(**{k: str(v) for k, v in bad_files.items()}) for a in args]
@@ -176,8 +203,9 @@ def test_item7_a_second_run_cannot_share_out(tmp_path: Path, capsys: pytest.Capt
     assert _files(out) == set(), "the refused run wrote nothing"
 
 
-def test_item7_a_kill_during_the_save_never_leaves_a_loadable_mix(tmp_path: Path,
-                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_item7_a_kill_during_the_save_never_leaves_a_loadable_mix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Simulate the kill at each step of the swap: whatever is on disk either loads as one set or is refused."""
     from autodfp.errors import AutoDFPError
     from autodfp.eval import export
@@ -189,7 +217,7 @@ def test_item7_a_kill_during_the_save_never_leaves_a_loadable_mix(tmp_path: Path
     for stop_after in range(4):
         calls = {"n": 0}
 
-        def dying_replace(src: os.PathLike, dst: os.PathLike, _stop: int = stop_after) -> None:
+        def dying_replace(src: os.PathLike, dst: os.PathLike, _stop: int = stop_after, calls: dict = calls) -> None:
             if calls["n"] == _stop:
                 raise KeyboardInterrupt  # the kill
             calls["n"] += 1
@@ -249,10 +277,12 @@ def test_item11_pruned_checkpoint_with_a_channels_list(tmp_path: Path, capsys: p
     assert code == 2 and "'channels'" in err.strip().splitlines()[-1], err
 
 
-def test_item11_full_disk_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_item11_full_disk_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     import errno
 
+    from autodfp.errors import AutoDFPError
     from autodfp.eval import export
 
     real = Path.write_bytes
@@ -267,12 +297,13 @@ def test_item11_full_disk_is_a_one_line_error(tmp_path: Path, capsys: pytest.Cap
     code, _, err = _cli(capsys, *_prune_args(out))
     assert code == 2 and "no space left" in err.strip().splitlines()[-1], err
     assert not any(p.name.startswith(".staging") for p in out.iterdir()) if out.exists() else True
-    with pytest.raises(Exception):
+    with pytest.raises(AutoDFPError):
         export.load_pruned(out)
 
 
-def test_item16_resume_without_checkpoint_and_ctrl_c_say_so(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_item16_resume_without_checkpoint_and_ctrl_c_say_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     import autodfp.api as api
 
     def interrupted(*a: object, **k: object) -> None:
@@ -291,13 +322,28 @@ def test_item14_proxy_json_is_valid_with_undefined_rho() -> None:
     assert json.loads(text) == {"rho": None, "x": [None, 1.0]}
 
 
-def test_item10_unwritable_home_is_a_warning_not_a_failure(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_item10_unwritable_home_is_a_warning_not_a_failure(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     home = tmp_path / "home"
     home.write_text("not a directory")
     monkeypatch.setenv("AUTODFP_HOME", str(home))
-    code, _, err = _cli(capsys, "prune", R20, "--uniform", "0.7", "--synth-steps", "2", "--refine-inputs", "8",
-                        "--reward-inputs", "8", "--no-eval", "--out", str(tmp_path / "o"))
+    code, _, err = _cli(
+        capsys,
+        "prune",
+        R20,
+        "--uniform",
+        "0.7",
+        "--synth-steps",
+        "2",
+        "--refine-inputs",
+        "8",
+        "--reward-inputs",
+        "8",
+        "--no-eval",
+        "--out",
+        str(tmp_path / "o"),
+    )
     assert code == 0, err
     warnings_ = [ln for ln in err.splitlines() if ln.startswith("warning:")]
     assert warnings_ and "cache" in warnings_[0], err

@@ -1,4 +1,5 @@
 """Search: every plan on budget, the fast-path reward is the real model's, seeded runs repeat, resume is exact."""
+
 from __future__ import annotations
 
 import json
@@ -7,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from autodfp.search.env import OBS_NAMES, MaskedModel, PruningEnv
+from autodfp.compress.surgery import Pruner
 from autodfp.errors import PlanError
 from autodfp.models import load_model
-from autodfp.compress.surgery import Pruner
-from autodfp.search.rewards import AgreementReward
 from autodfp.search.driver import EpisodeRecord, plateau_episode, plot_ratios, plot_rewards, proxy_check, search
+from autodfp.search.env import OBS_NAMES, MaskedModel, PruningEnv
+from autodfp.search.rewards import AgreementReward
 
 CIFAR = (3, 32, 32)
 
@@ -32,8 +33,16 @@ def _constant(model: torch.nn.Module) -> float:
 @pytest.mark.parametrize("ratio", [0.3, 0.5, 0.8])
 def test_every_episode_meets_the_budget(resnet20, ratio):
     pruner, _ = resnet20
-    result = search(pruner, ratio, method="random", episodes=3, reward=_constant, seed=int(ratio * 10),
-                    strategy="none", progress=False)
+    result = search(
+        pruner,
+        ratio,
+        method="random",
+        episodes=3,
+        reward=_constant,
+        seed=int(ratio * 10),
+        strategy="none",
+        progress=False,
+    )
     assert len(result.history) == 3
     for rec in result.history:
         assert abs(rec.macs / (ratio * result.total_macs) - 1) <= 0.01
@@ -57,8 +66,7 @@ def test_mobilenet_budget_is_met_by_the_environment():
 
 def test_fast_path_reward_equals_the_physically_pruned_models(resnet20):
     pruner, reward = resnet20
-    result = search(pruner, 0.5, method="random", episodes=2, reward=reward, seed=0, progress=False,
-                    strategy="autodfp")
+    result = search(pruner, 0.5, method="random", episodes=2, reward=reward, seed=0, progress=False, strategy="autodfp")
     physical = pruner.apply(result.best_plan).model
     assert reward(physical) == pytest.approx(result.best_reward, abs=1e-4)
     assert result.best_plan.strategy == "autodfp"
@@ -99,8 +107,18 @@ def test_same_seed_same_plan_and_resume_is_exact(resnet20, tmp_path):
     assert latest["episodes"] == 4
     assert {p.name for p in (ckpt / latest["dir"]).iterdir()} == {"sac.pt", "replay.npz", "state.json"}
     # warmup left at its default: a resumed run takes the checkpoint's (3), not min(50, 8 // 4)
-    resumed = search(pruner, 0.5, method="sac", reward=reward, progress=False, episodes=8, seed=3,
-                     checkpoint_every=2, checkpoint_dir=ckpt, resume=True)
+    resumed = search(
+        pruner,
+        0.5,
+        method="sac",
+        reward=reward,
+        progress=False,
+        episodes=8,
+        seed=3,
+        checkpoint_every=2,
+        checkpoint_dir=ckpt,
+        resume=True,
+    )
     assert resumed.history == full.history
     assert resumed.best_plan.to_dict() == full.best_plan.to_dict()
     with pytest.raises(Exception, match="seed=3"):  # a checkpoint from another configuration is refused
@@ -134,8 +152,10 @@ def test_uniform_method_and_plots(resnet20, tmp_path):
     assert len(set(uni.best_plan.ratios.values())) == 1 and uni.episodes == 1
     assert abs(uni.best_macs_ratio / 0.5 - 1) <= 0.01
     rnd = search(pruner, 0.5, method="random", episodes=2, reward=reward, seed=1, progress=False)
-    for path in (plot_ratios(rnd.best_plan, uni.best_plan, tmp_path / "r.png"),
-                 plot_rewards(rnd.history, tmp_path / "h.png")):
+    for path in (
+        plot_ratios(rnd.best_plan, uni.best_plan, tmp_path / "r.png"),
+        plot_rewards(rnd.history, tmp_path / "h.png"),
+    ):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

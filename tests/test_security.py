@@ -3,6 +3,7 @@
 Every payload here creates a marker file when unpickled; each test asserts that the marker does
 not exist afterwards, so a refusal that came *after* the payload ran would still fail.
 """
+
 from __future__ import annotations
 
 import base64
@@ -16,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from autodfp.errors import AutoDFPError, CheckpointError
 from autodfp.compress.surgery import Pruner
+from autodfp.errors import AutoDFPError, CheckpointError
 from autodfp.models import load_model
 from autodfp.search.driver import search
 from autodfp.search.rewards import AgreementReward
@@ -43,6 +44,7 @@ def _one_line(exc: BaseException) -> str:
 
 # ------------------------------------------------------------------------------------------------
 # search checkpoints
+
 
 @pytest.fixture(scope="module")
 def sac_checkpoint(tmp_path_factory):
@@ -74,6 +76,7 @@ def test_checkpoint_holds_only_data(sac_checkpoint):
     assert {p.name for p in ckpt.iterdir()} == {"state.json", "sac.pt", "replay.npz"}
     torch.load(ckpt / "sac.pt", weights_only=True)  # would raise on any pickled object
     import numpy as np
+
     with np.load(ckpt / "replay.npz", allow_pickle=False) as npz:
         assert {"observations", "actions", "rewards", "episode_rewards"} <= set(npz.files)
 
@@ -138,8 +141,18 @@ def test_latest_pointer_cannot_leave_the_checkpoint_dir(sac_checkpoint, tmp_path
     _one_line(err.value)
 
 
-@pytest.mark.parametrize("damage", ["state-garbage", "state-fields", "state-rng", "agent-truncated",
-                                    "agent-wrong-shapes", "replay-truncated", "replay-wrong-shapes"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "state-garbage",
+        "state-fields",
+        "state-rng",
+        "agent-truncated",
+        "agent-wrong-shapes",
+        "replay-truncated",
+        "replay-wrong-shapes",
+    ],
+)
 def test_damaged_checkpoint_is_a_one_line_error_naming_the_file(sac_checkpoint, tmp_path, damage):
     root, ckpt = _copy(sac_checkpoint, tmp_path)
     state_file = ckpt / "state.json"
@@ -170,6 +183,7 @@ def test_damaged_checkpoint_is_a_one_line_error_naming_the_file(sac_checkpoint, 
         expect = "replay.npz"
     else:
         import numpy as np
+
         with np.load(ckpt / "replay.npz") as npz:
             arrays = {k: npz[k] for k in npz.files}
         arrays["observations"] = arrays["observations"][..., :2]
@@ -185,6 +199,7 @@ def test_damaged_checkpoint_is_a_one_line_error_naming_the_file(sac_checkpoint, 
 
 # ------------------------------------------------------------------------------------------------
 # decompression bombs
+
 
 def _bomb_png(path: Path, side: int) -> None:
     """A 1-bit greyscale PNG of side x side zero pixels: tiny on disk, huge once decoded.
@@ -266,8 +281,13 @@ def test_oversized_tensors_are_refused_before_they_are_read(tmp_path):
     assert deflated.stat().st_size < 2_000_000 < plain.stat().st_size
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    proc = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(plain), str(deflated)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _PEAK_SCRIPT, str(plain), str(deflated)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["grew_mib"] < 48, out

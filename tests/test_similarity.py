@@ -1,12 +1,11 @@
 """Similarity analysis, activation moments and channel selection (pure tensor math, no model)."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from autodfp.compress.criteria import select_channels
-from autodfp.errors import PlanError
 from autodfp.analysis.similarity import (
     FEATURE_NAMES,
     ChannelStats,
@@ -15,10 +14,13 @@ from autodfp.analysis.similarity import (
     analyze,
     expected_activation,
 )
+from autodfp.compress.criteria import select_channels
+from autodfp.errors import PlanError
 
 
-def make_stats(filters: torch.Tensor, bias: torch.Tensor, activation: str = "relu",
-               std: torch.Tensor | None = None) -> ChannelStats:
+def make_stats(
+    filters: torch.Tensor, bias: torch.Tensor, activation: str = "relu", std: torch.Tensor | None = None
+) -> ChannelStats:
     std = filters.norm(dim=1) if std is None else std
     return ChannelStats(filters=filters, bias=bias, mean=bias.clone(), std=std, activation=activation)
 

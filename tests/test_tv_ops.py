@@ -1,4 +1,5 @@
 """torchvision's nms/qnms are usable after ``import autodfp``, compiled ops or not."""
+
 from __future__ import annotations
 
 import importlib.util

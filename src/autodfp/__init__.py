@@ -12,6 +12,7 @@ Data flow, one package per stage: models → analysis (graph, BN folding, simila
 (budget, env, rewards, SAC) → eval (metrics, bench, export). :mod:`autodfp.api` runs the pipeline;
 :class:`autodfp.Config` holds every default.
 """
+
 import os as _os
 
 # OpenMP's default spin-waiting makes small CPU ops ~100x slower whenever another process shares
@@ -19,17 +20,31 @@ import os as _os
 # only takes effect if torch has not been imported yet.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from autodfp._version import __version__  # noqa: E402
-from autodfp.api import PruningResult, create_model, evaluate, load, prune, save  # noqa: E402
-from autodfp.compress.criteria import register_criterion  # noqa: E402
-from autodfp.compress.plan import Plan  # noqa: E402
-from autodfp.compress.reconstruct import register_strategy  # noqa: E402
-from autodfp.config import Config  # noqa: E402
-from autodfp.errors import AutoDFPError  # noqa: E402
-from autodfp.models import ModelConfig, Preprocessing, get_config, list_models, load_model  # noqa: E402
+from autodfp._version import __version__
+from autodfp.api import PruningResult, create_model, evaluate, load, prune, save
+from autodfp.compress.criteria import register_criterion
+from autodfp.compress.plan import Plan
+from autodfp.compress.reconstruct import register_strategy
+from autodfp.config import Config
+from autodfp.errors import AutoDFPError
+from autodfp.models import ModelConfig, Preprocessing, get_config, list_models, load_model
 
 __all__ = [
-    "AutoDFPError", "Config", "ModelConfig", "Plan", "Preprocessing", "PruningResult", "__version__", "create_model",
-    "evaluate", "get_config", "list_models", "load", "load_model", "prune", "register_criterion",
-    "register_strategy", "save",
+    "AutoDFPError",
+    "Config",
+    "ModelConfig",
+    "Plan",
+    "Preprocessing",
+    "PruningResult",
+    "__version__",
+    "create_model",
+    "evaluate",
+    "get_config",
+    "list_models",
+    "load",
+    "load_model",
+    "prune",
+    "register_criterion",
+    "register_strategy",
+    "save",
 ]

@@ -1,4 +1,5 @@
 """Argument checks shared by the library's entry points, run before any expensive work."""
+
 from __future__ import annotations
 
 import numbers
@@ -6,7 +7,7 @@ from typing import Any
 
 from autodfp.errors import PlanError
 
-SEED_LIMIT = 2 ** 32
+SEED_LIMIT = 2**32
 
 
 def check_seed(seed: Any, name: str = "seed") -> int:

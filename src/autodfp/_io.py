@@ -5,6 +5,7 @@ mode 0600 whatever the umask, so the finished file is given the mode an ordinary
 have given it (0666 less the umask): artefacts and caches stay readable by whoever the user's
 umask says should read them.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -12,8 +13,8 @@ import os
 import re
 import tempfile
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 _UMASK: int | None = None
 _UMASK_LOCK = threading.Lock()

@@ -6,10 +6,11 @@ with another model (``env.MaskedModel`` wraps the original network) would switch
 training mode. A network left in training mode normalises with batch statistics and overwrites
 its BN running statistics at the next forward pass, silently changing the model being pruned.
 """
+
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch.nn as nn
 

@@ -19,15 +19,17 @@ No real data is used by the method: synthetic inputs come from the model's own B
 statistics. Real images enter only when the caller asks for them (``reward="unlabeled:DIR"`` or
 ``"labeled:SPEC"``), and evaluation is separate (:func:`evaluate`).
 """
+
 from __future__ import annotations
 
 import copy
 import logging
 import os
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Union
 
 import torch
 import torch.nn as nn
@@ -79,9 +81,14 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     raise PlanError(f"unknown device '{device}'; use auto, cpu, cuda or mps")
 
 
-def user_model_config(model: nn.Module, input_shape: Sequence[int], name: str | None = None,
-                      preprocessing: Preprocessing | None = None, num_classes: int = 0,
-                      label_offset: int = 0) -> ModelConfig:
+def user_model_config(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    name: str | None = None,
+    preprocessing: Preprocessing | None = None,
+    num_classes: int = 0,
+    label_offset: int = 0,
+) -> ModelConfig:
     """A registry-free config for a model passed from Python.
 
     The preprocessing matters only for evaluation on images; the method itself needs nothing but
@@ -93,9 +100,15 @@ def user_model_config(model: nn.Module, input_shape: Sequence[int], name: str | 
     if preprocessing is None:
         preprocessing = Preprocessing(shape[-1], (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     net = model
-    return ModelConfig(name=name or type(model).__name__, builder=lambda: net, weights=None,
-                       preprocessing=preprocessing, num_classes=num_classes, label_offset=label_offset,
-                       description="user model")
+    return ModelConfig(
+        name=name or type(model).__name__,
+        builder=lambda: net,
+        weights=None,
+        preprocessing=preprocessing,
+        num_classes=num_classes,
+        label_offset=label_offset,
+        description="user model",
+    )
 
 
 def input_shape_of(config: ModelConfig) -> tuple[int, int, int]:
@@ -122,9 +135,16 @@ class Pipeline:
     :param progress: show progress bars with an ETA on stderr
     """
 
-    def __init__(self, model: nn.Module, model_config: ModelConfig, input_shape: Sequence[int],
-                 config: Config | None = None, seed: int = 0, device: str | torch.device = "auto",
-                 progress: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        model_config: ModelConfig,
+        input_shape: Sequence[int],
+        config: Config | None = None,
+        seed: int = 0,
+        device: str | torch.device = "auto",
+        progress: bool = True,
+    ) -> None:
         self.model = model
         self.model_config = model_config
         self.shape = tuple(int(s) for s in input_shape)
@@ -148,10 +168,18 @@ class Pipeline:
         """``n`` synthetic inputs distilled from the model with ``seed`` (cached on disk)."""
         from autodfp.synth.distill import synthetic_batch
 
-        return synthetic_batch(self.device_model, self.model_config.name, self.shape, n=n, seed=seed,
-                               method=self.config.synth_method, steps=self.config.synth_steps,
-                               label_offset=self.model_config.label_offset, progress=self.progress,
-                               log=log.info)
+        return synthetic_batch(
+            self.device_model,
+            self.model_config.name,
+            self.shape,
+            n=n,
+            seed=seed,
+            method=self.config.synth_method,
+            steps=self.config.synth_steps,
+            label_offset=self.model_config.label_offset,
+            progress=self.progress,
+            log=log.info,
+        )
 
     def needs_calibration(self, corr: str) -> bool:
         from autodfp.synth.distill import bn_layers
@@ -177,17 +205,31 @@ class Pipeline:
         n = cfg.refine_inputs_for(self.shape) if n is None else n
         inputs = self.batch(self.seed + cfg.refine_seed_offset, n)
         dims = cfg.search_dims_ridge if dims_ridge is None else dims_ridge
-        return Refiner(pruner, inputs, ridge=cfg.refine_ridge, dims_ridge=dims,
-                       max_positions=cfg.refine_max_positions, device=self.device, progress=self.progress)
+        return Refiner(
+            pruner,
+            inputs,
+            ridge=cfg.refine_ridge,
+            dims_ridge=dims,
+            max_positions=cfg.refine_max_positions,
+            device=self.device,
+            progress=self.progress,
+        )
 
     def search_refiner(self, refiner: Refiner | None) -> Refiner | None:
         """The refiner candidates are scored with: the first ``search_refine_inputs`` inputs only."""
         n = self.config.search_refine_inputs
         if refiner is None or len(refiner.inputs) <= n:
             return refiner
-        return Refiner(refiner.pruner, refiner.inputs[:n], ridge=refiner.ridge,
-                       max_positions=refiner.max_positions, include_unpruned=refiner.include_unpruned,
-                       dims_ridge=refiner.dims_ridge, device=self.device, progress=False)
+        return Refiner(
+            refiner.pruner,
+            refiner.inputs[:n],
+            ridge=refiner.ridge,
+            max_positions=refiner.max_positions,
+            include_unpruned=refiner.include_unpruned,
+            dims_ridge=refiner.dims_ridge,
+            device=self.device,
+            progress=False,
+        )
 
     def reward(self, spec: RewardSpec, eval_data: str | None = None) -> Callable[[nn.Module], float]:
         """``"synthetic"`` (the default, data-free), ``"unlabeled:DIR"``, ``"labeled:SPEC"`` or a callable.
@@ -205,22 +247,33 @@ class Pipeline:
             raise PlanError(f"reward must be 'synthetic', 'unlabeled:DIR', 'labeled:SPEC' or a callable, got {spec!r}")
         kind, _, arg = spec.partition(":")
         if kind == "synthetic" and not arg:
-            return AgreementReward(self.device_model, self.batch(self.seed, cfg.reward_inputs_for(self.shape)),
-                                   measure=cfg.reward_measure, temperature=cfg.reward_temperature,
-                                   label_offset=mc.label_offset)
+            return AgreementReward(
+                self.device_model,
+                self.batch(self.seed, cfg.reward_inputs_for(self.shape)),
+                measure=cfg.reward_measure,
+                temperature=cfg.reward_temperature,
+                label_offset=mc.label_offset,
+            )
         if kind == "unlabeled" and arg:
             ds = UnlabeledImageDir(arg, build_transform(mc.preprocessing))
             n = min(len(ds), cfg.unlabeled_reward_inputs)
             if n == 0:
                 raise DataError(f"no images found under {arg}")
-            return AgreementReward(self.device_model, torch.stack([ds[i] for i in range(n)]),
-                                   measure=cfg.reward_measure, temperature=cfg.reward_temperature,
-                                   label_offset=mc.label_offset)
+            return AgreementReward(
+                self.device_model,
+                torch.stack([ds[i] for i in range(n)]),
+                measure=cfg.reward_measure,
+                temperature=cfg.reward_temperature,
+                label_offset=mc.label_offset,
+            )
         if kind == "labeled" and arg:
             if arg == eval_data or (eval_data is None and _is_default_eval(mc, arg)):
                 raise PlanError("the labeled reward must not use the evaluation set; pass a held-out set")
-            loader = make_loader(resolve_dataset(arg, mc, split="train" if arg.startswith("cifar") else "test"),
-                                 batch_size=cfg.eval_batch_size_for(self.shape), limit=cfg.labeled_reward_inputs)
+            loader = make_loader(
+                resolve_dataset(arg, mc, split="train" if arg.startswith("cifar") else "test"),
+                batch_size=cfg.eval_batch_size_for(self.shape),
+                limit=cfg.labeled_reward_inputs,
+            )
             return AccuracyReward([(x, y) for x, y in loader], label_offset=mc.label_offset)
         raise PlanError(f"unknown reward '{spec}'; use synthetic, unlabeled:DIR or labeled:SPEC")
 
@@ -283,9 +336,12 @@ def _as_plan(plan: PlanSpec) -> Plan:
     return Plan.load(plan)
 
 
-def prepare_model(model: nn.Module | str, input_shape: Sequence[int] | None = None,
-                  model_config: ModelConfig | None = None, name: str | None = None,
-                  ) -> tuple[nn.Module, ModelConfig, tuple[int, ...]]:
+def prepare_model(
+    model: nn.Module | str,
+    input_shape: Sequence[int] | None = None,
+    model_config: ModelConfig | None = None,
+    name: str | None = None,
+) -> tuple[nn.Module, ModelConfig, tuple[int, ...]]:
     """A zoo name or a module → (module in eval mode, its config, input shape), checked for finiteness."""
     if isinstance(model, str):
         from autodfp.models import load_model
@@ -389,12 +445,19 @@ def prune(
     if searching:
         assert reward_fn is not None
         assert macs_ratio is not None
-        search_result, uniform_plan = _search(pipe, pruner, refiner, reward_fn, float(macs_ratio), method,
-                                              checkpoint_dir, resume)
+        search_result, uniform_plan = _search(
+            pipe, pruner, refiner, reward_fn, float(macs_ratio), method, checkpoint_dir, resume
+        )
         the_plan = search_result.best_plan
-        report.update({"search": method, "episodes": search_result.episodes,
-                       "search_seconds": round(search_result.seconds, 2), "best_reward": search_result.best_reward,
-                       "plateau_episode": search_result.plateau_episode})
+        report.update(
+            {
+                "search": method,
+                "episodes": search_result.episodes,
+                "search_seconds": round(search_result.seconds, 2),
+                "best_reward": search_result.best_reward,
+                "plateau_episode": search_result.plateau_episode,
+            }
+        )
     elif given_plan is not None:
         the_plan = given_plan
     else:
@@ -412,30 +475,43 @@ def prune(
             report["refine_dims_ridge"] = cfg.refine_dims_ridge
         else:
             assert reward_fn is not None
-            decisions, report["refine_dims_ridge"], scores = _select_dims_ridge(pruner, refiner, decisions,
-                                                                                 reward_fn, cfg.dims_ridge_grid,
-                                                                                 pipe.device_model)
+            decisions, report["refine_dims_ridge"], scores = _select_dims_ridge(
+                pruner, refiner, decisions, reward_fn, cfg.dims_ridge_grid, pipe.device_model
+            )
             report["refine_dims_ridge_scores"] = {f"{k:g}": v for k, v in scores.items()}
     pruned = pruner.apply(the_plan, decisions)
     check_finite(pruned.model, "the pruned model")
     before = _count(net, shape)
     after = _count(pruned.model, shape)
-    report.update({"strategy": the_plan.strategy, "criterion": the_plan.criterion, "refine": cfg.refine,
-                   "macs_before": before[0], "macs_after": after[0],
-                   "macs_ratio_achieved": round(after[0] / before[0], 6) if before[0] else None,
-                   "params_before": before[1], "params_after": after[1],
-                   "seconds": round(time.perf_counter() - t_start, 2)})
+    report.update(
+        {
+            "strategy": the_plan.strategy,
+            "criterion": the_plan.criterion,
+            "refine": cfg.refine,
+            "macs_before": before[0],
+            "macs_after": after[0],
+            "macs_ratio_achieved": round(after[0] / before[0], 6) if before[0] else None,
+            "params_before": before[1],
+            "params_after": after[1],
+            "seconds": round(time.perf_counter() - t_start, 2),
+        }
+    )
     out_model = pruned.model.to(_device_of(net)).eval()
-    return PruningResult(out_model, the_plan, report, net, mc, shape, cfg, search_result, uniform_plan,
-                         pruned.decisions, arch)
+    return PruningResult(
+        out_model, the_plan, report, net, mc, shape, cfg, search_result, uniform_plan, pruned.decisions, arch
+    )
 
 
 def check_ratio(name: str, value: Any) -> float:
     """A ratio in (0, 1]: NaN fails every comparison, so finiteness is checked first."""
     import math
 
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)) \
-            or not 0.0 < float(value) <= 1.0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(float(value))
+        or not 0.0 < float(value) <= 1.0
+    ):
         raise PlanError(f"{name} must be in (0, 1], got {value!r}")
     return float(value)
 
@@ -447,29 +523,61 @@ def _count(model: nn.Module, shape: tuple[int, ...]) -> tuple[int, int]:
     return p.total_macs, p.total_params
 
 
-def _search(pipe: Pipeline, pruner: Pruner, refiner: Refiner | None, reward_fn: Callable[[nn.Module], float],
-            macs_ratio: float, method: str, checkpoint_dir: str | os.PathLike | None, resume: bool,
-            ) -> tuple[Any, Plan]:
+def _search(
+    pipe: Pipeline,
+    pruner: Pruner,
+    refiner: Refiner | None,
+    reward_fn: Callable[[nn.Module], float],
+    macs_ratio: float,
+    method: str,
+    checkpoint_dir: str | os.PathLike | None,
+    resume: bool,
+) -> tuple[Any, Plan]:
     from autodfp.search.driver import search as run_search
 
     cfg = pipe.config
     params = {"strength": cfg.strength} if cfg.strength is not None else None
-    common: dict[str, Any] = dict(reward=reward_fn, strategy=cfg.strategy, criterion=cfg.criterion, params=params,
-                  model_key=pipe.model_config.name, tol=cfg.tol, reward_base=pipe.device_model)
-    result = run_search(pruner, macs_ratio, method=method, episodes=cfg.episodes,
-                        warmup=None if cfg.warmup is None and resume else cfg.warmup_for(cfg.episodes),
-                        seed=pipe.seed, r_min=cfg.r_min, checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir),
-                        checkpoint_every=cfg.checkpoint_every, resume=resume, progress=pipe.progress,
-                        sac_kwargs=dict(cfg.sac) or None, refiner=pipe.search_refiner(refiner), **common)
+    common: dict[str, Any] = dict(
+        reward=reward_fn,
+        strategy=cfg.strategy,
+        criterion=cfg.criterion,
+        params=params,
+        model_key=pipe.model_config.name,
+        tol=cfg.tol,
+        reward_base=pipe.device_model,
+    )
+    result = run_search(
+        pruner,
+        macs_ratio,
+        method=method,
+        episodes=cfg.episodes,
+        warmup=None if cfg.warmup is None and resume else cfg.warmup_for(cfg.episodes),
+        seed=pipe.seed,
+        r_min=cfg.r_min,
+        checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir),
+        checkpoint_every=cfg.checkpoint_every,
+        resume=resume,
+        progress=pipe.progress,
+        sac_kwargs=dict(cfg.sac) or None,
+        refiner=pipe.search_refiner(refiner),
+        **common,
+    )
     uniform = run_search(pruner, macs_ratio, method="uniform", progress=False, **common).best_plan
-    log.info(f"search: {method}, {result.episodes} episodes in {result.seconds:.1f} s, best reward "
-             f"{result.best_reward:.4f} (plateau at episode {result.plateau_episode})")
+    log.info(
+        f"search: {method}, {result.episodes} episodes in {result.seconds:.1f} s, best reward "
+        f"{result.best_reward:.4f} (plateau at episode {result.plateau_episode})"
+    )
     return result, uniform
 
 
-def _select_dims_ridge(pruner: Pruner, refiner: Refiner, decisions: dict[str, GroupDecision],
-                       reward_fn: Callable[[nn.Module], float], grid: Sequence[float], base: nn.Module,
-                       ) -> tuple[dict[str, GroupDecision], float, dict[float, float]]:
+def _select_dims_ridge(
+    pruner: Pruner,
+    refiner: Refiner,
+    decisions: dict[str, GroupDecision],
+    reward_fn: Callable[[nn.Module], float],
+    grid: Sequence[float],
+    base: nn.Module,
+) -> tuple[dict[str, GroupDecision], float, dict[float, float]]:
     """The final refinement's dims ridge, chosen by the reward on its own (held-out) inputs."""
     from autodfp.search.env import MaskedModel
 
@@ -477,17 +585,28 @@ def _select_dims_ridge(pruner: Pruner, refiner: Refiner, decisions: dict[str, Gr
         return reward_fn(MaskedModel(base, pruner.masked_state(refined)))
 
     chosen, refined, scores = select_dims_ridge(refiner, decisions, score, grid=grid)
-    log.info("refinement dims ridge by reward: " + ", ".join(f"{k:g} → {v:.4f}" for k, v in scores.items())
-             + f"; chose {chosen:g}")
+    log.info(
+        "refinement dims ridge by reward: "
+        + ", ".join(f"{k:g} → {v:.4f}" for k, v in scores.items())
+        + f"; chose {chosen:g}"
+    )
     return refined, chosen, scores
 
 
 # ---------------------------------------------------------------------------------------------
 # evaluate
 # ---------------------------------------------------------------------------------------------
-def evaluate(model: nn.Module, data: str | None = None, *, model_config: ModelConfig | None = None,
-             limit: int | None = None, batch_size: int | None = None, device: str | torch.device = "auto",
-             progress: bool = False, config: Config | None = None) -> Any:
+def evaluate(
+    model: nn.Module,
+    data: str | None = None,
+    *,
+    model_config: ModelConfig | None = None,
+    limit: int | None = None,
+    batch_size: int | None = None,
+    device: str | torch.device = "auto",
+    progress: bool = False,
+    config: Config | None = None,
+) -> Any:
     """Top-1/top-5 of ``model`` on labelled data: a spec (``cifar10:DIR``, ``folder:DIR[:CLASSLIST]``)
     or, without one, the model config's default evaluation set.
 
@@ -501,8 +620,9 @@ def evaluate(model: nn.Module, data: str | None = None, *, model_config: ModelCo
     cfg = config if config is not None else Config()
     dev = resolve_device(device)
     shape = input_shape_of(model_config)
-    loader = make_loader(resolve_dataset(data, model_config), batch_size=batch_size or cfg.eval_batch_size_for(shape),
-                         limit=limit)
+    loader = make_loader(
+        resolve_dataset(data, model_config), batch_size=batch_size or cfg.eval_batch_size_for(shape), limit=limit
+    )
     moved = model if _device_of(model) == dev else copy.deepcopy(model).to(dev)
     with eval_mode(moved):
         return run_eval(moved, loader, label_offset=model_config.label_offset, progress=progress)
@@ -530,8 +650,9 @@ def save(result: PruningResult, out_dir: str | os.PathLike, *, plots: bool = Tru
         if plots:
             extra.update(_search_plots(result))
     zoo = result.arch is None and _is_zoo(result)
-    return save_pruned(_SavedView(result), out_dir, result.model_config, result.input_shape, arch=result.arch,
-                       zoo=zoo, extra=extra)
+    return save_pruned(
+        _SavedView(result), out_dir, result.model_config, result.input_shape, arch=result.arch, zoo=zoo, extra=extra
+    )
 
 
 @dataclass
@@ -559,12 +680,14 @@ def _search_plots(result: PruningResult) -> dict[str, bytes]:
     files: dict[str, bytes] = {}
     name = result.model_config.name
     with tempfile.TemporaryDirectory() as tmp:
-        plot_ratios(result.plan, result.uniform_plan, Path(tmp) / "ratios.png",
-                    title=f"{name}: preserved ratio per group")
+        plot_ratios(
+            result.plan, result.uniform_plan, Path(tmp) / "ratios.png", title=f"{name}: preserved ratio per group"
+        )
         files["ratios.png"] = (Path(tmp) / "ratios.png").read_bytes()
         if result.search.history:
-            plot_rewards(result.search.history, Path(tmp) / "rewards.png",
-                         title=f"{name}: {result.search.method} search")
+            plot_rewards(
+                result.search.history, Path(tmp) / "rewards.png", title=f"{name}: {result.search.method} search"
+            )
             files["rewards.png"] = (Path(tmp) / "rewards.png").read_bytes()
     return files
 
@@ -593,5 +716,17 @@ def create_model(name: str, pretrained: bool = True) -> nn.Module:
     return load_model(name, pretrained=pretrained)[0]
 
 
-__all__ = ["Pipeline", "PruningResult", "check_ratio", "check_seed", "create_model", "evaluate", "load", "prepare_model", "prune",
-           "resolve_device", "save", "user_model_config"]
+__all__ = [
+    "Pipeline",
+    "PruningResult",
+    "check_ratio",
+    "check_seed",
+    "create_model",
+    "evaluate",
+    "load",
+    "prepare_model",
+    "prune",
+    "resolve_device",
+    "save",
+    "user_model_config",
+]

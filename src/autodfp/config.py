@@ -8,12 +8,14 @@ size (synthesis steps, batch sizes) are tables keyed by :func:`size_class`, reso
 Why the values are what they are is recorded next to each one, with the measurement in
 docs/RESULTS.md that chose it.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from autodfp.errors import PlanError
 
@@ -172,10 +174,17 @@ class Config:
         for name in ("reward_inputs", "refine_inputs"):
             if getattr(self, name) is not None:
                 _integer(name, getattr(self, name), 2)
-        for name, low in (("calibration_inputs", 2), ("search_refine_inputs", 2), ("refine_seed_offset", 0),
-                          ("refine_max_positions", 1), ("unlabeled_reward_inputs", 1),
-                          ("labeled_reward_inputs", 1), ("episodes", 1), ("warmup_cap", 0),
-                          ("checkpoint_every", 1)):
+        for name, low in (
+            ("calibration_inputs", 2),
+            ("search_refine_inputs", 2),
+            ("refine_seed_offset", 0),
+            ("refine_max_positions", 1),
+            ("unlabeled_reward_inputs", 1),
+            ("labeled_reward_inputs", 1),
+            ("episodes", 1),
+            ("warmup_cap", 0),
+            ("checkpoint_every", 1),
+        ):
             _integer(name, getattr(self, name), low)
         if self.warmup is not None:
             _integer("warmup", self.warmup, 0)
@@ -184,7 +193,7 @@ class Config:
         if not isinstance(self.refine, bool):
             raise PlanError(f"refine must be True or False, got {self.refine!r}")
 
-    def replace(self, **changes: Any) -> "Config":
+    def replace(self, **changes: Any) -> Config:
         """A copy with some fields changed (validated like a new one)."""
         return dataclasses.replace(self, **changes)
 
@@ -249,5 +258,13 @@ def _unvalidated_defaults() -> Config:
 #: The defaults, for library functions whose keyword defaults must agree with the pipeline's.
 DEFAULTS = _unvalidated_defaults()
 
-__all__ = ["Config", "DEFAULTS", "EVAL_BATCH", "REFINE_INPUTS", "REWARD_INPUTS", "SMALL_INPUT_PIXELS",
-           "SYNTH_SETTINGS", "size_class"]
+__all__ = [
+    "Config",
+    "DEFAULTS",
+    "EVAL_BATCH",
+    "REFINE_INPUTS",
+    "REWARD_INPUTS",
+    "SMALL_INPUT_PIXELS",
+    "SYNTH_SETTINGS",
+    "size_class",
+]

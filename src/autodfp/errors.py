@@ -4,6 +4,7 @@ Anything a user can cause (a bad path, a corrupt checkpoint, an impossible budge
 :class:`AutoDFPError`, whose message is one self-contained line. The CLI prints it without a
 traceback; library callers can catch it as one type.
 """
+
 from __future__ import annotations
 
 

@@ -9,6 +9,7 @@ For BN-free models (the BN-folded MobileNet-V2) there are no stored statistics. 
 model comes from :func:`empirical_moments` on an input batch (synthetic by default): the mean and
 std of each pre-activation channel, and optionally their correlation.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,10 +21,16 @@ from autodfp.analysis.similarity import ChannelStats
 
 def _conv_bias(conv: nn.Module) -> torch.Tensor:
     out = conv.weight.shape[0]
-    return conv.bias.detach().double() if getattr(conv, "bias", None) is not None else torch.zeros(out, dtype=torch.float64)
+    return (
+        conv.bias.detach().double()
+        if getattr(conv, "bias", None) is not None
+        else torch.zeros(out, dtype=torch.float64)
+    )
 
 
-def fold_stage(model: nn.Module, stage: Stage) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def fold_stage(
+    model: nn.Module, stage: Stage
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Folded (weight, bias) of a conv+BN stage, plus BN's (β, |γ|) when a BN exists."""
     conv = model.get_submodule(stage.conv)
     w = conv.weight.detach().double()
@@ -37,9 +44,12 @@ def fold_stage(model: nn.Module, stage: Stage) -> tuple[torch.Tensor, torch.Tens
     return w, b, bn.bias.detach().double(), bn.weight.detach().double().abs()
 
 
-def group_stats(model: nn.Module, group: PrunableGroup,
-                moments: tuple[torch.Tensor, torch.Tensor] | None = None,
-                corr: torch.Tensor | None = None) -> ChannelStats:
+def group_stats(
+    model: nn.Module,
+    group: PrunableGroup,
+    moments: tuple[torch.Tensor, torch.Tensor] | None = None,
+    corr: torch.Tensor | None = None,
+) -> ChannelStats:
     """The :class:`ChannelStats` of a group.
 
     For a depthwise chain the linearised filter of channel ``c`` is the outer product of its
@@ -59,8 +69,14 @@ def group_stats(model: nn.Module, group: PrunableGroup,
         mean, std = beta, gamma
     else:
         raise ValueError(f"group {group.name} has no BN after its last stage; pass measured moments")
-    return ChannelStats(filters=filters, bias=b, mean=mean, std=std, activation=group.activation,
-                        corr=None if corr is None else corr.double())
+    return ChannelStats(
+        filters=filters,
+        bias=b,
+        mean=mean,
+        std=std,
+        activation=group.activation,
+        corr=None if corr is None else corr.double(),
+    )
 
 
 def raw_filters(model: nn.Module, group: PrunableGroup) -> torch.Tensor:
@@ -75,9 +91,14 @@ def last_stage_module(model: nn.Module, group: PrunableGroup) -> nn.Module:
 
 
 @torch.no_grad()
-def empirical_moments(model: nn.Module, graph: GroupGraph, x: torch.Tensor, with_corr: bool = False,
-                      max_positions: int = 20000, batch_size: int = 32,
-                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+def empirical_moments(
+    model: nn.Module,
+    graph: GroupGraph,
+    x: torch.Tensor,
+    with_corr: bool = False,
+    max_positions: int = 20000,
+    batch_size: int = 32,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """Per-channel mean/std (and correlation) of every prunable group's pre-activation on ``x``.
 
     The pre-activation is the last stage's output, or for a fused BN+activation layer (timm's
@@ -104,13 +125,14 @@ def empirical_moments(model: nn.Module, graph: GroupGraph, x: torch.Tensor, with
                 take = min(y.shape[1], max(1, max_positions * batch_size // max(1, x.shape[0])))
                 idx = torch.randperm(y.shape[1], generator=gen)[:take]
                 acc[3].append(y[:, idx])
+
         return hook
 
     hooks = [register_preactivation_hook(m, make_hook(n)) for n, m in mods.items()]
     try:
         model.eval()
         for i in range(0, x.shape[0], batch_size):
-            model(x[i:i + batch_size])
+            model(x[i : i + batch_size])
     finally:
         for h in hooks:
             h.remove()

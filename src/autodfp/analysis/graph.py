@@ -44,10 +44,11 @@ one; without pools 0.462 → 0.59–0.63); refinement brings both sets to ≈ 0.
 between producer and consumer (avg, adaptive) still read as an unknown activation and leave the
 group unprunable.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -161,16 +162,20 @@ class GroupGraph:
 def build_dependency_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     try:
         with torch.enable_grad():  # torch-pruning traces through autograd
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example,
-                                                         customized_pruners=CUSTOM_PRUNERS)
+            return tp.DependencyGraph().build_dependency(
+                model, example_inputs=example, customized_pruners=CUSTOM_PRUNERS
+            )
     except Exception as exc:  # torch-pruning raises bare exceptions on untraceable models
         raise ModelError(f"could not trace the model's dependency graph ({exc.__class__.__name__}: {exc})") from None
 
 
 def _forward_order(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
     order: list[nn.Module] = []
-    hooks = [m.register_forward_hook(lambda mod, i, o: order.append(mod))
-             for m in model.modules() if len(list(m.children())) == 0]
+    hooks = [
+        m.register_forward_hook(lambda mod, i, o: order.append(mod))
+        for m in model.modules()
+        if len(list(m.children())) == 0
+    ]
     try:
         with torch.no_grad():
             model(example)
@@ -183,8 +188,7 @@ def _forward_order(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
     return list(seen)
 
 
-def _classify_activation(pre: torch.Tensor | None, post: torch.Tensor | None,
-                         pools: list[dict] | None = None) -> str:
+def _classify_activation(pre: torch.Tensor | None, post: torch.Tensor | None, pools: list[dict] | None = None) -> str:
     if pre is None or post is None:
         return "unknown"
     # The probe input is scaled up so that ReLU6 clipping shows; if no value exceeds 6, ReLU and
@@ -202,8 +206,9 @@ def _classify_activation(pre: torch.Tensor | None, post: torch.Tensor | None,
     return "unknown"
 
 
-def _detect_activations(model: nn.Module, example: torch.Tensor,
-                        pairs: list[tuple[nn.Module, list[nn.Module], list[list[dict]]]]) -> list[str]:
+def _detect_activations(
+    model: nn.Module, example: torch.Tensor, pairs: list[tuple[nn.Module, list[nn.Module], list[list[dict]]]]
+) -> list[str]:
     """Identify the element-wise activation between each ``last`` output and its consumers' inputs.
 
     Checked numerically on one forward pass instead of parsing code, so it works for functional
@@ -223,6 +228,7 @@ def _detect_activations(model: nn.Module, example: torch.Tensor,
         def fn(y: torch.Tensor) -> None:
             if mod not in outs:
                 outs[mod] = y.detach().clone()
+
         return fn
 
     def grab_in(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
@@ -305,13 +311,25 @@ def _path_pools(dg: tp.DependencyGraph, src: nn.Module, dst: nn.Module) -> tuple
     while stack:
         n, path = stack.pop()
         if n is target:
-            pools = [p.grad_fn for p in reversed(path)
-                     if p.grad_fn is not None and "MaxPool2D" in type(p.grad_fn).__name__]
-            kw = [dict(kernel_size=tuple(g._saved_kernel_size), stride=tuple(g._saved_stride),
-                       padding=tuple(g._saved_padding), dilation=tuple(g._saved_dilation),
-                       ceil_mode=bool(g._saved_ceil_mode)) for g in pools]
-            labels = [f"max_pool2d(k={_short(k['kernel_size'])}, s={_short(k['stride'])}"
-                      + (f", p={_short(k['padding'])}" if any(k["padding"]) else "") + ")" for k in kw]
+            pools = [
+                p.grad_fn for p in reversed(path) if p.grad_fn is not None and "MaxPool2D" in type(p.grad_fn).__name__
+            ]
+            kw = [
+                dict(
+                    kernel_size=tuple(g._saved_kernel_size),
+                    stride=tuple(g._saved_stride),
+                    padding=tuple(g._saved_padding),
+                    dilation=tuple(g._saved_dilation),
+                    ceil_mode=bool(g._saved_ceil_mode),
+                )
+                for g in pools
+            ]
+            labels = [
+                f"max_pool2d(k={_short(k['kernel_size'])}, s={_short(k['stride'])}"
+                + (f", p={_short(k['padding'])}" if any(k["padding"]) else "")
+                + ")"
+                for k in kw
+            ]
             return kw, labels
         if id(n) in seen or not isinstance(n.module, tp.ops._ElementWiseOp):
             continue
@@ -390,13 +408,24 @@ def find_groups(model: nn.Module, input_shape: tuple[int, ...]) -> GroupGraph:
         elif not consumers:
             prunable, reason = False, "no consumer layer"
         kind = "linear" if isinstance(producer, nn.Linear) else ("dw_chain" if dws else "conv")
-        groups.append(PrunableGroup(
-            name=names[producer], index=len(groups), channels=n_out,
-            producer=Stage(names[producer], names.get(prod_bn) if prod_bn is not None else None),
-            passthrough=passthrough, consumers=[names[c] for c in consumers], consumer_bns=consumer_bns,
-            activation="unknown", coupled=coupled, prunable=prunable, reason=reason, kind=kind,
-            members=[names[p] for p in producers], pools=pools,
-        ))
+        groups.append(
+            PrunableGroup(
+                name=names[producer],
+                index=len(groups),
+                channels=n_out,
+                producer=Stage(names[producer], names.get(prod_bn) if prod_bn is not None else None),
+                passthrough=passthrough,
+                consumers=[names[c] for c in consumers],
+                consumer_bns=consumer_bns,
+                activation="unknown",
+                coupled=coupled,
+                prunable=prunable,
+                reason=reason,
+                kind=kind,
+                members=[names[p] for p in producers],
+                pools=pools,
+            )
+        )
         pairs.append((last_bn or last_module, consumers, [kw for kw, _ in pool_paths]))
 
     for g, act in zip(groups, _detect_activations(model, example, pairs)):

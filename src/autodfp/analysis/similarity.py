@@ -22,6 +22,7 @@ the covariance of two activations of correlated Gaussians.
 All math runs in float64: the quantities of interest are small differences (``1 − cos`` of
 near-parallel filters, ``b_p − α b_k``) that float32 rounds away in wide layers.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,16 +50,16 @@ STD_FLOOR = 0.1
 DEAD_PROB = 0.01
 
 FEATURE_NAMES: list[str] = [
-    "cluster_share",        # share of channels in non-singleton DBSCAN clusters
+    "cluster_share",  # share of channels in non-singleton DBSCAN clusters
     "clusters_per_channel",  # number of clusters / C
-    "nn_dist_mean",         # mean nearest-neighbour distance (/2, clipped to [0, 1])
-    "nn_dist_median",       # median nearest-neighbour distance (/2, clipped)
-    "nn_dist_min",          # smallest nearest-neighbour distance (/2, clipped)
-    "nn_cos_mean",          # mean cosine to the nearest neighbour, clipped to [0, 1]
-    "nn_mismatch_mean",     # mean normalised offset at the nearest neighbour (/cap)
-    "nn_mismatch_median",   # median normalised offset at the nearest neighbour (/cap)
-    "norm_cv",              # coefficient of variation of filter norms, squashed cv/(1+cv)
-    "dead_share",           # share of channels with P(pre-activation > 0) < 1 %
+    "nn_dist_mean",  # mean nearest-neighbour distance (/2, clipped to [0, 1])
+    "nn_dist_median",  # median nearest-neighbour distance (/2, clipped)
+    "nn_dist_min",  # smallest nearest-neighbour distance (/2, clipped)
+    "nn_cos_mean",  # mean cosine to the nearest neighbour, clipped to [0, 1]
+    "nn_mismatch_mean",  # mean normalised offset at the nearest neighbour (/cap)
+    "nn_mismatch_median",  # median normalised offset at the nearest neighbour (/cap)
+    "norm_cv",  # coefficient of variation of filter norms, squashed cv/(1+cv)
+    "dead_share",  # share of channels with P(pre-activation > 0) < 1 %
 ]
 
 
@@ -236,8 +237,9 @@ def activation_covariance(
     return vals.reshape(rows.numel(), cols.numel())
 
 
-def pair_activation_covariance(mu: Tensor, sd: Tensor, rho: Tensor, ri: Tensor, ci: Tensor, activation: str,
-                               nodes: int = 16, block: int = 1 << 15) -> Tensor:
+def pair_activation_covariance(
+    mu: Tensor, sd: Tensor, rho: Tensor, ri: Tensor, ci: Tensor, activation: str, nodes: int = 16, block: int = 1 << 15
+) -> Tensor:
     """The Price-theorem quadrature of :func:`activation_covariance` for a flat list of pairs.
 
     ``rho[n]`` is the pre-activation correlation of channels ``ri[n]`` and ``ci[n]``; ``mu``/``sd``
@@ -356,18 +358,21 @@ class ChannelAnalysis:
         norms = self.norms.numpy()
         mean_norm = float(norms.mean())
         cv = float(norms.std() / mean_norm) if mean_norm > 0 else 0.0
-        feats = np.array([
-            in_cluster.mean(),
-            n_clusters / c,
-            nd.mean(),
-            np.median(nd),
-            nd.min(),
-            nn_cos.mean(),
-            mm.mean(),
-            np.median(mm),
-            cv / (1.0 + cv),
-            float((self.active_prob < DEAD_PROB).double().mean()),
-        ], dtype=np.float64)
+        feats = np.array(
+            [
+                in_cluster.mean(),
+                n_clusters / c,
+                nd.mean(),
+                np.median(nd),
+                nd.min(),
+                nn_cos.mean(),
+                mm.mean(),
+                np.median(mm),
+                cv / (1.0 + cv),
+                float((self.active_prob < DEAD_PROB).double().mean()),
+            ],
+            dtype=np.float64,
+        )
         return np.clip(feats, 0.0, 1.0).astype(np.float32)
 
 
@@ -457,9 +462,18 @@ def analyze(
     labels = _dbscan(dist, eps, min_samples)
     act_p = active_probability(stats.mean, stats.std, stats.activation)
     return ChannelAnalysis(
-        cosine=cos, scale=scale, bias_mismatch=mismatch, distance=dist, labels=labels,
-        nearest=nearest, nearest_dist=nearest_dist, norms=norms, active_prob=act_p,
-        eps=float(eps), bias_weight=float(bias_weight), stats=stats,
+        cosine=cos,
+        scale=scale,
+        bias_mismatch=mismatch,
+        distance=dist,
+        labels=labels,
+        nearest=nearest,
+        nearest_dist=nearest_dist,
+        norms=norms,
+        active_prob=act_p,
+        eps=float(eps),
+        bias_weight=float(bias_weight),
+        stats=stats,
     )
 
 

@@ -7,13 +7,13 @@ last line of stdout is one JSON object and all human-readable output goes to std
 command pipes cleanly into ``jq`` or a benchmark script. Progress (distillation, search,
 refinement) always goes to stderr.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import math
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -24,8 +24,12 @@ from rich.table import Table
 
 from autodfp.errors import AutoDFPError, PlanError
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
-                  help="Automatic data-free structured pruning of pretrained CNNs (AutoDFP).")
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    help="Automatic data-free structured pruning of pretrained CNNs (AutoDFP).",
+)
 
 _out = Console()
 _err = Console(stderr=True)
@@ -58,11 +62,24 @@ def _notice(msg: str) -> None:
 # -- flags → config ------------------------------------------------------------------------------
 #: config field → the flag that sets it, so library messages (which name parameters) read as flags
 FLAGS = {
-    "synth_steps": "--synth-steps", "refine_ridge": "--refine-ridge", "refine_dims_ridge": "--refine-dims-ridge",
-    "reward_inputs": "--reward-inputs", "refine_inputs": "--refine-inputs", "strength": "--strength",
-    "criterion": "--criterion", "strategy": "--reconstruct", "corr": "--corr", "search": "--search",
-    "episodes": "--episodes", "warmup": "--warmup", "r_min": "--r-min", "checkpoint_every": "--checkpoint-every",
-    "eval_batch_size": "--batch-size", "macs_ratio": "--macs-ratio", "uniform": "--uniform", "seed": "--seed",
+    "synth_steps": "--synth-steps",
+    "refine_ridge": "--refine-ridge",
+    "refine_dims_ridge": "--refine-dims-ridge",
+    "reward_inputs": "--reward-inputs",
+    "refine_inputs": "--refine-inputs",
+    "strength": "--strength",
+    "criterion": "--criterion",
+    "strategy": "--reconstruct",
+    "corr": "--corr",
+    "search": "--search",
+    "episodes": "--episodes",
+    "warmup": "--warmup",
+    "r_min": "--r-min",
+    "checkpoint_every": "--checkpoint-every",
+    "eval_batch_size": "--batch-size",
+    "macs_ratio": "--macs-ratio",
+    "uniform": "--uniform",
+    "seed": "--seed",
     "device": "--device",
 }
 
@@ -70,7 +87,7 @@ FLAGS = {
 def _as_flags(msg: str) -> str:
     """``refine_ridge must be …`` → ``--refine-ridge must be …`` (only the subject is a parameter name)."""
     field = msg.split(" ", 1)[0]
-    return FLAGS[field] + msg[len(field):] if field in FLAGS else msg
+    return FLAGS[field] + msg[len(field) :] if field in FLAGS else msg
 
 
 def _config(**flags: Any):
@@ -105,20 +122,34 @@ def _setup_logging() -> None:
 
 # -- shared options ---------------------------------------------------------------------------
 WeightsOpt = typer.Option(None, "--weights", help="Weight file (state dict, or full module with --trust-pickle).")
-ArchOpt = typer.Option(None, "--arch", help="package.module:factory building a user model (with --weights); "
-                       "modules are found in the current directory too. For a pruned directory: rebuild it with "
-                       "this factory instead of loading its TorchScript.")
+ArchOpt = typer.Option(
+    None,
+    "--arch",
+    help="package.module:factory building a user model (with --weights); "
+    "modules are found in the current directory too. For a pruned directory: rebuild it with "
+    "this factory instead of loading its TorchScript.",
+)
 TrustOpt = typer.Option(False, "--trust-pickle", help="Allow unpickling a full module (runs arbitrary code).")
 LikeOpt = typer.Option(None, "--like", help="Zoo model whose preprocessing/dataset a user model shares.")
-InputSizeOpt = typer.Option(None, "--input-size", help="Input height = width of a user model (default 224, or --like's).")
+InputSizeOpt = typer.Option(
+    None, "--input-size", help="Input height = width of a user model (default 224, or --like's)."
+)
 MeanOpt = typer.Option(None, "--mean", help="Per-channel mean of a user model's preprocessing, e.g. 0.485,0.456,0.406.")
 StdOpt = typer.Option(None, "--std", help="Per-channel std of a user model's preprocessing, e.g. 0.229,0.224,0.225.")
-DataOpt = typer.Option(None, "--data", help="cifar10:DIR | cifar100:DIR | folder:DIR[:CLASSLIST]; default: the model's own.")
+DataOpt = typer.Option(
+    None, "--data", help="cifar10:DIR | cifar100:DIR | folder:DIR[:CLASSLIST]; default: the model's own."
+)
 LimitOpt = typer.Option(None, "--limit", help="Evaluate on the first N images only.")
-BatchOpt = typer.Option(None, "--batch-size", help="Evaluation batch size (default: 256 for 32-px inputs, 8 for ImageNet-size).")
+BatchOpt = typer.Option(
+    None, "--batch-size", help="Evaluation batch size (default: 256 for 32-px inputs, 8 for ImageNet-size)."
+)
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object as the last stdout line.")
-DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda | mps: where distillation, rewards, refinement "
-                         "and evaluation run (auto: CUDA, then MPS, then CPU).")
+DeviceOpt = typer.Option(
+    "auto",
+    "--device",
+    help="auto | cpu | cuda | mps: where distillation, rewards, refinement "
+    "and evaluation run (auto: CUDA, then MPS, then CPU).",
+)
 
 
 def _floats3(text: Optional[str], flag: str) -> Optional[tuple[float, float, float]]:
@@ -135,8 +166,16 @@ def _floats3(text: Optional[str], flag: str) -> Optional[tuple[float, float, flo
     return vals[0], vals[1], vals[2]
 
 
-def _load(model: str, weights: Optional[str], arch: Optional[str], trust_pickle: bool, like: Optional[str],
-          input_size: Optional[int] = None, mean: Optional[str] = None, std: Optional[str] = None):
+def _load(
+    model: str,
+    weights: Optional[str],
+    arch: Optional[str],
+    trust_pickle: bool,
+    like: Optional[str],
+    input_size: Optional[int] = None,
+    mean: Optional[str] = None,
+    std: Optional[str] = None,
+):
     """Zoo name, user model, or a directory/file written by ``autodfp prune``."""
     from dataclasses import replace
 
@@ -157,8 +196,13 @@ def _load(model: str, weights: Optional[str], arch: Optional[str], trust_pickle:
         if input_size is not None and not 1 <= input_size <= 4096:
             raise PlanError(f"--input-size must be in [1, 4096], got {input_size}")
         pre = cfg.preprocessing
-        pre = replace(pre, input_size=input_size or pre.input_size, mean=m or pre.mean, std=s or pre.std,
-                      resize=pre.resize if input_size is None else None)
+        pre = replace(
+            pre,
+            input_size=input_size or pre.input_size,
+            mean=m or pre.mean,
+            std=s or pre.std,
+            resize=pre.resize if input_size is None else None,
+        )
         cfg = replace(cfg, preprocessing=pre)
     check_finite(net, weights or model)
     return net, cfg
@@ -190,15 +234,26 @@ def zoo(as_json: bool = JsonOpt) -> None:
     t.add_column("description")
     for c in rows:
         d = c.default_dataset
-        t.add_row(c.name, str(c.preprocessing.input_size), str(c.num_classes),
-                  f"{d.kind}:{d.path}" if d else "-", c.description)
+        t.add_row(
+            c.name,
+            str(c.preprocessing.input_size),
+            str(c.num_classes),
+            f"{d.kind}:{d.path}" if d else "-",
+            c.description,
+        )
     _out.print(t)
 
 
 @app.command()
-def info(model: str = typer.Argument(..., help="Zoo name, user model, or a pruned output directory."),
-         weights: Optional[str] = WeightsOpt, arch: Optional[str] = ArchOpt, trust_pickle: bool = TrustOpt,
-         like: Optional[str] = LikeOpt, input_size: Optional[int] = InputSizeOpt, as_json: bool = JsonOpt) -> None:
+def info(
+    model: str = typer.Argument(..., help="Zoo name, user model, or a pruned output directory."),
+    weights: Optional[str] = WeightsOpt,
+    arch: Optional[str] = ArchOpt,
+    trust_pickle: bool = TrustOpt,
+    like: Optional[str] = LikeOpt,
+    input_size: Optional[int] = InputSizeOpt,
+    as_json: bool = JsonOpt,
+) -> None:
     """Per-layer shapes, MACs and params, and the prunable channel groups."""
     import torch
 
@@ -210,25 +265,35 @@ def info(model: str = typer.Argument(..., help="Zoo name, user model, or a prune
     shape = input_shape_of(cfg)
     prof = profile(net, shape)
     if isinstance(net, torch.jit.ScriptModule):
-        msg = (f"{model} is loaded from its TorchScript (its architecture is not rebuilt from code): totals only; "
-               "pass --arch package.module:factory for layers and groups")
+        msg = (
+            f"{model} is loaded from its TorchScript (its architecture is not rebuilt from code): totals only; "
+            "pass --arch package.module:factory for layers and groups"
+        )
         if as_json:
             _err.print(msg)
-            _emit_json({"model": cfg.name, "macs": prof.total_macs, "params": prof.total_params, "layers": [],
-                        "groups": None})
+            _emit_json(
+                {"model": cfg.name, "macs": prof.total_macs, "params": prof.total_params, "layers": [], "groups": None}
+            )
         else:
             _out.print(f"{cfg.name}: {prof.total_macs:,} MACs, {prof.total_params:,} params\n{msg}")
         return
     graph = find_groups(net, shape)
     if as_json:
-        _emit_json({"model": cfg.name, "macs": prof.total_macs, "params": prof.total_params,
-                    "layers": [lp.__dict__ for lp in prof.layers], "groups": [g.to_dict() for g in graph]})
+        _emit_json(
+            {
+                "model": cfg.name,
+                "macs": prof.total_macs,
+                "params": prof.total_params,
+                "layers": [lp.__dict__ for lp in prof.layers],
+                "groups": [g.to_dict() for g in graph],
+            }
+        )
         return
     t = Table(title=f"{cfg.name}: layers")
     for col in ("layer", "type", "input", "output", "MACs", "params"):
         t.add_column(col, justify="right" if col in ("MACs", "params") else "left")
     for lp in prof.layers:
-        shp = lambda s: "x".join(map(str, s[1:])) if s else "-"  # noqa: E731
+        shp = lambda s: "x".join(map(str, s[1:])) if s else "-"
         t.add_row(lp.name, lp.type, shp(lp.input_shape), shp(lp.output_shape), f"{lp.macs:,}", f"{lp.params:,}")
     t.add_row("total", "", "", "", f"{prof.total_macs:,}", f"{prof.total_params:,}", style="bold")
     _out.print(t)
@@ -236,8 +301,14 @@ def info(model: str = typer.Argument(..., help="Zoo name, user model, or a prune
     for col in ("group", "channels", "kind", "activation", "consumers", "prunable"):
         g_t.add_column(col)
     for g in graph:
-        g_t.add_row(g.name, str(g.channels), g.kind, g.activation, ", ".join(g.consumers) or "-",
-                    "yes" if g.prunable else f"no: {g.reason}")
+        g_t.add_row(
+            g.name,
+            str(g.channels),
+            g.kind,
+            g.activation,
+            ", ".join(g.consumers) or "-",
+            "yes" if g.prunable else f"no: {g.reason}",
+        )
     _out.print(g_t)
     _out.print(f"{len(graph.prunable)} prunable groups of {len(graph)}")
 
@@ -257,12 +328,21 @@ def _check_limit(limit: Optional[int], batch_size: Optional[int]) -> None:
 
 
 @app.command("eval")
-def eval_cmd(model: str = typer.Argument(..., help="Zoo name, user model, or a pruned output directory."),
-             weights: Optional[str] = WeightsOpt, arch: Optional[str] = ArchOpt, trust_pickle: bool = TrustOpt,
-             like: Optional[str] = LikeOpt, input_size: Optional[int] = InputSizeOpt,
-             mean: Optional[str] = MeanOpt, std: Optional[str] = StdOpt, data: Optional[str] = DataOpt,
-             limit: Optional[int] = LimitOpt, batch_size: Optional[int] = BatchOpt, device: str = DeviceOpt,
-             as_json: bool = JsonOpt) -> None:
+def eval_cmd(
+    model: str = typer.Argument(..., help="Zoo name, user model, or a pruned output directory."),
+    weights: Optional[str] = WeightsOpt,
+    arch: Optional[str] = ArchOpt,
+    trust_pickle: bool = TrustOpt,
+    like: Optional[str] = LikeOpt,
+    input_size: Optional[int] = InputSizeOpt,
+    mean: Optional[str] = MeanOpt,
+    std: Optional[str] = StdOpt,
+    data: Optional[str] = DataOpt,
+    limit: Optional[int] = LimitOpt,
+    batch_size: Optional[int] = BatchOpt,
+    device: str = DeviceOpt,
+    as_json: bool = JsonOpt,
+) -> None:
     """Top-1/top-5 accuracy, MACs, params and CPU latency of a model."""
     from autodfp.api import evaluate, input_shape_of, resolve_device
     from autodfp.eval.metrics import latency_table, profile
@@ -271,79 +351,151 @@ def eval_cmd(model: str = typer.Argument(..., help="Zoo name, user model, or a p
     _checked(resolve_device, device)
     net, cfg = _load(model, weights, arch, trust_pickle, like, input_size, mean, std)
     shape = input_shape_of(cfg)
-    res = evaluate(net, data, model_config=cfg, limit=limit, batch_size=batch_size, device=device,
-                   progress=_progress_on() and sys.stderr.isatty())
+    res = evaluate(
+        net,
+        data,
+        model_config=cfg,
+        limit=limit,
+        batch_size=batch_size,
+        device=device,
+        progress=_progress_on() and sys.stderr.isatty(),
+    )
     prof = profile(net, shape)
     lat = latency_table(net, shape, batch_sizes=(1, 32))
-    out = {"model": cfg.name, "top1": round(res.top1, 4), "top5": round(res.top5, 4), "n": res.n,
-           "macs": prof.total_macs, "params": prof.total_params,
-           "latency_ms_b1": round(lat[1], 3), "latency_ms_b32": round(lat[32], 3)}
+    out = {
+        "model": cfg.name,
+        "top1": round(res.top1, 4),
+        "top5": round(res.top5, 4),
+        "n": res.n,
+        "macs": prof.total_macs,
+        "params": prof.total_params,
+        "latency_ms_b1": round(lat[1], 3),
+        "latency_ms_b32": round(lat[32], 3),
+    }
     con = _console(as_json)
     t = Table(title=f"{cfg.name}")
     t.add_column("metric")
     t.add_column("value", justify="right")
-    for k, v in (("images", f"{res.n}"), ("top-1", f"{res.top1:.2f} %"), ("top-5", f"{res.top5:.2f} %"),
-                 ("MACs", _fmt_m(prof.total_macs)), ("params", _fmt_m(prof.total_params)),
-                 ("latency b=1", f"{lat[1]:.2f} ms"), ("latency b=32", f"{lat[32]:.2f} ms")):
+    for k, v in (
+        ("images", f"{res.n}"),
+        ("top-1", f"{res.top1:.2f} %"),
+        ("top-5", f"{res.top5:.2f} %"),
+        ("MACs", _fmt_m(prof.total_macs)),
+        ("params", _fmt_m(prof.total_params)),
+        ("latency b=1", f"{lat[1]:.2f} ms"),
+        ("latency b=32", f"{lat[32]:.2f} ms"),
+    ):
         t.add_row(k, v)
     con.print(t)
     if as_json:
         _emit_json(out)
 
 
-CriterionOpt = typer.Option(None, "--criterion", help="Channel selection: l1 | l2 | cluster | random "
-                            "(default l1, or the plan's).")
-ReconOpt = typer.Option(None, "--reconstruct", help="Reconstruction: none | mean | nm | autodfp | lsq "
-                        "(default lsq, or the plan's).")
-CorrOpt = typer.Option(None, "--corr", help="lsq correlations: geometry (weights) | calibration (synthetic inputs) | "
-                       "auto (default: calibration when synthetic inputs are made anyway: searches, BN-free models).")
+CriterionOpt = typer.Option(
+    None, "--criterion", help="Channel selection: l1 | l2 | cluster | random (default l1, or the plan's)."
+)
+ReconOpt = typer.Option(
+    None, "--reconstruct", help="Reconstruction: none | mean | nm | autodfp | lsq (default lsq, or the plan's)."
+)
+CorrOpt = typer.Option(
+    None,
+    "--corr",
+    help="lsq correlations: geometry (weights) | calibration (synthetic inputs) | "
+    "auto (default: calibration when synthetic inputs are made anyway: searches, BN-free models).",
+)
 SeedOpt = typer.Option(0, "--seed", help="Seed for synthetic inputs, random criteria and the search.")
-SynthStepsOpt = typer.Option(None, "--synth-steps", help="Optimisation steps per synthetic batch (default by input "
-                             "size: 100 for ≤64 px, 200 for larger; each batch is cached).")
-RefineRidgeOpt = typer.Option(None, "--refine-ridge", help="Ridge of the refinement fits, relative to the kept "
-                              "variance (default 0.01).")
-RefineDimsRidgeOpt = typer.Option(None, "--refine-dims-ridge",
-                                  help="Extra ridge × kept channels / fitted positions (guards wide, low-resolution "
-                                       "layers). Default: searches, bench and proxy-check use 3; a prune's final "
-                                       "refinement tries 1, 3, 10 and 30 and keeps the one the reward scores best.")
-RewardInputsOpt = typer.Option(None, "--reward-inputs", help="Synthetic inputs the reward compares the models on "
-                               "(default 256 for ≤64-px inputs, 64 for larger ones).")
-RefineInputsOpt = typer.Option(None, "--refine-inputs", help="Synthetic inputs the final refinement fits on (seed + 1; "
-                               "default 64 for ≤64-px inputs, 256 for larger). Searches score candidates refined on "
-                               "the first 64.")
-RefineOpt = typer.Option(True, "--refine/--no-refine",
-                         help="Re-fit every consumer in forward order on synthetic inputs, so the kept channels also "
-                              "absorb the error of earlier layers (data-free; searches score plans after it).")
+SynthStepsOpt = typer.Option(
+    None,
+    "--synth-steps",
+    help="Optimisation steps per synthetic batch (default by input "
+    "size: 100 for ≤64 px, 200 for larger; each batch is cached).",
+)
+RefineRidgeOpt = typer.Option(
+    None, "--refine-ridge", help="Ridge of the refinement fits, relative to the kept variance (default 0.01)."
+)
+RefineDimsRidgeOpt = typer.Option(
+    None,
+    "--refine-dims-ridge",
+    help="Extra ridge × kept channels / fitted positions (guards wide, low-resolution "
+    "layers). Default: searches, bench and proxy-check use 3; a prune's final "
+    "refinement tries 1, 3, 10 and 30 and keeps the one the reward scores best.",
+)
+RewardInputsOpt = typer.Option(
+    None,
+    "--reward-inputs",
+    help="Synthetic inputs the reward compares the models on (default 256 for ≤64-px inputs, 64 for larger ones).",
+)
+RefineInputsOpt = typer.Option(
+    None,
+    "--refine-inputs",
+    help="Synthetic inputs the final refinement fits on (seed + 1; "
+    "default 64 for ≤64-px inputs, 256 for larger). Searches score candidates refined on "
+    "the first 64.",
+)
+RefineOpt = typer.Option(
+    True,
+    "--refine/--no-refine",
+    help="Re-fit every consumer in forward order on synthetic inputs, so the kept channels also "
+    "absorb the error of earlier layers (data-free; searches score plans after it).",
+)
 
 #: search flags that mean nothing without --macs-ratio (a notice says so instead of ignoring them)
 _SEARCH_FLAGS = ("--search", "--episodes", "--warmup", "--r-min", "--checkpoint-every", "--resume")
 
 
 @app.command()
-def prune(model: str = typer.Argument(..., help="Zoo name or user model."),
-          uniform: Optional[float] = typer.Option(None, "--uniform", help="One preserved ratio for every prunable group."),
-          plan_file: Optional[Path] = typer.Option(None, "--plan", help="A plan JSON (per-group ratios)."),
-          macs_ratio: Optional[float] = typer.Option(None, "--macs-ratio", help="Search a plan keeping this fraction of the MACs (0.5 halves them)."),
-          search_method: Optional[str] = typer.Option(None, "--search", help="With --macs-ratio: sac (default) | uniform | random."),
-          episodes: Optional[int] = typer.Option(None, "--episodes", help="Search episodes (sac, random; default 300)."),
-          warmup: Optional[int] = typer.Option(None, "--warmup", help="Random-action episodes before SAC learns (default min(50, episodes/4))."),
-          reward_spec: str = typer.Option("synthetic", "--reward", help="synthetic | unlabeled:DIR | labeled:SPEC (never the evaluation set)."),
-          r_min: Optional[float] = typer.Option(None, "--r-min", help="Smallest preserved ratio the search may choose per group (default: chosen from the budget, at most 0.3)."),
-          checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Write a resumable search checkpoint every K episodes (default 25)."),
-          resume: bool = typer.Option(False, "--resume", help="Continue an interrupted search from OUT/search/."),
-          criterion: Optional[str] = CriterionOpt, reconstruct: Optional[str] = ReconOpt,
-          strength: Optional[float] = typer.Option(None, "--strength", help="Merge strength λ in [0, 1] for autodfp."),
-          corr: Optional[str] = CorrOpt, seed: int = SeedOpt, refine: bool = RefineOpt,
-          synth_steps: Optional[int] = SynthStepsOpt, refine_ridge: Optional[float] = RefineRidgeOpt,
-          refine_dims_ridge: Optional[float] = RefineDimsRidgeOpt, reward_inputs: Optional[int] = RewardInputsOpt,
-          refine_inputs: Optional[int] = RefineInputsOpt,
-          out: Path = typer.Option(..., "--out", help="Output directory (model.ts, pruned.pt, plan.json, manifest.json)."),
-          weights: Optional[str] = WeightsOpt, arch: Optional[str] = ArchOpt, trust_pickle: bool = TrustOpt,
-          like: Optional[str] = LikeOpt, input_size: Optional[int] = InputSizeOpt,
-          mean: Optional[str] = MeanOpt, std: Optional[str] = StdOpt, data: Optional[str] = DataOpt,
-          limit: Optional[int] = LimitOpt, batch_size: Optional[int] = BatchOpt, device: str = DeviceOpt,
-          no_eval: bool = typer.Option(False, "--no-eval", help="Skip accuracy evaluation."),
-          as_json: bool = JsonOpt) -> None:
+def prune(
+    model: str = typer.Argument(..., help="Zoo name or user model."),
+    uniform: Optional[float] = typer.Option(None, "--uniform", help="One preserved ratio for every prunable group."),
+    plan_file: Optional[Path] = typer.Option(None, "--plan", help="A plan JSON (per-group ratios)."),
+    macs_ratio: Optional[float] = typer.Option(
+        None, "--macs-ratio", help="Search a plan keeping this fraction of the MACs (0.5 halves them)."
+    ),
+    search_method: Optional[str] = typer.Option(
+        None, "--search", help="With --macs-ratio: sac (default) | uniform | random."
+    ),
+    episodes: Optional[int] = typer.Option(None, "--episodes", help="Search episodes (sac, random; default 300)."),
+    warmup: Optional[int] = typer.Option(
+        None, "--warmup", help="Random-action episodes before SAC learns (default min(50, episodes/4))."
+    ),
+    reward_spec: str = typer.Option(
+        "synthetic", "--reward", help="synthetic | unlabeled:DIR | labeled:SPEC (never the evaluation set)."
+    ),
+    r_min: Optional[float] = typer.Option(
+        None,
+        "--r-min",
+        help="Smallest preserved ratio the search may choose per group (default: chosen from the budget, at most 0.3).",
+    ),
+    checkpoint_every: Optional[int] = typer.Option(
+        None, "--checkpoint-every", help="Write a resumable search checkpoint every K episodes (default 25)."
+    ),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted search from OUT/search/."),
+    criterion: Optional[str] = CriterionOpt,
+    reconstruct: Optional[str] = ReconOpt,
+    strength: Optional[float] = typer.Option(None, "--strength", help="Merge strength λ in [0, 1] for autodfp."),
+    corr: Optional[str] = CorrOpt,
+    seed: int = SeedOpt,
+    refine: bool = RefineOpt,
+    synth_steps: Optional[int] = SynthStepsOpt,
+    refine_ridge: Optional[float] = RefineRidgeOpt,
+    refine_dims_ridge: Optional[float] = RefineDimsRidgeOpt,
+    reward_inputs: Optional[int] = RewardInputsOpt,
+    refine_inputs: Optional[int] = RefineInputsOpt,
+    out: Path = typer.Option(..., "--out", help="Output directory (model.ts, pruned.pt, plan.json, manifest.json)."),
+    weights: Optional[str] = WeightsOpt,
+    arch: Optional[str] = ArchOpt,
+    trust_pickle: bool = TrustOpt,
+    like: Optional[str] = LikeOpt,
+    input_size: Optional[int] = InputSizeOpt,
+    mean: Optional[str] = MeanOpt,
+    std: Optional[str] = StdOpt,
+    data: Optional[str] = DataOpt,
+    limit: Optional[int] = LimitOpt,
+    batch_size: Optional[int] = BatchOpt,
+    device: str = DeviceOpt,
+    no_eval: bool = typer.Option(False, "--no-eval", help="Skip accuracy evaluation."),
+    as_json: bool = JsonOpt,
+) -> None:
     """Prune a model with a uniform ratio, a plan file or a searched plan, reconstruct, and save it."""
     import autodfp.api as api
     from autodfp.compress.plan import Plan
@@ -359,14 +511,30 @@ def prune(model: str = typer.Argument(..., help="Zoo name or user model."),
     _checked(api.check_seed, seed)
     _checked(api.resolve_device, device)
     _check_limit(limit, batch_size)
-    config = _config(criterion=criterion, strategy=reconstruct, strength=strength, corr=corr, refine=refine,
-                     synth_steps=synth_steps, refine_ridge=refine_ridge, refine_dims_ridge=refine_dims_ridge,
-                     reward_inputs=reward_inputs, refine_inputs=refine_inputs, search=search_method,
-                     episodes=episodes, warmup=warmup, r_min=r_min, checkpoint_every=checkpoint_every,
-                     eval_batch_size=batch_size)
+    config = _config(
+        criterion=criterion,
+        strategy=reconstruct,
+        strength=strength,
+        corr=corr,
+        refine=refine,
+        synth_steps=synth_steps,
+        refine_ridge=refine_ridge,
+        refine_dims_ridge=refine_dims_ridge,
+        reward_inputs=reward_inputs,
+        refine_inputs=refine_inputs,
+        search=search_method,
+        episodes=episodes,
+        warmup=warmup,
+        r_min=r_min,
+        checkpoint_every=checkpoint_every,
+        eval_batch_size=batch_size,
+    )
     if macs_ratio is None:
-        ignored = [f for f, v in zip(_SEARCH_FLAGS, (search_method, episodes, warmup, r_min, checkpoint_every,
-                                                     resume or None)) if v is not None]
+        ignored = [
+            f
+            for f, v in zip(_SEARCH_FLAGS, (search_method, episodes, warmup, r_min, checkpoint_every, resume or None))
+            if v is not None
+        ]
         if ignored:
             raise PlanError(f"{', '.join(ignored)} only apply to a search (--macs-ratio)")
     plan = None
@@ -382,9 +550,23 @@ def prune(model: str = typer.Argument(..., help="Zoo name or user model."),
         net, cfg = _load(model, weights, arch, trust_pickle, like, input_size, mean, std)
         if resume and not (out / "search").is_dir():
             _notice(f"--resume: no checkpoint in {out / 'search'}; starting a new search")
-        result = _checked(api.prune, net, model_config=cfg, macs_ratio=macs_ratio, uniform=uniform, plan=plan,
-                          reward=reward_spec, config=config, seed=seed, device=device, progress=_progress_on(),
-                          checkpoint_dir=out / "search", resume=resume, eval_data=data, arch=arch)
+        result = _checked(
+            api.prune,
+            net,
+            model_config=cfg,
+            macs_ratio=macs_ratio,
+            uniform=uniform,
+            plan=plan,
+            reward=reward_spec,
+            config=config,
+            seed=seed,
+            device=device,
+            progress=_progress_on(),
+            checkpoint_dir=out / "search",
+            resume=resume,
+            eval_data=data,
+            arch=arch,
+        )
         paths = api.save(result, out)
     shape = result.input_shape
     report = result.report
@@ -392,8 +574,9 @@ def prune(model: str = typer.Argument(..., help="Zoo name or user model."),
     top1_b = top1_a = None
     if not no_eval:
         top1_b = api.evaluate(net, data, model_config=cfg, limit=limit, batch_size=batch_size, device=device).top1
-        top1_a = api.evaluate(result.model, data, model_config=cfg, limit=limit, batch_size=batch_size,
-                              device=device).top1
+        top1_a = api.evaluate(
+            result.model, data, model_config=cfg, limit=limit, batch_size=batch_size, device=device
+        ).top1
     plan = result.plan
     t = Table(title=f"{cfg.name}: {plan.strategy} + {plan.criterion}{' + refine' if config.refine else ''}")
     for col in ("", "before", "after", "ratio"):
@@ -408,33 +591,55 @@ def prune(model: str = typer.Argument(..., help="Zoo name or user model."),
     con.print(f"saved: {', '.join(str(p) for p in paths.values())}")
     if as_json:
         keys = ("search", "episodes", "search_seconds", "best_reward", "plateau_episode", "refine_dims_ridge")
-        _emit_json({**{k: report[k] for k in keys if k in report}, "refine": config.refine,
-                    "macs_before": mb, "macs_after": ma, "macs_ratio_achieved": report["macs_ratio_achieved"],
-                    "params_before": pb, "params_after": pa,
-                    "top1_before": None if top1_b is None else round(top1_b, 4),
-                    "top1_after": None if top1_a is None else round(top1_a, 4),
-                    "latency_ms_b1_before": round(lat_b[1], 3), "latency_ms_b1_after": round(lat_a[1], 3),
-                    "out": str(out)})
+        _emit_json(
+            {
+                **{k: report[k] for k in keys if k in report},
+                "refine": config.refine,
+                "macs_before": mb,
+                "macs_after": ma,
+                "macs_ratio_achieved": report["macs_ratio_achieved"],
+                "params_before": pb,
+                "params_after": pa,
+                "top1_before": None if top1_b is None else round(top1_b, 4),
+                "top1_after": None if top1_a is None else round(top1_a, 4),
+                "latency_ms_b1_before": round(lat_b[1], 3),
+                "latency_ms_b1_after": round(lat_a[1], 3),
+                "out": str(out),
+            }
+        )
 
 
 @app.command("proxy-check")
-def proxy_check_cmd(model: str = typer.Argument(..., help="Zoo name or user model."),
-                    macs_ratio: float = typer.Option(0.5, "--macs-ratio", help="Budget of the sampled plans."),
-                    plans: int = typer.Option(50, "--plans", help="Number of random feasible plans (K ≥ 3)."),
-                    reward_spec: str = typer.Option("synthetic", "--reward", help="synthetic | unlabeled:DIR | labeled:SPEC."),
-                    reconstruct: Optional[str] = ReconOpt,
-                    corr: Optional[str] = CorrOpt, seed: int = SeedOpt, refine: bool = RefineOpt,
-                    synth_steps: Optional[int] = SynthStepsOpt, refine_ridge: Optional[float] = RefineRidgeOpt,
-                    refine_dims_ridge: Optional[float] = RefineDimsRidgeOpt, reward_inputs: Optional[int] = RewardInputsOpt,
-                    refine_inputs: Optional[int] = typer.Option(None, "--refine-inputs",
-                                                                help="Synthetic inputs each plan is refined on "
-                                                                     "(seed + 1); default: what searches score "
-                                                                     "candidates with (64)."),
-                    out: Path = typer.Option(Path("runs/proxy"), "--out", help="Directory for proxy.png/json."),
-                    weights: Optional[str] = WeightsOpt, arch: Optional[str] = ArchOpt, trust_pickle: bool = TrustOpt,
-                    like: Optional[str] = LikeOpt, input_size: Optional[int] = InputSizeOpt,
-                    data: Optional[str] = DataOpt, limit: Optional[int] = LimitOpt,
-                    batch_size: Optional[int] = BatchOpt, device: str = DeviceOpt, as_json: bool = JsonOpt) -> None:
+def proxy_check_cmd(
+    model: str = typer.Argument(..., help="Zoo name or user model."),
+    macs_ratio: float = typer.Option(0.5, "--macs-ratio", help="Budget of the sampled plans."),
+    plans: int = typer.Option(50, "--plans", help="Number of random feasible plans (K ≥ 3)."),
+    reward_spec: str = typer.Option("synthetic", "--reward", help="synthetic | unlabeled:DIR | labeled:SPEC."),
+    reconstruct: Optional[str] = ReconOpt,
+    corr: Optional[str] = CorrOpt,
+    seed: int = SeedOpt,
+    refine: bool = RefineOpt,
+    synth_steps: Optional[int] = SynthStepsOpt,
+    refine_ridge: Optional[float] = RefineRidgeOpt,
+    refine_dims_ridge: Optional[float] = RefineDimsRidgeOpt,
+    reward_inputs: Optional[int] = RewardInputsOpt,
+    refine_inputs: Optional[int] = typer.Option(
+        None,
+        "--refine-inputs",
+        help="Synthetic inputs each plan is refined on (seed + 1); default: what searches score candidates with (64).",
+    ),
+    out: Path = typer.Option(Path("runs/proxy"), "--out", help="Directory for proxy.png/json."),
+    weights: Optional[str] = WeightsOpt,
+    arch: Optional[str] = ArchOpt,
+    trust_pickle: bool = TrustOpt,
+    like: Optional[str] = LikeOpt,
+    input_size: Optional[int] = InputSizeOpt,
+    data: Optional[str] = DataOpt,
+    limit: Optional[int] = LimitOpt,
+    batch_size: Optional[int] = BatchOpt,
+    device: str = DeviceOpt,
+    as_json: bool = JsonOpt,
+) -> None:
     """Can the data-free reward be trusted? Spearman ρ of reward vs real accuracy over K plans."""
     from autodfp._io import atomic_write_text
     from autodfp.api import Pipeline, check_ratio, check_seed, input_shape_of, resolve_device
@@ -448,9 +653,17 @@ def proxy_check_cmd(model: str = typer.Argument(..., help="Zoo name or user mode
     _checked(check_seed, seed)
     _checked(resolve_device, device)
     _check_limit(limit, batch_size)
-    config = _config(strategy=reconstruct, corr=corr, refine=refine, synth_steps=synth_steps,
-                     refine_ridge=refine_ridge, refine_dims_ridge=refine_dims_ridge, reward_inputs=reward_inputs,
-                     refine_inputs=refine_inputs, eval_batch_size=batch_size)
+    config = _config(
+        strategy=reconstruct,
+        corr=corr,
+        refine=refine,
+        synth_steps=synth_steps,
+        refine_ridge=refine_ridge,
+        refine_dims_ridge=refine_dims_ridge,
+        reward_inputs=reward_inputs,
+        refine_inputs=refine_inputs,
+        eval_batch_size=batch_size,
+    )
     check_output_dir(out)
     _setup_logging()
     net, cfg = _load(model, weights, arch, trust_pickle, like, input_size)
@@ -461,37 +674,77 @@ def proxy_check_cmd(model: str = typer.Argument(..., help="Zoo name or user mode
     refiner = pipe.refiner(pruner, n=n_refine) if config.refine else None
     reward = _checked(pipe.reward, reward_spec, data)
     batches = _eval_batches(cfg, data, limit, config.eval_batch_size_for(shape))
-    acc = lambda m: evaluate(m, batches, cfg.label_offset, progress=False).top1  # noqa: E731
-    rho, rewards, accs = proxy_check(pruner, reward, acc, macs_ratio, k=plans, seed=seed, strategy=config.strategy,
-                                     progress=_progress_on(), refiner=refiner)
+    acc = lambda m: evaluate(m, batches, cfg.label_offset, progress=False).top1
+    rho, rewards, accs = proxy_check(
+        pruner,
+        reward,
+        acc,
+        macs_ratio,
+        k=plans,
+        seed=seed,
+        strategy=config.strategy,
+        progress=_progress_on(),
+        refiner=refiner,
+    )
     out.mkdir(parents=True, exist_ok=True)
     rho_txt = "undefined" if rho is None or not math.isfinite(rho) else f"{rho:.3f}"
     plot_proxy(rewards, accs, out / "proxy.png", title=f"{cfg.name} @ {macs_ratio:g} MACs: Spearman ρ = {rho_txt}")
-    atomic_write_text(out / "proxy.json", json.dumps(_json_safe({
-        "model": cfg.name, "macs_ratio": macs_ratio, "plans": plans, "reward": reward_spec, "refine": config.refine,
-        "refine_inputs": len(refiner.inputs) if refiner else 0, "rho": rho, "rewards": rewards, "top1": accs}),
-        indent=2) + "\n")
-    _console(as_json).print(f"Spearman ρ (reward vs top-1, {plans} plans) = {rho_txt}; top-1 range "
-                            f"{min(accs):.2f}–{max(accs):.2f} %; wrote {out / 'proxy.png'}")
+    atomic_write_text(
+        out / "proxy.json",
+        json.dumps(
+            _json_safe(
+                {
+                    "model": cfg.name,
+                    "macs_ratio": macs_ratio,
+                    "plans": plans,
+                    "reward": reward_spec,
+                    "refine": config.refine,
+                    "refine_inputs": len(refiner.inputs) if refiner else 0,
+                    "rho": rho,
+                    "rewards": rewards,
+                    "top1": accs,
+                }
+            ),
+            indent=2,
+        )
+        + "\n",
+    )
+    _console(as_json).print(
+        f"Spearman ρ (reward vs top-1, {plans} plans) = {rho_txt}; top-1 range "
+        f"{min(accs):.2f}–{max(accs):.2f} %; wrote {out / 'proxy.png'}"
+    )
     if as_json:
         _emit_json({"model": cfg.name, "rho": rho, "plans": plans, "top1_min": min(accs), "top1_max": max(accs)})
 
 
 @app.command()
-def bench(model: str = typer.Argument(..., help="Zoo name or user model."),
-          ratios: str = typer.Option("0.9,0.7,0.5", "--ratios", help="Comma-separated uniform preserved ratios."),
-          methods: str = typer.Option("none+l1,mean+l1,nm+l1,autodfp+l1,lsq+l1,lsq+l1+refine", "--methods",
-                                      help="Comma-separated strategy+criterion[+refine]; +refine adds the "
-                                           "sequential drift correction on synthetic inputs."),
-          strength: float = typer.Option(1.0, "--strength", help="Merge strength λ for autodfp."),
-          corr: Optional[str] = CorrOpt, seed: int = SeedOpt,
-          synth_steps: Optional[int] = SynthStepsOpt, refine_ridge: Optional[float] = RefineRidgeOpt,
-          refine_dims_ridge: Optional[float] = RefineDimsRidgeOpt, refine_inputs: Optional[int] = RefineInputsOpt,
-          out: Path = typer.Option(Path("runs/bench"), "--out", help="Directory for bench.md/json/png."),
-          weights: Optional[str] = WeightsOpt, arch: Optional[str] = ArchOpt, trust_pickle: bool = TrustOpt,
-          like: Optional[str] = LikeOpt, input_size: Optional[int] = InputSizeOpt,
-          data: Optional[str] = DataOpt, limit: Optional[int] = LimitOpt,
-          batch_size: Optional[int] = BatchOpt, device: str = DeviceOpt) -> None:
+def bench(
+    model: str = typer.Argument(..., help="Zoo name or user model."),
+    ratios: str = typer.Option("0.9,0.7,0.5", "--ratios", help="Comma-separated uniform preserved ratios."),
+    methods: str = typer.Option(
+        "none+l1,mean+l1,nm+l1,autodfp+l1,lsq+l1,lsq+l1+refine",
+        "--methods",
+        help="Comma-separated strategy+criterion[+refine]; +refine adds the "
+        "sequential drift correction on synthetic inputs.",
+    ),
+    strength: float = typer.Option(1.0, "--strength", help="Merge strength λ for autodfp."),
+    corr: Optional[str] = CorrOpt,
+    seed: int = SeedOpt,
+    synth_steps: Optional[int] = SynthStepsOpt,
+    refine_ridge: Optional[float] = RefineRidgeOpt,
+    refine_dims_ridge: Optional[float] = RefineDimsRidgeOpt,
+    refine_inputs: Optional[int] = RefineInputsOpt,
+    out: Path = typer.Option(Path("runs/bench"), "--out", help="Directory for bench.md/json/png."),
+    weights: Optional[str] = WeightsOpt,
+    arch: Optional[str] = ArchOpt,
+    trust_pickle: bool = TrustOpt,
+    like: Optional[str] = LikeOpt,
+    input_size: Optional[int] = InputSizeOpt,
+    data: Optional[str] = DataOpt,
+    limit: Optional[int] = LimitOpt,
+    batch_size: Optional[int] = BatchOpt,
+    device: str = DeviceOpt,
+) -> None:
     """Grid of methods × uniform ratios: Markdown table and accuracy-vs-MACs plot."""
     from autodfp.api import Pipeline, check_ratio, check_seed, input_shape_of, resolve_device
     from autodfp.eval.bench import parse_method, run_grid, write_report
@@ -513,8 +766,15 @@ def bench(model: str = typer.Argument(..., help="Zoo name or user model."),
     _checked(check_seed, seed)
     _checked(resolve_device, device)
     _check_limit(limit, batch_size)
-    config = _config(strength=strength, corr=corr, synth_steps=synth_steps, refine_ridge=refine_ridge,
-                     refine_dims_ridge=refine_dims_ridge, refine_inputs=refine_inputs, eval_batch_size=batch_size)
+    config = _config(
+        strength=strength,
+        corr=corr,
+        synth_steps=synth_steps,
+        refine_ridge=refine_ridge,
+        refine_dims_ridge=refine_dims_ridge,
+        refine_inputs=refine_inputs,
+        eval_batch_size=batch_size,
+    )
     check_output_dir(out)
     _setup_logging()
     net, cfg = _load(model, weights, arch, trust_pickle, like, input_size)
@@ -527,11 +787,21 @@ def bench(model: str = typer.Argument(..., help="Zoo name or user model."),
     n = sum(len(y) for _, y in batches)
 
     def report(row) -> None:
-        _err.print(f"  {row.method:16s} ratio {row.ratio:<5g} top-1 {row.top1:6.2f} %  MACs {row.macs / 1e6:8.2f} M"
-                   f"  ({row.seconds:.1f} s)")
+        _err.print(
+            f"  {row.method:16s} ratio {row.ratio:<5g} top-1 {row.top1:6.2f} %  MACs {row.macs / 1e6:8.2f} M"
+            f"  ({row.seconds:.1f} s)"
+        )
 
-    baseline, rows = run_grid(pruner, batches, method_list, ratio_list, cfg.label_offset,
-                              params={"strength": strength}, progress=report, refiner=refiner)
+    baseline, rows = run_grid(
+        pruner,
+        batches,
+        method_list,
+        ratio_list,
+        cfg.label_offset,
+        params={"strength": strength},
+        progress=report,
+        refiner=refiner,
+    )
     data_desc = f"{data or 'default dataset of ' + cfg.name} ({n} images)"
     command = "autodfp bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else f"autodfp bench {model}"
     paths = write_report(out, cfg.name, data_desc, baseline, rows, command)
@@ -547,8 +817,14 @@ def _one_line_warnings() -> None:
 
     default = warnings.showwarning
 
-    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-             file: Any = None, line: str | None = None) -> None:
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: Any = None,
+        line: str | None = None,
+    ) -> None:
         if issubclass(category, CacheWarning) or filename.startswith(str(Path(__file__).parents[1])):
             print(f"warning: {' '.join(str(message).split())}", file=sys.stderr)
         else:
@@ -565,14 +841,19 @@ def main(argv: list[str] | None = None) -> int:
 
     command = typer.main.get_command(app)
     try:
-        result = command.main(args=argv if argv is not None else sys.argv[1:], prog_name="autodfp",
-                              standalone_mode=False)
+        result = command.main(
+            args=argv if argv is not None else sys.argv[1:], prog_name="autodfp", standalone_mode=False
+        )
     except usage_error as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":  # the help was printed: nothing went wrong
             return 0
         msg = " ".join(exc.format_message().split())
-        print(f"error: {msg} (see 'autodfp {exc.ctx.info_name if exc.ctx and exc.ctx.parent else ''} --help')"
-              .replace("autodfp  --help", "autodfp --help"), file=sys.stderr)
+        print(
+            f"error: {msg} (see 'autodfp {exc.ctx.info_name if exc.ctx and exc.ctx.parent else ''} --help')".replace(
+                "autodfp  --help", "autodfp --help"
+            ),
+            file=sys.stderr,
+        )
         return 2
     except typer.Abort:
         print("interrupted", file=sys.stderr)
@@ -589,8 +870,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("AUTODFP_DEBUG"):
             raise
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"internal error: {exc.__class__.__name__}: {msg} (set AUTODFP_DEBUG=1 for the traceback)",
-              file=sys.stderr)
+        print(
+            f"internal error: {exc.__class__.__name__}: {msg} (set AUTODFP_DEBUG=1 for the traceback)", file=sys.stderr
+        )
         return 1
     if result == 130:  # typer turns Ctrl-C into exit code 130 without a word
         print("interrupted", file=sys.stderr)

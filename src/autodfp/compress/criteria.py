@@ -3,16 +3,18 @@
 Every criterion returns ``(kept, pruned)`` as sorted ``LongTensor``s that partition ``range(C)``.
 Ties are broken by channel index (stable sort), so a plan is reproducible across runs.
 """
+
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from autodfp.errors import PlanError
 from autodfp.analysis.similarity import ChannelAnalysis, ChannelStats
+from autodfp.errors import PlanError
 
 #: a criterion maps (stats, analysis, raw filters, seed) to channel indices, most important first
 CriterionFn = Callable[[ChannelStats, ChannelAnalysis | None, Tensor | None, int], Tensor]
@@ -117,11 +119,13 @@ def register_criterion(name: str, fn: CriterionFn | None = None) -> Any:
     ``fn(stats, analysis, raw_filters, seed)`` returns every channel index, most important first;
     plans, the CLI's ``--criterion`` and the config accept the name once it is registered.
     """
+
     def add(f: CriterionFn) -> CriterionFn:
         if name in _CRITERIA:
             raise ValueError(f"criterion {name!r} is already registered")
         _CRITERIA[name] = f
         return f
+
     return add(fn) if fn is not None else add
 
 

@@ -4,6 +4,7 @@ A plan is the contract between the search (agent, uniform, random) and the surge
 nothing about *how* it was found, so a plan found once can be re-applied, edited by hand, or
 shipped next to a pruned checkpoint to rebuild it.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from autodfp._io import atomic_write_text
+from autodfp.analysis.graph import GroupGraph
 from autodfp.compress.criteria import criterion_names
 from autodfp.compress.reconstruct import strategy_names
 from autodfp.config import DEFAULTS
 from autodfp.errors import PlanError
-from autodfp.analysis.graph import GroupGraph
-
 
 
 def n_keep(channels: int, ratio: float) -> int:
@@ -29,9 +29,18 @@ def n_keep(channels: int, ratio: float) -> int:
 
 #: Types of the strategy parameters a plan may set (see autodfp.compress.reconstruct's strategies).
 _PARAM_TYPES: dict[str, str] = {
-    "strength": "number", "lam": "number", "threshold": "number", "ridge": "number",
-    "max_distance": "number or null", "gate": "boolean", "slope": "string", "method": "string",
-    "nodes": "integer", "n_samples": "integer", "seed": "integer", "chunk": "integer",
+    "strength": "number",
+    "lam": "number",
+    "threshold": "number",
+    "ridge": "number",
+    "max_distance": "number or null",
+    "gate": "boolean",
+    "slope": "string",
+    "method": "string",
+    "nodes": "integer",
+    "n_samples": "integer",
+    "seed": "integer",
+    "chunk": "integer",
 }
 
 
@@ -48,8 +57,8 @@ def _check_params(params: dict[str, Any], where: str) -> None:
     for key, value in params.items():
         want = _PARAM_TYPES.get(key)
         ok = {
-            None: isinstance(value, (str, int, float, bool, type(None))) and (not isinstance(value, float)
-                                                                           or math.isfinite(value)),
+            None: isinstance(value, (str, int, float, bool, type(None)))
+            and (not isinstance(value, float) or math.isfinite(value)),
             "number": _is_number(value),
             "number or null": value is None or _is_number(value),
             "boolean": isinstance(value, bool),
@@ -57,8 +66,9 @@ def _check_params(params: dict[str, Any], where: str) -> None:
             "integer": isinstance(value, int) and not isinstance(value, bool),
         }[want]
         if not ok:
-            raise PlanError(f"parameter '{key}' in {where} must be a {want or 'finite JSON scalar'}, "
-                            f"got {_show(value)}")
+            raise PlanError(
+                f"parameter '{key}' in {where} must be a {want or 'finite JSON scalar'}, got {_show(value)}"
+            )
 
 
 @dataclass
@@ -78,7 +88,7 @@ class Plan:
     model: str | None = None
 
     @classmethod
-    def uniform(cls, graph: GroupGraph, ratio: float, **kw: Any) -> "Plan":
+    def uniform(cls, graph: GroupGraph, ratio: float, **kw: Any) -> Plan:
         return cls(ratios={g.name: float(ratio) for g in graph.prunable}, **kw)
 
     def params_for(self, group: str) -> dict[str, Any]:
@@ -115,8 +125,9 @@ class Plan:
             if len(set(idx)) != len(idx) or any(not (0 <= i < c) for i in idx):
                 raise PlanError(f"'keep' for '{name}' must be distinct indices in [0, {c})")
             if len(idx) != n_keep(c, self.ratios[name]):
-                raise PlanError(f"'keep' for '{name}' lists {len(idx)} channels but the ratio keeps "
-                                f"{n_keep(c, self.ratios[name])}")
+                raise PlanError(
+                    f"'keep' for '{name}' lists {len(idx)} channels but the ratio keeps {n_keep(c, self.ratios[name])}"
+                )
         for name in self.layer_params:
             if name not in self.ratios:
                 raise PlanError(f"'layer_params' names group '{name}' that has no ratio in the plan")
@@ -129,11 +140,17 @@ class Plan:
             if name in self.keep:
                 entry["keep"] = list(self.keep[name])
             groups[name] = entry
-        return {"format": "autodfp.plan/1", "model": self.model, "criterion": self.criterion,
-                "strategy": self.strategy, "params": self.params, "groups": groups}
+        return {
+            "format": "autodfp.plan/1",
+            "model": self.model,
+            "criterion": self.criterion,
+            "strategy": self.strategy,
+            "params": self.params,
+            "groups": groups,
+        }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Plan":
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
         """Read a plan from parsed JSON, checking every field's type.
 
         Plans are edited by hand and shipped inside pruned checkpoints, so a wrong type must be a
@@ -170,15 +187,21 @@ class Plan:
             _check_params(entry, f"group '{name}'")
             if entry:
                 layer_params[name] = entry
-        return cls(ratios=ratios, criterion=d.get("criterion", DEFAULTS.criterion),
-                   strategy=d.get("strategy", DEFAULTS.strategy),
-                   params=dict(params), layer_params=layer_params, keep=keep, model=d.get("model"))
+        return cls(
+            ratios=ratios,
+            criterion=d.get("criterion", DEFAULTS.criterion),
+            strategy=d.get("strategy", DEFAULTS.strategy),
+            params=dict(params),
+            layer_params=layer_params,
+            keep=keep,
+            model=d.get("model"),
+        )
 
     def save(self, path: str | os.PathLike) -> Path:
         return atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Plan":
+    def load(cls, path: str | os.PathLike) -> Plan:
         path = Path(path)
         if not path.is_file():
             raise PlanError(f"plan file not found: {path}")

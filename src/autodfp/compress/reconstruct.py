@@ -10,15 +10,16 @@ All strategies model the pre-activation ``y`` of the group as Gaussian (``N(mean
 channel, see :class:`~autodfp.analysis.similarity.ChannelStats`), or use caller-provided samples of ``y``.
 Results are float64; callers cast to the model's dtype when folding.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from autodfp.errors import PlanError
 from autodfp.analysis.similarity import (
     ChannelAnalysis,
     ChannelStats,
@@ -29,6 +30,7 @@ from autodfp.analysis.similarity import (
     pair_activation_covariance,
     pairwise_geometry,
 )
+from autodfp.errors import PlanError
 
 
 @dataclass
@@ -58,8 +60,10 @@ class Compensation:
         if (self.K is None) != (self.d is None):
             raise ValueError("kept-channel correction needs both K and d")
         if self.K is not None and (self.K.shape != (n_kept, n_kept) or self.d.shape != (n_kept,)):
-            raise ValueError(f"kept-channel correction K={tuple(self.K.shape)} d={tuple(self.d.shape)} does not "
-                             f"match {n_kept} kept channels")
+            raise ValueError(
+                f"kept-channel correction K={tuple(self.K.shape)} d={tuple(self.d.shape)} does not "
+                f"match {n_kept} kept channels"
+            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,8 +141,9 @@ def _need_analysis(name: str, analysis: ChannelAnalysis | None) -> None:
 
 
 def _empty(kept: Tensor, pruned: Tensor) -> Compensation:
-    return Compensation(torch.zeros(pruned.numel(), kept.numel(), dtype=torch.float64),
-                        torch.zeros(pruned.numel(), dtype=torch.float64))
+    return Compensation(
+        torch.zeros(pruned.numel(), kept.numel(), dtype=torch.float64), torch.zeros(pruned.numel(), dtype=torch.float64)
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,8 +155,9 @@ def strategy_none(stats: ChannelStats, analysis: ChannelAnalysis | None, kept: T
     return _empty(kept, pruned)
 
 
-def strategy_mean(stats: ChannelStats, analysis: ChannelAnalysis | None, kept: Tensor, pruned: Tensor,
-                  samples: Tensor | None = None) -> Compensation:
+def strategy_mean(
+    stats: ChannelStats, analysis: ChannelAnalysis | None, kept: Tensor, pruned: Tensor, samples: Tensor | None = None
+) -> Compensation:
     """Replace each pruned channel by its expected activation (ablation: the constant part only).
 
     Exact for constant channels (std → 0) and for dead ones (expectation ≈ 0). It matters far
@@ -166,8 +172,15 @@ def strategy_mean(stats: ChannelStats, analysis: ChannelAnalysis | None, kept: T
     return comp
 
 
-def strategy_nm(stats: ChannelStats, analysis: ChannelAnalysis | None, kept: Tensor, pruned: Tensor,
-                lam: float = 0.85, threshold: float = 0.1, slope: str = "projection") -> Compensation:
+def strategy_nm(
+    stats: ChannelStats,
+    analysis: ChannelAnalysis | None,
+    kept: Tensor,
+    pruned: Tensor,
+    lam: float = 0.85,
+    threshold: float = 0.1,
+    slope: str = "projection",
+) -> Compensation:
     """Neuron Merging (Kim et al., NeurIPS 2020) for conv → BN → ReLU, on BN-folded filters.
 
     Partner of pruned ``p`` among kept ``k`` with ``cos[p,k] > 0``:
@@ -204,7 +217,9 @@ def strategy_nm(stats: ChannelStats, analysis: ChannelAnalysis | None, kept: Ten
         alpha = torch.where(cos > 0, n[pruned][:, None] / n[kept][None, :].clamp_min(1e-300), alpha)
     b = stats.bias.detach().to(torch.float64)
     valid = (cos > 0) & (alpha > 0)
-    bias_term = (b[pruned][:, None] - alpha * b[kept][None, :]).abs() / torch.where(valid, alpha, torch.ones_like(alpha))
+    bias_term = (b[pruned][:, None] - alpha * b[kept][None, :]).abs() / torch.where(
+        valid, alpha, torch.ones_like(alpha)
+    )
     for i in range(pruned.numel()):
         v = valid[i]
         if not bool(v.any()):
@@ -224,12 +239,19 @@ def strategy_nm(stats: ChannelStats, analysis: ChannelAnalysis | None, kept: Ten
 
 def _directed_distance(analysis: ChannelAnalysis) -> Tensor:
     """``(1 − cos[p,k]) + w·mismatch[p,k]²``: how well ``k`` stands in for ``p`` (before symmetrising)."""
-    return (1.0 - analysis.cosine) + analysis.bias_weight * analysis.bias_mismatch ** 2
+    return (1.0 - analysis.cosine) + analysis.bias_weight * analysis.bias_mismatch**2
 
 
-def strategy_autodfp(stats: ChannelStats, analysis: ChannelAnalysis | None, kept: Tensor, pruned: Tensor,
-                     strength: float = 1.0, gate: bool = True, max_distance: float | None = None,
-                     samples: Tensor | None = None) -> Compensation:
+def strategy_autodfp(
+    stats: ChannelStats,
+    analysis: ChannelAnalysis | None,
+    kept: Tensor,
+    pruned: Tensor,
+    strength: float = 1.0,
+    gate: bool = True,
+    max_distance: float | None = None,
+    samples: Tensor | None = None,
+) -> Compensation:
     """Channel-similarity reconstruction: merge into the most similar kept channel, keep the rest as a constant.
 
     Partner of pruned ``p``: the kept member of ``p``'s DBSCAN cluster closest to ``p``; if ``p`` is
@@ -347,8 +369,9 @@ def gaussian_correlation(stats: ChannelStats, jitter: float = 1e-6) -> Tensor:
     return 0.5 * (r + r.T)
 
 
-def _mc_post_covariance(stats: ChannelStats, corr: Tensor, rows: Tensor, cols: Tensor, n_samples: int,
-                        seed: int, chunk: int) -> Tensor:
+def _mc_post_covariance(
+    stats: ChannelStats, corr: Tensor, rows: Tensor, cols: Tensor, n_samples: int, seed: int, chunk: int
+) -> Tensor:
     """Monte-Carlo Cov(act(y)[rows], act(y)[cols]); a cross-check of the quadrature, not the default."""
     evals, evecs = torch.linalg.eigh(corr)
     factor = evecs * evals.clamp_min(0.0).sqrt()  # R = factor @ factor.T
@@ -380,15 +403,26 @@ def post_activation_covariance(stats: ChannelStats, nodes: int = 16) -> Tensor:
     """
     key = ("post_cov", int(nodes))
     if key not in stats.cache:
-        stats.cache[key] = activation_covariance(stats.mean, stats.std, gaussian_correlation(stats),
-                                                 stats.activation, nodes=nodes)
+        stats.cache[key] = activation_covariance(
+            stats.mean, stats.std, gaussian_correlation(stats), stats.activation, nodes=nodes
+        )
     return stats.cache[key]
 
 
-def strategy_lsq(stats: ChannelStats, analysis: ChannelAnalysis | None, kept: Tensor, pruned: Tensor,
-                 ridge: float = 1e-2, strength: float = 1.0, samples: Tensor | None = None,
-                 method: str = "quadrature", nodes: int = 16,
-                 n_samples: int = 32768, seed: int = 0, chunk: int = 4096) -> Compensation:
+def strategy_lsq(
+    stats: ChannelStats,
+    analysis: ChannelAnalysis | None,
+    kept: Tensor,
+    pruned: Tensor,
+    ridge: float = 1e-2,
+    strength: float = 1.0,
+    samples: Tensor | None = None,
+    method: str = "quadrature",
+    nodes: int = 16,
+    n_samples: int = 32768,
+    seed: int = 0,
+    chunk: int = 4096,
+) -> Compensation:
     """Best linear prediction of every pruned activation from all kept ones, under a Gaussian model.
 
     ``A = Cov(a_p, a_k) (Cov(a_k, a_k) + ρ·mean(diag Cov(a_k, a_k))·I)⁻¹`` and
@@ -425,9 +459,10 @@ def strategy_lsq(stats: ChannelStats, analysis: ChannelAnalysis | None, kept: Te
     else:
         ea = expected_activation(stats.mean, stats.std, stats.activation)
         if method == "mc":
-            cov = _mc_post_covariance(stats, gaussian_correlation(stats), torch.cat([pruned, kept]), kept,
-                                      n_samples, seed, chunk)
-            cov_pk, cov_kk = cov[: pruned.numel()], cov[pruned.numel():]
+            cov = _mc_post_covariance(
+                stats, gaussian_correlation(stats), torch.cat([pruned, kept]), kept, n_samples, seed, chunk
+            )
+            cov_pk, cov_kk = cov[: pruned.numel()], cov[pruned.numel() :]
         else:
             full = post_activation_covariance(stats, nodes)
             cov_pk, cov_kk = full[pruned][:, kept], full[kept][:, kept]
@@ -444,8 +479,9 @@ def strategy_lsq(stats: ChannelStats, analysis: ChannelAnalysis | None, kept: Te
     return comp
 
 
-def fit_drift(target: Tensor, observed: Tensor, comp: Compensation, kept: Tensor, pruned: Tensor,
-              ridge: float = 1e-2) -> Compensation:
+def fit_drift(
+    target: Tensor, observed: Tensor, comp: Compensation, kept: Tensor, pruned: Tensor, ridge: float = 1e-2
+) -> Compensation:
     """Re-fit ``comp`` so the kept channels of a pruned model predict the original activations.
 
     ``target`` (P, C): every channel of the group in the original model, ``observed`` (P, C): the
@@ -460,7 +496,9 @@ def fit_drift(target: Tensor, observed: Tensor, comp: Compensation, kept: Tensor
     pruned = torch.as_tensor(pruned, dtype=torch.long)
     c = kept.numel() + pruned.numel()
     if target.dim() != 2 or observed.shape != target.shape or target.shape[1] != c:
-        raise ValueError(f"target/observed must both be (P, {c}), got {tuple(target.shape)} and {tuple(observed.shape)}")
+        raise ValueError(
+            f"target/observed must both be (P, {c}), got {tuple(target.shape)} and {tuple(observed.shape)}"
+        )
     if ridge < 0:
         raise PlanError(f"ridge must be non-negative, got {ridge}")
     n_kept = kept.numel()
@@ -498,11 +536,13 @@ def register_strategy(name: str, fn: Callable[..., Compensation] | None = None) 
     The function is called as ``fn(stats, analysis, kept, pruned, **params)`` and returns a
     :class:`Compensation`; the keyword parameters it declares are the ones a plan may set for it.
     """
+
     def add(f: Callable[..., Compensation]) -> Callable[..., Compensation]:
         if name in STRATEGIES:
             raise ValueError(f"strategy {name!r} is already registered")
         STRATEGIES[name] = f
         return f
+
     return add(fn) if fn is not None else add
 
 
@@ -511,13 +551,19 @@ def strategy_names() -> tuple[str, ...]:
     return tuple(STRATEGIES)
 
 
-for _name, _fn in (("none", strategy_none), ("mean", strategy_mean), ("nm", strategy_nm),
-                   ("autodfp", strategy_autodfp), ("lsq", strategy_lsq)):
+for _name, _fn in (
+    ("none", strategy_none),
+    ("mean", strategy_mean),
+    ("nm", strategy_nm),
+    ("autodfp", strategy_autodfp),
+    ("lsq", strategy_lsq),
+):
     register_strategy(_name, _fn)
 
 
-def reconstruct(name: str, stats: ChannelStats, analysis: ChannelAnalysis | None, kept: Tensor, pruned: Tensor,
-                **params: object) -> Compensation:
+def reconstruct(
+    name: str, stats: ChannelStats, analysis: ChannelAnalysis | None, kept: Tensor, pruned: Tensor, **params: object
+) -> Compensation:
     """Run strategy ``name``; unknown names are a :class:`~autodfp.errors.PlanError`."""
     fn = STRATEGIES.get(name)
     if fn is None:
@@ -526,6 +572,18 @@ def reconstruct(name: str, stats: ChannelStats, analysis: ChannelAnalysis | None
 
 
 __all__ = [
-    "Compensation", "STRATEGIES", "fit_drift", "fold_into_consumer", "gaussian_correlation", "post_activation_covariance",
-    "reconstruct", "register_strategy", "strategy_autodfp", "strategy_names", "strategy_lsq", "strategy_mean", "strategy_nm", "strategy_none",
+    "Compensation",
+    "STRATEGIES",
+    "fit_drift",
+    "fold_into_consumer",
+    "gaussian_correlation",
+    "post_activation_covariance",
+    "reconstruct",
+    "register_strategy",
+    "strategy_autodfp",
+    "strategy_names",
+    "strategy_lsq",
+    "strategy_mean",
+    "strategy_nm",
+    "strategy_none",
 ]

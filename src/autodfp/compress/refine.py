@@ -19,18 +19,20 @@ same as fitting a 1×1 consumer's outputs; for k×k consumers it is the per-tap 
 Groups the plan leaves whole are corrected too (``include_unpruned``): their inputs have
 drifted as well, and the edit stays a weight edit, with no change in shape or MACs.
 """
+
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
 from autodfp._modes import eval_mode
+from autodfp.compress.reconstruct import Compensation, fit_drift
 from autodfp.config import DEFAULTS
 from autodfp.errors import PlanError
-from autodfp.compress.reconstruct import Compensation, fit_drift
 
 if TYPE_CHECKING:  # pragma: no cover
     from autodfp.compress.surgery import GroupDecision, Pruner
@@ -56,8 +58,11 @@ def _full_decision(pruner: Pruner, name: str, decisions: dict[str, GroupDecision
     if name in decisions:
         return decisions[name]
     c = pruner.graph.get(name).channels
-    return GroupDecision(torch.arange(c), torch.zeros(0, dtype=torch.long),
-                         Compensation(torch.zeros(0, c, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)))
+    return GroupDecision(
+        torch.arange(c),
+        torch.zeros(0, dtype=torch.long),
+        Compensation(torch.zeros(0, c, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)),
+    )
 
 
 #: the dims ridge of searches, bench and proxy-check, and of prunes given ``--refine-dims-ridge``
@@ -88,15 +93,23 @@ class Refiner:
     :param progress: a progress bar over the groups on stderr
     """
 
-    def __init__(self, pruner: Pruner, inputs: torch.Tensor, ridge: float = DEFAULTS.refine_ridge,
-                 max_positions: int = DEFAULTS.refine_max_positions, include_unpruned: bool = True,
-                 dims_ridge: float = DEFAULT_DIMS_RIDGE, device: torch.device | str | None = None,
-                 progress: bool = False) -> None:
+    def __init__(
+        self,
+        pruner: Pruner,
+        inputs: torch.Tensor,
+        ridge: float = DEFAULTS.refine_ridge,
+        max_positions: int = DEFAULTS.refine_max_positions,
+        include_unpruned: bool = True,
+        dims_ridge: float = DEFAULT_DIMS_RIDGE,
+        device: torch.device | str | None = None,
+        progress: bool = False,
+    ) -> None:
         if ridge < 0 or dims_ridge < 0:
             raise PlanError(f"refine ridges must be non-negative, got {ridge} and {dims_ridge}")
         if inputs.dim() != len(pruner.input_shape) + 1 or tuple(inputs.shape[1:]) != pruner.input_shape:
-            raise PlanError(f"refinement inputs must be (N, {', '.join(map(str, pruner.input_shape))}), "
-                            f"got {tuple(inputs.shape)}")
+            raise PlanError(
+                f"refinement inputs must be (N, {', '.join(map(str, pruner.input_shape))}), got {tuple(inputs.shape)}"
+            )
         self.pruner = pruner
         self.inputs = inputs
         self.ridge = float(ridge)
@@ -126,6 +139,7 @@ class Refiner:
                 def hook(mod: nn.Module, args: tuple) -> None:
                     if name not in target:
                         target[name] = self._sample(name, args[0])
+
                 return hook
 
             model = self._work_model()  # holds the original's weights between calls
@@ -140,8 +154,11 @@ class Refiner:
         return self._target
 
     @torch.no_grad()
-    def __call__(self, decisions: dict[str, GroupDecision], dims_ridge: float | None = None,
-                 ) -> dict[str, GroupDecision]:
+    def __call__(
+        self,
+        decisions: dict[str, GroupDecision],
+        dims_ridge: float | None = None,
+    ) -> dict[str, GroupDecision]:
         """Decisions whose compensations also absorb the drift of earlier groups (see module doc).
 
         Groups whose consumer input is not (N, C[, H, W]) keep their decision unchanged.
@@ -183,14 +200,17 @@ class Refiner:
                 dec = _full_decision(pruner, name, decisions)
                 comp = dec.compensation
                 if comp is None:  # strategy "none": start from "pruned channels contribute nothing"
-                    comp = Compensation(torch.zeros(dec.pruned.numel(), dec.kept.numel(), dtype=torch.float64),
-                                        torch.zeros(dec.pruned.numel(), dtype=torch.float64))
+                    comp = Compensation(
+                        torch.zeros(dec.pruned.numel(), dec.kept.numel(), dtype=torch.float64),
+                        torch.zeros(dec.pruned.numel(), dtype=torch.float64),
+                    )
                 ridge = self.ridge + dims_ridge * dec.kept.numel() / have.shape[0]
                 new = type(dec)(dec.kept, dec.pruned, fit_drift(want, have, comp, dec.kept, dec.pruned, ridge))
                 refined[name] = new
                 write(pruner.masked_state({name: new}))
                 if bar is not None:
                     bar.update(1)
+
             return hook
 
         bar = None
@@ -198,8 +218,8 @@ class Refiner:
             import sys
 
             from tqdm.auto import tqdm
-            bar = tqdm(total=len(names), desc="refine", unit="layer", file=sys.stderr, leave=False,
-                       dynamic_ncols=True)
+
+            bar = tqdm(total=len(names), desc="refine", unit="layer", file=sys.stderr, leave=False, dynamic_ncols=True)
 
         handles = [work.get_submodule(self._consumer(n)).register_forward_pre_hook(refit(n)) for n in names]
         try:
@@ -224,10 +244,12 @@ class Refiner:
 DIMS_RIDGE_GRID = DEFAULTS.dims_ridge_grid
 
 
-def select_dims_ridge(refiner: Refiner, decisions: dict[str, GroupDecision],
-                      score: Callable[[dict[str, GroupDecision]], float],
-                      grid: Sequence[float] = DIMS_RIDGE_GRID,
-                      ) -> tuple[float, dict[str, GroupDecision], dict[float, float]]:
+def select_dims_ridge(
+    refiner: Refiner,
+    decisions: dict[str, GroupDecision],
+    score: Callable[[dict[str, GroupDecision]], float],
+    grid: Sequence[float] = DIMS_RIDGE_GRID,
+) -> tuple[float, dict[str, GroupDecision], dict[float, float]]:
     """Refine with every dims ridge in ``grid`` and keep the one ``score`` rates highest.
 
     How much a fit should be shrunk depends on the plan (how many channels each layer keeps) and on
@@ -251,9 +273,15 @@ def select_dims_ridge(refiner: Refiner, decisions: dict[str, GroupDecision],
     return best[0], best[1], scores
 
 
-def refine(pruner: Pruner, decisions: dict[str, GroupDecision], inputs: torch.Tensor,
-           ridge: float = DEFAULTS.refine_ridge, max_positions: int = DEFAULTS.refine_max_positions, include_unpruned: bool = True, dims_ridge: float = DEFAULT_DIMS_RIDGE,
-           ) -> dict[str, GroupDecision]:
+def refine(
+    pruner: Pruner,
+    decisions: dict[str, GroupDecision],
+    inputs: torch.Tensor,
+    ridge: float = DEFAULTS.refine_ridge,
+    max_positions: int = DEFAULTS.refine_max_positions,
+    include_unpruned: bool = True,
+    dims_ridge: float = DEFAULT_DIMS_RIDGE,
+) -> dict[str, GroupDecision]:
     """One-shot :class:`Refiner`: decisions re-fitted on ``inputs`` (synthetic by default upstream)."""
     return Refiner(pruner, inputs, ridge, max_positions, include_unpruned, dims_ridge)(decisions)
 

@@ -9,6 +9,7 @@ of plans analyses each layer once. It offers two ways to realise a plan:
   columns zeroed. Run through ``torch.func.functional_call`` this computes exactly the pruned
   model's function without copying or re-tracing the model, which is what a reward needs.
 """
+
 from __future__ import annotations
 
 import copy
@@ -20,13 +21,13 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from autodfp.compress.criteria import select_channels
-from autodfp.errors import PlanError
 from autodfp.analysis.fold import empirical_moments, group_stats, raw_filters
 from autodfp.analysis.graph import GroupGraph, PrunableGroup, build_dependency_graph, find_groups
+from autodfp.analysis.similarity import ChannelAnalysis, ChannelStats, analyze
+from autodfp.compress.criteria import select_channels
 from autodfp.compress.plan import Plan, n_keep
 from autodfp.compress.reconstruct import STRATEGIES, Compensation, fold_into_consumer, reconstruct
-from autodfp.analysis.similarity import ChannelAnalysis, ChannelStats, analyze
+from autodfp.errors import PlanError
 
 
 @dataclass
@@ -55,9 +56,15 @@ class Pruner:
     pre-activation correlations used by the ``lsq`` strategy instead of filter geometry.
     """
 
-    def __init__(self, model: nn.Module, input_shape: tuple[int, ...], graph: GroupGraph | None = None,
-                 calibration: torch.Tensor | None = None, corr_source: str = "geometry",
-                 analysis_kwargs: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        input_shape: tuple[int, ...],
+        graph: GroupGraph | None = None,
+        calibration: torch.Tensor | None = None,
+        corr_source: str = "geometry",
+        analysis_kwargs: dict[str, Any] | None = None,
+    ) -> None:
         self.model = model.eval()
         self.input_shape = tuple(input_shape)
         self.graph = graph if graph is not None else find_groups(model, self.input_shape)
@@ -83,10 +90,13 @@ class Pruner:
     def _calibration_moments(self) -> dict[str, tuple]:
         if self._moments is None:
             if self.calibration is None:
-                raise PlanError("this model has groups without BatchNorm statistics; a calibration batch "
-                                "(synthetic inputs) is needed to model their activations")
-            self._moments = empirical_moments(self.model, self.graph, self.calibration,
-                                              with_corr=self.corr_source == "calibration")
+                raise PlanError(
+                    "this model has groups without BatchNorm statistics; a calibration batch "
+                    "(synthetic inputs) is needed to model their activations"
+                )
+            self._moments = empirical_moments(
+                self.model, self.graph, self.calibration, with_corr=self.corr_source == "calibration"
+            )
         return self._moments
 
     def stats(self, name: str) -> ChannelStats:
@@ -129,13 +139,24 @@ class Pruner:
                 mask[kept] = False
                 pruned = torch.arange(g.channels)[mask]
             else:
-                kept, pruned = select_channels(plan.criterion, stats, analysis, k,
-                                               raw_filters=self.raw_filters(g.name),
-                                               seed=int(plan.params.get("seed", 0)))
+                kept, pruned = select_channels(
+                    plan.criterion,
+                    stats,
+                    analysis,
+                    k,
+                    raw_filters=self.raw_filters(g.name),
+                    seed=int(plan.params.get("seed", 0)),
+                )
             comp = None
             if plan.strategy != "none":
-                comp = reconstruct(plan.strategy, stats, analysis, kept, pruned,
-                                   **_strategy_params(plan.strategy, plan.params_for(g.name)))
+                comp = reconstruct(
+                    plan.strategy,
+                    stats,
+                    analysis,
+                    kept,
+                    pruned,
+                    **_strategy_params(plan.strategy, plan.params_for(g.name)),
+                )
             decisions[g.name] = GroupDecision(kept, pruned, comp)
         return decisions
 
@@ -167,8 +188,10 @@ class Pruner:
                     elif f"{cons}.bias" in params:
                         out[f"{cons}.bias"] = current(f"{cons}.bias") + delta
                     elif bool(delta.abs().max() > 0):
-                        raise PlanError(f"consumer '{cons}' has neither a bias nor a BatchNorm to absorb "
-                                        "the reconstruction constant")
+                        raise PlanError(
+                            f"consumer '{cons}' has neither a bias nor a BatchNorm to absorb "
+                            "the reconstruction constant"
+                        )
                 if zero_pruned:
                     w[:, d.pruned] = 0
                 out[wname] = w
@@ -208,8 +231,9 @@ def _strategy_params(strategy: str, params: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in params.items() if k in accepted}
 
 
-def prune_channels(model: nn.Module, graph: GroupGraph, pruned: dict[str, list[int]],
-                   input_shape: tuple[int, ...]) -> nn.Module:
+def prune_channels(
+    model: nn.Module, graph: GroupGraph, pruned: dict[str, list[int]], input_shape: tuple[int, ...]
+) -> nn.Module:
     """Remove channels in place with torch-pruning (producer, pass-through and consumers together)."""
     if not any(pruned.values()):
         return model

@@ -17,13 +17,15 @@ published accuracies reproduce without torchvision installed.
 CIFAR files are pickles; they are read with an unpickler that only admits the few numpy globals a
 CIFAR batch needs, so a malicious "dataset" cannot run code.
 """
+
 from __future__ import annotations
 
 import os
 import pickle
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,9 +37,20 @@ from autodfp.models.hub import ENV_ASSETS, assets_dir, cache_dir
 from autodfp.models.registry import DatasetRef, ModelConfig, Preprocessing
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "SPEC_KINDS", "CifarDataset", "ImageFolderDataset", "ImageTransform",
-    "UnlabeledImageDir", "build_transform", "check_label_coverage", "find_images", "make_loader", "parse_spec",
-    "read_class_list", "read_cifar", "resolve_dataset",
+    "IMAGE_EXTENSIONS",
+    "SPEC_KINDS",
+    "CifarDataset",
+    "ImageFolderDataset",
+    "ImageTransform",
+    "UnlabeledImageDir",
+    "build_transform",
+    "check_label_coverage",
+    "find_images",
+    "make_loader",
+    "parse_spec",
+    "read_class_list",
+    "read_cifar",
+    "resolve_dataset",
 ]
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
@@ -60,6 +73,7 @@ _RESAMPLE = {
 # --------------------------------------------------------------------------------------------
 # CIFAR pickles
 # --------------------------------------------------------------------------------------------
+
 
 class _CifarUnpickler(pickle.Unpickler):
     """Admits only what numpy arrays and py2 byte strings need; anything else is refused."""
@@ -159,15 +173,16 @@ def _cifar_pixels(path: Path, data: np.ndarray) -> np.ndarray:
         raise DataError(f"{path}: pixel values outside 0..255")
     if data.dtype.kind == "f":
         if data.size and data.max() <= 1.0:
-            raise DataError(f"{path}: pixel data are floats in [0, 1]; CIFAR batches hold uint8 values 0..255 "
-                            "(multiply by 255 and store as uint8)")
+            raise DataError(
+                f"{path}: pixel data are floats in [0, 1]; CIFAR batches hold uint8 values 0..255 "
+                "(multiply by 255 and store as uint8)"
+            )
         if (data != np.round(data)).any():
             raise DataError(f"{path}: pixel data are fractional floats; CIFAR batches hold uint8 values 0..255")
     return data.astype(np.uint8)
 
 
-def read_cifar(root: str | os.PathLike, split: str = "test", kind: str | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
+def read_cifar(root: str | os.PathLike, split: str = "test", kind: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Read CIFAR-10/100 python batches into uint8 ``(N, 32, 32, 3)`` RGB images and int64 labels.
 
     ``kind`` (``"cifar10"``/``"cifar100"``) is detected from the file names when omitted; when
@@ -193,15 +208,21 @@ def read_cifar(root: str | os.PathLike, split: str = "test", kind: str | None = 
                 break
     want = kind or found
     if found is None or (kind is not None and found != kind):
-        expected = ("CIFAR-10 python batches (test_batch, data_batch_1..5)" if want == "cifar10"
-                    else "CIFAR-100 python files (test, train)" if want == "cifar100"
-                    else "CIFAR python batches (test_batch or test)")
+        expected = (
+            "CIFAR-10 python batches (test_batch, data_batch_1..5)"
+            if want == "cifar10"
+            else "CIFAR-100 python files (test, train)"
+            if want == "cifar100"
+            else "CIFAR python batches (test_batch or test)"
+        )
         if found is not None:
-            raise DataError(f"wrong data layout: expected {expected} in {root}, found {found} files; "
-                            f"use {found}:{root}")
+            raise DataError(
+                f"wrong data layout: expected {expected} in {root}, found {found} files; use {found}:{root}"
+            )
         if _has_class_folders(root):
-            raise DataError(f"wrong data layout: expected {expected} in {root}, found an ImageFolder "
-                            f"tree; use folder:{root}")
+            raise DataError(
+                f"wrong data layout: expected {expected} in {root}, found an ImageFolder tree; use folder:{root}"
+            )
         raise DataError(f"wrong data layout: expected {expected} in {root}, found neither")
 
     names = (_CIFAR10_FILES if found == "cifar10" else _CIFAR100_FILES)[split]
@@ -233,6 +254,7 @@ def read_cifar(root: str | os.PathLike, split: str = "test", kind: str | None = 
 # Preprocessing
 # --------------------------------------------------------------------------------------------
 
+
 class ImageTransform:
     """PIL image or uint8 HWC array → normalised float CHW tensor, torchvision-exact.
 
@@ -249,8 +271,9 @@ class ImageTransform:
         # so values are bit-identical to ToTensor + Normalize; a table lookup also avoids many tiny
         # multi-threaded torch ops per image, which are slow on busy small CPUs.
         levels = np.arange(256, dtype=np.float32)[None, :] / np.float32(255.0)
-        self.lut = ((levels - np.asarray(pre.mean, dtype=np.float32)[:, None])
-                    / np.asarray(pre.std, dtype=np.float32)[:, None]).astype(np.float32)
+        self.lut = (
+            (levels - np.asarray(pre.mean, dtype=np.float32)[:, None]) / np.asarray(pre.std, dtype=np.float32)[:, None]
+        ).astype(np.float32)
 
     def __repr__(self) -> str:
         return f"ImageTransform({self.pre})"
@@ -260,8 +283,7 @@ class ImageTransform:
         if isinstance(img, np.ndarray):
             # Fast path: CIFAR arrays already at the input size need no PIL round trip, and the
             # arithmetic below is the same as for a decoded image, so results are identical.
-            if (img.dtype == np.uint8 and img.ndim == 3 and img.shape == (size, size, 3)
-                    and self.pre.resize is None):
+            if img.dtype == np.uint8 and img.ndim == 3 and img.shape == (size, size, 3) and self.pre.resize is None:
                 return self._to_tensor(img)
             img = Image.fromarray(img)
         if img.mode != "RGB":
@@ -293,7 +315,7 @@ def _center_crop(arr: np.ndarray, size: int) -> np.ndarray:
         h, w = arr.shape[:2]
     top = int(round((h - size) / 2.0))
     left = int(round((w - size) / 2.0))
-    return arr[top:top + size, left:left + size]
+    return arr[top : top + size, left : left + size]
 
 
 def build_transform(pre: Preprocessing) -> Callable[[Image.Image | np.ndarray], torch.Tensor]:
@@ -318,8 +340,10 @@ def _load_image(path: Path) -> Image.Image:
                 img = Image.open(f)
                 return img.convert("RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise DataError(f"image {path} is too large to decode (more than {Image.MAX_IMAGE_PIXELS} pixels; "
-                        "possibly a decompression bomb)") from None
+        raise DataError(
+            f"image {path} is too large to decode (more than {Image.MAX_IMAGE_PIXELS} pixels; "
+            "possibly a decompression bomb)"
+        ) from None
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise DataError(f"cannot read image {path} ({exc.__class__.__name__}: {exc})") from None
 
@@ -328,12 +352,17 @@ def _load_image(path: Path) -> Image.Image:
 # Datasets
 # --------------------------------------------------------------------------------------------
 
+
 class CifarDataset(Dataset):
     """In-memory CIFAR images; ``transform=None`` yields un-normalised [0, 1] tensors."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray,
-                 transform: Callable[[Any], torch.Tensor] | None = None,
-                 classes: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        transform: Callable[[Any], torch.Tensor] | None = None,
+        classes: Sequence[str] | None = None,
+    ) -> None:
         if len(images) != len(labels):
             raise DataError(f"{len(images)} images but {len(labels)} labels")
         self.images = images
@@ -417,8 +446,12 @@ class ImageFolderDataset(Dataset):
     then by path, so the order never depends on the file system.
     """
 
-    def __init__(self, root: str | os.PathLike, class_list: str | os.PathLike | None = None,
-                 transform: Callable[[Image.Image], torch.Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        class_list: str | os.PathLike | None = None,
+        transform: Callable[[Image.Image], torch.Tensor] | None = None,
+    ) -> None:
         root = Path(root).expanduser()
         if not root.exists():
             raise DataError(f"image folder not found: {root}")
@@ -430,11 +463,15 @@ class ImageFolderDataset(Dataset):
         folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not folders:
             if _cifar_kind(root) is not None:
-                raise DataError(f"wrong data layout: expected an ImageFolder tree {root}/<class>/<image>, "
-                                f"found CIFAR python batches; use {_cifar_kind(root)}:{root}")
+                raise DataError(
+                    f"wrong data layout: expected an ImageFolder tree {root}/<class>/<image>, "
+                    f"found CIFAR python batches; use {_cifar_kind(root)}:{root}"
+                )
             if _iter_images(root, recursive=False, limit=1):
-                raise DataError(f"wrong data layout: expected {root}/<class>/<image>, found images directly "
-                                f"in {root} (labelled evaluation needs one sub-folder per class)")
+                raise DataError(
+                    f"wrong data layout: expected {root}/<class>/<image>, found images directly "
+                    f"in {root} (labelled evaluation needs one sub-folder per class)"
+                )
             raise DataError(f"empty dataset: no class folders in {root}")
 
         if class_list is not None:
@@ -443,14 +480,18 @@ class ImageFolderDataset(Dataset):
             unknown = [f for f in folders if f not in self.class_to_idx]
             if unknown:
                 more = f" (and {len(unknown) - 3} more)" if len(unknown) > 3 else ""
-                raise DataError(f"folder '{unknown[0]}' in {root} is not in the class list {class_list}"
-                                f"{': also ' + ', '.join(unknown[1:3]) if len(unknown) > 1 else ''}{more}")
+                raise DataError(
+                    f"folder '{unknown[0]}' in {root} is not in the class list {class_list}"
+                    f"{': also ' + ', '.join(unknown[1:3]) if len(unknown) > 1 else ''}{more}"
+                )
         else:
             splits = {"train", "test", "val", "validation"}
             if set(folders) <= splits and all(_has_class_folders(root / f) for f in folders):
                 # e.g. cifar10-jpeg/{train,test}/<class>/: the splits would silently become classes
-                raise DataError(f"wrong data layout: {root} holds split folders ({', '.join(folders)}), "
-                                f"not classes; point at one split, e.g. folder:{root / folders[0]}")
+                raise DataError(
+                    f"wrong data layout: {root} holds split folders ({', '.join(folders)}), "
+                    f"not classes; point at one split, e.g. folder:{root / folders[0]}"
+                )
             self.classes = folders
             self.class_to_idx = {name: i for i, name in enumerate(folders)}
 
@@ -459,8 +500,9 @@ class ImageFolderDataset(Dataset):
             idx = self.class_to_idx[name]
             self.samples.extend((p, idx) for p in _iter_images(root / name, recursive=True))
         if not self.samples:
-            raise DataError(f"empty dataset: no images ({'/'.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}) "
-                            f"under {root}/<class>/")
+            raise DataError(
+                f"empty dataset: no images ({'/'.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}) under {root}/<class>/"
+            )
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -479,8 +521,7 @@ class ImageFolderDataset(Dataset):
 class UnlabeledImageDir(Dataset):
     """Every image under ``root`` (any depth), for calibration: yields tensors, no labels."""
 
-    def __init__(self, root: str | os.PathLike,
-                 transform: Callable[[Image.Image], torch.Tensor] | None = None) -> None:
+    def __init__(self, root: str | os.PathLike, transform: Callable[[Image.Image], torch.Tensor] | None = None) -> None:
         root = Path(root).expanduser()
         if not root.is_dir():
             raise DataError(f"image directory not found: {root}")
@@ -488,8 +529,9 @@ class UnlabeledImageDir(Dataset):
         self.transform = transform
         self.paths = _iter_images(root, recursive=True)
         if not self.paths:
-            raise DataError(f"empty dataset: no images "
-                            f"({'/'.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}) under {root}")
+            raise DataError(
+                f"empty dataset: no images ({'/'.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}) under {root}"
+            )
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -499,8 +541,7 @@ class UnlabeledImageDir(Dataset):
         return self.transform(img) if self.transform is not None else _to_float_tensor(np.asarray(img))
 
 
-def check_label_coverage(dataset: Dataset, num_classes: int, label_offset: int = 0,
-                         source: str | None = None) -> None:
+def check_label_coverage(dataset: Dataset, num_classes: int, label_offset: int = 0, source: str | None = None) -> None:
     """Refuse a labelled dataset whose class indices are not the model's.
 
     A class list with 2 names for a 10-class model, or sorted folder names when only some classes
@@ -523,21 +564,24 @@ def check_label_coverage(dataset: Dataset, num_classes: int, label_offset: int =
     if classes is not None and len(classes) != n:
         class_list = getattr(base, "class_list", None)
         source = f"the class list {class_list}" if class_list is not None else "its class folders"
-        hint = ("" if class_list is not None
-                else "; pass a class list with one line per model class (folder:DIR:CLASSLIST)")
-        raise DataError(f"{where}the labels do not cover the model's classes: {source} name {len(classes)} "
-                        f"classes, the model has {n}{hint}")
+        hint = (
+            "" if class_list is not None else "; pass a class list with one line per model class (folder:DIR:CLASSLIST)"
+        )
+        raise DataError(
+            f"{where}the labels do not cover the model's classes: {source} name {len(classes)} "
+            f"classes, the model has {n}{hint}"
+        )
     targets = getattr(base, "targets", None)
     if targets is not None and len(targets):
         top, low = max(targets), min(targets)
         if top >= n or low < 0:
-            raise DataError(f"{where}label {top if top >= n else low} is outside the model's {n} classes "
-                            f"(0..{n - 1})")
+            raise DataError(f"{where}label {top if top >= n else low} is outside the model's {n} classes (0..{n - 1})")
 
 
 # --------------------------------------------------------------------------------------------
 # Specs
 # --------------------------------------------------------------------------------------------
+
 
 def parse_spec(spec: str) -> tuple[str, Path, Path | None]:
     """``KIND:DIR[:CLASSLIST]`` → (kind, dir, class list). Relative paths are relative to the cwd."""
@@ -545,8 +589,9 @@ def parse_spec(spec: str) -> tuple[str, Path, Path | None]:
     kind = kind.strip().lower()
     if not sep or kind not in SPEC_KINDS:
         shown = f"'{kind}'" if sep else f"'{spec}' (no KIND: prefix)"
-        raise DataError(f"unknown data spec kind {shown}; valid kinds: "
-                        "cifar10:DIR, cifar100:DIR, folder:DIR[:CLASSLIST]")
+        raise DataError(
+            f"unknown data spec kind {shown}; valid kinds: cifar10:DIR, cifar100:DIR, folder:DIR[:CLASSLIST]"
+        )
     if not rest:
         raise DataError(f"data spec '{spec}' has no directory; expected {kind}:DIR")
     class_list: str | None = None
@@ -570,18 +615,22 @@ def _locate_ref(ref: DatasetRef) -> tuple[Path, Path | None]:
             if ref.class_list is not None:
                 class_list = base / ref.class_list
                 if not class_list.is_file():
-                    raise DataError(f"dataset {base / ref.path} found but its class list is missing: "
-                                    f"place it at {class_list}")
+                    raise DataError(
+                        f"dataset {base / ref.path} found but its class list is missing: place it at {class_list}"
+                    )
             return base / ref.path, class_list
     tried = f" (not in ${ENV_ASSETS}={mirror})" if mirror is not None else f" (${ENV_ASSETS} is not set)"
     extra = f" and {ref.class_list}" if ref.class_list else ""
-    raise DataError(f"dataset '{ref.path}' not found{tried}: create {cache / ref.path}{extra} under "
-                    f"{cache}, set {ENV_ASSETS} to a mirror containing {ref.path}, or pass a data spec "
-                    f"such as {ref.kind}:DIR")
+    raise DataError(
+        f"dataset '{ref.path}' not found{tried}: create {cache / ref.path}{extra} under "
+        f"{cache}, set {ENV_ASSETS} to a mirror containing {ref.path}, or pass a data spec "
+        f"such as {ref.kind}:DIR"
+    )
 
 
-def _open(kind: str, root: Path, class_list: Path | None, split: str,
-          transform: Callable[[Any], torch.Tensor]) -> Dataset:
+def _open(
+    kind: str, root: Path, class_list: Path | None, split: str, transform: Callable[[Any], torch.Tensor]
+) -> Dataset:
     if kind in ("cifar10", "cifar100"):
         images, labels = read_cifar(root, split, kind=kind)
         return CifarDataset(images, labels, transform)
@@ -599,11 +648,15 @@ def resolve_dataset(spec: str | None, config: ModelConfig, split: str = "test") 
     if spec is None:
         ref = config.default_dataset
         if ref is None:
-            raise DataError(f"model '{config.name}' has no default dataset; pass a data spec "
-                            "(cifar10:DIR, cifar100:DIR or folder:DIR[:CLASSLIST])")
+            raise DataError(
+                f"model '{config.name}' has no default dataset; pass a data spec "
+                "(cifar10:DIR, cifar100:DIR or folder:DIR[:CLASSLIST])"
+            )
         if ref.kind not in SPEC_KINDS:
-            raise DataError(f"model '{config.name}' names an unknown dataset kind '{ref.kind}'; "
-                            f"valid kinds: {', '.join(SPEC_KINDS)}")
+            raise DataError(
+                f"model '{config.name}' names an unknown dataset kind '{ref.kind}'; "
+                f"valid kinds: {', '.join(SPEC_KINDS)}"
+            )
         kind = ref.kind
         root, class_list = _locate_ref(ref)
     else:
@@ -615,8 +668,9 @@ def resolve_dataset(spec: str | None, config: ModelConfig, split: str = "test") 
     return dataset
 
 
-def make_loader(dataset: Dataset, batch_size: int = 128, limit: int | None = None,
-                shuffle: bool = False, num_workers: int = 0) -> DataLoader:
+def make_loader(
+    dataset: Dataset, batch_size: int = 128, limit: int | None = None, shuffle: bool = False, num_workers: int = 0
+) -> DataLoader:
     """Batches in dataset order; ``limit`` keeps the first N samples so runs are comparable.
 
     ``num_workers`` defaults to 0: on small CPU machines worker processes compete with the model

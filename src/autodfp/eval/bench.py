@@ -5,26 +5,28 @@ uniform plan to the same model and evaluates it on the same cached batches, so d
 cells are due to the method alone. Results are written as JSON (machine-readable), a Markdown
 table (for ``docs/RESULTS.md``) and a PNG of accuracy against MACs, one curve per method.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import platform
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import date
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 
 from autodfp._io import atomic_path, atomic_write_text
-from autodfp.errors import PlanError
-from autodfp.eval.metrics import evaluate, profile
 from autodfp.compress.criteria import criterion_names
 from autodfp.compress.plan import Plan
 from autodfp.compress.reconstruct import strategy_names
 from autodfp.compress.surgery import Pruner
+from autodfp.errors import PlanError
+from autodfp.eval.metrics import evaluate, profile
 
 
 @dataclass
@@ -51,14 +53,22 @@ def parse_method(spec: str) -> tuple[str, str, bool]:
     if strategy not in strategy_names():
         raise PlanError(f"unknown strategy '{strategy}' in method '{spec}'; choose from {', '.join(strategy_names())}")
     if criterion not in criterion_names():
-        raise PlanError(f"unknown criterion '{criterion}' in method '{spec}'; choose from {', '.join(criterion_names())}")
+        raise PlanError(
+            f"unknown criterion '{criterion}' in method '{spec}'; choose from {', '.join(criterion_names())}"
+        )
     return strategy, criterion, refine
 
 
-def run_grid(pruner: Pruner, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], methods: Iterable[str],
-             ratios: Iterable[float], label_offset: int = 0, params: dict[str, Any] | None = None,
-             progress: Any = None, refiner: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-             ) -> tuple[BenchRow, list[BenchRow]]:
+def run_grid(
+    pruner: Pruner,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    methods: Iterable[str],
+    ratios: Iterable[float],
+    label_offset: int = 0,
+    params: dict[str, Any] | None = None,
+    progress: Any = None,
+    refiner: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> tuple[BenchRow, list[BenchRow]]:
     """Evaluate the unpruned baseline and every (method, ratio) cell.
 
     Methods ending in ``+refine`` need ``refiner`` (:class:`autodfp.compress.refine.Refiner`).
@@ -67,8 +77,15 @@ def run_grid(pruner: Pruner, batches: Sequence[tuple[torch.Tensor, torch.Tensor]
     t0 = time.perf_counter()
     base_eval = evaluate(pruner.model, batches, label_offset, progress=False)
     base_prof = profile(pruner.model, shape)
-    baseline = BenchRow("original", 1.0, base_eval.top1, base_eval.top5, base_prof.total_macs,
-                        base_prof.total_params, time.perf_counter() - t0)
+    baseline = BenchRow(
+        "original",
+        1.0,
+        base_eval.top1,
+        base_eval.top5,
+        base_prof.total_macs,
+        base_prof.total_params,
+        time.perf_counter() - t0,
+    )
     rows = []
     for method in methods:
         strategy, criterion, refine = parse_method(method)
@@ -83,8 +100,11 @@ def run_grid(pruner: Pruner, batches: Sequence[tuple[torch.Tensor, torch.Tensor]
             model = pruner.apply(plan, decisions).model
             ev = evaluate(model, batches, label_offset, progress=False)
             prof = profile(model, shape)
-            rows.append(BenchRow(method, float(ratio), ev.top1, ev.top5, prof.total_macs, prof.total_params,
-                                 time.perf_counter() - t0))
+            rows.append(
+                BenchRow(
+                    method, float(ratio), ev.top1, ev.top5, prof.total_macs, prof.total_params, time.perf_counter() - t0
+                )
+            )
             if progress is not None:
                 progress(rows[-1])
     return baseline, rows
@@ -94,16 +114,22 @@ def markdown_table(baseline: BenchRow, rows: list[BenchRow]) -> str:
     ratios = sorted({r.ratio for r in rows}, reverse=True)
     methods = list(dict.fromkeys(r.method for r in rows))
     cell = {(r.method, r.ratio): r for r in rows}
-    lines = ["| method | " + " | ".join(f"ratio {r:g}" for r in ratios) + " |",
-             "|---|" + "---:|" * len(ratios)]
-    macs_line = "| MACs (reduction) | " + " | ".join(
-        f"{cell[(methods[0], r)].macs / 1e6:.2f} M (−{100 * (1 - cell[(methods[0], r)].macs / baseline.macs):.1f} %)"
-        for r in ratios) + " |"
+    lines = ["| method | " + " | ".join(f"ratio {r:g}" for r in ratios) + " |", "|---|" + "---:|" * len(ratios)]
+    macs_line = (
+        "| MACs (reduction) | "
+        + " | ".join(
+            f"{cell[(methods[0], r)].macs / 1e6:.2f} M (−{100 * (1 - cell[(methods[0], r)].macs / baseline.macs):.1f} %)"
+            for r in ratios
+        )
+        + " |"
+    )
     lines.append(macs_line)
     for m in methods:
         lines.append(f"| {m} | " + " | ".join(f"{cell[(m, r)].top1:.2f}" for r in ratios) + " |")
-    lines.append(f"\nOriginal: top-1 {baseline.top1:.2f} %, {baseline.macs / 1e6:.2f} M MACs, "
-                 f"{baseline.params / 1e6:.3f} M params. Cells: top-1 % after pruning, no data, no fine-tuning.")
+    lines.append(
+        f"\nOriginal: top-1 {baseline.top1:.2f} %, {baseline.macs / 1e6:.2f} M MACs, "
+        f"{baseline.params / 1e6:.3f} M params. Cells: top-1 % after pruning, no data, no fine-tuning."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -130,19 +156,34 @@ def plot(baseline: BenchRow, rows: list[BenchRow], path: str | os.PathLike, titl
     return Path(path)
 
 
-def write_report(out_dir: str | os.PathLike, model_name: str, data_desc: str, baseline: BenchRow,
-                 rows: list[BenchRow], command: str) -> dict[str, Path]:
+def write_report(
+    out_dir: str | os.PathLike, model_name: str, data_desc: str, baseline: BenchRow, rows: list[BenchRow], command: str
+) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
-    header = (f"## {model_name} — uniform pruning grid\n\n"
-              f"- command: `{command}`\n- date: {date.today().isoformat()}\n- machine: {machine}\n"
-              f"- evaluation data: {data_desc}\n\n")
+    header = (
+        f"## {model_name} — uniform pruning grid\n\n"
+        f"- command: `{command}`\n- date: {date.today().isoformat()}\n- machine: {machine}\n"
+        f"- evaluation data: {data_desc}\n\n"
+    )
     paths = {"markdown": out / "bench.md", "json": out / "bench.json", "plot": out / "bench.png"}
     atomic_write_text(paths["markdown"], header + markdown_table(baseline, rows))
-    atomic_write_text(paths["json"], json.dumps({"model": model_name, "data": data_desc, "command": command,
-                                                  "machine": machine, "baseline": asdict(baseline),
-                                                  "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
+    atomic_write_text(
+        paths["json"],
+        json.dumps(
+            {
+                "model": model_name,
+                "data": data_desc,
+                "command": command,
+                "machine": machine,
+                "baseline": asdict(baseline),
+                "rows": [asdict(r) for r in rows],
+            },
+            indent=2,
+        )
+        + "\n",
+    )
     plot(baseline, rows, paths["plot"], f"{model_name}: top-1 vs MACs (no data, no fine-tuning)")
     return paths
 
@@ -150,4 +191,3 @@ def write_report(out_dir: str | os.PathLike, model_name: str, data_desc: str, ba
 def cache_batches(loader: Iterable) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Decode the evaluation set once; every grid cell then reuses the same tensors."""
     return [(x, y) for x, y in loader]
-

@@ -20,6 +20,7 @@ runs. :class:`OutputLock` keeps two runs from sharing one OUT.
 code), a user architecture only from what the *caller* passes (``model=`` or ``arch=``), and
 otherwise loads ``model.ts``. The factory a ``pruned.pt`` records is never imported on its own.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,8 +33,9 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -67,7 +69,7 @@ class OutputLock:
         self._fd: int | None = None
         self._created = False
 
-    def __enter__(self) -> "OutputLock":
+    def __enter__(self) -> OutputLock:
         import fcntl
 
         check_output_dir(self.out)
@@ -78,8 +80,9 @@ class OutputLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            raise AutoDFPError(f"{self.out} is in use by another autodfp run; wait for it or choose another "
-                               "output directory") from None
+            raise AutoDFPError(
+                f"{self.out} is in use by another autodfp run; wait for it or choose another output directory"
+            ) from None
         self._fd = fd
         return self
 
@@ -130,20 +133,34 @@ def to_torchscript(model: nn.Module, input_shape: tuple[int, ...]) -> torch.jit.
 def _config_record(config: ModelConfig) -> dict[str, Any]:
     p = config.preprocessing
     ds = config.default_dataset
-    return {"preprocessing": {"input_size": p.input_size, "mean": list(p.mean), "std": list(p.std),
-                              "resize": p.resize, "interpolation": p.interpolation},
-            "num_classes": config.num_classes, "label_offset": config.label_offset,
-            "default_dataset": None if ds is None else {"kind": ds.kind, "path": ds.path, "class_list": ds.class_list},
-            "description": config.description}
+    return {
+        "preprocessing": {
+            "input_size": p.input_size,
+            "mean": list(p.mean),
+            "std": list(p.std),
+            "resize": p.resize,
+            "interpolation": p.interpolation,
+        },
+        "num_classes": config.num_classes,
+        "label_offset": config.label_offset,
+        "default_dataset": None if ds is None else {"kind": ds.kind, "path": ds.path, "class_list": ds.class_list},
+        "description": config.description,
+    }
 
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def save_pruned(result: PruneResult | Any, out_dir: str | os.PathLike, config: ModelConfig,
-                input_shape: tuple[int, ...], arch: str | None = None, zoo: bool | None = None,
-                extra: Mapping[str, bytes] | None = None) -> dict[str, Path]:
+def save_pruned(
+    result: PruneResult | Any,
+    out_dir: str | os.PathLike,
+    config: ModelConfig,
+    input_shape: tuple[int, ...],
+    arch: str | None = None,
+    zoo: bool | None = None,
+    extra: Mapping[str, bytes] | None = None,
+) -> dict[str, Path]:
     """Write the output set (see module doc) and return ``{kind: path}``.
 
     :param result: anything with ``model``, ``plan`` and ``decisions`` (or ``kept``)
@@ -155,14 +172,23 @@ def save_pruned(result: PruneResult | Any, out_dir: str | os.PathLike, config: M
     """
     out = check_output_dir(out_dir)
     model = result.model.eval()
-    kept = {k: len(d.kept) for k, d in result.decisions.items()} if hasattr(result, "decisions") \
+    kept = (
+        {k: len(d.kept) for k, d in result.decisions.items()}
+        if hasattr(result, "decisions")
         else {k: len(v) for k, v in result.kept.items()}
+    )
     zoo = (arch is None and is_registered(config.name)) if zoo is None else zoo
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     payload: dict[str, Any] = {
-        "format": FORMAT, "model": config.name, "zoo": bool(zoo), "arch": arch,
-        "input_shape": [int(s) for s in input_shape], "plan": result.plan.to_dict(), "channels": kept,
-        **_config_record(config), "state_dict": state,
+        "format": FORMAT,
+        "model": config.name,
+        "zoo": bool(zoo),
+        "arch": arch,
+        "input_shape": [int(s) for s in input_shape],
+        "plan": result.plan.to_dict(),
+        "channels": kept,
+        **_config_record(config),
+        "state_dict": state,
     }
     # Serialise in memory first: torch's C++ writers abort the process on a full disk, and a
     # Python write raises an OSError we can report.
@@ -182,8 +208,12 @@ def save_pruned(result: PruneResult | Any, out_dir: str | os.PathLike, config: M
             raise ValueError(f"{name} is not a file of the output set")
         files[name] = data
     write_set(out, files)
-    return {"checkpoint": out / "pruned.pt", "torchscript": out / "model.ts", "plan": out / "plan.json",
-            **{Path(n).stem: out / n for n in files if n not in ("pruned.pt", "model.ts", "plan.json")}}
+    return {
+        "checkpoint": out / "pruned.pt",
+        "torchscript": out / "model.ts",
+        "plan": out / "plan.json",
+        **{Path(n).stem: out / n for n in files if n not in ("pruned.pt", "model.ts", "plan.json")},
+    }
 
 
 def write_set(out: Path, files: Mapping[str, bytes]) -> None:
@@ -205,8 +235,9 @@ def write_set(out: Path, files: Mapping[str, bytes]) -> None:
             atomic_write_bytes(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
-                raise AutoDFPError(f"no space left on the device while writing the outputs to {out}; "
-                                   "free some space and run again") from None
+                raise AutoDFPError(
+                    f"no space left on the device while writing the outputs to {out}; free some space and run again"
+                ) from None
             raise AutoDFPError(f"cannot write the outputs to {out} ({exc.strerror or exc})") from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -216,8 +247,10 @@ def verify_set(directory: Path) -> dict[str, str]:
     """The manifest's hashes, after checking every listed file against them."""
     mpath = directory / MANIFEST
     if not mpath.is_file():
-        raise WeightsError(f"{directory} is not a complete autodfp output: {MANIFEST} is missing (an interrupted "
-                           "save, or a directory from autodfp < 0.2); prune again")
+        raise WeightsError(
+            f"{directory} is not a complete autodfp output: {MANIFEST} is missing (an interrupted "
+            "save, or a directory from autodfp < 0.2); prune again"
+        )
     try:
         manifest = json.loads(mpath.read_text())
         files = manifest["files"]
@@ -236,8 +269,10 @@ def verify_set(directory: Path) -> dict[str, str]:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
         if h.hexdigest() != digest:
-            raise WeightsError(f"{path} does not match {MANIFEST} (the set was modified or mixed with another "
-                               "run's files); prune again")
+            raise WeightsError(
+                f"{path} does not match {MANIFEST} (the set was modified or mixed with another "
+                "run's files); prune again"
+            )
     return files
 
 
@@ -255,15 +290,31 @@ def _record_config(payload: dict[str, Any], path: Path) -> ModelConfig:
     name = _str(payload, "model", path) or "model"
     try:
         p = payload["preprocessing"]
-        pre = Preprocessing(int(p["input_size"]), tuple(float(v) for v in p["mean"]),  # type: ignore[arg-type]
-                            tuple(float(v) for v in p["std"]),  # type: ignore[arg-type]
-                            None if p.get("resize") is None else int(p["resize"]), str(p.get("interpolation", "bilinear")))
+        pre = Preprocessing(
+            int(p["input_size"]),
+            tuple(float(v) for v in p["mean"]),  # type: ignore[arg-type]
+            tuple(float(v) for v in p["std"]),  # type: ignore[arg-type]
+            None if p.get("resize") is None else int(p["resize"]),
+            str(p.get("interpolation", "bilinear")),
+        )
         ds = payload.get("default_dataset")
-        ref = None if ds is None else DatasetRef(str(ds["kind"]), str(ds["path"]),
-                                                 None if ds.get("class_list") is None else str(ds["class_list"]))
-        return ModelConfig(name=name, builder=_no_builder, weights=None, preprocessing=pre,
-                           num_classes=int(payload.get("num_classes", 0)), label_offset=int(payload.get("label_offset", 0)),
-                           default_dataset=ref, description=str(payload.get("description", "")))
+        ref = (
+            None
+            if ds is None
+            else DatasetRef(
+                str(ds["kind"]), str(ds["path"]), None if ds.get("class_list") is None else str(ds["class_list"])
+            )
+        )
+        return ModelConfig(
+            name=name,
+            builder=_no_builder,
+            weights=None,
+            preprocessing=pre,
+            num_classes=int(payload.get("num_classes", 0)),
+            label_offset=int(payload.get("label_offset", 0)),
+            default_dataset=ref,
+            description=str(payload.get("description", "")),
+        )
     except (KeyError, TypeError, ValueError, AttributeError):
         raise WeightsError(f"{path}: the recorded preprocessing or classes are malformed") from None
 
@@ -272,8 +323,11 @@ def _no_builder() -> nn.Module:
     raise ModelError("a model loaded from a pruned directory has no builder")
 
 
-def load_pruned(path: str | os.PathLike, model: nn.Module | None = None, arch: str | None = None,
-                ) -> tuple[nn.Module, ModelConfig, Plan]:
+def load_pruned(
+    path: str | os.PathLike,
+    model: nn.Module | None = None,
+    arch: str | None = None,
+) -> tuple[nn.Module, ModelConfig, Plan]:
     """Rebuild a model saved by :func:`save_pruned`, checking the set's manifest first.
 
     The architecture comes from, in order: ``model`` (an unpruned instance, shrunk to the recorded
@@ -296,12 +350,14 @@ def load_pruned(path: str | os.PathLike, model: nn.Module | None = None, arch: s
     if not isinstance(shape, list) or len(shape) != 3 or not all(isinstance(s, int) and s > 0 for s in shape):
         raise WeightsError(f"{ckpt}: field 'input_shape' must be a list of 3 positive integers")
     channels = payload.get("channels")
-    if not isinstance(channels, dict) or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
-                                                 and v > 0 for k, v in channels.items()):
+    if not isinstance(channels, dict) or not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0 for k, v in channels.items()
+    ):
         raise WeightsError(f"{ckpt}: field 'channels' must map group names to positive channel counts")
     state = payload.get("state_dict")
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                              for k, v in state.items()):
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
         raise WeightsError(f"{ckpt}: field 'state_dict' must map names to tensors")
     if not isinstance(payload.get("plan"), dict):
         raise WeightsError(f"{ckpt}: field 'plan' must be an object")
@@ -323,8 +379,10 @@ def load_pruned(path: str | os.PathLike, model: nn.Module | None = None, arch: s
     else:
         ts = directory / "model.ts"
         if not ts.is_file():
-            raise ModelError(f"{ckpt} was built by '{recorded_arch or name}', and autodfp does not import code that a "
-                             "file names; pass the architecture yourself (--arch / arch=) if you trust it")
+            raise ModelError(
+                f"{ckpt} was built by '{recorded_arch or name}', and autodfp does not import code that a "
+                "file names; pass the architecture yourself (--arch / arch=) if you trust it"
+            )
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
@@ -350,8 +408,7 @@ def load_pruned(path: str | os.PathLike, model: nn.Module | None = None, arch: s
     return net.eval(), config, plan
 
 
-def onnx_check(model: nn.Module, input_shape: tuple[int, ...], path: str | os.PathLike,
-               atol: float = 1e-4) -> float:
+def onnx_check(model: nn.Module, input_shape: tuple[int, ...], path: str | os.PathLike, atol: float = 1e-4) -> float:
     """Export to ONNX, run it with onnxruntime and return the max abs difference to PyTorch."""
     import numpy as np
     import onnxruntime as ort
@@ -361,8 +418,15 @@ def onnx_check(model: nn.Module, input_shape: tuple[int, ...], path: str | os.Pa
     x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
     with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model.eval(), (x,), str(tmp), input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+        torch.onnx.export(
+            model.eval(),
+            (x,),
+            str(tmp),
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            dynamo=False,
+        )
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = sess.run(None, {"input": x.numpy()})[0]
     with torch.no_grad():
@@ -373,5 +437,15 @@ def onnx_check(model: nn.Module, input_shape: tuple[int, ...], path: str | os.Pa
     return diff
 
 
-__all__ = ["FORMAT", "MANIFEST", "OutputLock", "check_output_dir", "load_pruned", "onnx_check", "save_pruned",
-           "to_torchscript", "verify_set", "write_set"]
+__all__ = [
+    "FORMAT",
+    "MANIFEST",
+    "OutputLock",
+    "check_output_dir",
+    "load_pruned",
+    "onnx_check",
+    "save_pruned",
+    "to_torchscript",
+    "verify_set",
+    "write_set",
+]

@@ -17,14 +17,15 @@ produces rather than a formula that could drift from the code.
 Parameters are ``numel`` of ``model.parameters()`` (buffers such as BN running statistics are not
 parameters).
 """
+
 from __future__ import annotations
 
 import math
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -33,8 +34,16 @@ from torch.utils.data import DataLoader
 from autodfp._modes import eval_mode
 from autodfp.errors import DataError
 
-__all__ = ["EvalResult", "LayerProfile", "Profile", "evaluate", "latency_ms", "latency_table",
-           "count_params", "profile"]
+__all__ = [
+    "EvalResult",
+    "LayerProfile",
+    "Profile",
+    "evaluate",
+    "latency_ms",
+    "latency_table",
+    "count_params",
+    "profile",
+]
 
 
 @dataclass(frozen=True)
@@ -75,8 +84,7 @@ class Profile:
         rows.append(("total", "", "", f"{self.total_macs:,}", f"{self.total_params:,}"))
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
         return "\n".join(
-            "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-            for r in rows
+            "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows
         )
 
 
@@ -128,8 +136,9 @@ def _scripted_profile(model: torch.jit.ScriptModule, shape: tuple[int, ...]) -> 
 
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         model(_example_input(model, shape))
-    return Profile(total_macs=int(counter.get_total_flops()) // 2, total_params=count_params(model),
-                   input_shape=shape, layers=[])
+    return Profile(
+        total_macs=int(counter.get_total_flops()) // 2, total_params=count_params(model), input_shape=shape, layers=[]
+    )
 
 
 def profile(model: nn.Module, input_size: int | Sequence[int]) -> Profile:
@@ -142,7 +151,8 @@ def profile(model: nn.Module, input_size: int | Sequence[int]) -> Profile:
     if isinstance(model, torch.jit.ScriptModule):
         return _scripted_profile(model, shape)
     targets = [
-        (name, m) for name, m in model.named_modules()
+        (name, m)
+        for name, m in model.named_modules()
         if isinstance(m, _COUNTED) or any(True for _ in m.parameters(recurse=False))
     ]
     macs: dict[str, int] = {name: 0 for name, _ in targets}
@@ -155,6 +165,7 @@ def profile(model: nn.Module, input_size: int | Sequence[int]) -> Profile:
                 return
             macs[name] += _layer_macs(module, inp, output)
             shapes.setdefault(name, (tuple(inp.shape), tuple(output.shape)))
+
         return hook
 
     handles = [m.register_forward_hook(make_hook(name)) for name, m in targets]
@@ -168,11 +179,16 @@ def profile(model: nn.Module, input_size: int | Sequence[int]) -> Profile:
     layers = []
     for name, m in targets:
         in_shape, out_shape = shapes.get(name, (None, None))
-        layers.append(LayerProfile(
-            name=name, type=type(m).__name__, input_shape=in_shape, output_shape=out_shape,
-            macs=macs[name],  # already per image: _layer_macs divides by the batch
-            params=sum(p.numel() for p in m.parameters(recurse=False)),
-        ))
+        layers.append(
+            LayerProfile(
+                name=name,
+                type=type(m).__name__,
+                input_shape=in_shape,
+                output_shape=out_shape,
+                macs=macs[name],  # already per image: _layer_macs divides by the batch
+                params=sum(p.numel() for p in m.parameters(recurse=False)),
+            )
+        )
     total = sum(lp.macs for lp in layers)
     return Profile(total_macs=total, total_params=count_params(model), input_shape=shape, layers=layers)
 
@@ -192,8 +208,9 @@ def _model_device(model: nn.Module) -> torch.device:
     return ref.device if ref is not None else torch.device("cpu")
 
 
-def evaluate(model: nn.Module, loader: DataLoader | Iterable, label_offset: int = 0,
-             progress: bool = True) -> EvalResult:
+def evaluate(
+    model: nn.Module, loader: DataLoader | Iterable, label_offset: int = 0, progress: bool = True
+) -> EvalResult:
     """Top-1/top-5 accuracy in percent; ``logits[:, label_offset:]`` are the dataset's classes.
 
     The model runs in eval mode (BN statistics frozen) and is returned to its previous mode.
@@ -206,8 +223,16 @@ def evaluate(model: nn.Module, loader: DataLoader | Iterable, label_offset: int 
         total = len(loader) if hasattr(loader, "__len__") else None
     except TypeError:
         total = None
-    bar = tqdm(loader, total=total, desc="eval", unit="batch", file=sys.stderr, disable=not progress,
-               leave=False, dynamic_ncols=True)
+    bar = tqdm(
+        loader,
+        total=total,
+        desc="eval",
+        unit="batch",
+        file=sys.stderr,
+        disable=not progress,
+        leave=False,
+        dynamic_ncols=True,
+    )
     try:
         with eval_mode(model), torch.inference_mode():
             for batch in bar:
@@ -244,8 +269,9 @@ def evaluate(model: nn.Module, loader: DataLoader | Iterable, label_offset: int 
     return EvalResult(top1=100.0 * correct1 / n, top5=100.0 * correct5 / n, n=n)
 
 
-def latency_ms(model: nn.Module, input_size: int | Sequence[int], batch_size: int = 1,
-               warmup: int = 3, repeats: int = 10) -> float:
+def latency_ms(
+    model: nn.Module, input_size: int | Sequence[int], batch_size: int = 1, warmup: int = 3, repeats: int = 10
+) -> float:
     """Median wall time of one forward pass in milliseconds (median: robust to scheduler noise)."""
     if repeats < 1:
         raise ValueError("repeats must be at least 1")
@@ -267,7 +293,12 @@ def latency_ms(model: nn.Module, input_size: int | Sequence[int], batch_size: in
     return float(statistics.median(times))
 
 
-def latency_table(model: nn.Module, input_size: int | Sequence[int], batch_sizes: Sequence[int] = (1, 32),
-                  warmup: int = 3, repeats: int = 10) -> dict[int, float]:
+def latency_table(
+    model: nn.Module,
+    input_size: int | Sequence[int],
+    batch_sizes: Sequence[int] = (1, 32),
+    warmup: int = 3,
+    repeats: int = 10,
+) -> dict[int, float]:
     """``{batch_size: median ms per forward pass}``."""
     return {int(b): latency_ms(model, input_size, b, warmup, repeats) for b in batch_sizes}

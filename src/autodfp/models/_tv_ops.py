@@ -19,12 +19,13 @@ other compiled ops (``roi_align``, ``deform_conv2d`` …) keep torchvision's own
 If torchvision is already (partly) imported when this runs, the ops are defined at once when
 they are missing, so a retried ``import torchvision`` succeeds.
 """
+
 from __future__ import annotations
 
 import importlib.abc
 import importlib.util
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -34,7 +35,7 @@ _SCHEMAS = {
     "qnms": "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
 }
 _LIB: torch.library.Library | None = None  # keeps our registrations alive
-_FINDER: "_PostImportFinder | None" = None
+_FINDER: _PostImportFinder | None = None
 
 
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
@@ -149,10 +150,10 @@ class _HookedLoader(importlib.abc.Loader):
         self._loader = loader
         self._hook = hook
 
-    def create_module(self, spec):  # noqa: ANN001
+    def create_module(self, spec):
         return self._loader.create_module(spec)
 
-    def exec_module(self, module) -> None:  # noqa: ANN001
+    def exec_module(self, module) -> None:
         self._loader.exec_module(module)
         self._hook(module)
 
@@ -163,7 +164,7 @@ class _HookedLoader(importlib.abc.Loader):
 class _PostImportFinder(importlib.abc.MetaPathFinder):
     """Runs a hook right after the named modules execute; delegates the finding to the others."""
 
-    def find_spec(self, fullname, path, target=None):  # noqa: ANN001
+    def find_spec(self, fullname, path, target=None):
         hook = _HOOKS.get(fullname)
         if hook is None:
             return None

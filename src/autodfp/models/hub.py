@@ -4,6 +4,7 @@ The order mirrors torch.hub, with one addition: ``$AUTODFP_ASSETS`` points at an
 laid out like ``shared/assets`` (``weights/<file>``), for air-gapped machines and CI. The sha256 is
 verified at every step, so a truncated download or a swapped file is caught before it is used.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -67,8 +68,9 @@ def usable_cache_dir(path: str | os.PathLike) -> Path | None:
     key = str(path)
     if key not in _WARNED:
         _WARNED.add(key)
-        warnings.warn(f"cache directory {path} cannot be used ({problem}); continuing without a cache",
-                      CacheWarning, stacklevel=2)
+        warnings.warn(
+            f"cache directory {path} cannot be used ({problem}); continuing without a cache", CacheWarning, stacklevel=2
+        )
     return None
 
 

@@ -10,6 +10,7 @@ channels are separate pruning dimensions (like a conv's) and the graph stays rig
 converted MobileNet weights were trained with it, and symmetric padding shifts every feature map
 by half a pixel.
 """
+
 from __future__ import annotations
 
 import math

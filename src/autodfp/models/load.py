@@ -6,6 +6,7 @@ They are also memory-mapped, so a tensor's shape is checked against the model be
 are read: a hostile file cannot make us allocate what it claims to hold. A loaded model is checked
 for NaN/Inf and impossible BatchNorm variances, which would otherwise prune and score as if fine.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,9 +43,11 @@ def _check_records(path: Path) -> bool:
         with zipfile.ZipFile(path) as z:
             for info in z.infolist():
                 if info.compress_type != zipfile.ZIP_STORED:
-                    raise WeightsError(f"{path} has a compressed record '{info.filename}' ({info.file_size} bytes "
-                                       "once inflated); torch.save never compresses, so the file was re-packed or "
-                                       "crafted: refusing it")
+                    raise WeightsError(
+                        f"{path} has a compressed record '{info.filename}' ({info.file_size} bytes "
+                        "once inflated); torch.save never compresses, so the file was re-packed or "
+                        "crafted: refusing it"
+                    )
     except (zipfile.BadZipFile, OSError, ValueError):
         return True  # let torch.load report the damage in its own words
     return True
@@ -95,7 +98,7 @@ def extract_state_dict(obj: Any, key: str | None = None, source: str | None = No
         shown = " ".join(repr(bad).split())[:60]
         raise WeightsError(f"{where}state dict key {shown} is a {type(bad).__name__}, not a string")
     if obj and all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
     return obj
 
 
@@ -149,8 +152,13 @@ def build_from_arch(arch: str) -> nn.Module:
     """
     mod_name, sep, fn_name = str(arch).partition(":")
     mod_name, fn_name = mod_name.strip(), fn_name.strip()
-    if not sep or not mod_name or not fn_name or not all(p.isidentifier() for p in mod_name.split(".")) \
-            or not fn_name.isidentifier():
+    if (
+        not sep
+        or not mod_name
+        or not fn_name
+        or not all(p.isidentifier() for p in mod_name.split("."))
+        or not fn_name.isidentifier()
+    ):
         raise ModelError(f"arch must look like package.module:factory, got '{arch}'")
     try:
         with _cwd_on_path():
@@ -168,11 +176,16 @@ def build_from_arch(arch: str) -> nn.Module:
     except (TypeError, ValueError):
         sig = None
     if sig is not None:
-        required = [p.name for p in sig.parameters.values()
-                    if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        required = [
+            p.name
+            for p in sig.parameters.values()
+            if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        ]
         if required:
-            raise ModelError(f"arch {arch}: '{fn_name}' needs arguments ({', '.join(required)}); "
-                             "arch must name a factory that can be called without arguments")
+            raise ModelError(
+                f"arch {arch}: '{fn_name}' needs arguments ({', '.join(required)}); "
+                "arch must name a factory that can be called without arguments"
+            )
     try:
         model = factory()
     except Exception as exc:
@@ -183,12 +196,14 @@ def build_from_arch(arch: str) -> nn.Module:
 
 
 #: modules built from a zoo entry, so that a module passed on keeps its preprocessing and classes
-_ZOO_MODULES: "weakref.WeakKeyDictionary[nn.Module, ModelConfig]" = weakref.WeakKeyDictionary()
+_ZOO_MODULES: weakref.WeakKeyDictionary[nn.Module, ModelConfig] = weakref.WeakKeyDictionary()
 
 
 def zoo_config_of(module: nn.Module) -> ModelConfig | None:
     """The zoo config a module was built from by :func:`load_model`, if it was."""
     return _ZOO_MODULES.get(module)
+
+
 _BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
 
@@ -212,8 +227,9 @@ def check_finite(model: nn.Module, source: str) -> None:
             if bool((var < 0).any()):
                 raise ModelError(f"{source}: tensor '{tensor}' has negative values (a BatchNorm variance cannot be)")
             if bool((var + m.eps <= 0).any()):
-                raise ModelError(f"{source}: tensor '{tensor}' has zeros and eps is {m.eps:g}: BatchNorm would "
-                                 "divide by zero")
+                raise ModelError(
+                    f"{source}: tensor '{tensor}' has zeros and eps is {m.eps:g}: BatchNorm would divide by zero"
+                )
 
 
 def load_model(
@@ -268,7 +284,12 @@ def load_model(
     if base is not None:
         cfg = replace(base, name=model, builder=lambda: net, weights=None)
     else:
-        cfg = ModelConfig(name=model, builder=lambda: net, weights=None, preprocessing=TF_IMAGENET_PRE,
-                          num_classes=0, description="user model")
+        cfg = ModelConfig(
+            name=model,
+            builder=lambda: net,
+            weights=None,
+            preprocessing=TF_IMAGENET_PRE,
+            num_classes=0,
+            description="user model",
+        )
     return net.eval(), cfg
-

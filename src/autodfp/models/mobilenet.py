@@ -3,6 +3,7 @@
 Both use TF "SAME" padding and ReLU6; module names follow the state-dict layouts documented in
 ``shared/assets/README.md`` so the converted weights load as they are.
 """
+
 from __future__ import annotations
 
 import torch

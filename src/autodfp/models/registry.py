@@ -4,10 +4,11 @@ Each entry carries everything needed to reproduce the published number without r
 builder, weight file (name, url, sha256), preprocessing, classes/label offset and a default
 evaluation set. Entries are looked up by name; users add their own with :func:`register`.
 """
+
 from __future__ import annotations
 
-from dataclasses import dataclass, field, asdict
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 
 import torch.nn as nn
 

@@ -3,6 +3,7 @@
 Parameter names match akamaster/pytorch_resnet_cifar10 (after stripping ``module.``), so the
 published checkpoints load without renaming.
 """
+
 from __future__ import annotations
 
 import torch

@@ -15,20 +15,21 @@ the count is computed in integers and matches :func:`autodfp.eval.metrics.profil
 pruned model exactly. With every other group fixed the count is linear in one group's kept
 channels, which is what makes :meth:`MacsModel.feasible_keep` a closed-form solve.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Mapping
 
 import torch.nn as nn
 
+from autodfp.analysis.graph import GroupGraph
+from autodfp.compress.plan import Plan, n_keep
 from autodfp.config import DEFAULTS
 from autodfp.errors import PlanError
-from autodfp.analysis.graph import GroupGraph
 from autodfp.eval.metrics import profile
-from autodfp.compress.plan import Plan, n_keep
 
 #: Smallest preserved ratio for the budget helpers when none is given; the search chooses its own
 #: with :meth:`MacsModel.auto_r_min` unless told otherwise. (ResNet-56's floor at 0.2 is 0.196x.)
@@ -159,15 +160,25 @@ class MacsModel:
         if not math.isfinite(target_macs) or target_macs <= 0:
             raise PlanError(f"target MACs must be positive, got {target_macs}")
         if target_macs > self.total_macs * (1 + 1e-12):
-            raise PlanError(f"target of {t_ratio:.4f}x the original MACs is above the original model; "
-                            f"reachable MACs ratios are {lo_ratio:.4f} to 1.0")
+            raise PlanError(
+                f"target of {t_ratio:.4f}x the original MACs is above the original model; "
+                f"reachable MACs ratios are {lo_ratio:.4f} to 1.0"
+            )
         if lowest > target_macs * (1 + tol):
-            raise PlanError(f"target of {t_ratio:.4f}x the original MACs is unreachable: with every prunable "
-                            f"group at r_min={r_min:g} the model keeps {lo_ratio:.4f}x ({lowest:,} of "
-                            f"{self.total_macs:,} MACs); the minimum reachable MACs ratio is {lo_ratio:.4f}")
+            raise PlanError(
+                f"target of {t_ratio:.4f}x the original MACs is unreachable: with every prunable "
+                f"group at r_min={r_min:g} the model keeps {lo_ratio:.4f}x ({lowest:,} of "
+                f"{self.total_macs:,} MACs); the minimum reachable MACs ratio is {lo_ratio:.4f}"
+            )
 
-    def feasible_keep(self, chosen: Mapping[str, int], group: str, target_macs: float,
-                      r_min: float = DEFAULT_R_MIN, tol: float = DEFAULT_TOL) -> tuple[int, int]:
+    def feasible_keep(
+        self,
+        chosen: Mapping[str, int],
+        group: str,
+        target_macs: float,
+        r_min: float = DEFAULT_R_MIN,
+        tol: float = DEFAULT_TOL,
+    ) -> tuple[int, int]:
         """Kept-channel range ``[lo, hi]`` for ``group`` that keeps the target reachable.
 
         Groups in ``chosen`` are fixed; every other group (except ``group``) is "remaining".
@@ -213,8 +224,14 @@ class MacsModel:
             lo = hi
         return lo, hi
 
-    def feasible_range(self, chosen: Mapping[str, int], group: str, target_macs: float,
-                       r_min: float = DEFAULT_R_MIN, tol: float = DEFAULT_TOL) -> tuple[float, float]:
+    def feasible_range(
+        self,
+        chosen: Mapping[str, int],
+        group: str,
+        target_macs: float,
+        r_min: float = DEFAULT_R_MIN,
+        tol: float = DEFAULT_TOL,
+    ) -> tuple[float, float]:
         """:meth:`feasible_keep` as preserved ratios (``k / C``, which :func:`n_keep` maps back to ``k``)."""
         lo, hi = self.feasible_keep(chosen, group, target_macs, r_min, tol)
         c = self.channels[group]
@@ -257,12 +274,14 @@ class MacsModel:
                 hi = mid
             else:
                 lo = mid + 1
-        best = min((i for i in (lo - 1, lo, lo + 1) if 0 <= i < len(cands)),
-                   key=lambda i: (abs(m(i) - target_macs), m(i)))
+        best = min(
+            (i for i in (lo - 1, lo, lo + 1) if 0 <= i < len(cands)), key=lambda i: (abs(m(i) - target_macs), m(i))
+        )
         return cands[best]
 
-    def repair(self, keep: Mapping[str, int], target_macs: float, tol: float = DEFAULT_TOL,
-               r_min: float = DEFAULT_R_MIN) -> dict[str, int]:
+    def repair(
+        self, keep: Mapping[str, int], target_macs: float, tol: float = DEFAULT_TOL, r_min: float = DEFAULT_R_MIN
+    ) -> dict[str, int]:
         """Move single channels until the MACs lie within ``target·(1 ± tol)``.
 
         Each move takes the group whose channel is worth the most MACs without jumping past the
@@ -289,8 +308,10 @@ class MacsModel:
             inside = [mv for mv in moves if (mv[3] >= lower if down else mv[3] <= upper)]
             _, g, k, new = max(inside) if inside else min(moves)
             keep[g], cur = k, new
-        raise PlanError(f"could not bring the plan within ±{tol:.0%} of {target_macs / self.total_macs:.4f}x "
-                        f"the original MACs (reached {cur / self.total_macs:.4f}x)")
+        raise PlanError(
+            f"could not bring the plan within ±{tol:.0%} of {target_macs / self.total_macs:.4f}x "
+            f"the original MACs (reached {cur / self.total_macs:.4f}x)"
+        )
 
 
 def _simple_ratio(a: float, b: float) -> float:
@@ -300,7 +321,7 @@ def _simple_ratio(a: float, b: float) -> float:
     than float error, so :func:`n_keep` sees it unambiguously on the intended side.
     """
     for digits in range(1, 8):
-        q = 10 ** digits
+        q = 10**digits
         r = (math.floor(a * q) + 1) / q
         if a < r < b:
             return r
@@ -311,18 +332,30 @@ def target_from_ratio(macs_model: MacsModel, ratio: float) -> float:
     return float(ratio) * macs_model.total_macs
 
 
-def fit_uniform(macs_model: MacsModel, target_macs: float, r_min: float = DEFAULT_R_MIN,
-                tol: float = DEFAULT_TOL) -> float:
+def fit_uniform(
+    macs_model: MacsModel, target_macs: float, r_min: float = DEFAULT_R_MIN, tol: float = DEFAULT_TOL
+) -> float:
     return macs_model.fit_uniform(target_macs, r_min, tol)
 
 
-def feasible_range(macs_model: MacsModel, chosen: Mapping[str, int], group: str, target_macs: float,
-                   r_min: float = DEFAULT_R_MIN, tol: float = DEFAULT_TOL) -> tuple[float, float]:
+def feasible_range(
+    macs_model: MacsModel,
+    chosen: Mapping[str, int],
+    group: str,
+    target_macs: float,
+    r_min: float = DEFAULT_R_MIN,
+    tol: float = DEFAULT_TOL,
+) -> tuple[float, float]:
     return macs_model.feasible_range(chosen, group, target_macs, r_min, tol)
 
 
-def repair(macs_model: MacsModel, keep: Mapping[str, int], target_macs: float, tol: float = DEFAULT_TOL,
-           r_min: float = DEFAULT_R_MIN) -> dict[str, int]:
+def repair(
+    macs_model: MacsModel,
+    keep: Mapping[str, int],
+    target_macs: float,
+    tol: float = DEFAULT_TOL,
+    r_min: float = DEFAULT_R_MIN,
+) -> dict[str, int]:
     return macs_model.repair(keep, target_macs, tol, r_min)
 
 
@@ -334,5 +367,14 @@ def plan_from_keep(keep: Mapping[str, int], channels: Mapping[str, int], **kw: o
     return Plan(ratios=ratios, **kw)  # type: ignore[arg-type]
 
 
-__all__ = ["AUTO_R_MIN_MAX", "DEFAULT_R_MIN", "DEFAULT_TOL", "MacsModel", "feasible_range", "fit_uniform", "plan_from_keep",
-           "repair", "target_from_ratio"]
+__all__ = [
+    "AUTO_R_MIN_MAX",
+    "DEFAULT_R_MIN",
+    "DEFAULT_TOL",
+    "MacsModel",
+    "feasible_range",
+    "fit_uniform",
+    "plan_from_keep",
+    "repair",
+    "target_from_ratio",
+]

@@ -14,6 +14,7 @@ only name a plain sub-directory of the checkpoint root, so a pointer cannot lead
 
 Every failure to read a checkpoint is a :class:`~autodfp.errors.CheckpointError` naming the file.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,8 +22,9 @@ import json
 import pickle
 import re
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,8 +41,16 @@ AGENT = "sac.pt"
 REPLAY = "replay.npz"
 _DIR_NAME = re.compile(r"ep-\d{6,}")
 
-_BUFFER_ARRAYS = ("observations", "next_observations", "actions", "rewards", "dones", "timeouts",
-                  "episode_of", "is_final")
+_BUFFER_ARRAYS = (
+    "observations",
+    "next_observations",
+    "actions",
+    "rewards",
+    "dones",
+    "timeouts",
+    "episode_of",
+    "is_final",
+)
 _PENDING = ("obs", "next_obs", "action")
 
 
@@ -68,8 +78,16 @@ def reading(path: Path) -> Iterator[None]:
         yield
     except CheckpointError:
         raise
-    except (AutoDFPError, KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError,
-            OverflowError) as exc:
+    except (
+        AutoDFPError,
+        KeyError,
+        IndexError,
+        TypeError,
+        ValueError,
+        RuntimeError,
+        AttributeError,
+        OverflowError,
+    ) as exc:
         detail = f"missing entry {exc}" if isinstance(exc, KeyError) else _first_line(exc)
         raise CheckpointError(f"checkpoint file {path} is damaged ({detail})") from None
 
@@ -91,8 +109,9 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint pointer {pointer} is damaged") from None
         # Only a plain child of the root: no absolute path, no '..', no separator, no symlink out.
         if not isinstance(name, str) or not _DIR_NAME.fullmatch(name):
-            raise CheckpointError(f"checkpoint pointer {pointer} names {name!r}, not a checkpoint "
-                                  f"directory inside {self.root}")
+            raise CheckpointError(
+                f"checkpoint pointer {pointer} names {name!r}, not a checkpoint directory inside {self.root}"
+            )
         path = self.root / name
         if path.is_symlink() or path.resolve().parent != self.root.resolve():
             raise CheckpointError(f"checkpoint pointer {pointer} leads outside {self.root}")
@@ -116,16 +135,20 @@ class Checkpointer:
         state = self.read_state(path)
         fmt = state.get("format")
         if fmt == LEGACY_FORMAT and state["config"].get("method") == "sac":
-            raise CheckpointError(f"{path} was written by an older autodfp that pickled the agent; it "
-                                  "cannot be resumed safely: delete it or start without resuming")
+            raise CheckpointError(
+                f"{path} was written by an older autodfp that pickled the agent; it "
+                "cannot be resumed safely: delete it or start without resuming"
+            )
         if fmt not in (CHECKPOINT_FORMAT, LEGACY_FORMAT):
             raise CheckpointError(f"{file} is not an autodfp search checkpoint")
         saved = state["config"]
         diff = [k for k in self.config if saved.get(k) != self.config[k]]
         if diff:
             k = diff[0]
-            raise CheckpointError(f"cannot resume from {path}: it was made with {k}={saved.get(k)!r}, "
-                                  f"this search has {k}={self.config[k]!r}")
+            raise CheckpointError(
+                f"cannot resume from {path}: it was made with {k}={saved.get(k)!r}, "
+                f"this search has {k}={self.config[k]!r}"
+            )
         with reading(file):
             done = state["episodes_done"]
             if not isinstance(done, int) or isinstance(done, bool) or done < 0:
@@ -144,8 +167,10 @@ class Checkpointer:
         for fname, write in writers.items():
             with atomic_path(path / fname) as tmp:
                 write(tmp)
-        atomic_write_text(path / STATE, json.dumps(
-            {"format": CHECKPOINT_FORMAT, "config": self.config, "episodes_done": episodes, **state}) + "\n")
+        atomic_write_text(
+            path / STATE,
+            json.dumps({"format": CHECKPOINT_FORMAT, "config": self.config, "episodes_done": episodes, **state}) + "\n",
+        )
         atomic_write_text(self.root / POINTER, json.dumps({"dir": name, "episodes": episodes}) + "\n")
         for old in self.root.glob("ep-*"):
             if old.is_dir() and not old.is_symlink() and old.name != name:
@@ -156,9 +181,11 @@ class Checkpointer:
 # The SAC agent: state dicts only
 # ---------------------------------------------------------------------------------------------
 def save_agent(model: Any, path: Path) -> None:
-    blob: dict[str, Any] = {"policy": model.policy.state_dict(),
-                            "actor_optimizer": model.actor.optimizer.state_dict(),
-                            "critic_optimizer": model.critic.optimizer.state_dict()}
+    blob: dict[str, Any] = {
+        "policy": model.policy.state_dict(),
+        "actor_optimizer": model.actor.optimizer.state_dict(),
+        "critic_optimizer": model.critic.optimizer.state_dict(),
+    }
     if model.ent_coef_optimizer is not None:
         blob["ent_coef_optimizer"] = model.ent_coef_optimizer.state_dict()
         blob["log_ent_coef"] = model.log_ent_coef.detach().clone()
@@ -166,8 +193,11 @@ def save_agent(model: Any, path: Path) -> None:
 
 
 def agent_counters(model: Any) -> dict[str, int]:
-    return {"num_timesteps": int(model.num_timesteps), "n_updates": int(model._n_updates),
-            "episode_num": int(model._episode_num)}
+    return {
+        "num_timesteps": int(model.num_timesteps),
+        "n_updates": int(model._n_updates),
+        "episode_num": int(model._episode_num),
+    }
 
 
 def load_agent(model: Any, path: Path, counters: dict[str, Any]) -> None:
@@ -209,8 +239,11 @@ def _count(value: Any) -> int:
 # ---------------------------------------------------------------------------------------------
 def replay_meta(buffer: Any) -> dict[str, Any]:
     """What state.json records about the buffer beside its arrays."""
-    return {"pos": int(buffer.pos), "full": bool(buffer.full),
-            "size": int(buffer.buffer_size if buffer.full else buffer.pos)}
+    return {
+        "pos": int(buffer.pos),
+        "full": bool(buffer.full),
+        "size": int(buffer.buffer_size if buffer.full else buffer.pos),
+    }
 
 
 def save_replay(buffer: Any, path: Path) -> None:
@@ -238,8 +271,11 @@ def load_replay(buffer: Any, path: Path, meta: dict[str, Any]) -> None:
         raise _refused(file, exc) from None
     with reading(path / STATE):
         pos, full, n = meta["pos"], meta["full"], meta["size"]
-        if (not isinstance(full, bool) or not 0 <= _count(pos) < buffer.buffer_size
-                or _count(n) != (buffer.buffer_size if full else pos)):
+        if (
+            not isinstance(full, bool)
+            or not 0 <= _count(pos) < buffer.buffer_size
+            or _count(n) != (buffer.buffer_size if full else pos)
+        ):
             raise ValueError(f"replay metadata {meta!r} does not fit a buffer of {buffer.buffer_size}")
     with reading(file):
         for name in _BUFFER_ARRAYS:
@@ -248,8 +284,9 @@ def load_replay(buffer: Any, path: Path, meta: dict[str, Any]) -> None:
                 continue
             src = arrays[name]
             if src.dtype != target.dtype or src.shape != (n, *target.shape[1:]):
-                raise ValueError(f"'{name}' is {src.dtype} {src.shape}, expected {target.dtype} "
-                                 f"{(n, *target.shape[1:])}")
+                raise ValueError(
+                    f"'{name}' is {src.dtype} {src.shape}, expected {target.dtype} {(n, *target.shape[1:])}"
+                )
             target[:n] = src
         rewards = arrays["episode_rewards"]
         if rewards.dtype != np.float64 or rewards.ndim != 1:
@@ -262,10 +299,22 @@ def load_replay(buffer: Any, path: Path, meta: dict[str, Any]) -> None:
             raise ValueError("pending transitions have unequal lengths")
     buffer.pos, buffer.full = pos, full
     buffer.episode_rewards = rewards.tolist()
-    buffer.pending = [(pending[0][i], pending[1][i], pending[2][i], float(pending_r[i]))
-                      for i in range(len(pending_r))]
+    buffer.pending = [(pending[0][i], pending[1][i], pending[2][i], float(pending_r[i])) for i in range(len(pending_r))]
 
 
-__all__ = ["AGENT", "CHECKPOINT_FORMAT", "Checkpointer", "LEGACY_FORMAT", "POINTER", "REPLAY", "STATE",
-           "agent_counters", "load_agent", "load_replay", "reading", "replay_meta", "save_agent",
-           "save_replay"]
+__all__ = [
+    "AGENT",
+    "CHECKPOINT_FORMAT",
+    "Checkpointer",
+    "LEGACY_FORMAT",
+    "POINTER",
+    "REPLAY",
+    "STATE",
+    "agent_counters",
+    "load_agent",
+    "load_replay",
+    "reading",
+    "replay_meta",
+    "save_agent",
+    "save_replay",
+]

@@ -18,6 +18,7 @@ action space and the environment are all seeded, and learning proceeds in chunks
 ``checkpoint_every`` episodes in fresh and resumed runs alike, so a run resumed from a checkpoint
 (model, replay buffer, optimiser and RNG states) ends with the same plan as an uninterrupted one.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,9 +27,10 @@ import random
 import sys
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -36,16 +38,26 @@ import torch.nn as nn
 
 from autodfp._checks import check_seed
 from autodfp._io import atomic_path
+from autodfp.compress.plan import Plan
+from autodfp.compress.surgery import Pruner
+from autodfp.config import DEFAULTS
+from autodfp.errors import AutoDFPError, CheckpointError, PlanError
 from autodfp.search.budget import DEFAULT_TOL, MacsModel
 from autodfp.search.checkpoint import (
-    AGENT, CHECKPOINT_FORMAT, REPLAY, STATE, Checkpointer, agent_counters, load_agent, load_replay, reading,
-    replay_meta, save_agent, save_replay,
+    AGENT,
+    CHECKPOINT_FORMAT,
+    REPLAY,
+    STATE,
+    Checkpointer,
+    agent_counters,
+    load_agent,
+    load_replay,
+    reading,
+    replay_meta,
+    save_agent,
+    save_replay,
 )
 from autodfp.search.env import MaskedModel, PruningEnv, RewardFn
-from autodfp.errors import AutoDFPError, CheckpointError, PlanError
-from autodfp.compress.plan import Plan
-from autodfp.config import DEFAULTS
-from autodfp.compress.surgery import Pruner
 
 METHODS = ("sac", "uniform", "random")
 
@@ -65,13 +77,13 @@ SAC_DEFAULTS: dict[str, Any] = {
     "gradient_steps": -1,
     "ent_coef": "auto_0.1",
     "net_arch": [256, 256],
-    "credit": "episode",      # "episode" (AMC) | "terminal" (sparse reward, bootstrapped)
-    "reward_norm": "rank",    # "rank" | "zscore" | "none"
+    "credit": "episode",  # "episode" (AMC) | "terminal" (sparse reward, bootstrapped)
+    "reward_norm": "rank",  # "rank" | "zscore" | "none"
 }
 
 
 class EpisodeRecord(NamedTuple):
-    episode: int         # 1-based
+    episode: int  # 1-based
     reward: float
     macs: int
     best_so_far: float
@@ -94,10 +106,17 @@ class SearchResult:
         return self.best_macs / self.total_macs if self.total_macs else float("nan")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "best_reward": self.best_reward, "best_macs": self.best_macs,
-                "best_macs_ratio": self.best_macs_ratio, "episodes": self.episodes, "seconds": self.seconds,
-                "plateau_episode": self.plateau_episode, "best_plan": self.best_plan.to_dict(),
-                "history": [r._asdict() for r in self.history]}
+        return {
+            "method": self.method,
+            "best_reward": self.best_reward,
+            "best_macs": self.best_macs,
+            "best_macs_ratio": self.best_macs_ratio,
+            "episodes": self.episodes,
+            "seconds": self.seconds,
+            "plateau_episode": self.plateau_episode,
+            "best_plan": self.best_plan.to_dict(),
+            "history": [r._asdict() for r in self.history],
+        }
 
 
 def plateau_episode(history: Sequence[EpisodeRecord], rel_tol: float = 0.01) -> int:
@@ -131,8 +150,10 @@ class _Tracker:
         self.bar = None
         if progress:
             from tqdm.auto import tqdm
-            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="ep", file=sys.stderr,
-                            dynamic_ncols=True, leave=False)
+
+            self.bar = tqdm(
+                total=total, initial=initial, desc=desc, unit="ep", file=sys.stderr, dynamic_ncols=True, leave=False
+            )
 
     def record(self, info: dict[str, Any]) -> None:
         reward = float(info["reward"])
@@ -148,8 +169,12 @@ class _Tracker:
             self.bar.close()
 
     def state(self) -> dict[str, Any]:
-        return {"history": [list(r) for r in self.history], "best_reward": self.best_reward,
-                "best_macs": self.best_macs, "best_plan": self.best_plan.to_dict() if self.best_plan else None}
+        return {
+            "history": [list(r) for r in self.history],
+            "best_reward": self.best_reward,
+            "best_macs": self.best_macs,
+            "best_plan": self.best_plan.to_dict() if self.best_plan else None,
+        }
 
     def load(self, d: dict[str, Any]) -> None:
         self.history = [EpisodeRecord(int(e), float(r), int(m), float(b)) for e, r, m, b in d["history"]]
@@ -220,8 +245,9 @@ def _episode_buffer_class():
             self.is_final = np.zeros((self.buffer_size,), dtype=bool)
 
         def add(self, obs, next_obs, action, reward, done, infos) -> None:  # type: ignore[override]
-            self.pending.append((np.array(obs), np.array(next_obs), np.array(action),
-                                 float(np.asarray(reward).reshape(-1)[0])))
+            self.pending.append(
+                (np.array(obs), np.array(next_obs), np.array(action), float(np.asarray(reward).reshape(-1)[0]))
+            )
             if not bool(np.asarray(done).reshape(-1)[0]):
                 return
             ep_reward = self.pending[-1][3]
@@ -236,8 +262,9 @@ def _episode_buffer_class():
                     rew, dn = r, last
                 self.episode_of[self.pos] = ep
                 self.is_final[self.pos] = self.credit == "episode" or last
-                super().add(o, no, a, np.array([rew], dtype=np.float32), np.array([dn]),
-                            [{"TimeLimit.truncated": False}])
+                super().add(
+                    o, no, a, np.array([rew], dtype=np.float32), np.array([dn]), [{"TimeLimit.truncated": False}]
+                )
             self.pending = []
 
         def _normalised(self) -> np.ndarray:
@@ -250,6 +277,7 @@ def _episode_buffer_class():
             if r.size == 1:
                 return np.zeros(1)
             from scipy.stats import rankdata
+
             return 2.0 * (rankdata(r) - 1.0) / (r.size - 1) - 1.0
 
         def _get_samples(self, batch_inds, env=None):  # type: ignore[override]
@@ -293,10 +321,19 @@ def _make_sac(vec_env: Any, cfg: dict[str, Any], seed: int, learning_starts: int
     reward_norm = kw.pop("reward_norm")
     net_arch = kw.pop("net_arch")
     train_freq = tuple(kw.pop("train_freq"))
-    return SAC("MlpPolicy", vec_env, learning_starts=learning_starts, train_freq=train_freq,
-               replay_buffer_class=episode_replay_buffer_class(),
-               replay_buffer_kwargs={"credit": credit, "reward_norm": reward_norm},
-               policy_kwargs={"net_arch": list(net_arch)}, seed=seed, device="cpu", verbose=0, **kw)
+    return SAC(
+        "MlpPolicy",
+        vec_env,
+        learning_starts=learning_starts,
+        train_freq=train_freq,
+        replay_buffer_class=episode_replay_buffer_class(),
+        replay_buffer_kwargs={"credit": credit, "reward_norm": reward_norm},
+        policy_kwargs={"net_arch": list(net_arch)},
+        seed=seed,
+        device="cpu",
+        verbose=0,
+        **kw,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,9 +343,12 @@ def _default_reward(pruner: Pruner, reward: RewardFn | None) -> RewardFn:
     if reward is not None:
         return reward
     if pruner.calibration is None:
-        raise AutoDFPError("search needs a reward: pass reward=... (e.g. AgreementReward on synthetic "
-                           "inputs) or give the Pruner a calibration batch")
+        raise AutoDFPError(
+            "search needs a reward: pass reward=... (e.g. AgreementReward on synthetic "
+            "inputs) or give the Pruner a calibration batch"
+        )
     from autodfp.search.rewards import AgreementReward
+
     return AgreementReward(pruner.model, pruner.calibration)
 
 
@@ -355,9 +395,20 @@ def search(
         raise PlanError(f"checkpoint_every must be at least 1, got {checkpoint_every}")
     seed = check_seed(seed)
     reward_fn = _default_reward(pruner, reward)
-    env = PruningEnv(pruner, target_macs_ratio, reward_fn, r_min=r_min, strategy=strategy, criterion=criterion,
-                     params=params, tol=tol, macs_model=macs_model, model_key=model_key, refiner=refiner,
-                     reward_base=reward_base)
+    env = PruningEnv(
+        pruner,
+        target_macs_ratio,
+        reward_fn,
+        r_min=r_min,
+        strategy=strategy,
+        criterion=criterion,
+        params=params,
+        tol=tol,
+        macs_model=macs_model,
+        model_key=model_key,
+        refiner=refiner,
+        reward_base=reward_base,
+    )
     t0 = time.perf_counter()
     if method == "uniform":
         return _search_uniform(env, t0)
@@ -368,10 +419,19 @@ def search(
             warmup = int(saved.get("warmup", warmup)) if saved else warmup
     warmup = int(warmup)
     cfg = {**SAC_DEFAULTS, **(sac_kwargs or {})}
-    config = {"method": method, "seed": int(seed), "target_macs_ratio": float(target_macs_ratio),
-              "strategy": strategy, "criterion": criterion, "r_min": env.r_min, "tol": float(tol),
-              "params": params or {}, "groups": env.groups, "checkpoint_every": int(checkpoint_every),
-              "refine": refiner is not None}
+    config = {
+        "method": method,
+        "seed": int(seed),
+        "target_macs_ratio": float(target_macs_ratio),
+        "strategy": strategy,
+        "criterion": criterion,
+        "r_min": env.r_min,
+        "tol": float(tol),
+        "params": params or {},
+        "groups": env.groups,
+        "checkpoint_every": int(checkpoint_every),
+        "refine": refiner is not None,
+    }
     if method == "sac":
         config.update({"warmup": warmup, "sac": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}})
     ckpt = Checkpointer(checkpoint_dir, json.loads(json.dumps(config)))
@@ -386,16 +446,29 @@ def search(
         tracker.close()
     elapsed = seconds + (time.perf_counter() - t0)
     assert tracker.best_plan is not None
-    return SearchResult(tracker.best_plan, tracker.best_reward, tracker.best_macs, tracker.history[:episodes],
-                        min(len(tracker.history), episodes), elapsed, plateau_episode(tracker.history[:episodes]),
-                        method, env.mm.total_macs)
+    return SearchResult(
+        tracker.best_plan,
+        tracker.best_reward,
+        tracker.best_macs,
+        tracker.history[:episodes],
+        min(len(tracker.history), episodes),
+        elapsed,
+        plateau_episode(tracker.history[:episodes]),
+        method,
+        env.mm.total_macs,
+    )
 
 
 def _search_uniform(env: PruningEnv, t0: float) -> SearchResult:
     ratio = env.mm.fit_uniform(env.target, env.r_min, env.tol)
     keep = env.mm.ratio_keep(ratio)
-    plan = Plan({g: ratio for g in env.groups}, criterion=env.criterion, strategy=env.strategy,
-                params=dict(env.params), model=env.model_key)
+    plan = Plan(
+        {g: ratio for g in env.groups},
+        criterion=env.criterion,
+        strategy=env.strategy,
+        params=dict(env.params),
+        model=env.model_key,
+    )
     reward = env.evaluate(plan)
     macs = env.mm.macs(keep)
     rec = EpisodeRecord(1, reward, macs, reward)
@@ -424,8 +497,9 @@ def _check_done(state: dict[str, Any], episodes: int, path: Path | None) -> int:
     return done
 
 
-def _restore_common(state: dict[str, Any], path: Path, tracker: _Tracker, env: PruningEnv,
-                    generators: dict[str, np.random.Generator]) -> float:
+def _restore_common(
+    state: dict[str, Any], path: Path, tracker: _Tracker, env: PruningEnv, generators: dict[str, np.random.Generator]
+) -> float:
     """Restore what every method keeps in state.json; return the seconds already spent."""
     with reading(path / STATE):
         tracker.load(state["tracker"])
@@ -435,8 +509,9 @@ def _restore_common(state: dict[str, Any], path: Path, tracker: _Tracker, env: P
     return seconds
 
 
-def _run_random(env: PruningEnv, tracker: _Tracker, episodes: int, seed: int, ckpt: Checkpointer,
-                every: int, resume: bool) -> float:
+def _run_random(
+    env: PruningEnv, tracker: _Tracker, episodes: int, seed: int, ckpt: Checkpointer, every: int, resume: bool
+) -> float:
     rng = np.random.default_rng(seed)
     done, prior = 0, 0.0
     path, state = _resume_state(ckpt, resume)
@@ -454,13 +529,29 @@ def _run_random(env: PruningEnv, tracker: _Tracker, episodes: int, seed: int, ck
                     tracker.record(info)
                     break
             done += 1
-        ckpt.save(done, {"tracker": tracker.state(), "rng": _rng_state({"random": rng}),
-                         "seconds": prior + time.perf_counter() - t0}, {})
+        ckpt.save(
+            done,
+            {
+                "tracker": tracker.state(),
+                "rng": _rng_state({"random": rng}),
+                "seconds": prior + time.perf_counter() - t0,
+            },
+            {},
+        )
     return prior
 
 
-def _run_sac(env: PruningEnv, tracker: _Tracker, episodes: int, warmup: int, seed: int, cfg: dict[str, Any],
-             ckpt: Checkpointer, every: int, resume: bool) -> float:
+def _run_sac(
+    env: PruningEnv,
+    tracker: _Tracker,
+    episodes: int,
+    warmup: int,
+    seed: int,
+    cfg: dict[str, Any],
+    ckpt: Checkpointer,
+    every: int,
+    resume: bool,
+) -> float:
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.vec_env import DummyVecEnv
 
@@ -499,25 +590,46 @@ def _run_sac(env: PruningEnv, tracker: _Tracker, episodes: int, warmup: int, see
     t0 = time.perf_counter()
     while done < episodes:
         chunk = min(every, episodes - done)
-        model.learn(total_timesteps=chunk * steps, reset_num_timesteps=done == 0 and state is None,
-                    callback=callback, log_interval=None, progress_bar=False)
+        model.learn(
+            total_timesteps=chunk * steps,
+            reset_num_timesteps=done == 0 and state is None,
+            callback=callback,
+            log_interval=None,
+            progress_bar=False,
+        )
         done += chunk
         rng = _rng_state({})
         rng["action_space"] = model.action_space.np_random.bit_generator.state
-        ckpt.save(done, {"tracker": tracker.state(), "rng": rng, "seconds": prior + time.perf_counter() - t0,
-                         "agent": agent_counters(model), "replay": replay_meta(model.replay_buffer)},
-                  {AGENT: lambda p: save_agent(model, p), REPLAY: lambda p: save_replay(model.replay_buffer, p)})
+        ckpt.save(
+            done,
+            {
+                "tracker": tracker.state(),
+                "rng": rng,
+                "seconds": prior + time.perf_counter() - t0,
+                "agent": agent_counters(model),
+                "replay": replay_meta(model.replay_buffer),
+            },
+            {AGENT: lambda p: save_agent(model, p), REPLAY: lambda p: save_replay(model.replay_buffer, p)},
+        )
     return prior
 
 
 # ---------------------------------------------------------------------------------------------
 # Proxy check and plots
 # ---------------------------------------------------------------------------------------------
-def proxy_check(pruner: Pruner, reward: RewardFn, accuracy_fn: Callable[[nn.Module], float],
-                target_macs_ratio: float, k: int = 50, seed: int = 0, strategy: str = DEFAULTS.strategy,
-                r_min: float | None = None, physical: bool = False, progress: bool = True,
-                refiner: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-                ) -> tuple[float | None, list[float], list[float]]:
+def proxy_check(
+    pruner: Pruner,
+    reward: RewardFn,
+    accuracy_fn: Callable[[nn.Module], float],
+    target_macs_ratio: float,
+    k: int = 50,
+    seed: int = 0,
+    strategy: str = DEFAULTS.strategy,
+    r_min: float | None = None,
+    physical: bool = False,
+    progress: bool = True,
+    refiner: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> tuple[float | None, list[float], list[float]]:
     """Does the reward rank plans like real accuracy? Spearman ρ over ``k`` random feasible plans.
 
     Plans come from random actions through the same environment the search uses (same clipping
@@ -564,8 +676,10 @@ def proxy_check(pruner: Pruner, reward: RewardFn, accuracy_fn: Callable[[nn.Modu
 
 def _figure():
     import matplotlib
+
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -576,8 +690,13 @@ def _save_fig(fig: Any, path: str | Path) -> Path:
     return Path(path)
 
 
-def plot_proxy(rewards: Sequence[float], accuracies: Sequence[float], path: str | Path,
-               rho: float | None = None, title: str = "reward vs accuracy") -> Path:
+def plot_proxy(
+    rewards: Sequence[float],
+    accuracies: Sequence[float],
+    path: str | Path,
+    rho: float | None = None,
+    title: str = "reward vs accuracy",
+) -> Path:
     plt = _figure()
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.scatter(rewards, accuracies, s=14, alpha=0.8)
@@ -588,16 +707,23 @@ def plot_proxy(rewards: Sequence[float], accuracies: Sequence[float], path: str 
     return _save_fig(fig, path)
 
 
-def plot_ratios(plan: Plan, uniform_plan: Plan | None, path: str | Path,
-                title: str = "preserved ratio per layer") -> Path:
+def plot_ratios(
+    plan: Plan, uniform_plan: Plan | None, path: str | Path, title: str = "preserved ratio per layer"
+) -> Path:
     plt = _figure()
     names = list(plan.ratios)
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(names) + 2), 4))
     ax.bar(x, [plan.ratios[n] for n in names], width=0.8, label="searched", color="tab:blue")
     if uniform_plan is not None:
-        ax.plot(x, [uniform_plan.ratios.get(n, 1.0) for n in names], color="tab:orange", marker=".",
-                linestyle="--", label="uniform")
+        ax.plot(
+            x,
+            [uniform_plan.ratios.get(n, 1.0) for n in names],
+            color="tab:orange",
+            marker=".",
+            linestyle="--",
+            label="uniform",
+        )
     ax.set_xticks(x)
     ax.set_xticklabels(names, rotation=90, fontsize=7)
     ax.set_ylim(0, 1.05)
@@ -621,5 +747,16 @@ def plot_rewards(history: Sequence[EpisodeRecord], path: str | Path, title: str 
     return _save_fig(fig, path)
 
 
-__all__ = ["CHECKPOINT_FORMAT", "EpisodeRecord", "METHODS", "SAC_DEFAULTS", "SearchResult", "plateau_episode",
-           "plot_proxy", "plot_ratios", "plot_rewards", "proxy_check", "search"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "EpisodeRecord",
+    "METHODS",
+    "SAC_DEFAULTS",
+    "SearchResult",
+    "plateau_episode",
+    "plot_proxy",
+    "plot_ratios",
+    "plot_rewards",
+    "proxy_check",
+    "search",
+]

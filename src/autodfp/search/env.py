@@ -8,13 +8,15 @@ on the masked model (:meth:`Pruner.masked_state` through ``functional_call``): t
 weights are shared, only the edited consumer tensors are new, so an episode costs one plan
 decision plus one forward pass of the reward batch.
 """
+
 from __future__ import annotations
 
 import json
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -22,13 +24,13 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from autodfp.search.budget import DEFAULT_TOL, MacsModel, plan_from_keep
-from autodfp.errors import AutoDFPError, PlanError
+from autodfp.analysis.similarity import FEATURE_NAMES
 from autodfp.compress.plan import Plan, n_keep
 from autodfp.compress.reconstruct import strategy_names
-from autodfp.config import DEFAULTS
 from autodfp.compress.surgery import Pruner
-from autodfp.analysis.similarity import FEATURE_NAMES
+from autodfp.config import DEFAULTS
+from autodfp.errors import AutoDFPError, PlanError
+from autodfp.search.budget import DEFAULT_TOL, MacsModel, plan_from_keep
 
 #: A reward scores a candidate pruned model (higher is better). It receives an ``nn.Module``: the
 #: masked original (:class:`MaskedModel`) on the fast path, or any physically pruned model.
@@ -36,21 +38,24 @@ RewardFn = Callable[[nn.Module], float]
 
 
 OBS_NAMES: list[str] = [
-    "layer_index",        # group index / number of groups
-    "depth_fraction",     # producer position among all channel groups of the model
-    "kind_conv", "kind_dw_chain", "kind_linear",
-    "in_channels",        # log2(C_in) / log2(max width)
-    "out_channels",       # log2(C) / log2(max width)
-    "kernel",             # producer kernel size / largest kernel among producers
-    "stride",             # producer stride / 2, clipped to 1
-    "fmap_size",          # producer output height / input height
-    "layer_macs",         # MACs this group rescales / total
-    "macs_removed",       # MACs removed by the decisions so far / total
-    "macs_rest",          # MACs the later groups can still remove / total
-    "target",             # target MACs ratio
-    "feasible_lo",        # lowest ratio the budget allows here
-    "feasible_hi",        # highest ratio the budget allows here
-    "prev_ratio", "prev_strength",
+    "layer_index",  # group index / number of groups
+    "depth_fraction",  # producer position among all channel groups of the model
+    "kind_conv",
+    "kind_dw_chain",
+    "kind_linear",
+    "in_channels",  # log2(C_in) / log2(max width)
+    "out_channels",  # log2(C) / log2(max width)
+    "kernel",  # producer kernel size / largest kernel among producers
+    "stride",  # producer stride / 2, clipped to 1
+    "fmap_size",  # producer output height / input height
+    "layer_macs",  # MACs this group rescales / total
+    "macs_removed",  # MACs removed by the decisions so far / total
+    "macs_rest",  # MACs the later groups can still remove / total
+    "target",  # target MACs ratio
+    "feasible_lo",  # lowest ratio the budget allows here
+    "feasible_hi",  # highest ratio the budget allows here
+    "prev_ratio",
+    "prev_strength",
 ] + [f"sim_{n}" for n in FEATURE_NAMES]
 
 
@@ -92,12 +97,21 @@ class PruningEnv(gym.Env):
 
     metadata = {"render_modes": []}
 
-    def __init__(self, pruner: Pruner, target_macs_ratio: float, reward: RewardFn,
-                 r_min: float | None = None, strategy: str = DEFAULTS.strategy, criterion: str = DEFAULTS.criterion,
-                 params: dict[str, Any] | None = None, tol: float = DEFAULT_TOL,
-                 macs_model: MacsModel | None = None, model_key: str | None = None,
-                 refiner: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-                 reward_base: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        pruner: Pruner,
+        target_macs_ratio: float,
+        reward: RewardFn,
+        r_min: float | None = None,
+        strategy: str = DEFAULTS.strategy,
+        criterion: str = DEFAULTS.criterion,
+        params: dict[str, Any] | None = None,
+        tol: float = DEFAULT_TOL,
+        macs_model: MacsModel | None = None,
+        model_key: str | None = None,
+        refiner: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        reward_base: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         #: the original network the reward runs (a copy on the accelerator, or the pruner's own)
         self.reward_base = pruner.model if reward_base is None else reward_base
@@ -151,18 +165,38 @@ class PruningEnv(gym.Env):
             fmap = (out_shape[-1] / h_in) if out_shape is not None and len(out_shape) == 4 else 0.0
             widths += [c_in, g.channels]
             kernels.append(k)
-            rows.append(dict(i=i, depth=g.index / n_all, kind=g.kind, c_in=c_in, c_out=g.channels,
-                             k=k, s=s, fmap=fmap, macs=self.mm.group_macs(name) / self.mm.total_macs))
+            rows.append(
+                dict(
+                    i=i,
+                    depth=g.index / n_all,
+                    kind=g.kind,
+                    c_in=c_in,
+                    c_out=g.channels,
+                    k=k,
+                    s=s,
+                    fmap=fmap,
+                    macs=self.mm.group_macs(name) / self.mm.total_macs,
+                )
+            )
         log_max = math.log2(max(max(widths), 2))
         k_max = max(kernels)
         feats = []
         for r in rows:
-            feats.append([
-                r["i"] / self.n_steps, r["depth"],
-                float(r["kind"] == "conv"), float(r["kind"] == "dw_chain"), float(r["kind"] == "linear"),
-                math.log2(max(r["c_in"], 1)) / log_max, math.log2(max(r["c_out"], 1)) / log_max,
-                r["k"] / k_max, min(r["s"] / 2.0, 1.0), min(r["fmap"], 1.0), r["macs"],
-            ])
+            feats.append(
+                [
+                    r["i"] / self.n_steps,
+                    r["depth"],
+                    float(r["kind"] == "conv"),
+                    float(r["kind"] == "dw_chain"),
+                    float(r["kind"] == "linear"),
+                    math.log2(max(r["c_in"], 1)) / log_max,
+                    math.log2(max(r["c_out"], 1)) / log_max,
+                    r["k"] / k_max,
+                    min(r["s"] / 2.0, 1.0),
+                    min(r["fmap"], 1.0),
+                    r["macs"],
+                ]
+            )
         sims = np.stack([self.pruner.analysis(name).features() for name in self.groups])
         return np.concatenate([np.asarray(feats, dtype=np.float64), sims.astype(np.float64)], axis=1)
 
@@ -181,7 +215,7 @@ class PruningEnv(gym.Env):
         now = self.mm.macs(self.chosen)
         removed = (total - now) / total
         kmin = self.mm.min_keep(self.r_min)
-        later = {g: kmin[g] for g in self.groups[t + 1:]}
+        later = {g: kmin[g] for g in self.groups[t + 1 :]}
         rest = (now - self.mm.macs({**self.chosen, **later})) / total
         if self.t < self.n_steps:
             lo, hi = self.mm.feasible_range(self.chosen, name, self.target, self.r_min, self.tol)
@@ -191,8 +225,9 @@ class PruningEnv(gym.Env):
         obs = np.concatenate([static[:11], dyn, static[11:]])
         return np.clip(obs, 0.0, 1.0).astype(np.float32)
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None
-              ) -> tuple[np.ndarray, dict[str, Any]]:
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
         super().reset(seed=seed)
         self._begin()
         return self._observation(), {}
@@ -218,18 +253,34 @@ class PruningEnv(gym.Env):
         if self.t < self.n_steps:
             return self._observation(), 0.0, False, False, {}
         result = self.finish()
-        return self._observation(), result.reward, True, False, {
-            "plan": result.plan, "macs": result.macs, "macs_ratio": result.macs_ratio,
-            "reward": result.reward, "episode": self.episodes,
-        }
+        return (
+            self._observation(),
+            result.reward,
+            True,
+            False,
+            {
+                "plan": result.plan,
+                "macs": result.macs,
+                "macs_ratio": result.macs_ratio,
+                "reward": result.reward,
+                "episode": self.episodes,
+            },
+        )
 
     # -- plans and rewards ---------------------------------------------------------------------
     def make_plan(self, keep: dict[str, int], strengths: dict[str, float] | None = None) -> Plan:
         layer_params = {}
         if self.strategy == "autodfp" and strengths:
             layer_params = {g: {"strength": float(strengths[g])} for g in keep if g in strengths}
-        return plan_from_keep(keep, self.mm.channels, criterion=self.criterion, strategy=self.strategy,
-                              params=dict(self.params), layer_params=layer_params, model=self.model_key)
+        return plan_from_keep(
+            keep,
+            self.mm.channels,
+            criterion=self.criterion,
+            strategy=self.strategy,
+            params=dict(self.params),
+            layer_params=layer_params,
+            model=self.model_key,
+        )
 
     #: per-group decisions kept for reuse; ~30 KB each for a 64-channel group
     DECISION_CACHE = 4096
@@ -250,13 +301,24 @@ class PruningEnv(gym.Env):
             k = n_keep(c, float(r))
             if k == c:
                 continue
-            key = (g, k, plan.criterion, plan.strategy, json.dumps(plan.params_for(g), sort_keys=True),
-                   tuple(plan.keep.get(g, ())))
+            key = (
+                g,
+                k,
+                plan.criterion,
+                plan.strategy,
+                json.dumps(plan.params_for(g), sort_keys=True),
+                tuple(plan.keep.get(g, ())),
+            )
             hit = self._decisions.get(key)
             if hit is None:
-                sub = Plan({g: r}, criterion=plan.criterion, strategy=plan.strategy, params=plan.params,
-                           layer_params={g: plan.layer_params[g]} if g in plan.layer_params else {},
-                           keep={g: plan.keep[g]} if g in plan.keep else {})
+                sub = Plan(
+                    {g: r},
+                    criterion=plan.criterion,
+                    strategy=plan.strategy,
+                    params=plan.params,
+                    layer_params={g: plan.layer_params[g]} if g in plan.layer_params else {},
+                    keep={g: plan.keep[g]} if g in plan.keep else {},
+                )
                 hit = self.pruner.decide(sub)[g]
                 self._decisions[key] = hit
                 if len(self._decisions) > self.DECISION_CACHE:

@@ -35,9 +35,10 @@ KL is the most consistent measure; T=2 is never far from the best temperature an
 on the BN-free model, where T=4 over-smooths. ``top1`` is coarse on small batches; ``mse`` trails KL
 on real data and on the BN-free model. ``details()`` returns all three, for logging side by side.
 """
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
@@ -59,7 +60,7 @@ def _logits(model: nn.Module, inputs: torch.Tensor, batch_size: int, label_offse
     out = []
     with eval_mode(model), torch.inference_mode():
         for i in range(0, inputs.shape[0], batch_size):
-            z = model(inputs[i:i + batch_size].to(device))
+            z = model(inputs[i : i + batch_size].to(device))
             out.append(z[:, label_offset:].float().cpu())
     return torch.cat(out)
 
@@ -145,7 +146,7 @@ class AccuracyReward:
             for i, (x, y) in enumerate(self.loader):
                 if self.max_batches is not None and i >= self.max_batches:
                     break
-                z = model(x.to(device))[:, self.label_offset:]
+                z = model(x.to(device))[:, self.label_offset :]
                 correct += int((z.argmax(dim=1).cpu() == y.view(-1).long()).sum())
                 total += int(y.numel())
         if total == 0:

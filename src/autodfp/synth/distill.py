@@ -58,6 +58,7 @@ leave the batch too far from images for that, and 200 steps do much better (docs
 "synthesis steps"), so the 224-px default is 200 steps (~8 min for n=64 on a 2-core CPU, once per
 model and seed, then cached). ResNet-56 with n=64 and 100 steps takes ~28 s.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -65,9 +66,9 @@ import hashlib
 import re
 import time
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -127,8 +128,11 @@ class SynthResult:
 def bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     """BN layers that carry running statistics (the only ones ZeroQ can match)."""
     return [
-        m for m in model.modules()
-        if isinstance(m, _BN_TYPES) and m.track_running_stats and m.running_mean is not None
+        m
+        for m in model.modules()
+        if isinstance(m, _BN_TYPES)
+        and m.track_running_stats
+        and m.running_mean is not None
         and m.running_var is not None
     ]
 
@@ -151,7 +155,7 @@ class _BNStatLoss:
         self.terms: list[torch.Tensor] = []
         self._handles = []
 
-    def __enter__(self) -> "_BNStatLoss":
+    def __enter__(self) -> _BNStatLoss:
         for bn in self.layers:
             self._handles.append(bn.register_forward_hook(self._hook))
         return self
@@ -167,9 +171,7 @@ class _BNStatLoss:
         mean = x.mean(dim=dims)
         std = torch.sqrt(x.var(dim=dims, unbiased=False) + module.eps)
         run_std = torch.sqrt(module.running_var + module.eps)
-        self.terms.append(
-            (mean - module.running_mean).pow(2).mean() + (std - run_std).pow(2).mean()
-        )
+        self.terms.append((mean - module.running_mean).pow(2).mean() + (std - run_std).pow(2).mean())
 
     def pop(self) -> torch.Tensor:
         if not self.terms:
@@ -300,8 +302,12 @@ def _distill(
                 if bool(torch.rand((), generator=gen) < 0.5):
                     moved = moved.flip(-1)
                 logits = model(moved)
-                return (hook.pop() + _input_prior(batch) + DI_CE_WEIGHT * F.cross_entropy(logits, targets)
-                        + DI_TV_WEIGHT * _total_variation(batch))
+                return (
+                    hook.pop()
+                    + _input_prior(batch)
+                    + DI_CE_WEIGHT * F.cross_entropy(logits, targets)
+                    + DI_TV_WEIGHT * _total_variation(batch)
+                )
 
             def report(batch: torch.Tensor) -> float:
                 model(batch)
@@ -322,8 +328,7 @@ def _distill(
 
             def objective(batch: torch.Tensor) -> torch.Tensor:
                 logits = model(batch)
-                return (F.cross_entropy(logits, targets)
-                        + 1.0 * _total_variation(batch) + 1e-2 * batch.pow(2).mean())
+                return F.cross_entropy(logits, targets) + 1.0 * _total_variation(batch) + 1e-2 * batch.pow(2).mean()
 
             report = objective  # type: ignore[assignment]
 
@@ -344,8 +349,7 @@ def _distill(
                     callback(step, float(loss))
             with torch.no_grad():
                 final = report(x)
-    return SynthResult(x.detach().cpu(), method, steps, lr, float(initial), float(final),
-                       time.perf_counter() - start)
+    return SynthResult(x.detach().cpu(), method, steps, lr, float(initial), float(final), time.perf_counter() - start)
 
 
 def synthesize(
@@ -430,28 +434,60 @@ def synthetic_batch(
     its cost), so a long first run never looks hung. A cache directory that cannot be written costs only the caching: the batch is
     computed and returned, with one :class:`~autodfp.errors.CacheWarning` given before the work.
     """
-    return _synthetic_batch(model, model_key, input_shape, n, check_seed(seed), cache_dir, method, steps, lr,
-                            label_offset, progress, log)
+    return _synthetic_batch(
+        model, model_key, input_shape, n, check_seed(seed), cache_dir, method, steps, lr, label_offset, progress, log
+    )
 
 
-def _synthetic_batch(model: nn.Module, model_key: str, input_shape: Sequence[int], n: int, seed: int,
-                     cache_dir: str | Path | None, method: str, steps: int | None, lr: float | None,
-                     label_offset: int, progress: bool, log: Callable[[str], None] | None = None) -> torch.Tensor:
+def _synthetic_batch(
+    model: nn.Module,
+    model_key: str,
+    input_shape: Sequence[int],
+    n: int,
+    seed: int,
+    cache_dir: str | Path | None,
+    method: str,
+    steps: int | None,
+    lr: float | None,
+    label_offset: int,
+    progress: bool,
+    log: Callable[[str], None] | None = None,
+) -> torch.Tensor:
     resolved = resolve_method(model, method)
     sizes = chunk_sizes(n, input_shape)
     if len(sizes) > 1:
-        return torch.cat([
-            _synthetic_batch(model, model_key, input_shape, size, seed + i * CHUNK_SEED_STRIDE, cache_dir, resolved,
-                             steps, lr, label_offset, progress, log)
-            for i, size in enumerate(sizes)
-        ])
+        return torch.cat(
+            [
+                _synthetic_batch(
+                    model,
+                    model_key,
+                    input_shape,
+                    size,
+                    seed + i * CHUNK_SEED_STRIDE,
+                    cache_dir,
+                    resolved,
+                    steps,
+                    lr,
+                    label_offset,
+                    progress,
+                    log,
+                )
+                for i, size in enumerate(sizes)
+            ]
+        )
     d_steps, d_lr = default_settings(resolved, input_shape)
     steps = d_steps if steps is None else int(steps)
     lr = d_lr if lr is None else float(lr)
     root = Path(cache_dir) if cache_dir is not None else _default_cache_root() / "synthetic"
     parts = {
-        "model_key": model_key, "weights": state_dict_hash(model), "shape": tuple(int(s) for s in input_shape),
-        "n": int(n), "seed": int(seed), "method": resolved, "steps": steps, "lr": lr,
+        "model_key": model_key,
+        "weights": state_dict_hash(model),
+        "shape": tuple(int(s) for s in input_shape),
+        "n": int(n),
+        "seed": int(seed),
+        "method": resolved,
+        "steps": steps,
+        "lr": lr,
         "label_offset": int(label_offset),
     }
     path = _cache_path(root, model_key, parts)
@@ -467,19 +503,29 @@ def _synthetic_batch(model: nn.Module, model_key: str, input_shape: Sequence[int
             pass
     writable = usable_cache_dir(root) is not None  # warns now, not after the distillation
     if log is not None:
-        log(f"synthesising {n} inputs from the model ({resolved}, {steps} steps, seed {seed})"
-            + ("; cached after the first run" if writable else ""))
+        log(
+            f"synthesising {n} inputs from the model ({resolved}, {steps} steps, seed {seed})"
+            + ("; cached after the first run" if writable else "")
+        )
     result = _distill(model, input_shape, n, steps, lr, seed, resolved, label_offset, progress)
     if log is not None:
         log(f"synthesised {n} inputs in {result.seconds:.1f} s")
-    blob = {"images": result.images, "method": result.method, "steps": result.steps, "lr": result.lr,
-            "initial_loss": result.initial_loss, "final_loss": result.final_loss,
-            "model_key": model_key, "weights_sha256": parts["weights"]}
+    blob = {
+        "images": result.images,
+        "method": result.method,
+        "steps": result.steps,
+        "lr": result.lr,
+        "initial_loss": result.initial_loss,
+        "final_loss": result.final_loss,
+        "model_key": model_key,
+        "weights_sha256": parts["weights"],
+    }
     if writable:
         try:
             atomic_write(path, lambda p: torch.save(blob, p))
         except (OSError, RuntimeError) as exc:  # e.g. a full disk: the batch is still good
             reason = " ".join(str(exc).split())[:120] or exc.__class__.__name__
-            warnings.warn(f"could not cache synthetic inputs at {path} ({reason}); continuing without",
-                          CacheWarning, stacklevel=2)
+            warnings.warn(
+                f"could not cache synthetic inputs at {path} ({reason}); continuing without", CacheWarning, stacklevel=2
+            )
     return result.images
