@@ -23,9 +23,9 @@ from __future__ import annotations
 import os
 import pickle
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Sized
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -557,8 +557,10 @@ def check_label_coverage(dataset: Dataset, num_classes: int, label_offset: int =
     base = dataset
     while isinstance(base, Subset):
         base = base.dataset
-    if source is None and getattr(base, "root", None) is not None:
-        source = str(base.root)
+    if source is None:
+        root = getattr(base, "root", None)
+        if root is not None:
+            source = str(root)
     where = f"{source}: " if source else ""
     classes = getattr(base, "classes", None)
     if classes is not None and len(classes) != n:
@@ -662,7 +664,7 @@ def resolve_dataset(spec: str | None, config: ModelConfig, split: str = "test") 
     else:
         kind, root, class_list = parse_spec(spec)
     dataset = _open(kind, root, class_list, split, build_transform(config.preprocessing))
-    if len(dataset) == 0:
+    if len(cast(Sized, dataset)) == 0:
         raise DataError(f"empty dataset: {kind}:{root} holds no samples")
     check_label_coverage(dataset, config.num_classes, config.label_offset, f"{kind}:{root}")
     return dataset
@@ -681,7 +683,7 @@ def make_loader(
     if limit is not None:
         if limit < 1:
             raise DataError(f"limit must be at least 1, got {limit}")
-        dataset = Subset(dataset, range(min(limit, len(dataset))))
-    if len(dataset) == 0:
+        dataset = Subset(dataset, range(min(limit, len(cast(Sized, dataset)))))
+    if len(cast(Sized, dataset)) == 0:
         raise DataError("empty dataset")
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers)

@@ -95,7 +95,7 @@ def run_grid(
             t0 = time.perf_counter()
             plan = Plan.uniform(pruner.graph, ratio, criterion=criterion, strategy=strategy, params=dict(params or {}))
             decisions = pruner.decide(plan)
-            if refine:
+            if refine and refiner is not None:  # refine without a refiner was refused above
                 decisions = refiner(decisions)
             model = pruner.apply(plan, decisions).model
             ev = evaluate(model, batches, label_offset, progress=False)

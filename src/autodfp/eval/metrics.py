@@ -24,8 +24,9 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence, Sized
 from dataclasses import asdict, dataclass, field
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -220,7 +221,7 @@ def evaluate(
     device = _model_device(model)
     correct1 = correct5 = n = 0
     try:
-        total = len(loader) if hasattr(loader, "__len__") else None
+        total = len(cast(Sized, loader)) if hasattr(loader, "__len__") else None
     except TypeError:
         total = None
     bar = tqdm(

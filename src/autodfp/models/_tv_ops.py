@@ -26,6 +26,7 @@ import importlib.abc
 import importlib.util
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -126,10 +127,10 @@ def _after_extension(module: object) -> None:
         define_missing_ops()
 
 
-def _after_ops(module: object) -> None:
+def _after_ops(module: Any) -> None:
     if not fallback_active():
         return
-    boxes = sys.modules.get("torchvision.ops.boxes")
+    boxes: Any = sys.modules.get("torchvision.ops.boxes")
     original = getattr(boxes, "nms", None)
     if original is None or original is _ops_nms:
         return

@@ -28,6 +28,8 @@ class ChannelPadShortcut(nn.Module):
     channel. The map is a buffer, so it survives pruning and is saved with the state dict.
     """
 
+    src: torch.Tensor
+
     def __init__(self, in_channels: int, out_channels: int, stride: int = 2) -> None:
         super().__init__()
         if out_channels < in_channels:

@@ -221,8 +221,9 @@ def check_finite(model: nn.Module, source: str) -> None:
             if not bool(torch.isfinite(t.detach()).all()):
                 raise ModelError(f"{source}: tensor '{name}' has non-finite values")
     for name, m in model.named_modules():
-        if isinstance(m, _BN_TYPES) and getattr(m, "running_var", None) is not None:
-            var = m.running_var.detach()
+        running_var = getattr(m, "running_var", None) if isinstance(m, _BN_TYPES) else None
+        if running_var is not None:
+            var = running_var.detach()
             tensor = f"{name}.running_var" if name else "running_var"
             if bool((var < 0).any()):
                 raise ModelError(f"{source}: tensor '{tensor}' has negative values (a BatchNorm variance cannot be)")

@@ -70,6 +70,7 @@ class InvertedResidualFolded(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x
         if self.expand is not None:
+            assert self.act1 is not None  # built together with expand (t != 1)
             out = self.act1(self.expand(out))
         out = self.project(self.act2(self.dw(out)))
         return x + out if self.use_res else out
