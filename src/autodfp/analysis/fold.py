@@ -12,6 +12,8 @@ std of each pre-activation channel, and optionally their correlation.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn as nn
 
@@ -19,28 +21,28 @@ from autodfp.analysis.graph import GroupGraph, PrunableGroup, Stage, register_pr
 from autodfp.analysis.similarity import ChannelStats
 
 
-def _conv_bias(conv: nn.Module) -> torch.Tensor:
+def _conv_bias(conv: nn.Conv2d | nn.Linear) -> torch.Tensor:
     out = conv.weight.shape[0]
-    return (
-        conv.bias.detach().double()
-        if getattr(conv, "bias", None) is not None
-        else torch.zeros(out, dtype=torch.float64)
-    )
+    bias = getattr(conv, "bias", None)
+    return bias.detach().double() if bias is not None else torch.zeros(out, dtype=torch.float64)
 
 
 def fold_stage(
     model: nn.Module, stage: Stage
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Folded (weight, bias) of a conv+BN stage, plus BN's (β, |γ|) when a BN exists."""
-    conv = model.get_submodule(stage.conv)
+    conv = cast(nn.Conv2d | nn.Linear, model.get_submodule(stage.conv))  # a dense or depthwise layer
     w = conv.weight.detach().double()
     b = _conv_bias(conv)
     if stage.bn is None:
         return w, b, None, None
-    bn = model.get_submodule(stage.bn)
-    scale = bn.weight.detach().double() / torch.sqrt(bn.running_var.detach().double() + bn.eps)
+    bn = cast(nn.modules.batchnorm._BatchNorm, model.get_submodule(stage.bn))
+    # torch types the running stats as optional; folding needs them, and a BN without them fails
+    # at ``.detach()`` exactly as before
+    running_mean, running_var = cast(torch.Tensor, bn.running_mean), cast(torch.Tensor, bn.running_var)
+    scale = bn.weight.detach().double() / torch.sqrt(running_var.detach().double() + bn.eps)
     w = w * scale.view(-1, *([1] * (w.dim() - 1)))
-    b = scale * (b - bn.running_mean.detach().double()) + bn.bias.detach().double()
+    b = scale * (b - running_mean.detach().double()) + bn.bias.detach().double()
     return w, b, bn.bias.detach().double(), bn.weight.detach().double().abs()
 
 
@@ -65,7 +67,7 @@ def group_stats(
         filters = torch.einsum("cd,ck->cdk", filters, wd.reshape(wd.shape[0], -1)).reshape(wd.shape[0], -1)
     if moments is not None:
         mean, std = (t.double() for t in moments)
-    elif beta is not None:
+    elif beta is not None and gamma is not None:  # fold_stage gives both or neither
         mean, std = beta, gamma
     else:
         raise ValueError(f"group {group.name} has no BN after its last stage; pass measured moments")
@@ -81,7 +83,7 @@ def group_stats(
 
 def raw_filters(model: nn.Module, group: PrunableGroup) -> torch.Tensor:
     """The producer's un-folded filters, (C, D): what textbook L1/L2 criteria rank."""
-    w = model.get_submodule(group.producer.conv).weight.detach()
+    w = cast(nn.Conv2d | nn.Linear, model.get_submodule(group.producer.conv)).weight.detach()
     return w.reshape(w.shape[0], -1)
 
 

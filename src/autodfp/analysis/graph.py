@@ -49,6 +49,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any, TypeGuard
 
 import torch
 import torch.nn as nn
@@ -66,7 +67,7 @@ def is_depthwise(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
 
 
-def is_dense(m: nn.Module) -> bool:
+def is_dense(m: nn.Module) -> TypeGuard[nn.Linear | nn.Conv2d]:
     """A conv with groups=1 or a linear layer: the only producers/consumers we reconstruct."""
     return isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)
 
@@ -250,7 +251,7 @@ def _detect_activations(
     return result
 
 
-def _bn_after(dg: tp.DependencyGraph, module: nn.Module) -> nn.BatchNorm2d | None:
+def _bn_after(dg: tp.DependencyGraph, module: nn.Module) -> nn.modules.batchnorm._BatchNorm | None:
     """The BatchNorm directly fed by ``module`` (through pads/pass-through ops only)."""
     node = dg.module2node.get(module)
     frontier = list(node.outputs) if node else []
@@ -306,15 +307,15 @@ def _path_pools(dg: tp.DependencyGraph, src: nn.Module, dst: nn.Module) -> tuple
     start, target = dg.module2node.get(dst), dg.module2node.get(src)
     if start is None or target is None:
         return [], []
-    stack = [(n, ()) for n in start.inputs]
-    seen = set()
+    stack: list[tuple[Any, tuple[Any, ...]]] = [(n, ()) for n in start.inputs]
+    seen: set[int] = set()
     while stack:
         n, path = stack.pop()
         if n is target:
             pools = [
                 p.grad_fn for p in reversed(path) if p.grad_fn is not None and "MaxPool2D" in type(p.grad_fn).__name__
             ]
-            kw = [
+            kw: list[dict[str, Any]] = [
                 dict(
                     kernel_size=tuple(g._saved_kernel_size),
                     stride=tuple(g._saved_stride),
@@ -361,7 +362,9 @@ def find_groups(model: nn.Module, input_shape: tuple[int, ...]) -> GroupGraph:
         n_out = module.out_features if isinstance(module, nn.Linear) else module.out_channels
         group = dg.get_pruning_group(module, fn, idxs=list(range(n_out)))
 
-        producers, bns, dws, consumers, shortcuts, others = [], [], [], [], [], []
+        producers: list[nn.Module] = []
+        consumers: list[nn.Module] = []
+        bns, dws, shortcuts, others = [], [], [], []
         feeds_output = False
         for dep, _ in group:
             target = dep.target.module

@@ -263,9 +263,9 @@ def pair_activation_covariance(
         h_hi = (hi - mu) / s
         p_in = torch.special.ndtr(h_hi) - torch.special.ndtr(h_lo)
         corners += [(h_hi, h_hi, 1.0), (h_lo, h_hi, -1.0), (h_hi, h_lo, -1.0)]
-    x, w = np.polynomial.legendre.leggauss(nodes)
-    x = torch.as_tensor(x, dtype=torch.float64)
-    w = torch.as_tensor(w, dtype=torch.float64)
+    x_np, w_np = np.polynomial.legendre.leggauss(nodes)
+    x = torch.as_tensor(x_np, dtype=torch.float64)
+    w = torch.as_tensor(w_np, dtype=torch.float64)
     out = rho * p_in[ri] * p_in[ci]
     for start in range(0, rho.numel(), block):
         sl = slice(start, start + block)
