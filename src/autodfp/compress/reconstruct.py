@@ -59,7 +59,11 @@ class Compensation:
         n_kept = self.A.shape[1]
         if (self.K is None) != (self.d is None):
             raise ValueError("kept-channel correction needs both K and d")
-        if self.K is not None and (self.K.shape != (n_kept, n_kept) or self.d.shape != (n_kept,)):
+        if (
+            self.K is not None
+            and self.d is not None
+            and (self.K.shape != (n_kept, n_kept) or self.d.shape != (n_kept,))
+        ):
             raise ValueError(
                 f"kept-channel correction K={tuple(self.K.shape)} d={tuple(self.d.shape)} does not "
                 f"match {n_kept} kept channels"
@@ -100,6 +104,7 @@ def fold_into_consumer(weight: Tensor, comp: Compensation, kept: Tensor, pruned:
     if comp.K is None:
         new = new + wk
     else:
+        assert comp.d is not None  # Compensation pairs K with d
         new = new + torch.einsum("oj...,jk->ok...", wk, comp.K.to(torch.float64))
         delta = delta + torch.einsum("oj...,j->o", wk, comp.d.to(torch.float64))
     return new.to(weight.dtype), delta.to(weight.dtype)
@@ -135,9 +140,10 @@ def _check_samples(stats: ChannelStats, samples: Tensor) -> Tensor:
     return samples.detach().to(torch.float64)
 
 
-def _need_analysis(name: str, analysis: ChannelAnalysis | None) -> None:
+def _need_analysis(name: str, analysis: ChannelAnalysis | None) -> ChannelAnalysis:
     if analysis is None:
         raise PlanError(f"the '{name}' strategy needs a channel analysis (similarity.analyze)")
+    return analysis
 
 
 def _empty(kept: Tensor, pruned: Tensor) -> Compensation:
@@ -200,7 +206,7 @@ def strategy_nm(
     ``c = 0``: NM carries no constant.
     """
     kept, pruned = _check_partition(stats, kept, pruned)
-    _need_analysis("nm", analysis)
+    analysis = _need_analysis("nm", analysis)
     if not 0.0 <= lam <= 1.0:
         raise PlanError(f"nm lam must be in [0, 1], got {lam}")
     if slope not in ("projection", "norm_ratio"):
@@ -277,7 +283,7 @@ def strategy_autodfp(
     and the gate's moments are empirical.
     """
     kept, pruned = _check_partition(stats, kept, pruned)
-    _need_analysis("autodfp", analysis)
+    analysis = _need_analysis("autodfp", analysis)
     if not 0.0 <= strength <= 1.0:
         raise PlanError(f"reconstruction strength must be in [0, 1], got {strength}")
     comp = _empty(kept, pruned)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import inspect
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -170,7 +170,9 @@ class Pruner:
         def current(name: str) -> torch.Tensor:
             if name in out:
                 return out[name]
-            src = params.get(name, buffers.get(name))
+            # every name asked for is a parameter or buffer of a consumer layer or its BN; the cast
+            # keeps the old failure (None has no ``detach``) should one ever be missing
+            src = cast(torch.Tensor, params.get(name, buffers.get(name)))
             return src.detach().clone()
 
         for gname, d in decisions.items():
