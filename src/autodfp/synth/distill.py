@@ -69,10 +69,12 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.hooks import RemovableHandle
 
 from autodfp._checks import check_seed
 from autodfp._io import atomic_write
@@ -153,7 +155,7 @@ class _BNStatLoss:
     def __init__(self, layers: Sequence[nn.modules.batchnorm._BatchNorm]) -> None:
         self.layers = list(layers)
         self.terms: list[torch.Tensor] = []
-        self._handles = []
+        self._handles: list[RemovableHandle] = []
 
     def __enter__(self) -> _BNStatLoss:
         for bn in self.layers:
@@ -166,12 +168,15 @@ class _BNStatLoss:
         self._handles.clear()
 
     def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        bn = cast(nn.modules.batchnorm._BatchNorm, module)  # hooked on self.layers only
+        running_mean, running_var = bn.running_mean, bn.running_var
+        assert running_mean is not None and running_var is not None  # bn_layers() keeps BNs that have them
         x = inputs[0]
         dims = [0] + list(range(2, x.dim()))
         mean = x.mean(dim=dims)
-        std = torch.sqrt(x.var(dim=dims, unbiased=False) + module.eps)
-        run_std = torch.sqrt(module.running_var + module.eps)
-        self.terms.append((mean - module.running_mean).pow(2).mean() + (std - run_std).pow(2).mean())
+        std = torch.sqrt(x.var(dim=dims, unbiased=False) + bn.eps)
+        run_std = torch.sqrt(running_var + bn.eps)
+        self.terms.append((mean - running_mean).pow(2).mean() + (std - run_std).pow(2).mean())
 
     def pop(self) -> torch.Tensor:
         if not self.terms:
@@ -479,7 +484,7 @@ def _synthetic_batch(
     steps = d_steps if steps is None else int(steps)
     lr = d_lr if lr is None else float(lr)
     root = Path(cache_dir) if cache_dir is not None else _default_cache_root() / "synthetic"
-    parts = {
+    parts: dict[str, Any] = {
         "model_key": model_key,
         "weights": state_dict_hash(model),
         "shape": tuple(int(s) for s in input_shape),
