@@ -88,8 +88,8 @@ class MacsModel:
         self._terms = terms
         self._by_group: dict[str, list[int]] = {g: [] for g in self.groups}
         for i, t in enumerate(terms):
-            for g in set(t.groups):
-                self._by_group[g].append(i)
+            for gname in set(t.groups):
+                self._by_group[gname].append(i)
 
     # -- counting ----------------------------------------------------------------------------
     def _term_macs(self, t: _Term, keep: Mapping[str, int]) -> Fraction | int:
@@ -260,12 +260,13 @@ class MacsModel:
         """
         self.check_target(target_macs, r_min, tol)
         cands = self._uniform_candidates(r_min)
-        macs = [None] * len(cands)
+        macs: list[int | None] = [None] * len(cands)
 
         def m(i: int) -> int:
-            if macs[i] is None:
-                macs[i] = self.macs(self.ratio_keep(cands[i]))
-            return macs[i]
+            v = macs[i]
+            if v is None:
+                v = macs[i] = self.macs(self.ratio_keep(cands[i]))
+            return v
 
         lo, hi = 0, len(cands) - 1
         while lo < hi:  # first candidate with MACs >= target

@@ -30,7 +30,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import torch
@@ -190,7 +190,9 @@ class _Tracker:
 # RNG states (JSON-serialisable, so checkpoints hold no pickled RNG objects)
 # ---------------------------------------------------------------------------------------------
 def _rng_state(extra: dict[str, np.random.Generator]) -> dict[str, Any]:
-    np_state = np.random.get_state()
+    # numpy's stubs type the default (legacy) call as returning the dict form; the global
+    # MT19937 state comes back as the legacy tuple
+    np_state = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     py = random.getstate()
     return {
         "torch": torch.get_rng_state().tolist(),
@@ -244,7 +246,7 @@ def _episode_buffer_class():
             self.episode_of = np.full((self.buffer_size,), -1, dtype=np.int64)
             self.is_final = np.zeros((self.buffer_size,), dtype=bool)
 
-        def add(self, obs, next_obs, action, reward, done, infos) -> None:  # type: ignore[override]
+        def add(self, obs, next_obs, action, reward, done, infos) -> None:
             self.pending.append(
                 (np.array(obs), np.array(next_obs), np.array(action), float(np.asarray(reward).reshape(-1)[0]))
             )
@@ -280,7 +282,7 @@ def _episode_buffer_class():
 
             return 2.0 * (rankdata(r) - 1.0) / (r.size - 1) - 1.0
 
-        def _get_samples(self, batch_inds, env=None):  # type: ignore[override]
+        def _get_samples(self, batch_inds, env=None):
             samples = super()._get_samples(batch_inds, env)
             if self.reward_norm == "none":
                 return samples

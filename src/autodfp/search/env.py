@@ -16,7 +16,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import gymnasium as gym
 import numpy as np
@@ -151,7 +151,7 @@ class PruningEnv(gym.Env):
         model = self.pruner.model
         n_all = max(len(graph.groups), 1)
         widths, kernels = [], []
-        rows = []
+        rows: list[dict[str, Any]] = []
         h_in = self.pruner.input_shape[-1] if len(self.pruner.input_shape) >= 2 else 1
         for i, name in enumerate(self.groups):
             g = graph.get(name)
@@ -159,7 +159,8 @@ class PruningEnv(gym.Env):
             if isinstance(mod, nn.Linear):
                 c_in, k, s = mod.in_features, 1, 1
             else:
-                c_in, k, s = mod.in_channels, int(np.prod(mod.kernel_size)), int(mod.stride[0])
+                conv = cast(nn.Conv2d, mod)  # a producer is a Linear or a groups=1 Conv2d
+                c_in, k, s = conv.in_channels, int(np.prod(conv.kernel_size)), int(conv.stride[0])
             lp = self.mm.layers.get(g.producer.conv)
             out_shape = lp.output_shape if lp is not None else None
             fmap = (out_shape[-1] / h_in) if out_shape is not None and len(out_shape) == 4 else 0.0
