@@ -144,7 +144,7 @@ def test_download_failure_says_where_to_place_the_file(tmp_path, monkeypatch):
 def test_unsafe_and_corrupt_checkpoints(tmp_path):
     evil = tmp_path / "evil.pt"
     torch.save({"x": _Evil()}, evil)
-    with pytest.raises(WeightsError, match="--trust-pickle"):
+    with pytest.raises(WeightsError, match="trust_pickle=True"):
         load_model("mine", weights=evil, arch="autodfp.models.resnet_cifar:resnet20")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint at all")

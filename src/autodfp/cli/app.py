@@ -809,6 +809,16 @@ def bench(
     _out.print(f"wrote {', '.join(str(p) for p in paths.values())}")
 
 
+#: library parameters, as the library's messages name them → the CLI's flags
+_PARAM_WORDS = {"trust_pickle=True": "--trust-pickle", "arch=package.module:factory": "--arch package.module:factory"}
+
+
+def _cli_words(msg: str) -> str:
+    for word, flag in _PARAM_WORDS.items():
+        msg = msg.replace(word, flag)
+    return msg
+
+
 def _one_line_warnings() -> None:
     """Our own warnings (an unusable cache, say) as one ``warning:`` line; scripts match ``^warning:``."""
     import warnings
@@ -864,7 +874,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except AutoDFPError as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"error: {_cli_words(' '.join(str(exc).split()))}", file=sys.stderr)
         return 2
     except Exception as exc:  # a bug, not bad input: keep it to one line unless debugging
         if os.environ.get("AUTODFP_DEBUG"):

@@ -249,8 +249,3 @@ def prune_channels(
         group = dg.get_pruning_group(module, fn, idxs=list(idxs))
         group.prune()
     return model
-
-
-def apply_plan(model: nn.Module, plan: Plan, input_shape: tuple[int, ...], **pruner_kwargs: Any) -> nn.Module:
-    """One-shot convenience: the physically pruned copy of ``model`` under ``plan``."""
-    return Pruner(model, input_shape, **pruner_kwargs).apply(plan).model

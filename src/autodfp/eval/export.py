@@ -381,7 +381,7 @@ def load_pruned(
         if not ts.is_file():
             raise ModelError(
                 f"{ckpt} was built by '{recorded_arch or name}', and autodfp does not import code that a "
-                "file names; pass the architecture yourself (--arch / arch=) if you trust it"
+                "file names; pass the architecture yourself (arch=package.module:factory) if you trust it"
             )
         try:
             with warnings.catch_warnings():

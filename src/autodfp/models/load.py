@@ -71,7 +71,7 @@ def load_checkpoint(path: str | os.PathLike, trust_pickle: bool = False, mmap: b
         if not trust_pickle and ("Unsupported global" in str(exc) or "GLOBAL" in str(exc)):
             raise WeightsError(
                 f"{path} is not a weights-only checkpoint (it contains pickled code objects); "
-                "load it with --trust-pickle only if you trust its source"
+                "load it with trust_pickle=True only if you trust its source"
             ) from None
         raise WeightsError(f"{path} is corrupt or not a PyTorch checkpoint (cannot unpickle it)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
@@ -274,8 +274,8 @@ def load_model(
     else:
         if Path(model).suffix in {".pt", ".pth", ".th", ".pkl"} or Path(model).is_file():
             raise ModelError(
-                f"'{model}' is not a zoo model; pass --arch package.module:factory to load it as a state dict, "
-                "or --trust-pickle to unpickle a full module (this can run arbitrary code)"
+                f"'{model}' is not a zoo model; pass arch=package.module:factory to load it as a state dict, "
+                "or trust_pickle=True to unpickle a full module (this can run arbitrary code)"
             )
         get_config(model)  # raises the 'unknown model' error with the list of known names
         raise AssertionError("unreachable")
