@@ -215,11 +215,9 @@ class Refiner:
 
         bar = None
         if self.progress:
-            import sys
+            from autodfp._progress import progress_bar
 
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(names), desc="refine", unit="layer", file=sys.stderr, leave=False, dynamic_ncols=True)
+            bar = progress_bar(total=len(names), desc="refine", unit="layer")
 
         handles = [work.get_submodule(self._consumer(n)).register_forward_pre_hook(refit(n)) for n in names]
         try:

@@ -172,6 +172,7 @@ def save_pruned(
     """
     out = check_output_dir(out_dir)
     model = result.model.eval()
+    check_finite(model, "the pruned model")  # never save a model that cannot compute
     kept = (
         {k: len(d.kept) for k, d in result.decisions.items()}
         if hasattr(result, "decisions")

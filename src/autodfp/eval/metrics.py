@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence, Sized
 from dataclasses import asdict, dataclass, field
@@ -216,7 +215,7 @@ def evaluate(
 
     The model runs in eval mode (BN statistics frozen) and is returned to its previous mode.
     """
-    from tqdm.auto import tqdm
+    from autodfp._progress import progress_bar
 
     device = _model_device(model)
     correct1 = correct5 = n = 0
@@ -224,16 +223,7 @@ def evaluate(
         total = len(cast(Sized, loader)) if hasattr(loader, "__len__") else None
     except TypeError:
         total = None
-    bar = tqdm(
-        loader,
-        total=total,
-        desc="eval",
-        unit="batch",
-        file=sys.stderr,
-        disable=not progress,
-        leave=False,
-        dynamic_ncols=True,
-    )
+    bar = progress_bar(loader, total=total, desc="eval", unit="batch", enabled=progress)
     try:
         with eval_mode(model), torch.inference_mode():
             for batch in bar:

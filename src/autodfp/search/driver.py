@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -149,11 +148,9 @@ class _Tracker:
         self.total_macs = 1
         self.bar = None
         if progress:
-            from tqdm.auto import tqdm
+            from autodfp._progress import progress_bar
 
-            self.bar = tqdm(
-                total=total, initial=initial, desc=desc, unit="ep", file=sys.stderr, dynamic_ncols=True, leave=False
-            )
+            self.bar = progress_bar(total=total, initial=initial, desc=desc, unit="ep")
 
     def record(self, info: dict[str, Any]) -> None:
         reward = float(info["reward"])

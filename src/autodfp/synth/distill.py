@@ -233,9 +233,9 @@ def _model_device(model: nn.Module) -> torch.device:
 def _progress(steps: int, enabled: bool, desc: str) -> Iterator[int]:
     if not enabled:
         return iter(range(steps))
-    from tqdm import tqdm
+    from autodfp._progress import progress_bar
 
-    return iter(tqdm(range(steps), desc=desc, leave=False))
+    return iter(progress_bar(range(steps), desc=desc, unit="step"))
 
 
 def distill(
