@@ -212,7 +212,7 @@ class Pipeline:
             dims_ridge=dims,
             max_positions=cfg.refine_max_positions,
             device=self.device,
-            progress=self.progress,
+            progress=False,  # prune() turns it on for the final refinement only
         )
 
     def search_refiner(self, refiner: Refiner | None) -> Refiner | None:
@@ -470,6 +470,7 @@ def prune(
         the_plan.params.setdefault("seed", pipe.seed)
     decisions = pruner.decide(the_plan)
     if refiner is not None:
+        refiner.progress = pipe.progress  # one bar per final refinement; none per search episode
         if cfg.refine_dims_ridge is not None:
             decisions = refiner(decisions, dims_ridge=cfg.refine_dims_ridge)
             report["refine_dims_ridge"] = cfg.refine_dims_ridge
