@@ -13,7 +13,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) torch==2.13.0+cpu
-	$(PIP) -e '.[dev]'
+	$(PIP) -e '.[dev,vision]'
 	touch $@
 
 install: $(VENV)/.installed
