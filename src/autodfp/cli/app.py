@@ -320,6 +320,16 @@ def _eval_batches(cfg, data: Optional[str], limit: Optional[int], batch_size: in
     return cache_batches(make_loader(resolve_dataset(data, cfg), batch_size=batch_size, limit=limit))
 
 
+def _check_run(seed: int, device: str, limit: Optional[int], batch_size: Optional[int]) -> None:
+    """The checks every command that does work runs first, before loading anything."""
+    from autodfp._checks import check_seed
+    from autodfp.api import resolve_device
+
+    _checked(check_seed, seed)
+    _checked(resolve_device, device)
+    _check_limit(limit, batch_size)
+
+
 def _check_limit(limit: Optional[int], batch_size: Optional[int]) -> None:
     if limit is not None and limit < 1:
         raise PlanError(f"--limit must be at least 1, got {limit}")
@@ -508,9 +518,7 @@ def prune(
     for name, value in (("uniform", uniform), ("macs_ratio", macs_ratio)):
         if value is not None:
             _checked(api.check_ratio, name, value)
-    _checked(api.check_seed, seed)
-    _checked(api.resolve_device, device)
-    _check_limit(limit, batch_size)
+    _check_run(seed, device, limit, batch_size)
     config = _config(
         criterion=criterion,
         strategy=reconstruct,
@@ -642,7 +650,7 @@ def proxy_check_cmd(
 ) -> None:
     """Can the data-free reward be trusted? Spearman ρ of reward vs real accuracy over K plans."""
     from autodfp._io import atomic_write_text
-    from autodfp.api import Pipeline, check_ratio, check_seed, input_shape_of, resolve_device
+    from autodfp.api import Pipeline, check_ratio, input_shape_of
     from autodfp.eval.export import check_output_dir
     from autodfp.eval.metrics import evaluate
     from autodfp.search.driver import plot_proxy, proxy_check
@@ -650,9 +658,7 @@ def proxy_check_cmd(
     if plans < 3:
         raise PlanError(f"--plans must be at least 3 for a rank correlation, got {plans}")
     _checked(check_ratio, "macs_ratio", macs_ratio)
-    _checked(check_seed, seed)
-    _checked(resolve_device, device)
-    _check_limit(limit, batch_size)
+    _check_run(seed, device, limit, batch_size)
     config = _config(
         strategy=reconstruct,
         corr=corr,
@@ -746,7 +752,7 @@ def bench(
     device: str = DeviceOpt,
 ) -> None:
     """Grid of methods × uniform ratios: Markdown table and accuracy-vs-MACs plot."""
-    from autodfp.api import Pipeline, check_ratio, check_seed, input_shape_of, resolve_device
+    from autodfp.api import Pipeline, check_ratio, input_shape_of
     from autodfp.eval.bench import parse_method, run_grid, write_report
     from autodfp.eval.export import check_output_dir
 
@@ -763,9 +769,7 @@ def bench(
         _checked(check_ratio, "ratios", r)
     for m in method_list:
         parse_method(m)
-    _checked(check_seed, seed)
-    _checked(resolve_device, device)
-    _check_limit(limit, batch_size)
+    _check_run(seed, device, limit, batch_size)
     config = _config(
         strength=strength,
         corr=corr,
