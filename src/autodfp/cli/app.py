@@ -550,6 +550,8 @@ def prune(
         plan = Plan.load(plan_file)
         plan.criterion = criterion or plan.criterion
         plan.strategy = reconstruct or plan.strategy
+        if strength is not None:  # as before the API existed: --strength overrides the plan's own
+            plan.params["strength"] = strength
         _checked(plan.check_names)
     check_output_dir(out)
     con = _console(as_json)
