@@ -301,6 +301,23 @@ def render(rows: list[dict], command: str, n_bn: int, n_eval: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def groups_only(specs: list[str], px: int) -> int:
+    """Print, per model, the prunable groups, unprunable reasons and activations (random init, eval)."""
+    import autodfp  # noqa: F401 - declares torchvision's ops before torchvision is imported
+    from autodfp.analysis.graph import find_groups
+
+    for spec in specs:
+        spec = spec.partition("=")[0]
+        try:
+            groups = list(find_groups(build(spec).eval(), (3, px, px)))
+            reasons = dict(collections.Counter(g.reason for g in groups if not g.prunable))
+            acts = dict(collections.Counter(g.activation for g in groups))
+            print(f"{spec}: {sum(g.prunable for g in groups)}/{len(groups)} prunable; {reasons}; {acts}", flush=True)
+        except Exception as exc:
+            print(f"{spec}: {one_line(exc)}", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="*", help="tv:NAME, timm:NAME or tvdet:NAME[=PX] (default: the issue's list)")
@@ -308,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bn-images", type=int, default=64)
     ap.add_argument("--eval-images", type=int, default=200)
     ap.add_argument("--timeout", type=int, default=900, help="seconds per model")
+    ap.add_argument("--groups-only", type=int, metavar="PX", help="only find_groups at PX on each model (seconds)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one model, print its JSON row
     ap.add_argument("--px", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -316,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         print("ROW " + json.dumps(run_one(args.one, args.px, root, args.bn_images, args.eval_images)), flush=True)
         return 0
+    if args.groups_only:
+        return groups_only(args.models or [m for m, _ in MODELS], args.groups_only)
     default_px = dict(MODELS)
     todo = []
     for item in args.models or [m for m, _ in MODELS]:
