@@ -69,7 +69,7 @@ def _pair(act: type[nn.Module]) -> tuple[nn.Module, nn.Module]:
 
 
 @pytest.mark.parametrize(
-    "act, expected", [(nn.ReLU, "relu"), (nn.ReLU6, "relu6"), (nn.Hardswish, "unknown"), (nn.SiLU, "unknown")]
+    "act, expected", [(nn.ReLU, "relu"), (nn.ReLU6, "relu6"), (nn.Hardswish, "hardswish"), (nn.SiLU, "silu")]
 )
 def test_inplace_activations_read_like_their_out_of_place_versions(act, expected):
     plain, inplace = _pair(act)
@@ -164,9 +164,12 @@ def test_timm_batchnorm_act_is_a_bn_with_its_activation():
 
 
 def test_timm_batchnorm_act_with_an_unsupported_activation_is_not_identity():
-    fused, _ = _fused_net(nn.SiLU)
+    fused, _ = _fused_net(nn.SELU)  # λ·ELU: not in the table (ELU's α fits, the slope λ does not)
     g = find_groups(fused, SHAPE).get("conv1")
     assert g.producer.bn == "bn1" and g.activation == "unknown" and not g.prunable
+    fused, _ = _fused_net(nn.SiLU)
+    g = find_groups(fused, SHAPE).get("conv1")
+    assert g.producer.bn == "bn1" and g.activation == "silu" and g.prunable
 
 
 class TinyVGG(nn.Module):

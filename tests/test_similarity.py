@@ -156,7 +156,9 @@ def test_stats_validation() -> None:
     with pytest.raises(ValueError):
         ChannelStats(f, torch.zeros(2), torch.zeros(3), torch.ones(3))
     with pytest.raises(PlanError):
-        ChannelStats(f, torch.zeros(3), torch.zeros(3), torch.ones(3), activation="gelu")
+        ChannelStats(f, torch.zeros(3), torch.zeros(3), torch.ones(3), activation="unknown")
+    with pytest.raises(PlanError):
+        ChannelStats(f, torch.zeros(3), torch.zeros(3), torch.ones(3), activation="relu(0.1)")
 
 
 # ---------------------------------------------------------------- criteria

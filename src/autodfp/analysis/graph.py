@@ -47,6 +47,7 @@ group unprunable.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeGuard
@@ -57,10 +58,9 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch.utils.hooks import RemovableHandle
 
+from autodfp.analysis.similarity import ACTIVATIONS, activation_name, apply_activation
 from autodfp.errors import ModelError
 from autodfp.models.layers import CUSTOM_PRUNERS, ChannelPadShortcut
-
-ACTIVATIONS = ("relu", "relu6", "identity")
 
 
 def is_depthwise(m: nn.Module) -> bool:
@@ -189,22 +189,77 @@ def _forward_order(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
     return list(seen)
 
 
+#: activations tried by :func:`_classify_activation`, simplest first (ties go to the earlier one:
+#: without values above 6, ReLU and ReLU6 are the same function on the probe)
+_CANDIDATES = tuple(a for a in ACTIVATIONS if a not in ("leaky_relu", "elu"))
+
+
+def _fit_parameter(kind: str, pre: torch.Tensor, post: torch.Tensor) -> float | None:
+    """The slope of a LeakyReLU (or α of an ELU) read off the negative inputs; None if there are none.
+
+    Only meaningful without a pooling in between (then ``post`` is element-wise in ``pre``).
+    """
+    if pre.shape != post.shape:
+        return None
+    x, y = pre.double().flatten(), post.double().flatten()
+    neg = x < (-1.0 if kind == "elu" else -1e-3)
+    if not bool(neg.any()):
+        return None
+    ratio = y[neg] / (torch.expm1(x[neg]) if kind == "elu" else x[neg])
+    return float(ratio.median())
+
+
 def _classify_activation(pre: torch.Tensor | None, post: torch.Tensor | None, pools: list[dict] | None = None) -> str:
+    """The name (see :data:`ACTIVATIONS`) of the element-wise map from ``pre`` to ``post``, or ``"unknown"``.
+
+    Every candidate is applied to ``pre`` (then the max-pools of ``pools``, in forward order) and
+    compared with ``post``; the closest one within ``1e-5·(1 + max|pre|)`` wins (that separates
+    GELU's erf form from its tanh approximation, which differ by up to 5e-4). LeakyReLU's slope
+    and ELU's α are fitted on the negative inputs first and checked like any other candidate.
+    """
     if pre is None or post is None:
         return "unknown"
-    # The probe input is scaled up so that ReLU6 clipping shows; if no value exceeds 6, ReLU and
-    # ReLU6 are the same function on it and the first match (relu) is reported.
-    for name, fn in (("identity", lambda t: t), ("relu", torch.relu), ("relu6", lambda t: t.clamp(0, 6))):
-        for path in ([], pools) if pools else ([],):
-            y = fn(pre)
-            for p in path:  # max-pool is channel-wise and commutes with these monotone activations
-                y = F.max_pool2d(y, **p)
-            if y.shape != post.shape:
-                continue
-            tol = 1e-5 * (1 + pre.abs().max().item())
-            if (y - post).abs().max().item() <= tol:
-                return name
-    return "unknown"
+    tol = 1e-5 * (1 + pre.abs().max().item())
+    names: list[str] = list(_CANDIDATES)
+    for kind in ("leaky_relu", "elu"):
+        param = _fit_parameter(kind, pre, post)
+        if param is not None and math.isfinite(param):
+            names.append(activation_name(kind, round(param, 6)))
+    best, best_err = "unknown", math.inf
+    for path in ([], pools) if pools else ([],):
+        if not path and pre.shape == post.shape:
+            # element-wise: screen every candidate on a fixed sample of positions (a dozen
+            # candidates on full 112×112 maps cost seconds per model), confirm the winner in full
+            flat_pre, flat_post = pre.flatten(), post.flatten()
+            idx = torch.randperm(flat_pre.numel(), generator=torch.Generator().manual_seed(0))[:_SCREEN]
+            xs, ys = flat_pre[idx], flat_post[idx]
+            errs = {n: _act_error(xs, ys, n, []) for n in names}
+            ok = [n for n in names if errs[n] <= tol]
+            if ok:
+                name = min(ok, key=lambda n: errs[n])  # min keeps the earliest on ties
+                err = _act_error(pre, post, name, [])
+                if err <= tol and err < best_err:
+                    best, best_err = name, err
+            continue
+        for name in names:
+            err = _act_error(pre, post, name, path)
+            if err <= tol and err < best_err:
+                best, best_err = name, err
+    return best
+
+
+#: positions sampled to screen the candidate activations (see :func:`_classify_activation`)
+_SCREEN = 20000
+
+
+def _act_error(pre: torch.Tensor, post: torch.Tensor, name: str, path: list[dict]) -> float:
+    """max |pool(act(pre)) − post|, or inf when the shapes do not match."""
+    y = apply_activation(pre.double(), name).to(pre.dtype)
+    for p in path:  # pooling follows the activation, as in the model
+        y = F.max_pool2d(y, **p)
+    if y.shape != post.shape:
+        return math.inf
+    return (y - post).abs().max().item()
 
 
 def _detect_activations(
