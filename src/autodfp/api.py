@@ -36,6 +36,7 @@ import torch.nn as nn
 
 from autodfp._checks import check_seed
 from autodfp._modes import eval_mode
+from autodfp.analysis.graph import GroupGraph
 from autodfp.compress.plan import Plan
 from autodfp.compress.refine import Refiner, select_dims_ridge
 from autodfp.compress.surgery import GroupDecision, Pruner
@@ -186,7 +187,7 @@ class Pipeline:
 
         return corr == "calibration" or not bn_layers(self.model)
 
-    def pruner(self, synthesising: bool) -> Pruner:
+    def pruner(self, synthesising: bool, graph: GroupGraph | None = None) -> Pruner:
         """``corr="auto"``: correlations measured on synthetic inputs whenever a batch exists anyway.
 
         On ResNet-56, lsq with measured correlations beats the filter-geometry estimate by 1.4
@@ -197,7 +198,7 @@ class Pipeline:
         if corr == "auto":
             corr = "calibration" if synthesising or self.needs_calibration("geometry") else "geometry"
         calib = self.batch(self.seed, self.config.calibration_inputs) if self.needs_calibration(corr) else None
-        return Pruner(self.model, self.shape, calibration=calib, corr_source=corr)
+        return Pruner(self.model, self.shape, graph=graph, calibration=calib, corr_source=corr)
 
     def refiner(self, pruner: Pruner, n: int | None = None, dims_ridge: float | None = None) -> Refiner:
         """The drift-correction refiner on its own batch (seed + offset)."""
@@ -434,8 +435,9 @@ def prune(
     pipe = Pipeline(net, mc, shape, cfg, seed=seed, device=device, progress=progress)
 
     searching = macs_ratio is not None
+    graph = _checked_graph(net, shape, cfg, macs_ratio, uniform, given_plan)  # before minutes of synthesis
     synthetic_reward = isinstance(reward, str) and reward == "synthetic"
-    pruner = pipe.pruner(synthesising=cfg.refine or (searching and synthetic_reward))
+    pruner = pipe.pruner(synthesising=cfg.refine or (searching and synthetic_reward), graph=graph)
     refiner = pipe.refiner(pruner) if cfg.refine else None
     selecting = refiner is not None and cfg.refine_dims_ridge is None
     reward_fn = pipe.reward(reward, eval_data) if searching or selecting else None
@@ -501,6 +503,41 @@ def prune(
     return PruningResult(
         out_model, the_plan, report, net, mc, shape, cfg, search_result, uniform_plan, pruned.decisions, arch
     )
+
+
+def _checked_graph(
+    net: nn.Module,
+    shape: tuple[int, ...],
+    cfg: Config,
+    macs_ratio: float | None,
+    uniform: float | None,
+    plan: Plan | None,
+) -> GroupGraph:
+    """The channel groups, after every check that needs no synthetic input.
+
+    A budget the model cannot reach, a ratio that would remove a whole layer, or a model with
+    nothing to prune is refused here, before the first synthetic batch is distilled (minutes at
+    224 px), instead of after it.
+    """
+    from autodfp.analysis.graph import find_groups
+    from autodfp.search.budget import MacsModel
+
+    graph = find_groups(net, shape)
+    if not graph.prunable:
+        reasons = sorted({g.reason for g in graph if g.reason})
+        raise PlanError(
+            f"the model has no prunable channel groups ({len(graph)} groups: "
+            f"{'; '.join(reasons[:3]) or 'none found'}); nothing can be removed"
+        )
+    if macs_ratio is not None:
+        mm = MacsModel(net, graph, shape)
+        target = macs_ratio * mm.total_macs
+        mm.check_target(target, cfg.r_min if cfg.r_min is not None else mm.auto_r_min(target), cfg.tol)
+    elif uniform is not None:
+        Plan.uniform(graph, uniform, criterion=cfg.criterion, strategy=cfg.strategy).validate(graph)
+    elif plan is not None:
+        plan.validate(graph)
+    return graph
 
 
 def check_ratio(name: str, value: Any) -> float:
