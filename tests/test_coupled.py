@@ -77,10 +77,38 @@ class TinyTorchvisionResNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
+class _InvertedResidual(nn.Module):
+    """MobileNet-V2 block with BN folded away (convs carry biases), a linear bottleneck and a residual add."""
+
+    def __init__(self, c: int, t: int = 3) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(c, c * t, 1)
+        self.dw = nn.Conv2d(c * t, c * t, 3, 1, 1, groups=c * t)
+        self.project = nn.Conv2d(c * t, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.project(F.relu6(self.dw(F.relu6(self.expand(x)))))
+
+
+class TinyInvertedResidualNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 2, 1)
+        self.blocks = nn.Sequential(_InvertedResidual(8), _InvertedResidual(8))
+        self.head = nn.Conv2d(8, 16, 1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.stem(x))
+        return self.fc(F.adaptive_avg_pool2d(F.relu6(self.head(x)), 1).flatten(1))
+
+
 def _nets() -> dict[str, nn.Module]:
+    torch.manual_seed(0)
     return {
         "option_a": _randomise_bn(ResNetCifar(8)),
         "downsample": _randomise_bn(TinyTorchvisionResNet()),
+        "inverted": TinyInvertedResidualNet().eval(),
     }
 
 
@@ -89,7 +117,7 @@ def _x(n: int, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("arch", ["option_a", "downsample"])
-def test_coupled_streams_are_found_and_only_when_asked(arch):
+def test_coupled_streams_are_found_and_only_when_asked(arch):  # both end in a stream that feeds the classifier
     net = _nets()[arch]
     off = find_groups(net, SHAPE)
     on = find_groups(net, SHAPE, coupled=True)
@@ -102,7 +130,7 @@ def test_coupled_streams_are_found_and_only_when_asked(arch):
     assert not last.prunable and last.reason == "feeds the classifier"
 
 
-@pytest.mark.parametrize("arch", ["option_a", "downsample"])
+@pytest.mark.parametrize("arch", ["option_a", "downsample", "inverted"])
 def test_zero_ratio_plan_with_coupled_groups_is_output_identical(arch):
     net = _nets()[arch]
     pruner = Pruner(net, SHAPE, calibration=_x(8, 1), coupled=True)
@@ -116,7 +144,7 @@ def test_zero_ratio_plan_with_coupled_groups_is_output_identical(arch):
             assert torch.equal(functional_call(net, pruner.masked_state(plan), (x,)), ref)
 
 
-@pytest.mark.parametrize("arch", ["option_a", "downsample"])
+@pytest.mark.parametrize("arch", ["option_a", "downsample", "inverted"])
 @pytest.mark.parametrize("strategy", ["none", "mean", "lsq", "autodfp"])
 def test_pruned_streams_equal_the_masked_path_and_the_analytic_macs(arch, strategy):
     net = _nets()[arch]
@@ -143,34 +171,40 @@ def test_pruned_streams_equal_the_masked_path_and_the_analytic_macs(arch, strate
     assert profile(pruner.apply(only).model, SHAPE).total_macs == mm.macs_for_plan(only) < mm.total_macs
 
 
-def _duplicate_stream_channel(net: nn.Module, producers: list[tuple[str, str]], p: int, k: int) -> None:
-    """Stream channel p becomes an exact copy of channel k: every producer row and BN entry copied."""
+def _duplicate_stream_channel(net: nn.Module, producers: list[tuple[str, str | None]], p: int, k: int) -> None:
+    """Stream channel p becomes an exact copy of channel k: every producer row, bias and BN entry copied."""
     with torch.no_grad():
         for conv, bn in producers:
-            c, b = net.get_submodule(conv), net.get_submodule(bn)
+            c = net.get_submodule(conv)
             c.weight[p] = c.weight[k]
-            for name in ("running_mean", "running_var", "weight", "bias"):
-                getattr(b, name)[p] = getattr(b, name)[k]
+            if c.bias is not None:
+                c.bias[p] = c.bias[k]
+            if bn is not None:
+                b = net.get_submodule(bn)
+                for name in ("running_mean", "running_var", "weight", "bias"):
+                    getattr(b, name)[p] = getattr(b, name)[k]
 
 
+@pytest.mark.parametrize("arch,name", [("downsample", "conv1"), ("inverted", "stem")])
 @pytest.mark.parametrize("strategy", ["autodfp", "nm"])
-def test_exact_duplicate_stream_channel_merges_output_identically(strategy):
-    net = _nets()["downsample"]
+def test_exact_duplicate_stream_channel_merges_output_identically(arch, name, strategy):
+    net = _nets()[arch]
     graph = find_groups(net, SHAPE, coupled=True)
-    stream = graph.get("conv1")
-    assert stream.coupled and stream.prunable and "layer2.0.downsample.0" in stream.consumers
+    stream = graph.get(name)
+    assert stream.coupled and stream.prunable
+    if arch == "downsample":  # the 1x1 downsample conv is a consumer that absorbs the merge
+        assert "layer2.0.downsample.0" in stream.consumers
     p, k = 5, 2
     _duplicate_stream_channel(net, list(zip(stream.members, stream.member_bns)), p, k)
     pruner = Pruner(net, SHAPE, calibration=_x(8, 1), coupled=True)
     kept = [c for c in range(8) if c != p]
-    plan = Plan(
-        {"conv1": 7 / 8}, strategy=strategy, keep={"conv1": kept}, params={"lam": 1.0} if strategy == "nm" else {}
-    )
+    params = {"lam": 1.0} if strategy == "nm" else {}
+    plan = Plan({name: 7 / 8}, strategy=strategy, keep={name: kept}, params=params)
     x = _x(3, 2)
     with torch.no_grad():
         ref = net(x)
         out = pruner.apply(plan).model(x)
-        dropped = pruner.apply(Plan({"conv1": 7 / 8}, strategy="none", keep={"conv1": kept})).model(x)
+        dropped = pruner.apply(Plan({name: 7 / 8}, strategy="none", keep={name: kept})).model(x)
     assert (out - ref).abs().max().item() <= 1e-4 * (1 + ref.abs().max().item())
     assert (dropped - ref).abs().max().item() > 1e-2  # the channel mattered
 
