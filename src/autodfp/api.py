@@ -185,7 +185,7 @@ class Pipeline:
     def needs_calibration(self, corr: str) -> bool:
         from autodfp.synth.distill import bn_layers
 
-        return corr == "calibration" or not bn_layers(self.model)
+        return corr == "calibration" or not bn_layers(self.model) or self.config.coupled
 
     def pruner(self, synthesising: bool, graph: GroupGraph | None = None) -> Pruner:
         """``corr="auto"``: correlations measured on synthetic inputs whenever a batch exists anyway.
@@ -198,7 +198,9 @@ class Pipeline:
         if corr == "auto":
             corr = "calibration" if synthesising or self.needs_calibration("geometry") else "geometry"
         calib = self.batch(self.seed, self.config.calibration_inputs) if self.needs_calibration(corr) else None
-        return Pruner(self.model, self.shape, graph=graph, calibration=calib, corr_source=corr)
+        return Pruner(
+            self.model, self.shape, graph=graph, calibration=calib, corr_source=corr, coupled=self.config.coupled
+        )
 
     def refiner(self, pruner: Pruner, n: int | None = None, dims_ridge: float | None = None) -> Refiner:
         """The drift-correction refiner on its own batch (seed + offset)."""
@@ -522,7 +524,7 @@ def _checked_graph(
     from autodfp.analysis.graph import find_groups
     from autodfp.search.budget import MacsModel
 
-    graph = find_groups(net, shape)
+    graph = find_groups(net, shape, coupled=cfg.coupled)
     if not graph.prunable:
         reasons = sorted({g.reason for g in graph if g.reason})
         raise PlanError(

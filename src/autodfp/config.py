@@ -69,6 +69,9 @@ class Config:
     :meth:`replace`. Every field is validated on construction, so a bad value fails before any
     minutes of work.
 
+    :param coupled: also prune coupled groups (residual-stream widths: ResNet stages, inverted-residual
+        block outputs), compensating every consumer on measured stream moments; off by default
+        until measured (docs/results/coupled.md)
     :param criterion: channel selection (``l1``, ``l2``, ``cluster``, ``random`` or a registered one)
     :param strategy: reconstruction (``none``, ``mean``, ``nm``, ``autodfp``, ``lsq`` or a registered
         one). ``lsq`` is the default: on ResNet-56 it beats the paper's ``autodfp`` merge at every
@@ -110,6 +113,7 @@ class Config:
     # channel selection and reconstruction
     criterion: str = "l1"
     strategy: str = "lsq"
+    coupled: bool = False
     strength: float | None = None
     corr: str = "auto"
     # synthetic inputs

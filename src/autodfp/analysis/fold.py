@@ -82,9 +82,30 @@ def group_stats(
 
 
 def raw_filters(model: nn.Module, group: PrunableGroup) -> torch.Tensor:
-    """The producer's un-folded filters, (C, D): what textbook L1/L2 criteria rank."""
-    w = cast(nn.Conv2d | nn.Linear, model.get_submodule(group.producer.conv)).weight.detach()
-    return w.reshape(w.shape[0], -1)
+    """The producer's un-folded filters, (C, D): what textbook L1/L2 criteria rank.
+
+    For a coupled group, every producer's filters side by side, (C, ΣD): the L1 norm of a row is
+    then the sum of the per-producer L1 norms, a joint score of the channel across the stream.
+    """
+    convs = group.members if group.coupled and group.members else [group.producer.conv]
+    ws = [cast(nn.Conv2d | nn.Linear, model.get_submodule(c)).weight.detach() for c in convs]
+    return torch.cat([w.reshape(w.shape[0], -1) for w in ws], dim=1)
+
+
+def stream_filters(model: nn.Module, group: PrunableGroup) -> tuple[torch.Tensor, torch.Tensor]:
+    """BN-folded filters of every producer of a coupled group side by side, and the summed bias.
+
+    If channel ``p``'s row is ``α`` times channel ``k``'s (every producer with the same ``α > 0``,
+    biases too) and the stream's non-linearity is positively homogeneous (ReLU, or none), the
+    stream carries ``a_p = α·a_k`` at every depth: the geometry the similarity analysis reads.
+    """
+    folded = [
+        fold_stage(model, Stage(conv, bn))
+        for conv, bn in zip(group.members, group.member_bns or [None] * len(group.members))
+    ]
+    filters = torch.cat([w.reshape(w.shape[0], -1) for w, _, _, _ in folded], dim=1)
+    bias = torch.stack([b for _, b, _, _ in folded]).sum(0)
+    return filters, bias
 
 
 def last_stage_module(model: nn.Module, group: PrunableGroup) -> nn.Module:
@@ -148,5 +169,55 @@ def empirical_moments(
             corr = torch.corrcoef(ys)
             corr = torch.nan_to_num(corr, nan=0.0)
             corr.fill_diagonal_(1.0)
+        result[name] = (mean, std, corr)
+    return result
+
+
+@torch.no_grad()
+def consumer_moments(
+    model: nn.Module,
+    consumers: dict[str, int],
+    x: torch.Tensor,
+    max_positions: int = 20000,
+    batch_size: int = 32,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per-channel mean, std and correlation of each named layer's *input* on ``x``.
+
+    What a consumer of a residual stream reads is a sum over residual adds (and an activation),
+    so it is measured where it is read. ``consumers`` maps a layer name to its input's channel
+    count; inputs are (N, C[, H, W]), positions pooled as in :func:`empirical_moments`.
+    """
+    sums: dict[str, list] = {n: [0, 0.0, 0.0, []] for n in consumers}
+    gen = torch.Generator().manual_seed(0)
+
+    def make_hook(name: str):
+        def hook(mod: nn.Module, args: tuple) -> None:
+            y = args[0].detach().double()
+            y = y.transpose(0, 1).reshape(y.shape[1], -1) if y.dim() == 4 else y.t()
+            acc = sums[name]
+            acc[0] += y.shape[1]
+            acc[1] = acc[1] + y.sum(1)
+            acc[2] = acc[2] + (y * y).sum(1)
+            take = min(y.shape[1], max(1, max_positions * batch_size // max(1, x.shape[0])))
+            idx = torch.randperm(y.shape[1], generator=gen)[:take]
+            acc[3].append(y[:, idx])
+
+        return hook
+
+    hooks = [model.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in consumers]
+    try:
+        model.eval()
+        for i in range(0, x.shape[0], batch_size):
+            model(x[i : i + batch_size])
+    finally:
+        for h in hooks:
+            h.remove()
+    result = {}
+    for name, (n, s1, s2, samples) in sums.items():
+        mean = s1 / n
+        std = (s2 / n - mean * mean).clamp_min(0).sqrt()
+        ys = torch.cat(samples, dim=1)[:, :max_positions]
+        corr = torch.nan_to_num(torch.corrcoef(ys), nan=0.0)
+        corr.fill_diagonal_(1.0)
         result[name] = (mean, std, corr)
     return result

@@ -13,6 +13,17 @@ MobileNet chains, plain VGG convs) and *coupled* when a residual add, a channel-
 concat ties several producers together. Only inner groups are pruned by default: coupled groups
 change the residual stream and need reconstruction across every tied layer.
 
+With ``find_groups(..., coupled=True)`` a coupled group is prunable when it is a *residual
+stream*: every tie is an element-wise add (a residual add, an identity shortcut) or a
+:class:`~autodfp.models.layers.ChannelPadShortcut`, and every layer on it is a dense conv/linear
+producer (with its BN) or consumer. Its ``members`` are all producers (``member_bns`` their BNs),
+``shortcuts`` the channel-pad shortcuts whose *output* channels are the stream's. The value a
+consumer reads is the sum over the adds (after an activation, in ResNets), so no per-producer
+Gaussian model describes it: :mod:`autodfp.compress.surgery` measures it at each consumer's input
+on the calibration batch and compensates each consumer for what *it* sees. Streams tied through
+anything else (a concat, a split, a reshape, a multiplicative gate, a grouped or depthwise conv, a
+custom op) stay unprunable, with the reason in ``PrunableGroup.reason``.
+
 A group whose channels reach the model's output without passing another conv/linear layer (the
 classifier, a detection head) is never prunable: that would change the output's shape. The
 groups that feed such a layer are not pruned by default either ("feeds the classifier").
@@ -126,6 +137,10 @@ class PrunableGroup:
     members: list[str] = field(default_factory=list)
     #: channel-wise pooling between the activation and a consumer (e.g. ``"max_pool2d(k=2, s=2)"``)
     pools: list[str] = field(default_factory=list)
+    #: the BN after each of ``members`` (coupled groups; ``None`` where a producer has none)
+    member_bns: list[str | None] = field(default_factory=list)
+    #: channel-pad shortcuts whose output channels are this group's (coupled groups)
+    shortcuts: list[str] = field(default_factory=list)
 
     @property
     def last_stage(self) -> Stage:
@@ -167,7 +182,28 @@ def build_dependency_graph(model: nn.Module, example: torch.Tensor) -> tp.Depend
                 model, example_inputs=example, customized_pruners=CUSTOM_PRUNERS
             )
     except Exception as exc:  # torch-pruning raises bare exceptions on untraceable models
-        raise ModelError(f"could not trace the model's dependency graph ({exc.__class__.__name__}: {exc})") from None
+        where = _failing_module(model, exc.__traceback__)
+        at = f" at module '{where}'" if where else ""
+        raise ModelError(
+            f"could not trace the model's dependency graph{at} ({exc.__class__.__name__}: {exc})"
+        ) from None
+
+
+def _failing_module(model: nn.Module, tb: Any) -> str | None:
+    """The name of the innermost model layer torch-pruning was handling when it raised, if any.
+
+    torch-pruning's tracing frames hold the node or layer they work on in a local variable; the
+    innermost one that is (or wraps) a module of ``model`` names the structure that stops it.
+    """
+    names = {id(m): n for n, m in model.named_modules() if n}
+    found = None
+    while tb is not None:
+        for value in tb.tb_frame.f_locals.values():
+            mod = getattr(value, "module", value)  # a torch-pruning Node wraps its module
+            if isinstance(mod, nn.Module) and id(mod) in names:
+                found = names[id(mod)]
+        tb = tb.tb_next
+    return found
 
 
 def _forward_order(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
@@ -394,12 +430,73 @@ def _path_pools(dg: tp.DependencyGraph, src: nn.Module, dst: nn.Module) -> tuple
     return [], []
 
 
+def _benign_op(node: Any, channels: int) -> bool:
+    """Whether a functional op on a coupled group keeps every channel whole and in place.
+
+    Two cases: ops that only feed a :class:`ChannelPadShortcut` (its own slicing, zero concat and
+    index select, which its pruner handles as one layer), and a reshape that only flattens a
+    ``(N, C, 1, 1)`` map into the ``C`` inputs of Linear layers (global pooling → classifier).
+    """
+    kind = type(node.module).__name__
+    frontier, seen = list(node.outputs), set()
+    ends: list[nn.Module] = []
+    while frontier:
+        n = frontier.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        if (
+            isinstance(n.module, nn.Module)
+            and not isinstance(n.module, tp.ops._ElementWiseOp)
+            and not any(
+                isinstance(n.module, getattr(tp.ops, o)) for o in ("_ConcatOp", "_SplitOp", "_ReshapeOp", "_SliceOp")
+            )
+        ):
+            ends.append(n.module)
+            continue
+        if isinstance(n.module, tp.ops._OutputOp):
+            return False
+        frontier.extend(n.outputs)
+    if not ends:
+        return False
+    if all(isinstance(m, ChannelPadShortcut) for m in ends):
+        return True
+    return kind == "_ReshapeOp" and all(isinstance(m, nn.Linear) and m.in_features == channels for m in ends)
+
+
+def _tie_label(target: Any, names: dict[nn.Module, str]) -> str:
+    """A one-phrase description of a non-add structure that ties a group's channels together."""
+    ops = {
+        "_ConcatOp": "a concat",
+        "_SplitOp": "a split",
+        "_ReshapeOp": "a reshape (channel shuffle / flatten)",
+        "_UnbindOp": "an unbind",
+        "_ExpandOp": "an expand",
+        "_SliceOp": "a slice",
+    }
+    kind = type(target).__name__
+    if kind in ops:
+        return ops[kind]
+    if isinstance(target, nn.modules.conv._ConvNd) and target.groups > 1:
+        return f"a grouped conv ('{names.get(target, '?')}')"
+    if isinstance(target, nn.Module):
+        return f"{type(target).__name__} '{names.get(target, '?')}' (unsupported layer)"
+    return f"an unsupported op ({kind})"
+
+
 def _short(t: tuple) -> str:
     return str(t[0]) if len(set(t)) == 1 else "x".join(map(str, t))
 
 
-def find_groups(model: nn.Module, input_shape: tuple[int, ...]) -> GroupGraph:
-    """Discover every output-channel group of ``model`` and classify it."""
+def find_groups(model: nn.Module, input_shape: tuple[int, ...], coupled: bool = False) -> GroupGraph:
+    """Discover every output-channel group of ``model`` and classify it.
+
+    :param model: the network (put in eval mode)
+    :param input_shape: one input's shape, without the batch dimension
+    :param coupled: also make residual-stream groups prunable (see the module docstring); off,
+        every coupled group is unprunable as before
+    """
+    coupled_mode = bool(coupled)
     model.eval()
     example = torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(0))
     dg = build_dependency_graph(model, example)
@@ -420,6 +517,8 @@ def find_groups(model: nn.Module, input_shape: tuple[int, ...]) -> GroupGraph:
         producers: list[nn.Module] = []
         consumers: list[nn.Module] = []
         bns, dws, shortcuts, others = [], [], [], []
+        ties: list[str] = []  # what, besides adds and channel-pad shortcuts, ties these channels
+        pad_out: list[nn.Module] = []
         feeds_output = False
         for dep, _ in group:
             target = dep.target.module
@@ -434,14 +533,20 @@ def find_groups(model: nn.Module, input_shape: tuple[int, ...]) -> GroupGraph:
                 (producers if out_side else consumers).append(target)
             elif isinstance(target, ChannelPadShortcut):
                 shortcuts.append(target)
+                if out_side and target not in pad_out:
+                    pad_out.append(target)
             elif isinstance(target, tp.ops._OutputOp):
                 feeds_output = True
             elif isinstance(target, tp.ops._ElementWiseOp):
                 grad = type(dep.target.grad_fn).__name__ if dep.target.grad_fn is not None else ""
                 if any(k in grad for k in ("Add", "Sub", "Mul", "Div")):
                     others.append(target)  # a residual add or gating ties channels together
+                    if not any(k in grad for k in ("Add", "Sub")):
+                        ties.append("a multiplicative gate")
             else:
                 others.append(target)  # concat, split, reshape, other layers: not reconstructed
+                if not _benign_op(dep.target, n_out):
+                    ties.append(_tie_label(target, names))
         producers = sorted(set(producers), key=lambda m: rank.get(m, 1 << 30))
         consumers = sorted(set(consumers) - set(producers), key=lambda m: rank.get(m, 1 << 30))
         dws.sort(key=lambda m: rank.get(m, 1 << 30))
@@ -461,8 +566,11 @@ def find_groups(model: nn.Module, input_shape: tuple[int, ...]) -> GroupGraph:
         prunable, reason = True, ""
         if feeds_output:
             prunable, reason = False, "model output"
-        elif coupled:
+        elif coupled and not coupled_mode:
             prunable, reason = False, "coupled (residual add / shortcut / concat)"
+        elif coupled and (ties or dws):
+            what = sorted(set(ties + (["a depthwise conv"] if dws else [])))
+            prunable, reason = False, f"coupled through {', '.join(what)}: not reconstructable"
         elif not consumers:
             prunable, reason = False, "no consumer layer"
         kind = "linear" if isinstance(producer, nn.Linear) else ("dw_chain" if dws else "conv")
@@ -482,13 +590,15 @@ def find_groups(model: nn.Module, input_shape: tuple[int, ...]) -> GroupGraph:
                 kind=kind,
                 members=[names[p] for p in producers],
                 pools=pools,
+                member_bns=[names.get(b) if (b := _bn_after(dg, p)) is not None else None for p in producers],
+                shortcuts=[names[m] for m in pad_out] if coupled else [],
             )
         )
         pairs.append((last_bn or last_module, consumers, [kw for kw, _ in pool_paths]))
 
     for g, act in zip(groups, _detect_activations(model, example, pairs)):
         g.activation = act
-        if g.prunable and act == "unknown":
+        if g.prunable and not g.coupled and act == "unknown":
             g.prunable, g.reason = False, "no element-wise activation between producer and consumer"
 
     # Never prune into the classifier by default: its input channels are the final features, and
@@ -497,4 +607,9 @@ def find_groups(model: nn.Module, input_shape: tuple[int, ...]) -> GroupGraph:
     for g in groups:
         if g.prunable and classifier & set(g.consumers):
             g.prunable, g.reason = False, "feeds the classifier"
+    for g in groups:
+        if g.prunable and g.coupled:
+            # a stream's consumers read sums over residual adds; the surgery measures those values
+            # at each consumer's input and compensates them linearly, i.e. as "identity"
+            g.activation = "identity"
     return GroupGraph(groups, tuple(input_shape))

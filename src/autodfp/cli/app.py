@@ -449,6 +449,13 @@ RefineOpt = typer.Option(
     "absorb the error of earlier layers (data-free; searches score plans after it).",
 )
 
+CoupledOpt = typer.Option(
+    None,
+    "--coupled/--no-coupled",
+    help="Also prune residual-stream widths (coupled groups: ResNet stages, inverted-residual outputs), "
+    "compensating every consumer on measured stream moments (default: off).",
+)
+
 #: search flags that mean nothing without --macs-ratio (a notice says so instead of ignoring them)
 _SEARCH_FLAGS = ("--search", "--episodes", "--warmup", "--r-min", "--checkpoint-every", "--resume")
 
@@ -486,6 +493,7 @@ def prune(
     corr: Optional[str] = CorrOpt,
     seed: int = SeedOpt,
     refine: bool = RefineOpt,
+    coupled: Optional[bool] = CoupledOpt,
     synth_steps: Optional[int] = SynthStepsOpt,
     refine_ridge: Optional[float] = RefineRidgeOpt,
     refine_dims_ridge: Optional[float] = RefineDimsRidgeOpt,
@@ -525,6 +533,7 @@ def prune(
         strength=strength,
         corr=corr,
         refine=refine,
+        coupled=coupled,
         synth_steps=synth_steps,
         refine_ridge=refine_ridge,
         refine_dims_ridge=refine_dims_ridge,

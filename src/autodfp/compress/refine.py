@@ -18,6 +18,12 @@ same as fitting a 1×1 consumer's outputs; for k×k consumers it is the per-tap 
 
 Groups the plan leaves whole are corrected too (``include_unpruned``): their inputs have
 drifted as well, and the edit stays a weight edit, with no change in shape or MACs.
+
+An inner group's consumers all read the same tensor, so one fit at its first consumer serves
+them all. A coupled group (a residual stream) is read by each consumer at a different depth, as
+a different sum over the residual adds; so each consumer is a fitting unit of its own, re-fitted
+in forward order on what it reads in the pruned model against what it read in the original, and
+its fit goes into ``GroupDecision.per_consumer``.
 """
 
 from __future__ import annotations
@@ -121,16 +127,28 @@ class Refiner:
         self._target: dict[str, torch.Tensor | None] | None = None
         self._work: nn.Module | None = None
 
-    def _consumer(self, name: str) -> str:
-        return self.pruner.graph.get(name).consumers[0]
+    def _units(self, names: list[str]) -> list[tuple[str, str, str]]:
+        """(key, group, consumer) fitting units: an inner group's first consumer, or each of a stream's."""
+        units = []
+        for n in names:
+            g = self.pruner.graph.get(n)
+            if g.coupled:
+                units += [(f"{n}@{c}", n, c) for c in g.consumers]
+            else:
+                units.append((n, n, g.consumers[0]))
+        return units
 
-    def _sample(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
-        order = [g.name for g in self.pruner.graph.prunable].index(name)
+    def _sample(self, key: str, x: torch.Tensor) -> torch.Tensor | None:
+        name = key.split("@", 1)[0]
+        prunable = [g.name for g in self.pruner.graph.prunable]
+        order = prunable.index(name)
+        if "@" in key:  # a stream consumer: seeds after every group's own
+            order = len(prunable) + [u[0] for u in self._units(prunable)].index(key)
         return _positions(x, self.pruner.graph.get(name).channels, self.max_positions, seed=order)
 
     @torch.no_grad()
     def targets(self) -> dict[str, torch.Tensor | None]:
-        """What every prunable group's first consumer sees in the original model (sampled)."""
+        """What every fitting unit's consumer sees in the original model (sampled), by unit key."""
         if self._target is None:
             target: dict[str, torch.Tensor | None] = {}
             names = [g.name for g in self.pruner.graph.prunable]
@@ -143,7 +161,9 @@ class Refiner:
                 return hook
 
             model = self._work_model()  # holds the original's weights between calls
-            handles = [model.get_submodule(self._consumer(n)).register_forward_pre_hook(capture(n)) for n in names]
+            handles = [
+                model.get_submodule(cons).register_forward_pre_hook(capture(key)) for key, _, cons in self._units(names)
+            ]
             try:
                 with eval_mode(model):  # targets are the deployed (running-statistics) model's activations
                     model(self.inputs.to(self.device))
@@ -188,38 +208,45 @@ class Refiner:
         refined: dict[str, GroupDecision] = dict(decisions)
         done: set[str] = set()
 
-        def refit(name: str):
+        def refit(key: str, name: str, cons: str):
             def hook(mod: nn.Module, args: tuple) -> None:
-                if name in done:
+                if key in done:
                     return
-                done.add(name)
-                want = target.get(name)
-                have = self._sample(name, args[0])
+                done.add(key)
+                want = target.get(key)
+                have = self._sample(key, args[0])
                 if want is None or have is None:
                     return
-                dec = _full_decision(pruner, name, decisions)
-                comp = dec.compensation
+                dec = refined[name] if name in refined else _full_decision(pruner, name, decisions)
+                comp = dec.for_consumer(cons)
                 if comp is None:  # strategy "none": start from "pruned channels contribute nothing"
                     comp = Compensation(
                         torch.zeros(dec.pruned.numel(), dec.kept.numel(), dtype=torch.float64),
                         torch.zeros(dec.pruned.numel(), dtype=torch.float64),
                     )
                 ridge = self.ridge + dims_ridge * dec.kept.numel() / have.shape[0]
-                new = type(dec)(dec.kept, dec.pruned, fit_drift(want, have, comp, dec.kept, dec.pruned, ridge))
+                fit = fit_drift(want, have, comp, dec.kept, dec.pruned, ridge)
+                if "@" in key:  # one consumer of a stream
+                    new = type(dec)(dec.kept, dec.pruned, dec.compensation, {**(dec.per_consumer or {}), cons: fit})
+                else:
+                    new = type(dec)(dec.kept, dec.pruned, fit)
                 refined[name] = new
-                write(pruner.masked_state({name: new}))
+                write(pruner.masked_state(refined, only=[name]))
                 if bar is not None:
                     bar.update(1)
 
             return hook
 
+        units = self._units(names)
         bar = None
         if self.progress:
             from autodfp._progress import progress_bar
 
-            bar = progress_bar(total=len(names), desc="refine", unit="layer")
+            bar = progress_bar(total=len(units), desc="refine", unit="layer")
 
-        handles = [work.get_submodule(self._consumer(n)).register_forward_pre_hook(refit(n)) for n in names]
+        handles = [
+            work.get_submodule(cons).register_forward_pre_hook(refit(key, name, cons)) for key, name, cons in units
+        ]
         try:
             work(self.inputs.to(self.device))
         finally:

@@ -8,12 +8,35 @@ of plans analyses each layer once. It offers two ways to realise a plan:
 - :meth:`Pruner.masked_state` returns only the edited consumer tensors, with the pruned input
   columns zeroed. Run through ``torch.func.functional_call`` this computes exactly the pruned
   model's function without copying or re-tracing the model, which is what a reward needs.
+
+**Coupled groups** (residual streams, ``Pruner(..., coupled=True)``). A stream channel is written
+by several producers (every conv+BN adding into the stream, and the shortcuts) and read by several
+consumers, each of which sees a *different* value: the sum over the adds made so far, after the
+stream's activation. So a stream decision carries one compensation per consumer
+(``GroupDecision.per_consumer``), each fitted to the moments of that consumer's input measured on
+the calibration batch (:func:`~autodfp.analysis.fold.consumer_moments`): the strategies run with
+``activation="identity"`` on those values, so ``lsq`` is the ridge regression of the pruned
+channels on the kept ones as the consumer reads them, ``mean`` replaces them by their measured
+mean and ``autodfp``/``nm`` merge along the joint (all producers side by side) folded filters.
+Channels are ranked jointly: the criteria see every producer's filters side by side.
+
+What is exact: a channel whose every producer row (and bias) is a positive multiple ``α`` of a
+kept channel's, in a ReLU (or linear) stream, is ``α`` times that channel at every consumer, and
+a merge removes it without changing the output. What is not: a parameter-free
+:class:`~autodfp.models.layers.ChannelPadShortcut` that copies a pruned channel into the next
+stage's stream cannot absorb a compensation; that copy becomes zero (as it does in the pruned
+model), and only the refinement, which re-fits the next stage's consumers on what they read,
+corrects for it. The masked fast path reproduces the physically pruned model exactly by also
+silencing the pruned channels in the stream (their producers' BN scale and shift, or conv rows and
+bias, are zeroed; a pad shortcut's output map points them at its zero channel), which is exact
+when the stream's activation maps 0 to 0 (ReLU, none).
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -21,20 +44,33 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from autodfp.analysis.fold import empirical_moments, group_stats, raw_filters
+from autodfp.analysis.fold import consumer_moments, empirical_moments, group_stats, raw_filters, stream_filters
 from autodfp.analysis.graph import GroupGraph, PrunableGroup, build_dependency_graph, find_groups
 from autodfp.analysis.similarity import ChannelAnalysis, ChannelStats, analyze
 from autodfp.compress.criteria import select_channels
 from autodfp.compress.plan import Plan, n_keep
 from autodfp.compress.reconstruct import STRATEGIES, Compensation, fold_into_consumer, reconstruct
 from autodfp.errors import PlanError
+from autodfp.models.layers import ChannelPadShortcut
 
 
 @dataclass
 class GroupDecision:
+    """Kept/pruned channels of one group and how its consumers compensate.
+
+    ``per_consumer`` (coupled groups): each consumer's own compensation, which replaces
+    ``compensation`` for that consumer.
+    """
+
     kept: torch.Tensor
     pruned: torch.Tensor
     compensation: Compensation | None
+    per_consumer: dict[str, Compensation] | None = None
+
+    def for_consumer(self, consumer: str) -> Compensation | None:
+        if self.per_consumer is not None and consumer in self.per_consumer:
+            return self.per_consumer[consumer]
+        return self.compensation
 
 
 @dataclass
@@ -54,6 +90,8 @@ class Pruner:
     ``calibration`` is an optional input batch (synthetic by default upstream). It is required for
     groups without BN statistics, and with ``corr_source="calibration"`` it also supplies the
     pre-activation correlations used by the ``lsq`` strategy instead of filter geometry.
+    ``coupled=True`` also makes residual-stream groups prunable (see the module docstring); they
+    need the calibration batch.
     """
 
     def __init__(
@@ -64,10 +102,12 @@ class Pruner:
         calibration: torch.Tensor | None = None,
         corr_source: str = "geometry",
         analysis_kwargs: dict[str, Any] | None = None,
+        coupled: bool = False,
     ) -> None:
         self.model = model.eval()
         self.input_shape = tuple(input_shape)
-        self.graph = graph if graph is not None else find_groups(model, self.input_shape)
+        self.coupled = bool(coupled)
+        self.graph = graph if graph is not None else find_groups(model, self.input_shape, coupled=self.coupled)
         self.calibration = calibration
         if corr_source not in ("geometry", "calibration"):
             raise PlanError(f"unknown correlation source '{corr_source}' (geometry or calibration)")
@@ -79,6 +119,8 @@ class Pruner:
         self._stats: dict[str, ChannelStats] = {}
         self._analysis: dict[str, ChannelAnalysis] = {}
         self._raw: dict[str, torch.Tensor] = {}
+        self._consumer_moments: dict[str, tuple] | None = None
+        self._stream_stats: dict[tuple[str, str], ChannelStats] = {}
 
     # -- per-group cached quantities -------------------------------------------------------
     def _group(self, name: str) -> PrunableGroup:
@@ -99,9 +141,36 @@ class Pruner:
             )
         return self._moments
 
+    def _measured_inputs(self) -> dict[str, tuple]:
+        """Moments of every prunable coupled group's consumer inputs on the calibration batch."""
+        if self._consumer_moments is None:
+            if self.calibration is None:
+                raise PlanError(
+                    "coupled (residual-stream) groups need a calibration batch (synthetic inputs) "
+                    "to measure what their consumers read"
+                )
+            wanted = {c: g.channels for g in self.graph.prunable if g.coupled for c in g.consumers}
+            self._consumer_moments = consumer_moments(self.model, wanted, self.calibration)
+        return self._consumer_moments
+
+    def consumer_stats(self, name: str, consumer: str) -> ChannelStats:
+        """A coupled group's :class:`ChannelStats` as ``consumer`` reads the stream (measured)."""
+        key = (name, consumer)
+        if key not in self._stream_stats:
+            g = self._group(name)
+            filters, bias = stream_filters(self.model, g)
+            mean, std, corr = self._measured_inputs()[consumer]
+            self._stream_stats[key] = ChannelStats(
+                filters=filters, bias=bias, mean=mean, std=std, activation="identity", corr=corr
+            )
+        return self._stream_stats[key]
+
     def stats(self, name: str) -> ChannelStats:
         if name not in self._stats:
             g = self._group(name)
+            if g.coupled:  # what the first consumer reads stands for the stream in analyses
+                self._stats[name] = self.consumer_stats(name, g.consumers[0])
+                return self._stats[name]
             has_bn = g.last_stage.bn is not None
             moments = corr = None
             if not has_bn or self.corr_source == "calibration":
@@ -148,21 +217,29 @@ class Pruner:
                     seed=int(plan.params.get("seed", 0)),
                 )
             comp = None
-            if plan.strategy != "none":
-                comp = reconstruct(
-                    plan.strategy,
-                    stats,
-                    analysis,
-                    kept,
-                    pruned,
-                    **_strategy_params(plan.strategy, plan.params_for(g.name)),
-                )
-            decisions[g.name] = GroupDecision(kept, pruned, comp)
+            per_consumer = None
+            params = _strategy_params(plan.strategy, plan.params_for(g.name))
+            if plan.strategy != "none" and g.coupled:
+                per_consumer = {
+                    c: reconstruct(plan.strategy, self.consumer_stats(g.name, c), analysis, kept, pruned, **params)
+                    for c in g.consumers
+                }
+                comp = per_consumer[g.consumers[0]]
+            elif plan.strategy != "none":
+                comp = reconstruct(plan.strategy, stats, analysis, kept, pruned, **params)
+            decisions[g.name] = GroupDecision(kept, pruned, comp, per_consumer)
         return decisions
 
     # -- realisation -----------------------------------------------------------------------
-    def _edited_tensors(self, decisions: dict[str, GroupDecision], zero_pruned: bool) -> dict[str, torch.Tensor]:
-        """New values for every consumer weight/bias/BN mean touched by the decisions."""
+    def _edited_tensors(
+        self, decisions: dict[str, GroupDecision], zero_pruned: bool, only: Collection[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """New values for every consumer weight/bias/BN mean touched by the decisions.
+
+        ``only`` limits the consumer edits to those groups (the refinement rewrites one group at a
+        time); with ``zero_pruned`` the pruned channels of every coupled decision are silenced in
+        the stream all the same, last, so no rewritten tensor brings one back.
+        """
         params = dict(self.model.named_parameters())
         buffers = dict(self.model.named_buffers())
         out: dict[str, torch.Tensor] = {}
@@ -176,12 +253,15 @@ class Pruner:
             return src.detach().clone()
 
         for gname, d in decisions.items():
+            if only is not None and gname not in only:
+                continue
             g = self._group(gname)
             for cons, cbn in zip(g.consumers, g.consumer_bns):
                 wname = f"{cons}.weight"
                 w = current(wname)
-                if d.compensation is not None:
-                    new_kept, delta = fold_into_consumer(w.double(), d.compensation, d.kept, d.pruned)
+                comp = d.for_consumer(cons)
+                if comp is not None:
+                    new_kept, delta = fold_into_consumer(w.double(), comp, d.kept, d.pruned)
                     w[:, d.kept] = new_kept.to(w.dtype)
                     delta = delta.to(w.dtype)
                     if cbn is not None:
@@ -197,12 +277,46 @@ class Pruner:
                 if zero_pruned:
                     w[:, d.pruned] = 0
                 out[wname] = w
+        if zero_pruned:
+            for gname, d in decisions.items():
+                g = self._group(gname)
+                if g.coupled and d.pruned.numel():
+                    self._silence_stream(g, d.pruned, current, out)
         return out
 
-    def masked_state(self, plan: Plan | dict[str, GroupDecision]) -> dict[str, torch.Tensor]:
-        """Tensors that, substituted into the original model, compute the pruned model exactly."""
+    def _silence_stream(
+        self, g: PrunableGroup, pruned: torch.Tensor, current: Callable[[str], torch.Tensor], out: dict
+    ) -> None:
+        """Make the pruned stream channels carry 0 everywhere, as they do once removed.
+
+        Consumers already ignore them; this matters for parameter-free channel copies (a pad
+        shortcut carrying the channel into the next stage's stream), which the physically pruned
+        model feeds with zeros.
+        """
+        for conv, bn in zip(g.members, g.member_bns or [None] * len(g.members)):
+            names = [f"{bn}.weight", f"{bn}.bias"] if bn is not None else [f"{conv}.weight"]
+            if bn is None and getattr(self.model.get_submodule(conv), "bias", None) is not None:
+                names.append(f"{conv}.bias")
+            for tname in names:
+                t = current(tname)
+                t[pruned] = 0
+                out[tname] = t
+        for sc in g.shortcuts:
+            mod = cast(ChannelPadShortcut, self.model.get_submodule(sc))
+            src = current(f"{sc}.src")
+            src[pruned] = mod.in_channels  # the shortcut's zero channel
+            out[f"{sc}.src"] = src
+
+    def masked_state(
+        self, plan: Plan | dict[str, GroupDecision], only: Collection[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Tensors that, substituted into the original model, compute the pruned model exactly.
+
+        ``only``: rewrite the consumers of these groups alone (plus the stream silencing of every
+        coupled decision, see :meth:`_edited_tensors`).
+        """
         decisions = self.decide(plan) if isinstance(plan, Plan) else plan
-        return self._edited_tensors(decisions, zero_pruned=True)
+        return self._edited_tensors(decisions, zero_pruned=True, only=only)
 
     def apply(self, plan: Plan, decisions: dict[str, GroupDecision] | None = None) -> PruneResult:
         """A physically pruned deep copy of the model.

@@ -8,7 +8,10 @@ an exact function of the kept channel counts:
 * a dense conv / linear layer scales by ``kept_out/out`` if it produces a pruned group and by
   ``kept_in/in`` if it consumes one (both, for a MobileNet pointwise conv that consumes the
   previous chain and produces the next one);
-* a depthwise pass-through conv of a group scales once by that group's kept fraction.
+* a depthwise pass-through conv of a group scales once by that group's kept fraction;
+* a coupled group (a residual stream) scales every producer that writes into the stream and every
+  consumer that reads it, so a downsample conv, which reads one stream and writes the next, scales
+  by both streams' kept fractions.
 
 Each layer's MACs are divisible by the channel counts that scale them (``H·W·C_out·C_in·k²``), so
 the count is computed in integers and matches :func:`autodfp.eval.metrics.profile` of the physically
@@ -67,7 +70,9 @@ class MacsModel:
         self.channels: dict[str, int] = {g.name: int(g.channels) for g in graph.prunable}
         scales: dict[str, list[str]] = {}
         for g in graph.prunable:
-            scales.setdefault(g.producer.conv, []).append(g.name)
+            # a coupled group (residual stream) rescales every producer writing into the stream
+            for conv in g.members if g.coupled and g.members else [g.producer.conv]:
+                scales.setdefault(conv, []).append(g.name)
             for st in g.passthrough:
                 scales.setdefault(st.conv, []).append(g.name)
             for c in g.consumers:

@@ -468,6 +468,11 @@ def _search_uniform(env: PruningEnv, t0: float) -> SearchResult:
         params=dict(env.params),
         model=env.model_key,
     )
+    if abs(env.mm.macs(keep) / env.target - 1) > env.tol:
+        # the uniform steps are too coarse for the band (narrow groups; coupled groups rescale many
+        # layers at once): move single channels onto it, as every other search's plan is
+        keep = env.mm.repair(keep, env.target, env.tol, env.r_min)
+        plan = env.make_plan(keep)
     reward = env.evaluate(plan)
     macs = env.mm.macs(keep)
     rec = EpisodeRecord(1, reward, macs, reward)
