@@ -485,6 +485,9 @@ def prune(
             )
             report["refine_dims_ridge_scores"] = {f"{k:g}": v for k, v in scores.items()}
     pruned = pruner.apply(the_plan, decisions)
+    if cfg.distill_steps > 0:
+        pruned.model = _distill(pipe, pruned.model)
+        report["distill_steps"] = cfg.distill_steps
     check_finite(pruned.model, "the pruned model")
     before = _count(net, shape)
     after = _count(pruned.model, shape)
@@ -608,6 +611,36 @@ def _search(
         f"{result.best_reward:.4f} (plateau at episode {result.plateau_episode})"
     )
     return result, uniform
+
+
+def _distill(pipe: Pipeline, student: nn.Module) -> nn.Module:
+    """The optional last stage: the pruned model learns the original's outputs on the synthetic
+    batches the pipeline already made (the reward's and the refinement's), never on real data."""
+    from autodfp.compress.kd import distill
+
+    cfg = pipe.config
+    inputs = torch.cat(
+        [
+            pipe.batch(pipe.seed, cfg.reward_inputs_for(pipe.shape)),
+            pipe.batch(pipe.seed + cfg.refine_seed_offset, cfg.refine_inputs_for(pipe.shape)),
+        ]
+    )
+    log.info(f"distilling the pruned model for {cfg.distill_steps} steps on {len(inputs)} synthetic inputs")
+    t0 = time.perf_counter()
+    out = distill(
+        student,
+        pipe.model,
+        inputs,
+        cfg.distill_steps,
+        lr=cfg.distill_lr,
+        temperature=cfg.distill_temperature,
+        batch_size=cfg.distill_batch_size,
+        seed=pipe.seed,
+        device=pipe.device,
+        progress=pipe.progress,
+    )
+    log.info(f"distilled in {time.perf_counter() - t0:.1f} s")
+    return out
 
 
 def _select_dims_ridge(

@@ -107,6 +107,12 @@ class Config:
     :param r_min: smallest preserved ratio per group (``None``: chosen from the budget, at most 0.3)
     :param tol: the budget tolerance: plans land within ``±tol`` of the target MACs ratio
     :param checkpoint_every: a resumable search checkpoint every this many episodes
+    :param distill_steps: steps of data-free knowledge distillation after refinement (0: off); the
+        pruned model learns the original's outputs on the pipeline's synthetic inputs
+        (:mod:`autodfp.compress.kd`)
+    :param distill_lr: Adam's learning rate for the distillation, decayed by a cosine schedule
+    :param distill_temperature: softmax temperature of the distillation's KL term
+    :param distill_batch_size: synthetic inputs per distillation step
     :param eval_batch_size: evaluation batch size (``None``: :data:`EVAL_BATCH`)
     """
 
@@ -144,6 +150,11 @@ class Config:
     r_min: float | None = None
     tol: float = 0.01
     checkpoint_every: int = 25
+    # data-free distillation (optional last stage)
+    distill_steps: int = 0
+    distill_lr: float = 1e-3
+    distill_temperature: float = 4.0
+    distill_batch_size: int = 64
     # evaluation
     eval_batch_size: int | None = None
     #: SAC hyper-parameters (see :data:`autodfp.search.driver.SAC_DEFAULTS`); overrides only
@@ -190,6 +201,10 @@ class Config:
             ("checkpoint_every", 1),
         ):
             _integer(name, getattr(self, name), low)
+        _integer("distill_steps", self.distill_steps, 0)
+        _integer("distill_batch_size", self.distill_batch_size, 1)
+        _real("distill_lr", self.distill_lr, 0.0, strict_low=True)
+        _real("distill_temperature", self.distill_temperature, 0.0, strict_low=True)
         if self.warmup is not None:
             _integer("warmup", self.warmup, 0)
         if self.eval_batch_size is not None:
@@ -223,6 +238,10 @@ class Config:
         return self.eval_batch_size if self.eval_batch_size is not None else EVAL_BATCH[size_class(input_shape)]
 
     def warmup_for(self, episodes: int | None = None) -> int:
+        _integer("distill_steps", self.distill_steps, 0)
+        _integer("distill_batch_size", self.distill_batch_size, 1)
+        _real("distill_lr", self.distill_lr, 0.0, strict_low=True)
+        _real("distill_temperature", self.distill_temperature, 0.0, strict_low=True)
         if self.warmup is not None:
             return self.warmup
         return min(self.warmup_cap, (self.episodes if episodes is None else episodes) // 4)

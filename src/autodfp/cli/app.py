@@ -81,6 +81,7 @@ FLAGS = {
     "uniform": "--uniform",
     "seed": "--seed",
     "device": "--device",
+    "distill_steps": "--distill",
 }
 
 
@@ -494,6 +495,12 @@ def prune(
     seed: int = SeedOpt,
     refine: bool = RefineOpt,
     coupled: Optional[bool] = CoupledOpt,
+    distill_steps: Optional[int] = typer.Option(
+        None,
+        "--distill",
+        help="Steps of data-free knowledge distillation after refinement: the pruned model learns the original's "
+        "outputs on the synthetic inputs (default 0: off).",
+    ),
     synth_steps: Optional[int] = SynthStepsOpt,
     refine_ridge: Optional[float] = RefineRidgeOpt,
     refine_dims_ridge: Optional[float] = RefineDimsRidgeOpt,
@@ -534,6 +541,7 @@ def prune(
         corr=corr,
         refine=refine,
         coupled=coupled,
+        distill_steps=distill_steps,
         synth_steps=synth_steps,
         refine_ridge=refine_ridge,
         refine_dims_ridge=refine_dims_ridge,
@@ -609,7 +617,15 @@ def prune(
     con.print(t)
     con.print(f"saved: {', '.join(str(p) for p in paths.values())}")
     if as_json:
-        keys = ("search", "episodes", "search_seconds", "best_reward", "plateau_episode", "refine_dims_ridge")
+        keys = (
+            "search",
+            "episodes",
+            "search_seconds",
+            "best_reward",
+            "plateau_episode",
+            "refine_dims_ridge",
+            "distill_steps",
+        )
         _emit_json(
             {
                 **{k: report[k] for k in keys if k in report},

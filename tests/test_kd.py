@@ -1,0 +1,109 @@
+"""The optional data-free distillation stage: it learns the teacher, and changes nothing it should not."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from autodfp.compress.kd import distill, distillation_loss
+from autodfp.config import Config
+from autodfp.errors import AutoDFPError
+
+
+def _net(width: int) -> nn.Module:
+    torch.manual_seed(width)
+    net = nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(width, 5),
+    ).train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.randn(32, 3, 8, 8))
+    return net.eval()
+
+
+def _kl(student: nn.Module, teacher: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(distillation_loss(student(x), teacher(x), 4.0))
+
+
+def test_distillation_moves_the_student_towards_the_teacher_and_keeps_bn_statistics() -> None:
+    teacher, student = _net(16), _net(4)
+    inputs = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    held_out = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    stats = {k: v.clone() for k, v in student.state_dict().items() if "running" in k}
+    before = copy.deepcopy(student.state_dict())
+    trained = distill(student, teacher, inputs, 150, lr=1e-2, seed=0)
+    assert _kl(trained, teacher, held_out) < 0.5 * _kl(student, teacher, held_out)
+    for k, v in stats.items():  # BN running statistics are the original's knowledge: never updated
+        assert torch.equal(trained.state_dict()[k], v), k
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items()), "the input is left unchanged"
+    assert not trained.training
+
+
+def test_zero_steps_is_an_unchanged_copy_and_bad_steps_are_refused() -> None:
+    teacher, student = _net(8), _net(4)
+    x = torch.randn(4, 3, 8, 8)
+    same = distill(student, teacher, x, 0)
+    with torch.no_grad():
+        assert torch.equal(same(x), student(x))
+    with pytest.raises(AutoDFPError, match="distill_steps"):
+        distill(student, teacher, x, -1)
+    with pytest.raises(AutoDFPError, match="distill_steps"):
+        Config(distill_steps=-5)
+    with pytest.raises(AutoDFPError, match="distill_lr"):
+        Config(distill_lr=float("nan"))
+
+
+def test_multi_output_models_are_matched_output_by_output() -> None:
+    s = (torch.zeros(2, 3, 4), {"b": torch.ones(2, 5)})
+    t = (torch.zeros(2, 3, 4), {"b": torch.ones(2, 5)})
+    assert float(distillation_loss(s, t, 4.0)) == 0.0
+    logits = torch.randn(6, 5)
+    expected = (
+        F.kl_div(
+            F.log_softmax(logits / 2, 1), F.log_softmax(logits.flip(0) / 2, 1), log_target=True, reduction="batchmean"
+        )
+        * 4
+    )
+    assert torch.allclose(distillation_loss(logits, logits.flip(0), 2.0), expected)
+    with pytest.raises(AutoDFPError, match="number or shape"):
+        distillation_loss((torch.zeros(2, 3),), (torch.zeros(2, 4),), 4.0)
+
+
+def test_prune_with_distillation_reports_it_and_meets_the_shapes() -> None:
+    import autodfp
+
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    ).train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.randn(32, 3, 16, 16))
+    net.eval()
+    cfg = Config(synth_steps=3, calibration_inputs=8, refine_inputs=8, reward_inputs=8, distill_steps=5)
+    plain = autodfp.prune(
+        net, input_shape=(3, 16, 16), uniform=0.5, config=cfg.replace(distill_steps=0), progress=False
+    )
+    kd = autodfp.prune(net, input_shape=(3, 16, 16), uniform=0.5, config=cfg, progress=False)
+    assert kd.report["distill_steps"] == 5 and "distill_steps" not in plain.report
+    assert kd.report["macs_after"] == plain.report["macs_after"], "distillation edits weights, never shapes"
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert not torch.equal(kd.model(x), plain.model(x))
