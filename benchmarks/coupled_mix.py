@@ -1,6 +1,6 @@
 """Where coupled groups cost accuracy: single streams, and stream width traded for inner width.
 
-Diagnosis for docs/results/coupled.md (the evaluation set is only looked at, nothing is chosen on
+Diagnosis for docs/RESULTS.md, "Coupled groups" (the evaluation set is only looked at, nothing is chosen on
 it). Uses the pipeline's own synthetic batches (seed 0), lsq, the default refinement (dims ridge 3),
 and the masked fast path. Usage::
 

@@ -18,7 +18,7 @@ A step that fails reports the exception's one line (an AutoDFPError's message, o
 :data:`CHEAP`) and each model runs in its own process, one at a time, with a timeout.
 
     AUTODFP_ASSETS=/work/shared/assets PYTHONPATH=src python benchmarks/generality.py \\
-        --out docs/results/generality.md [--models tv:resnet18 timm:resnet18 ...]
+        --out runs/generality.md [--models tv:resnet18 timm:resnet18 ...]
 """
 
 from __future__ import annotations
@@ -321,7 +321,7 @@ def groups_only(specs: list[str], px: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="*", help="tv:NAME, timm:NAME or tvdet:NAME[=PX] (default: the issue's list)")
-    ap.add_argument("--out", default="docs/results/generality.md")
+    ap.add_argument("--out", default="runs/generality.md")
     ap.add_argument("--bn-images", type=int, default=64)
     ap.add_argument("--eval-images", type=int, default=200)
     ap.add_argument("--timeout", type=int, default=900, help="seconds per model")

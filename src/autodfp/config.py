@@ -71,7 +71,7 @@ class Config:
 
     :param coupled: also prune coupled groups (residual-stream widths: ResNet stages, inverted-residual
         block outputs), compensating every consumer on measured stream moments; off by default
-        until measured (docs/results/coupled.md)
+        until measured (docs/RESULTS.md, "Coupled groups")
     :param criterion: channel selection (``l1``, ``l2``, ``cluster``, ``random`` or a registered one)
     :param strategy: reconstruction (``none``, ``mean``, ``nm``, ``autodfp``, ``lsq`` or a registered
         one). ``lsq`` is the default: on ResNet-56 it beats the paper's ``autodfp`` merge at every
