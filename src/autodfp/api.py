@@ -112,8 +112,8 @@ def user_model_config(
 
 
 def input_shape_of(config: ModelConfig) -> tuple[int, int, int]:
-    s = config.preprocessing.input_size
-    return (3, s, s)
+    h, w = config.preprocessing.hw
+    return (3, h, w)
 
 
 # ---------------------------------------------------------------------------------------------
