@@ -97,7 +97,7 @@ class DetectionData:
             return self
         if limit < 1:
             raise DataError(f"limit must be at least 1, got {limit}")
-        cut = lambda xs: None if xs is None else xs[:limit]  # noqa: E731
+        cut = lambda xs: None if xs is None else xs[:limit]
         return DetectionData(self.images[:limit], cut(self.boxes), cut(self.labels), self.source, self.sizes[:limit])
 
 
@@ -301,7 +301,7 @@ def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     lt = torch.maximum(a[:, None, :2], b[None, :, :2])
     rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
     inter = (rb - lt).clamp(min=0).prod(-1)
-    area = lambda t: (t[:, 2:] - t[:, :2]).clamp(min=0).prod(-1)  # noqa: E731
+    area = lambda t: (t[:, 2:] - t[:, :2]).clamp(min=0).prod(-1)
     return inter / (area(a)[:, None] + area(b)[None, :] - inter).clamp(min=1e-12)
 
 

@@ -55,7 +55,14 @@ class BasicConv(nn.Module):
     """conv (no bias) + BN (+ ReLU), the RFB block's unit (keys ``.conv``, ``.bn``)."""
 
     def __init__(
-        self, cin: int, cout: int, kernel_size: int, stride: int = 1, padding: int = 0, dilation: int = 1, relu: bool = True
+        self,
+        cin: int,
+        cout: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        dilation: int = 1,
+        relu: bool = True,
     ) -> None:
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, kernel_size, stride, padding, dilation=dilation, bias=False)
@@ -104,9 +111,7 @@ class BasicRFB(nn.Module):
 
 def _separable(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     """Depthwise 3×3 (bias) + ReLU + pointwise 1×1 (bias): upstream's ``SeperableConv2d``."""
-    return nn.Sequential(
-        nn.Conv2d(cin, cin, 3, stride, 1, groups=cin), nn.ReLU(inplace=False), nn.Conv2d(cin, cout, 1)
-    )
+    return nn.Sequential(nn.Conv2d(cin, cin, 3, stride, 1, groups=cin), nn.ReLU(inplace=False), nn.Conv2d(cin, cout, 1))
 
 
 class UltraLightFace(nn.Module):
@@ -141,7 +146,10 @@ class UltraLightFace(nn.Module):
         self.extras = nn.ModuleList(
             [
                 nn.Sequential(
-                    nn.Conv2d(16 * b, 4 * b, 1), nn.ReLU(inplace=False), _separable(4 * b, 16 * b, 2), nn.ReLU(inplace=False)
+                    nn.Conv2d(16 * b, 4 * b, 1),
+                    nn.ReLU(inplace=False),
+                    _separable(4 * b, 16 * b, 2),
+                    nn.ReLU(inplace=False),
                 )
             ]
         )
