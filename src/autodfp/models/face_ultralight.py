@@ -109,6 +109,28 @@ class BasicRFB(nn.Module):
         return self.relu(self.ConvLinear(out) + self.shortcut(x))
 
 
+class AnchorFlatten(nn.Module):
+    """A head's map ``(N, a·k, H, W)`` → ``(N, H·W·a, k)``: ``k`` values per anchor, cells row-major.
+
+    A module (with a pruner in :data:`autodfp.models.layers.CUSTOM_PRUNERS`) rather than inline
+    ``permute``/``reshape``: torch-pruning maps every element of a traced reshape to channel
+    indices, and on the 4420-anchor outputs that takes minutes and gigabytes per group. As a leaf it
+    is one node whose input channels are the head's output channels, never pruned (they are the
+    model's output).
+    """
+
+    def __init__(self, channels: int, per_anchor: int) -> None:
+        super().__init__()
+        self.channels = channels
+        self.per_anchor = per_anchor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, self.per_anchor)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, per_anchor={self.per_anchor}"
+
+
 def _separable(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     """Depthwise 3×3 (bias) + ReLU + pointwise 1×1 (bias): upstream's ``SeperableConv2d``."""
     return nn.Sequential(nn.Conv2d(cin, cin, 3, stride, 1, groups=cin), nn.ReLU(inplace=False), nn.Conv2d(cin, cout, 1))
@@ -162,6 +184,8 @@ class UltraLightFace(nn.Module):
         self.regression_headers = nn.ModuleList(
             [_separable(c, a * 4) for c, a in zip(widths, anchors)] + [nn.Conv2d(16 * b, anchors[3] * 4, 3, padding=1)]
         )
+        self.flatten_scores = nn.ModuleList([AnchorFlatten(a * NUM_CLASSES, NUM_CLASSES) for a in anchors])
+        self.flatten_boxes = nn.ModuleList([AnchorFlatten(a * 4, 4) for a in anchors])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw ``(class logits (N, A, 2), box offsets (N, A, 4))``; see :func:`decode`."""
@@ -173,12 +197,8 @@ class UltraLightFace(nn.Module):
         for layer in self.extras:
             x = layer(x)
             feats.append(x)
-        scores, boxes = [], []
-        for f, ch, rh in zip(feats, self.classification_headers, self.regression_headers):
-            c = ch(f).permute(0, 2, 3, 1)
-            r = rh(f).permute(0, 2, 3, 1)
-            scores.append(c.reshape(c.shape[0], -1, NUM_CLASSES))
-            boxes.append(r.reshape(r.shape[0], -1, 4))
+        scores = [fl(h(f)) for f, h, fl in zip(feats, self.classification_headers, self.flatten_scores)]
+        boxes = [fl(h(f)) for f, h, fl in zip(feats, self.regression_headers, self.flatten_boxes)]
         return torch.cat(scores, 1), torch.cat(boxes, 1)
 
 
