@@ -354,7 +354,9 @@ def coco_map(
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    images, anns, dets = [], [], []
+    images: list[dict[str, Any]] = []
+    anns: list[dict[str, Any]] = []
+    dets: list[dict[str, Any]] = []
     cats: set[int] = set()
     for i, ((gb, gl), (pb, ps, pl), (w, h)) in enumerate(zip(gt, preds, sizes)):
         images.append({"id": i, "width": w, "height": h})

@@ -88,7 +88,7 @@ register(
 # (x - 127) / 128 of the RGB image resized to 320×240; on [0, 1] pixels that is mean 127/255 and
 # std 128/255. No labelled face set exists here, so the default evaluation data are photographs on
 # which the unpruned model's own detections serve as ground truth (autodfp.eval.detection).
-_FACE_PRE = Preprocessing(240, (127 / 255,) * 3, (128 / 255,) * 3, input_hw=(240, 320))  # type: ignore[arg-type]
+_FACE_PRE = Preprocessing(240, (127 / 255,) * 3, (128 / 255,) * 3, input_hw=(240, 320))
 _FACE_DIR = "detection/face-ultralight"
 _FACE_DATA = DatasetRef("self", f"{_FACE_DIR}/sample-images,detection/coco128-val2017/images")
 
