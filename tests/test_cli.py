@@ -38,7 +38,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, pattern: str) -> No
     assert len(lines) == 1 and pattern in lines[0], err
 
 
-def test_zoo_lists_the_four_models():
+def test_zoo_lists_the_models():
     proc = run("zoo", "--json")
     assert proc.returncode == 0
     names = [m["name"] for m in last_json(proc.stdout)["models"]]
@@ -47,6 +47,8 @@ def test_zoo_lists_the_four_models():
         "mobilenet_v2_100_imagenet_bnfolded",
         "resnet20_cifar10",
         "resnet56_cifar10",
+        "ultralight_face_rfb_320",
+        "ultralight_face_slim_320",
     ]
 
 

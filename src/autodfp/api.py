@@ -113,8 +113,8 @@ def user_model_config(
 
 
 def input_shape_of(config: ModelConfig) -> tuple[int, int, int]:
-    s = config.preprocessing.input_size
-    return (3, s, s)
+    h, w = config.preprocessing.hw
+    return (3, h, w)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -679,11 +679,20 @@ def evaluate(
     device: str | torch.device = "auto",
     progress: bool = False,
     config: Config | None = None,
+    reference: nn.Module | None = None,
 ) -> Any:
     """Top-1/top-5 of ``model`` on labelled data: a spec (``cifar10:DIR``, ``folder:DIR[:CLASSLIST]``)
     or, without one, the model config's default evaluation set.
 
-    :return: :class:`autodfp.eval.metrics.EvalResult` (percentages and the image count)
+    A detector (``model_config.task == "detection"``) is scored by
+    :func:`autodfp.eval.detection.evaluate_detection` instead: mAP@0.5, mAP@0.5:0.95 and recall on
+    ``yolo:DIR`` / ``coco:JSON:IMAGES`` labels, or on ``self:DIR`` photographs (the default for the
+    face detectors) against ``reference``'s detections. Without a ``reference`` the zoo's unpruned
+    model is used when ``model`` is a pruned copy of one, else ``model`` itself (which scores 1).
+
+    :param reference: the unpruned detector (detection on ``self:`` data only)
+    :return: :class:`autodfp.eval.metrics.EvalResult` (percentages and the image count), or
+        :class:`autodfp.eval.detection.DetectionResult` for a detector
     """
     from autodfp.data.datasets import make_loader, resolve_dataset
     from autodfp.eval.metrics import evaluate as run_eval
@@ -693,12 +702,45 @@ def evaluate(
     cfg = config if config is not None else Config()
     dev = resolve_device(device)
     shape = input_shape_of(model_config)
+    if model_config.task == "detection":
+        return _evaluate_detection(model, data, model_config, reference, limit, batch_size or 8, dev)
     loader = make_loader(
         resolve_dataset(data, model_config), batch_size=batch_size or cfg.eval_batch_size_for(shape), limit=limit
     )
     moved = model if _device_of(model) == dev else copy.deepcopy(model).to(dev)
     with eval_mode(moved):
         return run_eval(moved, loader, label_offset=model_config.label_offset, progress=progress)
+
+
+def _evaluate_detection(
+    model: nn.Module,
+    data: str | None,
+    model_config: ModelConfig,
+    reference: nn.Module | None,
+    limit: int | None,
+    batch_size: int,
+    device: torch.device,
+) -> Any:
+    from autodfp.eval.detection import default_detection_data, evaluate_detection
+    from autodfp.models.load import zoo_config_of
+    from autodfp.models.registry import get_config, is_registered
+
+    spec = data if data is not None else default_detection_data(model_config)
+    if reference is None and zoo_config_of(model) is None and is_registered(model_config.name):
+        zoo = get_config(model_config.name)
+        if zoo.task == "detection" and zoo.weights is not None:
+            from autodfp.models import load_model
+
+            reference = load_model(model_config.name)[0]
+    moved = model if _device_of(model) == device else copy.deepcopy(model).to(device)
+    ref = (
+        None
+        if reference is None
+        else reference
+        if _device_of(reference) == device
+        else copy.deepcopy(reference).to(device)
+    )
+    return evaluate_detection(moved, spec, model_config, reference=ref, limit=limit, batch_size=batch_size)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -237,7 +237,9 @@ def zoo(as_json: bool = JsonOpt) -> None:
         d = c.default_dataset
         t.add_row(
             c.name,
-            str(c.preprocessing.input_size),
+            "x".join(map(str, c.preprocessing.input_hw))
+            if c.preprocessing.input_hw
+            else str(c.preprocessing.input_size),
             str(c.num_classes),
             f"{d.kind}:{d.path}" if d else "-",
             c.description,
@@ -373,6 +375,9 @@ def eval_cmd(
     )
     prof = profile(net, shape)
     lat = latency_table(net, shape, batch_sizes=(1, 32))
+    if cfg.task == "detection":
+        _render_detection_eval(cfg, res, prof, lat, as_json)
+        return
     out = {
         "model": cfg.name,
         "top1": round(res.top1, 4),
@@ -400,6 +405,50 @@ def eval_cmd(
     con.print(t)
     if as_json:
         _emit_json(out)
+
+
+def _det_row(res) -> dict:
+    """A detection result's JSON fields (fractions; NaN, for no reference object, as null)."""
+    r = lambda x: None if x != x else round(float(x), 4)
+    return {
+        "map50": r(res.map50),
+        "map50_95": r(res.map50_95),
+        "faces_kept": r(res.recall),
+        "reference_objects": res.objects,
+        "n": res.n,
+    }
+
+
+def _render_detection_eval(cfg, res, prof, lat, as_json: bool) -> None:
+    con = _console(as_json)
+    t = Table(title=f"{cfg.name}")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    against = "the unpruned model's detections" if res.reference == "self" else "labels"
+    for k, v in (
+        ("images", f"{res.n}"),
+        (f"objects ({against})", f"{res.objects}"),
+        ("mAP@0.5", f"{res.map50:.4f}"),
+        ("mAP@0.5:0.95", f"{res.map50_95:.4f}"),
+        ("faces kept" if res.reference == "self" else "recall", f"{100 * res.recall:.2f} %"),
+        ("MACs", _fmt_m(prof.total_macs)),
+        ("params", _fmt_m(prof.total_params)),
+        ("latency b=1", f"{lat[1]:.2f} ms"),
+        ("latency b=32", f"{lat[32]:.2f} ms"),
+    ):
+        t.add_row(k, v)
+    con.print(t)
+    if as_json:
+        _emit_json(
+            {
+                "model": cfg.name,
+                **_det_row(res),
+                "macs": prof.total_macs,
+                "params": prof.total_params,
+                "latency_ms_b1": round(lat[1], 3),
+                "latency_ms_b32": round(lat[32], 3),
+            }
+        )
 
 
 CriterionOpt = typer.Option(
@@ -599,7 +648,13 @@ def prune(
     report = result.report
     lat_b, lat_a = latency_table(net, shape, (1,)), latency_table(result.model, shape, (1,))
     top1_b = top1_a = None
-    if not no_eval:
+    det = None
+    if not no_eval and cfg.task == "detection":
+        # the unpruned detector is the reference: its own score is 1 by construction
+        det = api.evaluate(
+            result.model, data, model_config=cfg, limit=limit, batch_size=batch_size, device=device, reference=net
+        )
+    elif not no_eval:
         top1_b = api.evaluate(net, data, model_config=cfg, limit=limit, batch_size=batch_size, device=device).top1
         top1_a = api.evaluate(
             result.model, data, model_config=cfg, limit=limit, batch_size=batch_size, device=device
@@ -613,6 +668,11 @@ def prune(
     t.add_row("params", _fmt_m(pb), _fmt_m(pa), f"{pa / pb:.3f}")
     if top1_b is not None and top1_a is not None:
         t.add_row("top-1", f"{top1_b:.2f} %", f"{top1_a:.2f} %", f"{top1_a - top1_b:+.2f} pt")
+    if det is not None:
+        against = "vs unpruned" if det.reference == "self" else "on labels"
+        t.add_row(f"mAP@0.5 ({against})", "", f"{det.map50:.4f}", "")
+        t.add_row(f"mAP@0.5:0.95 ({against})", "", f"{det.map50_95:.4f}", "")
+        t.add_row("faces kept" if det.reference == "self" else "recall", "", f"{100 * det.recall:.2f} %", "")
     t.add_row("latency b=1", f"{lat_b[1]:.2f} ms", f"{lat_a[1]:.2f} ms", f"speed-up {lat_b[1] / lat_a[1]:.2f}×")
     con.print(t)
     con.print(f"saved: {', '.join(str(p) for p in paths.values())}")
@@ -637,6 +697,7 @@ def prune(
                 "params_after": pa,
                 "top1_before": None if top1_b is None else round(top1_b, 4),
                 "top1_after": None if top1_a is None else round(top1_a, 4),
+                **({"detection": _det_row(det)} if det is not None else {}),
                 "latency_ms_b1_before": round(lat_b[1], 3),
                 "latency_ms_b1_after": round(lat_a[1], 3),
                 "out": str(out),

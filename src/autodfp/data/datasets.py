@@ -283,12 +283,25 @@ class ImageTransform:
         if isinstance(img, np.ndarray):
             # Fast path: CIFAR arrays already at the input size need no PIL round trip, and the
             # arithmetic below is the same as for a decoded image, so results are identical.
-            if img.dtype == np.uint8 and img.ndim == 3 and img.shape == (size, size, 3) and self.pre.resize is None:
+            if (
+                img.dtype == np.uint8
+                and img.ndim == 3
+                and img.shape == (size, size, 3)
+                and self.pre.resize is None
+                and self.pre.input_hw is None
+            ):
                 return self._to_tensor(img)
             img = Image.fromarray(img)
         if img.mode != "RGB":
             img = img.convert("RGB")
         w, h = img.size
+        if self.pre.input_hw is not None:
+            # a detector's input: the whole image, squeezed to (H, W), so that box coordinates
+            # normalised to the input are normalised to the original image too
+            th, tw = self.pre.input_hw
+            if (w, h) != (tw, th):
+                img = img.resize((tw, th), self.resample)
+            return self._to_tensor(np.asarray(img))
         if self.pre.resize is not None:
             # torchvision.transforms.Resize(int): shorter side → resize, longer side truncated.
             r = self.pre.resize

@@ -140,8 +140,10 @@ def _config_record(config: ModelConfig) -> dict[str, Any]:
             "std": list(p.std),
             "resize": p.resize,
             "interpolation": p.interpolation,
+            "input_hw": None if p.input_hw is None else list(p.input_hw),
         },
         "num_classes": config.num_classes,
+        "task": config.task,
         "label_offset": config.label_offset,
         "default_dataset": None if ds is None else {"kind": ds.kind, "path": ds.path, "class_list": ds.class_list},
         "description": config.description,
@@ -297,6 +299,7 @@ def _record_config(payload: dict[str, Any], path: Path) -> ModelConfig:
             tuple(float(v) for v in p["std"]),  # type: ignore[arg-type]
             None if p.get("resize") is None else int(p["resize"]),
             str(p.get("interpolation", "bilinear")),
+            None if p.get("input_hw") is None else (int(p["input_hw"][0]), int(p["input_hw"][1])),
         )
         ds = payload.get("default_dataset")
         ref = (
@@ -315,6 +318,7 @@ def _record_config(payload: dict[str, Any], path: Path) -> ModelConfig:
             label_offset=int(payload.get("label_offset", 0)),
             default_dataset=ref,
             description=str(payload.get("description", "")),
+            task=str(payload.get("task", "classification")),
         )
     except (KeyError, TypeError, ValueError, AttributeError):
         raise WeightsError(f"{path}: the recorded preprocessing or classes are malformed") from None

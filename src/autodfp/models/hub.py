@@ -100,11 +100,13 @@ def resolve_weights(
     url: str | None = None,
     explicit: str | os.PathLike | None = None,
     download: bool = True,
+    subdir: str | None = None,
 ) -> Path:
     """Return a verified local path to ``filename``.
 
     An explicit path is checked against ``sha256`` only when it has the zoo's file name: a user's
-    own fine-tuned file under another name is trusted as given.
+    own fine-tuned file under another name is trusted as given. ``subdir`` is the file's folder in
+    the mirror (default ``weights``); the user cache always keeps weights in ``weights/``.
     """
     if explicit is not None:
         path = Path(explicit).expanduser()
@@ -114,7 +116,7 @@ def resolve_weights(
 
     mirror = assets_dir()
     if mirror is not None:
-        candidate = mirror / "weights" / filename
+        candidate = mirror / (subdir or "weights") / filename
         if candidate.is_file():
             return _check_hash(candidate, sha256, f"${ENV_ASSETS}")
 
@@ -125,7 +127,7 @@ def resolve_weights(
     if url is None or not download:
         raise WeightsError(
             f"weights '{filename}' not found: place it at {cached} "
-            f"or set {ENV_ASSETS} to a mirror containing weights/{filename}"
+            f"or set {ENV_ASSETS} to a mirror containing {subdir or 'weights'}/{filename}"
         )
     if usable_cache_dir(cached.parent) is None:
         # download for this run only, into a directory removed when the process ends

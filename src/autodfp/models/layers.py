@@ -102,7 +102,32 @@ class Conv2dSame(nn.Conv2d):
         return self._conv_forward(x, self.weight, self.bias)
 
 
+class OutputLeafPruner(tp.pruner.function.BasePruningFunc):
+    """For output-formatting leaves (a detector's anchor flatten): their channels are the model's
+    output and are never pruned; the leaf only keeps torch-pruning from tracing into them."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs: list[int]) -> nn.Module:
+        raise ValueError(f"{type(layer).__name__} formats a model output; its channels cannot be pruned")
+
+    prune_in_channels = prune_out_channels
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return int(layer.channels)  # type: ignore[arg-type]
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return int(layer.channels)  # type: ignore[arg-type]
+
+
 #: Pruners for the custom layers above; pass to every ``tp.DependencyGraph.build_dependency``.
 CUSTOM_PRUNERS: dict[type, tp.pruner.function.BasePruningFunc] = {
     ChannelPadShortcut: ChannelPadShortcutPruner(),
 }
+
+
+def _register_output_leaves() -> None:
+    from autodfp.models.face_ultralight import AnchorFlatten
+
+    CUSTOM_PRUNERS[AnchorFlatten] = OutputLeafPruner()
+
+
+_register_output_leaves()

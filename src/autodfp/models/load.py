@@ -250,7 +250,9 @@ def load_model(
         cfg = get_config(model)
         net = cfg.builder()
         if pretrained and cfg.weights is not None:
-            path = resolve_weights(cfg.weights.filename, cfg.weights.sha256, cfg.weights.url, weights)
+            path = resolve_weights(
+                cfg.weights.filename, cfg.weights.sha256, cfg.weights.url, weights, subdir=cfg.weights.subdir
+            )
             state = extract_state_dict(load_checkpoint(path), cfg.weights.key, str(path))
             load_state_dict_strict(net, state, str(path))
             check_finite(net, str(path))

@@ -21,6 +21,8 @@ class Preprocessing:
 
     ``resize`` is the shorter side before the centre crop (``None``: images are already
     ``input_size``, as CIFAR). TF's ``x/127.5 - 1`` is mean 0.5 / std 0.5 on [0, 1] pixels.
+    ``input_hw`` (height, width) is for non-square inputs (detectors): the whole image is resized
+    to it, aspect ratio not kept and nothing cropped; ``input_size`` and ``resize`` are then unused.
     """
 
     input_size: int
@@ -28,6 +30,12 @@ class Preprocessing:
     std: tuple[float, float, float]
     resize: int | None = None
     interpolation: str = "bilinear"
+    input_hw: tuple[int, int] | None = None
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        """(height, width) of one model input."""
+        return self.input_hw if self.input_hw is not None else (self.input_size, self.input_size)
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,8 @@ class WeightsRef:
     url: str | None = None
     #: key holding the state dict inside the checkpoint, if it is wrapped
     key: str | None = None
+    #: folder of the file in the asset mirror (default ``weights``), e.g. ``detection/face-ultralight``
+    subdir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,8 @@ class ModelConfig:
     label_offset: int = 0
     default_dataset: DatasetRef | None = None
     description: str = ""
+    #: ``classification`` (top-1 evaluation) or ``detection`` (mAP against the unpruned detections)
+    task: str = "classification"
 
     def to_dict(self) -> dict:
         d = asdict(self)

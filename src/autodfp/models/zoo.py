@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from autodfp.models.face_ultralight import ultralight_face_rfb, ultralight_face_slim
 from autodfp.models.mobilenet import mobilenet_v1_075, mobilenet_v2_100_folded
 from autodfp.models.registry import (
     CIFAR10_TEST,
     CIFAR_PRE,
     IMAGENET_VAL,
     TF_IMAGENET_PRE,
+    DatasetRef,
     ModelConfig,
+    Preprocessing,
     WeightsRef,
     register,
 )
@@ -78,5 +81,47 @@ register(
         label_offset=1,
         default_dataset=IMAGENET_VAL,
         description="ImageNet MobileNet-V2 1.0, BN folded into biases, int8-rounded weights (coral, Apache-2.0)",
+    )
+)
+
+# Face detectors (Linzaer/Ultra-Light-Fast-Generic-Face-Detector-1MB, MIT). Upstream feeds
+# (x - 127) / 128 of the RGB image resized to 320×240; on [0, 1] pixels that is mean 127/255 and
+# std 128/255. No labelled face set exists here, so the default evaluation data are photographs on
+# which the unpruned model's own detections serve as ground truth (autodfp.eval.detection).
+_FACE_PRE = Preprocessing(240, (127 / 255,) * 3, (128 / 255,) * 3, input_hw=(240, 320))
+_FACE_DIR = "detection/face-ultralight"
+_FACE_DATA = DatasetRef("self", f"{_FACE_DIR}/sample-images,detection/coco128-val2017/images")
+
+register(
+    ModelConfig(
+        name="ultralight_face_slim_320",
+        builder=ultralight_face_slim,
+        weights=WeightsRef(
+            "version-slim-320.pth",
+            "cd24abce45da5dbc7cfd8167cd3d5f955382dfc9d9ae9459f0026abd3c2e38a4",
+            subdir=_FACE_DIR,
+        ),
+        preprocessing=_FACE_PRE,
+        num_classes=2,
+        default_dataset=_FACE_DATA,
+        description="Ultra-Light face detector, slim, 320×240, outputs (logits, box offsets) (Linzaer, MIT)",
+        task="detection",
+    )
+)
+
+register(
+    ModelConfig(
+        name="ultralight_face_rfb_320",
+        builder=ultralight_face_rfb,
+        weights=WeightsRef(
+            "version-RFB-320.pth",
+            "c722b4427cc71642768baef6e15c659931b56f07425e5d2b0ec033ad41b145b3",
+            subdir=_FACE_DIR,
+        ),
+        preprocessing=_FACE_PRE,
+        num_classes=2,
+        default_dataset=_FACE_DATA,
+        description="Ultra-Light face detector, RFB, 320×240, outputs (logits, box offsets) (Linzaer, MIT)",
+        task="detection",
     )
 )

@@ -80,7 +80,7 @@ from autodfp._checks import check_seed
 from autodfp._io import atomic_write
 from autodfp._modes import eval_mode
 from autodfp.config import SYNTH_METHODS, SYNTH_SETTINGS, size_class
-from autodfp.errors import CacheWarning
+from autodfp.errors import CacheWarning, ModelError
 from autodfp.models.hub import cache_dir as _default_cache_root
 from autodfp.models.hub import usable_cache_dir
 
@@ -292,7 +292,16 @@ def _distill(
 
         if method in ("inversion", "deepinversion"):
             with torch.no_grad():
-                n_out = model(x0[:1].to(device)).shape[1]
+                probe = model(x0[:1].to(device))
+            if not isinstance(probe, torch.Tensor) or probe.dim() != 2:
+                # inversion draws target classes from a classifier's logits; a detector's or a
+                # backbone's outputs have none to draw from
+                shown = tuple(probe.shape) if isinstance(probe, torch.Tensor) else type(probe).__name__
+                raise ModelError(
+                    f"synthesis method '{method}' needs a classifier returning logits (N, classes), but the model "
+                    f"returns {shown}; use 'bn' (from BatchNorm statistics) or 'noise'"
+                )
+            n_out = probe.shape[1]
             if n_out <= label_offset:
                 raise ValueError(f"label_offset {label_offset} leaves no classes among {n_out} outputs")
             targets = torch.randint(label_offset, n_out, (n,), generator=gen).to(device)
