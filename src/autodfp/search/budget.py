@@ -285,6 +285,45 @@ class MacsModel:
         )
         return cands[best]
 
+    def _pair_search(
+        self, keep: Mapping[str, int], lower: float, upper: float, kmin: Mapping[str, int], budget: int = 200_000
+    ) -> dict[str, int] | None:
+        """Two groups' widths changed together, for models with so few, narrow groups that no
+        single-group move lands in the band (bounded: skipped when it would cost over ``budget``
+        MACs evaluations)."""
+        pairs = [(a, b) for i, a in enumerate(self.groups) for b in self.groups[i + 1 :]]
+        cost = sum((self.channels[a] - kmin[a] + 1) * (self.channels[b] - kmin[b] + 1) for a, b in pairs)
+        if cost > budget:
+            return None
+        mid = (lower + upper) / 2
+        found: tuple[float, dict[str, int]] | None = None
+        for a, b in pairs:
+            for ka in range(kmin[a], self.channels[a] + 1):
+                for kb in range(kmin[b], self.channels[b] + 1):
+                    trial = {**keep, a: ka, b: kb}
+                    m = self.macs(trial)
+                    if lower <= m <= upper and (found is None or abs(m - mid) < found[0]):
+                        found = (abs(m - mid), trial)
+        return None if found is None else found[1]
+
+    def _coordinate_descent(
+        self, keep: Mapping[str, int], target_macs: float, kmin: Mapping[str, int], sweeps: int = 8
+    ) -> dict[str, int]:
+        """Each group in turn set to the width that brings the MACs closest to the target."""
+        keep = dict(keep)
+        for _ in range(sweeps):
+            changed = False
+            for g in self.groups:
+                best_k = min(
+                    range(kmin[g], self.channels[g] + 1),
+                    key=lambda k: (abs(self.macs({**keep, g: k}) - target_macs), -k),
+                )
+                if best_k != keep[g]:
+                    keep[g], changed = best_k, True
+            if not changed:
+                break
+        return keep
+
     def repair(
         self, keep: Mapping[str, int], target_macs: float, tol: float = DEFAULT_TOL, r_min: float = DEFAULT_R_MIN
     ) -> dict[str, int]:
@@ -314,6 +353,16 @@ class MacsModel:
             inside = [mv for mv in moves if (mv[3] >= lower if down else mv[3] <= upper)]
             _, g, k, new = max(inside) if inside else min(moves)
             keep[g], cur = k, new
+        # Single-channel moves can oscillate around a band that coarse groups (few, narrow layers)
+        # only reach by moving two groups at once: fall back to coordinate descent, setting each
+        # group in turn to its best width given the others, from the plan the caller asked for.
+        best = self._coordinate_descent(keep, target_macs, kmin)
+        cur = self.macs(best)
+        if lower <= cur <= upper:
+            return best
+        paired = self._pair_search(best, lower, upper, kmin)
+        if paired is not None:
+            return paired
         raise PlanError(
             f"could not bring the plan within ±{tol:.0%} of {target_macs / self.total_macs:.4f}x "
             f"the original MACs (reached {cur / self.total_macs:.4f}x)"
