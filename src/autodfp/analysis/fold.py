@@ -12,7 +12,8 @@ std of each pre-activation channel, and optionally their correlation.
 
 from __future__ import annotations
 
-from typing import cast
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -113,6 +114,66 @@ def last_stage_module(model: nn.Module, group: PrunableGroup) -> nn.Module:
     return model.get_submodule(st.bn if st.bn is not None else st.conv)
 
 
+class _PooledMoments:
+    """Per-channel sums of one layer's values over a batch, positions (batch × spatial) pooled,
+    plus a reproducible sample of positions for the correlation.
+
+    The sample keeps at most ``max_positions`` positions over the whole input (a share per chunk),
+    drawn with the generator shared by every layer of one measurement.
+    """
+
+    def __init__(self, gen: torch.Generator, sample: bool, take: int) -> None:
+        self.gen, self.sample, self.take = gen, sample, take
+        self.n = 0
+        self.s1: torch.Tensor | float = 0.0
+        self.s2: torch.Tensor | float = 0.0
+        self.samples: list[torch.Tensor] = []
+
+    def add(self, value: torch.Tensor) -> None:
+        y = value.detach().double()
+        y = y.transpose(0, 1).reshape(y.shape[1], -1) if y.dim() == 4 else y.t()
+        self.n += y.shape[1]
+        self.s1 = self.s1 + y.sum(1)
+        self.s2 = self.s2 + (y * y).sum(1)
+        if self.sample:
+            idx = torch.randperm(y.shape[1], generator=self.gen)[: min(y.shape[1], self.take)]
+            self.samples.append(y[:, idx])
+
+    def result(self, max_positions: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        mean = torch.as_tensor(self.s1) / self.n
+        std = (torch.as_tensor(self.s2) / self.n - mean * mean).clamp_min(0).sqrt()
+        corr = None
+        if self.sample:
+            ys = torch.cat(self.samples, dim=1)[:, :max_positions]
+            corr = torch.nan_to_num(torch.corrcoef(ys), nan=0.0)
+            corr.fill_diagonal_(1.0)
+        return mean, std, corr
+
+
+def _measure(
+    model: nn.Module,
+    x: torch.Tensor,
+    batch_size: int,
+    max_positions: int,
+    names: list[str],
+    sample: bool,
+    attach: Callable[[str, _PooledMoments], Any],
+) -> dict[str, _PooledMoments]:
+    """Run ``x`` through ``model`` in chunks with one accumulator per name hooked by ``attach``."""
+    gen = torch.Generator().manual_seed(0)
+    take = max(1, max_positions * batch_size // max(1, x.shape[0]))
+    acc = {n: _PooledMoments(gen, sample, take) for n in names}
+    hooks = [attach(n, acc[n]) for n in names]
+    try:
+        model.eval()
+        for i in range(0, x.shape[0], batch_size):
+            model(x[i : i + batch_size])
+    finally:
+        for h in hooks:
+            h.remove()
+    return acc
+
+
 @torch.no_grad()
 def empirical_moments(
     model: nn.Module,
@@ -131,46 +192,14 @@ def empirical_moments(
     a feature map. At most ``max_positions`` positions per group are kept for the correlation,
     sampled with a fixed generator so the estimate is reproducible.
     """
-    groups = graph.prunable
-    mods = {g.name: last_stage_module(model, g) for g in groups}
-    sums: dict[str, list] = {g.name: [0, 0.0, 0.0, []] for g in groups}
-    gen = torch.Generator().manual_seed(0)
+    mods = {g.name: last_stage_module(model, g) for g in graph.prunable}
 
-    def make_hook(name: str):
-        def hook(out: torch.Tensor) -> None:  # runs before an in-place activation overwrites ``out``
-            y = out.detach().double()
-            y = y.transpose(0, 1).reshape(y.shape[1], -1) if y.dim() == 4 else y.t()
-            acc = sums[name]
-            acc[0] += y.shape[1]
-            acc[1] = acc[1] + y.sum(1)
-            acc[2] = acc[2] + (y * y).sum(1)
-            if with_corr:
-                take = min(y.shape[1], max(1, max_positions * batch_size // max(1, x.shape[0])))
-                idx = torch.randperm(y.shape[1], generator=gen)[:take]
-                acc[3].append(y[:, idx])
+    def attach(name: str, acc: _PooledMoments) -> Any:
+        # the hook runs before an in-place activation overwrites the pre-activation
+        return register_preactivation_hook(mods[name], acc.add)
 
-        return hook
-
-    hooks = [register_preactivation_hook(m, make_hook(n)) for n, m in mods.items()]
-    try:
-        model.eval()
-        for i in range(0, x.shape[0], batch_size):
-            model(x[i : i + batch_size])
-    finally:
-        for h in hooks:
-            h.remove()
-    result = {}
-    for name, (n, s1, s2, samples) in sums.items():
-        mean = s1 / n
-        std = (s2 / n - mean * mean).clamp_min(0).sqrt()
-        corr = None
-        if with_corr:
-            ys = torch.cat(samples, dim=1)[:, :max_positions]
-            corr = torch.corrcoef(ys)
-            corr = torch.nan_to_num(corr, nan=0.0)
-            corr.fill_diagonal_(1.0)
-        result[name] = (mean, std, corr)
-    return result
+    acc = _measure(model, x, batch_size, max_positions, list(mods), with_corr, attach)
+    return {name: a.result(max_positions) for name, a in acc.items()}
 
 
 @torch.no_grad()
@@ -187,37 +216,14 @@ def consumer_moments(
     so it is measured where it is read. ``consumers`` maps a layer name to its input's channel
     count; inputs are (N, C[, H, W]), positions pooled as in :func:`empirical_moments`.
     """
-    sums: dict[str, list] = {n: [0, 0.0, 0.0, []] for n in consumers}
-    gen = torch.Generator().manual_seed(0)
 
-    def make_hook(name: str):
-        def hook(mod: nn.Module, args: tuple) -> None:
-            y = args[0].detach().double()
-            y = y.transpose(0, 1).reshape(y.shape[1], -1) if y.dim() == 4 else y.t()
-            acc = sums[name]
-            acc[0] += y.shape[1]
-            acc[1] = acc[1] + y.sum(1)
-            acc[2] = acc[2] + (y * y).sum(1)
-            take = min(y.shape[1], max(1, max_positions * batch_size // max(1, x.shape[0])))
-            idx = torch.randperm(y.shape[1], generator=gen)[:take]
-            acc[3].append(y[:, idx])
+    def attach(name: str, acc: _PooledMoments) -> Any:
+        return model.get_submodule(name).register_forward_pre_hook(lambda mod, args: acc.add(args[0]))
 
-        return hook
-
-    hooks = [model.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in consumers]
-    try:
-        model.eval()
-        for i in range(0, x.shape[0], batch_size):
-            model(x[i : i + batch_size])
-    finally:
-        for h in hooks:
-            h.remove()
+    acc = _measure(model, x, batch_size, max_positions, list(consumers), True, attach)
     result = {}
-    for name, (n, s1, s2, samples) in sums.items():
-        mean = s1 / n
-        std = (s2 / n - mean * mean).clamp_min(0).sqrt()
-        ys = torch.cat(samples, dim=1)[:, :max_positions]
-        corr = torch.nan_to_num(torch.corrcoef(ys), nan=0.0)
-        corr.fill_diagonal_(1.0)
+    for name, a in acc.items():
+        mean, std, corr = a.result(max_positions)
+        assert corr is not None  # sampled above
         result[name] = (mean, std, corr)
     return result
