@@ -29,3 +29,27 @@ def assets() -> Path:
             pytrace=False,
         )
     return path
+
+
+@pytest.fixture()
+def tiny_cnn():
+    """A two-conv BN network (3×16×16 → 4 classes) whose BN statistics come from forward passes."""
+    import torch
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    ).train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.randn(32, 3, 16, 16))
+    return net.eval()

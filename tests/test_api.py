@@ -215,23 +215,8 @@ def test_one_config_holds_the_defaults_and_the_cli_builds_it() -> None:
         Config(refine_ridge=float("inf"))
 
 
-def test_prune_a_plain_module_needs_no_registry(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, bias=False),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, 4),
-    ).train()
-    with torch.no_grad():
-        for _ in range(3):
-            net(torch.randn(32, 3, 16, 16))
-    net.eval()
+def test_prune_a_plain_module_needs_no_registry(tmp_path: Path, tiny_cnn: nn.Module) -> None:
+    net = tiny_cnn
     config = Config(refine=False)
     same = autodfp.prune(net, input_shape=(3, 16, 16), uniform=1.0, config=config, progress=False)
     x = torch.randn(5, 3, 16, 16)

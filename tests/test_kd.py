@@ -79,24 +79,10 @@ def test_multi_output_models_are_matched_output_by_output() -> None:
         distillation_loss((torch.zeros(2, 3),), (torch.zeros(2, 4),), 4.0)
 
 
-def test_prune_with_distillation_reports_it_and_meets_the_shapes() -> None:
+def test_prune_with_distillation_reports_it_and_meets_the_shapes(tiny_cnn: nn.Module) -> None:
     import autodfp
 
-    net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, bias=False),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, 4),
-    ).train()
-    with torch.no_grad():
-        for _ in range(3):
-            net(torch.randn(32, 3, 16, 16))
-    net.eval()
+    net = tiny_cnn
     cfg = Config(synth_steps=3, calibration_inputs=8, refine_inputs=8, reward_inputs=8, distill_steps=5)
     plain = autodfp.prune(
         net, input_shape=(3, 16, 16), uniform=0.5, config=cfg.replace(distill_steps=0), progress=False
