@@ -761,13 +761,12 @@ def proxy_check_cmd(
     check_output_dir(out)
     _setup_logging()
     net, cfg = _load(model, weights, arch, trust_pickle, like, input_size)
-    shape = input_shape_of(cfg)
-    pipe = Pipeline(net, cfg, shape, config, seed=seed, device=device, progress=_progress_on())
+    pipe = Pipeline(net, cfg, input_shape_of(cfg), config, seed=seed, device=device, progress=_progress_on())
     pruner = pipe.pruner(synthesising=config.refine or reward_spec == "synthetic")
     n_refine = config.refine_inputs if config.refine_inputs is not None else config.search_refine_inputs
     refiner = pipe.refiner(pruner, n=n_refine) if config.refine else None
     reward = _checked(pipe.reward, reward_spec, data)
-    batches = _eval_batches(cfg, data, limit, config.eval_batch_size_for(shape))
+    batches = _eval_batches(cfg, data, limit, config.eval_batch_size_for(pipe.shape))
     acc = lambda m: evaluate(m, batches, cfg.label_offset, progress=False).top1
     rho, rewards, accs = proxy_check(
         pruner,
@@ -870,12 +869,11 @@ def bench(
     check_output_dir(out)
     _setup_logging()
     net, cfg = _load(model, weights, arch, trust_pickle, like, input_size)
-    shape = input_shape_of(cfg)
     refining = any(parse_method(m)[2] for m in method_list)
-    pipe = Pipeline(net, cfg, shape, config, seed=seed, device=device, progress=_progress_on())
+    pipe = Pipeline(net, cfg, input_shape_of(cfg), config, seed=seed, device=device, progress=_progress_on())
     pruner = pipe.pruner(synthesising=refining)
     refiner = pipe.refiner(pruner, dims_ridge=config.refine_dims_ridge) if refining else None
-    batches = _eval_batches(cfg, data, limit, config.eval_batch_size_for(shape))
+    batches = _eval_batches(cfg, data, limit, config.eval_batch_size_for(pipe.shape))
     n = sum(len(y) for _, y in batches)
 
     def report(row) -> None:
