@@ -44,6 +44,7 @@ from autodfp.config import Config
 from autodfp.errors import DataError, ModelError, PlanError
 from autodfp.models.load import check_finite
 from autodfp.models.registry import ModelConfig, Preprocessing
+from autodfp.search.budget import MacsModel
 
 log = logging.getLogger("autodfp")
 
@@ -437,7 +438,7 @@ def prune(
     pipe = Pipeline(net, mc, shape, cfg, seed=seed, device=device, progress=progress)
 
     searching = macs_ratio is not None
-    graph = _checked_graph(net, shape, cfg, macs_ratio, uniform, given_plan)  # before minutes of synthesis
+    graph, macs_model = _checked_graph(net, shape, cfg, macs_ratio, uniform, given_plan)  # before any synthesis
     synthetic_reward = isinstance(reward, str) and reward == "synthetic"
     pruner = pipe.pruner(synthesising=cfg.refine or (searching and synthetic_reward), graph=graph)
     refiner = pipe.refiner(pruner) if cfg.refine else None
@@ -450,7 +451,7 @@ def prune(
         assert reward_fn is not None
         assert macs_ratio is not None
         search_result, uniform_plan = _search(
-            pipe, pruner, refiner, reward_fn, float(macs_ratio), method, checkpoint_dir, resume
+            pipe, pruner, refiner, reward_fn, float(macs_ratio), method, checkpoint_dir, resume, macs_model
         )
         the_plan = search_result.best_plan
         report.update(
@@ -517,15 +518,15 @@ def _checked_graph(
     macs_ratio: float | None,
     uniform: float | None,
     plan: Plan | None,
-) -> GroupGraph:
-    """The channel groups, after every check that needs no synthetic input.
+) -> tuple[GroupGraph, MacsModel | None]:
+    """The channel groups (and, for a budget, the MACs model the search reuses), after every check
+    that needs no synthetic input.
 
     A budget the model cannot reach, a ratio that would remove a whole layer, or a model with
     nothing to prune is refused here, before the first synthetic batch is distilled (minutes at
     224 px), instead of after it.
     """
     from autodfp.analysis.graph import find_groups
-    from autodfp.search.budget import MacsModel
 
     graph = find_groups(net, shape, coupled=cfg.coupled)
     if not graph.prunable:
@@ -534,6 +535,7 @@ def _checked_graph(
             f"the model has no prunable channel groups ({len(graph)} groups: "
             f"{'; '.join(reasons[:3]) or 'none found'}); nothing can be removed"
         )
+    mm: MacsModel | None = None
     if macs_ratio is not None:
         mm = MacsModel(net, graph, shape)
         target = macs_ratio * mm.total_macs
@@ -542,7 +544,7 @@ def _checked_graph(
         Plan.uniform(graph, uniform, criterion=cfg.criterion, strategy=cfg.strategy).validate(graph)
     elif plan is not None:
         plan.validate(graph)
-    return graph
+    return graph, mm
 
 
 def check_ratio(name: str, value: Any) -> float:
@@ -575,6 +577,7 @@ def _search(
     method: str,
     checkpoint_dir: str | os.PathLike | None,
     resume: bool,
+    macs_model: MacsModel | None = None,
 ) -> tuple[Any, Plan]:
     from autodfp.search.driver import search as run_search
 
@@ -588,6 +591,7 @@ def _search(
         model_key=pipe.model_config.name,
         tol=cfg.tol,
         reward_base=pipe.device_model,
+        macs_model=macs_model,
     )
     result = run_search(
         pruner,
