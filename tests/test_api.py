@@ -237,6 +237,46 @@ def test_prune_a_plain_module_needs_no_registry(tmp_path: Path, tiny_cnn: nn.Mod
         autodfp.prune(bad, input_shape=(3, 8, 8), uniform=0.5)
 
 
+def test_final_step_keeps_what_the_reward_rates_best(tiny_cnn: nn.Module) -> None:
+    """The final choice follows the reward: the unfitted plan wins when it scores higher, and then
+    the model is exactly the uncompensated, unrefined prune (and its plan says so)."""
+    net, shape = tiny_cnn, (3, 16, 16)
+    cheap = Config(synth_steps=2, calibration_inputs=8, refine_inputs=8, select_inputs=8)
+    calls: list[int] = []
+
+    def rising(model: nn.Module) -> float:  # every later candidate scores higher
+        calls.append(1)
+        return float(len(calls))
+
+    res = autodfp.prune(net, input_shape=shape, uniform=0.5, reward=rising, config=cheap, progress=False)
+    grid = len(cheap.dims_ridge_grid)
+    assert len(calls) == grid + 2, "each dims ridge, then the unrefined and the uncompensated plan"
+    assert res.report["final_step"] == "uncompensated" and res.report["refine"] is False
+    assert res.plan.strategy == "none"
+    bare = autodfp.prune(net, input_shape=shape, uniform=0.5, config=cheap.replace(strategy="none", refine=False))
+    x = torch.randn(6, *shape)
+    with torch.no_grad():
+        assert torch.equal(res.model(x), bare.model(x))
+
+    def falling(model: nn.Module) -> float:  # the first candidate (dims ridge 1, refined) is best
+        calls.append(1)
+        return -float(len(calls))
+
+    kept = autodfp.prune(net, input_shape=shape, uniform=0.5, reward=falling, config=cheap, progress=False)
+    assert kept.report["final_step"] == "refined" and kept.report["refine"] is True
+    assert kept.plan.strategy == "lsq" and kept.report["refine_dims_ridge"] == cheap.dims_ridge_grid[0]
+    fixed = autodfp.prune(
+        net,
+        input_shape=shape,
+        uniform=0.5,
+        config=cheap.replace(final_choice=False, refine_dims_ridge=cheap.dims_ridge_grid[0]),
+        progress=False,
+    )
+    assert "final_step" not in fixed.report
+    with torch.no_grad():
+        assert torch.equal(kept.model(x), fixed.model(x))
+
+
 def test_device_option() -> None:
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type in ("cpu", "cuda", "mps")

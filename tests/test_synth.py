@@ -199,7 +199,7 @@ def test_cache_default_location_and_corrupt_entry(tmp_path: Path, monkeypatch: p
 
 def test_chunk_sizes() -> None:
     large = (3, 72, 72)
-    assert synth.chunk_sizes(256, (3, 32, 32)) == [256], "small inputs are distilled as one batch"
+    assert synth.chunk_sizes(256, (3, 32, 32)) == [64] * 4, "small inputs are chunked too"
     assert synth.chunk_sizes(64, large) == [64]
     assert synth.chunk_sizes(256, large) == [64] * 4
     assert synth.chunk_sizes(100, large) == [64, 36]
@@ -210,7 +210,7 @@ def test_chunk_sizes() -> None:
 
 
 def test_large_batches_are_chunks_and_extend_smaller_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(synth, "LARGE_CHUNK", 4)
+    monkeypatch.setattr(synth, "CHUNK", 4)
     net, shape = _bn_net(), (3, 72, 72)
     calls = []
     real_distill = synth._distill

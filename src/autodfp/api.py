@@ -23,6 +23,7 @@ statistics. Real images enter only when the caller asks for them (``reward="unla
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import time
@@ -183,6 +184,14 @@ class Pipeline:
             log=log.info,
         )
 
+    def calibration_batch(self) -> torch.Tensor:
+        """The first ``calibration_inputs`` of the refinement batch (its first chunk by default).
+
+        Correlations and the refinement are both fits, so they may share inputs; only the reward
+        must stay apart. Sharing them saves a first prune a whole distillation.
+        """
+        return self.batch(self.seed + self.config.refine_seed_offset, self.config.calibration_inputs)
+
     def needs_calibration(self, corr: str) -> bool:
         from autodfp.synth.distill import bn_layers
 
@@ -198,7 +207,7 @@ class Pipeline:
         corr = self.config.corr
         if corr == "auto":
             corr = "calibration" if synthesising or self.needs_calibration("geometry") else "geometry"
-        calib = self.batch(self.seed, self.config.calibration_inputs) if self.needs_calibration(corr) else None
+        calib = self.calibration_batch() if self.needs_calibration(corr) else None
         return Pruner(
             self.model, self.shape, graph=graph, calibration=calib, corr_source=corr, coupled=self.config.coupled
         )
@@ -235,11 +244,13 @@ class Pipeline:
             progress=False,
         )
 
-    def reward(self, spec: RewardSpec, eval_data: str | None = None) -> Callable[[nn.Module], float]:
+    def reward(
+        self, spec: RewardSpec, eval_data: str | None = None, n: int | None = None
+    ) -> Callable[[nn.Module], float]:
         """``"synthetic"`` (the default, data-free), ``"unlabeled:DIR"``, ``"labeled:SPEC"`` or a callable.
 
         A labelled reward must not use the evaluation set: a search tuned on it would report a
-        flattering top-1.
+        flattering top-1. ``n`` caps the synthetic reward's inputs (a prefix of the search's batch).
         """
         from autodfp.data.datasets import UnlabeledImageDir, build_transform, make_loader, resolve_dataset
         from autodfp.search.rewards import AccuracyReward, AgreementReward
@@ -253,7 +264,7 @@ class Pipeline:
         if kind == "synthetic" and not arg:
             return AgreementReward(
                 self.device_model,
-                self.batch(self.seed, cfg.reward_inputs_for(self.shape)),
+                self.batch(self.seed, cfg.reward_inputs_for(self.shape) if n is None else n),
                 measure=cfg.reward_measure,
                 temperature=cfg.reward_temperature,
                 label_offset=mc.label_offset,
@@ -442,8 +453,14 @@ def prune(
     synthetic_reward = isinstance(reward, str) and reward == "synthetic"
     pruner = pipe.pruner(synthesising=cfg.refine or (searching and synthetic_reward), graph=graph)
     refiner = pipe.refiner(pruner) if cfg.refine else None
-    selecting = refiner is not None and cfg.refine_dims_ridge is None
-    reward_fn = pipe.reward(reward, eval_data) if searching or selecting else None
+    selecting = refiner is not None and (cfg.refine_dims_ridge is None or cfg.final_choice)
+    # a search ranks hundreds of plans on the whole reward batch; a final choice between a few
+    # candidates reads only its first select_inputs (no extra distillation for a uniform prune)
+    reward_fn: Callable[[nn.Module], float] | None
+    if searching:
+        reward_fn = pipe.reward(reward, eval_data)
+    else:
+        reward_fn = pipe.reward(reward, eval_data, n=cfg.select_inputs) if selecting else None
 
     report: dict[str, Any] = {"model": mc.name, "seed": pipe.seed, "device": str(pipe.device)}
     search_result = uniform_plan = None
@@ -474,18 +491,33 @@ def prune(
     if the_plan.criterion == "random":
         the_plan.params.setdefault("seed", pipe.seed)
     decisions = pruner.decide(the_plan)
+    refined_score: float | None = None
+    final = decisions
     if refiner is not None:
         refiner.progress = pipe.progress  # one bar per final refinement; none per search episode
         if cfg.refine_dims_ridge is not None:
-            decisions = refiner(decisions, dims_ridge=cfg.refine_dims_ridge)
+            final = refiner(decisions, dims_ridge=cfg.refine_dims_ridge)
             report["refine_dims_ridge"] = cfg.refine_dims_ridge
         else:
             assert reward_fn is not None
-            decisions, report["refine_dims_ridge"], scores = _select_dims_ridge(
+            final, report["refine_dims_ridge"], scores = _select_dims_ridge(
                 pruner, refiner, decisions, reward_fn, cfg.dims_ridge_grid, pipe.device_model
             )
             report["refine_dims_ridge_scores"] = {f"{k:g}": v for k, v in scores.items()}
-    pruned = pruner.apply(the_plan, decisions)
+            refined_score = scores[report["refine_dims_ridge"]]
+    refined = refiner is not None
+    if cfg.final_choice and reward_fn is not None and the_plan.strategy != "none":
+        step, final, step_scores = _final_step(
+            pruner, the_plan, decisions, final if refined else None, refined_score, reward_fn, pipe.device_model
+        )
+        report["final_step"] = step
+        report["final_step_scores"] = step_scores
+        refined = step == "refined"
+        if step == "uncompensated":
+            # what was applied, so plan.json with --no-refine reproduces the model (a copy: the
+            # caller's plan object is never changed)
+            the_plan = dataclasses.replace(the_plan, strategy="none")
+    pruned = pruner.apply(the_plan, final)
     if cfg.distill_steps > 0:
         pruned.model = _distill(pipe, pruned.model)
         report["distill_steps"] = cfg.distill_steps
@@ -496,7 +528,7 @@ def prune(
         {
             "strategy": the_plan.strategy,
             "criterion": the_plan.criterion,
-            "refine": cfg.refine,
+            "refine": refined,
             "macs_before": before[0],
             "macs_after": after[0],
             "macs_ratio_achieved": round(after[0] / before[0], 6) if before[0] else None,
@@ -668,6 +700,44 @@ def _select_dims_ridge(
         + f"; chose {chosen:g}"
     )
     return refined, chosen, scores
+
+
+def _final_step(
+    pruner: Pruner,
+    plan: Plan,
+    decisions: dict[str, GroupDecision],
+    refined: dict[str, GroupDecision] | None,
+    refined_score: float | None,
+    reward_fn: Callable[[nn.Module], float],
+    base: nn.Module,
+) -> tuple[str, dict[str, GroupDecision], dict[str, float]]:
+    """Keep the plan refined, unrefined or uncompensated, whichever the reward rates best.
+
+    Compensation and refinement are fits on synthetic statistics; where those statistics miss how a
+    block behaves (a squeeze-and-excitation gate multiplies the channels it was fitted on), a fit
+    can do more harm than the error it corrects, and no ridge undoes it. Scoring the unfitted plan
+    costs two reward calls and never picks a fit the reward rates worse. Ties keep the fit
+    (candidates are scored in the order refined, unrefined, uncompensated).
+    """
+    from autodfp.search.env import MaskedModel
+
+    def score(d: dict[str, GroupDecision]) -> float:
+        return float(reward_fn(MaskedModel(base, pruner.masked_state(d))))
+
+    bare = pruner.decide(dataclasses.replace(plan, strategy="none"))
+    candidates: list[tuple[str, dict[str, GroupDecision], float | None]] = []
+    if refined is not None:
+        candidates.append(("refined", refined, refined_score))
+    candidates += [("unrefined", decisions, None), ("uncompensated", bare, None)]
+    scores: dict[str, float] = {}
+    best = candidates[0][0]
+    chosen = candidates[0][1]
+    for label, d, known in candidates:
+        scores[label] = known if known is not None else score(d)
+        if scores[label] > scores[best]:
+            best, chosen = label, d
+    log.info("final step by reward: " + ", ".join(f"{k} → {v:.4f}" for k, v in scores.items()) + f"; chose {best}")
+    return best, chosen, scores
 
 
 # ---------------------------------------------------------------------------------------------

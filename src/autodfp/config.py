@@ -82,19 +82,27 @@ class Config:
         ResNet-56 it beats geometry by 13 points at uniform 0.5)
     :param synth_method: synthetic-input method (``auto`` = ZeroQ for BN models, inversion otherwise)
     :param synth_steps: optimisation steps per synthetic batch (``None``: :data:`SYNTH_SETTINGS`)
-    :param calibration_inputs: synthetic inputs for measured correlations and BN-free moments
+    :param calibration_inputs: synthetic inputs for measured correlations and BN-free moments: a
+        prefix of the refinement batch, so a first prune distils no batch of its own for them
     :param reward_inputs: synthetic inputs of the reward (``None``: :data:`REWARD_INPUTS`)
     :param refine_inputs: synthetic inputs of the final refinement (``None``: :data:`REFINE_INPUTS`)
     :param search_refine_inputs: a search refines each candidate on the first this many refinement
         inputs (at 224 px, the first distilled chunk); the chosen plan gets them all
-    :param refine_seed_offset: the refinement batch uses seed ``seed + offset``, apart from the
-        reward's: a fit scored on the very inputs it was fitted to flatters the plans that overfit
+    :param select_inputs: reward inputs the final choice is scored on when no search needs the
+        whole reward batch (a prefix of it): a handful of candidates is told apart by fewer inputs
+        than the hundreds of plans a search ranks
+    :param refine_seed_offset: the refinement and calibration batch uses seed ``seed + offset``,
+        apart from the reward's: a fit scored on the very inputs it was fitted to flatters the
+        plans that overfit
     :param refine: re-fit every consumer in forward order on synthetic inputs (drift correction)
     :param refine_ridge: ridge of the refinement fits, relative to the kept variance
     :param refine_dims_ridge: extra ridge × kept channels / positions; ``None``: the final
         refinement tries :attr:`dims_ridge_grid` and keeps the one the reward scores best
     :param search_dims_ridge: the dims ridge searches, bench and proxy-check score candidates with
     :param dims_ridge_grid: candidates of the final dims-ridge selection
+    :param final_choice: the final step also scores the plan without refinement and without any
+        compensation, and keeps whichever the reward rates best: on some blocks (SE gates) a fit
+        can do harm that no ridge undoes
     :param refine_max_positions: spatial positions sampled per layer for a refinement fit
     :param reward_measure: agreement measure of the synthetic reward (``kl``, ``top1``, ``mse``)
     :param reward_temperature: softmax temperature of the KL reward (T=2 ranked best)
@@ -129,6 +137,7 @@ class Config:
     reward_inputs: int | None = None
     refine_inputs: int | None = None
     search_refine_inputs: int = 64
+    select_inputs: int = 64
     refine_seed_offset: int = 1
     # refinement
     refine: bool = True
@@ -136,6 +145,7 @@ class Config:
     refine_dims_ridge: float | None = None
     search_dims_ridge: float = 3.0
     dims_ridge_grid: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0)
+    final_choice: bool = True
     refine_max_positions: int = 32768
     # reward
     reward_measure: str = "kl"
@@ -192,6 +202,7 @@ class Config:
         for name, low in (
             ("calibration_inputs", 2),
             ("search_refine_inputs", 2),
+            ("select_inputs", 2),
             ("refine_seed_offset", 0),
             ("refine_max_positions", 1),
             ("unlabeled_reward_inputs", 1),
@@ -209,8 +220,9 @@ class Config:
             _integer("warmup", self.warmup, 0)
         if self.eval_batch_size is not None:
             _integer("eval_batch_size", self.eval_batch_size, 1)
-        if not isinstance(self.refine, bool):
-            raise PlanError(f"refine must be True or False, got {self.refine!r}")
+        for name in ("refine", "coupled", "final_choice"):
+            if not isinstance(getattr(self, name), bool):
+                raise PlanError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     def replace(self, **changes: Any) -> Config:
         """A copy with some fields changed (validated like a new one)."""

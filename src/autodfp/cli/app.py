@@ -499,6 +499,13 @@ RefineOpt = typer.Option(
     "absorb the error of earlier layers (data-free; searches score plans after it).",
 )
 
+FinalChoiceOpt = typer.Option(
+    None,
+    "--final-choice/--no-final-choice",
+    help="Also score the plan unrefined and uncompensated at the end and keep whichever the reward "
+    "rates best (default: on; off keeps the fit whatever the reward says).",
+)
+
 CoupledOpt = typer.Option(
     None,
     "--coupled/--no-coupled",
@@ -543,6 +550,7 @@ def prune(
     corr: Optional[str] = CorrOpt,
     seed: int = SeedOpt,
     refine: bool = RefineOpt,
+    final_choice: Optional[bool] = FinalChoiceOpt,
     coupled: Optional[bool] = CoupledOpt,
     distill_steps: Optional[int] = typer.Option(
         None,
@@ -589,6 +597,7 @@ def prune(
         strength=strength,
         corr=corr,
         refine=refine,
+        final_choice=final_choice,
         coupled=coupled,
         distill_steps=distill_steps,
         synth_steps=synth_steps,
@@ -660,7 +669,7 @@ def prune(
             result.model, data, model_config=cfg, limit=limit, batch_size=batch_size, device=device
         ).top1
     plan = result.plan
-    t = Table(title=f"{cfg.name}: {plan.strategy} + {plan.criterion}{' + refine' if config.refine else ''}")
+    t = Table(title=f"{cfg.name}: {plan.strategy} + {plan.criterion}{' + refine' if report['refine'] else ''}")
     for col in ("", "before", "after", "ratio"):
         t.add_column(col, justify="right")
     mb, ma, pb, pa = report["macs_before"], report["macs_after"], report["params_before"], report["params_after"]
@@ -684,12 +693,13 @@ def prune(
             "best_reward",
             "plateau_episode",
             "refine_dims_ridge",
+            "final_step",
             "distill_steps",
         )
         _emit_json(
             {
                 **{k: report[k] for k in keys if k in report},
-                "refine": config.refine,
+                "refine": report["refine"],
                 "macs_before": mb,
                 "macs_after": ma,
                 "macs_ratio_achieved": report["macs_ratio_achieved"],

@@ -88,11 +88,12 @@ METHODS = SYNTH_METHODS
 #: what ``method="auto"`` uses for models without BatchNorm (chosen by measurement, see module doc)
 NO_BN_FALLBACK = "inversion"
 
-#: Large-input batches bigger than this are distilled, and cached, in chunks of this size. Each chunk
-#: is a ZeroQ batch of its own (its statistics match every BN layer's), memory stays bounded, and a
-#: larger batch extends a smaller one: the first chunk of a 256-input batch *is* the 64-input batch of
-#: the same seed, so raising ``--refine-inputs`` reuses what was already distilled.
-LARGE_CHUNK = 64
+#: Batches bigger than this are distilled, and cached, in chunks of this size. Each chunk is a ZeroQ
+#: batch of its own (its statistics match every BN layer's), memory stays bounded, and a larger
+#: batch extends a smaller one: the first chunk of a 256-input batch *is* the 64-input batch of the
+#: same seed. So a step that needs fewer inputs (the calibration, a final selection) reads a prefix
+#: of what a search distils, and raising ``--refine-inputs`` reuses what was already distilled.
+CHUNK = 64
 #: Chunk ``i > 0`` of a batch with seed ``s`` is distilled from seed ``s + i * CHUNK_SEED_STRIDE``:
 #: far from the small seeds users pick, so a chunk is never another run's whole batch.
 CHUNK_SEED_STRIDE = 1_000_003
@@ -407,14 +408,15 @@ def _cache_path(root: Path, model_key: str, parts: dict) -> Path:
 
 
 def chunk_sizes(n: int, input_shape: Sequence[int]) -> list[int]:
-    """How :func:`synthetic_batch` splits ``n`` inputs: whole for small inputs, :data:`LARGE_CHUNK` s otherwise.
+    """How :func:`synthetic_batch` splits ``n`` inputs: :data:`CHUNK` s, whatever the input size.
 
     A remainder of one input joins the last chunk, since a BN batch of one has no variance to match.
+    ``input_shape`` is kept for callers; the split no longer depends on it.
     """
-    if size_class(input_shape) == "small" or n <= LARGE_CHUNK:
+    if n <= CHUNK:
         return [int(n)]
-    sizes = [LARGE_CHUNK] * (n // LARGE_CHUNK)
-    rest = n % LARGE_CHUNK
+    sizes = [CHUNK] * (n // CHUNK)
+    rest = n % CHUNK
     if rest == 1:
         sizes[-1] += 1
     elif rest:
@@ -441,12 +443,11 @@ def synthetic_batch(
     The key covers everything that changes the result: ``model_key``, a hash of the state dict (a
     fine-tuned model under the same name gets its own entry), shape, ``n``, seed, the resolved
     method, steps and learning rate. Default location: ``autodfp.hub.cache_dir()/"synthetic"``.
-    Large-input batches are concatenated chunks (:func:`chunk_sizes`), each distilled and cached on
-    its own. ``log`` receives one line per batch: read from the cache, or being distilled (with
-    its cost), so a long first run never looks hung.
-    its own. ``log`` receives one line per batch: read from the cache, or being distilled (with
-    its cost), so a long first run never looks hung. A cache directory that cannot be written costs only the caching: the batch is
-    computed and returned, with one :class:`~autodfp.errors.CacheWarning` given before the work.
+    Batches are concatenated chunks (:func:`chunk_sizes`), each distilled and cached on its own.
+    ``log`` receives one line per batch: read from the cache, or being distilled (with its cost),
+    so a long first run never looks hung. A cache directory that cannot be written costs only the
+    caching: the batch is computed and returned, with one :class:`~autodfp.errors.CacheWarning`
+    given before the work.
     """
     return _synthetic_batch(
         model, model_key, input_shape, n, check_seed(seed), cache_dir, method, steps, lr, label_offset, progress, log
