@@ -460,7 +460,8 @@ def prune(
     if searching:
         reward_fn = pipe.reward(reward, eval_data)
     else:
-        reward_fn = pipe.reward(reward, eval_data, n=cfg.select_inputs) if selecting else None
+        n_select = min(cfg.select_inputs, cfg.reward_inputs_for(shape))
+        reward_fn = pipe.reward(reward, eval_data, n=n_select) if selecting else None
 
     report: dict[str, Any] = {"model": mc.name, "seed": pipe.seed, "device": str(pipe.device)}
     search_result = uniform_plan = None

@@ -89,8 +89,8 @@ class Config:
     :param search_refine_inputs: a search refines each candidate on the first this many refinement
         inputs (at 224 px, the first distilled chunk); the chosen plan gets them all
     :param select_inputs: reward inputs the final choice is scored on when no search needs the
-        whole reward batch (a prefix of it): a handful of candidates is told apart by fewer inputs
-        than the hundreds of plans a search ranks
+        whole reward batch (a prefix of it, never more than ``reward_inputs``): a handful of
+        candidates is told apart by fewer inputs than the hundreds of plans a search ranks
     :param refine_seed_offset: the refinement and calibration batch uses seed ``seed + offset``,
         apart from the reward's: a fit scored on the very inputs it was fitted to flatters the
         plans that overfit
