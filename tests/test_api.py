@@ -298,3 +298,27 @@ def test_cuda_gives_the_cpu_result() -> None:
     with torch.no_grad():
         agree = (cpu.model(x).argmax(1) == gpu.model.cpu()(x).argmax(1)).float().mean()
     assert agree >= 0.9, "float rounding on the GPU may move a few decisions, not the model"
+
+
+def test_batches_share_inputs_and_the_reward_ranks_on_fewer_steps(
+    tiny_cnn: nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first prune distils the refinement batch (the calibration is its prefix) and a reward batch
+    with half the steps; nothing else."""
+    from autodfp.api import Pipeline, user_model_config
+
+    shape = (3, 16, 16)
+    cfg = Config(calibration_inputs=8, refine_inputs=16, reward_inputs=16, select_inputs=8)
+    pipe = Pipeline(tiny_cnn, user_model_config(tiny_cnn, shape, "tiny"), shape, cfg, progress=False)
+    seen: list[tuple[int, int, int | None]] = []
+
+    def spy(self: Pipeline, seed: int, n: int, steps: int | None = None) -> torch.Tensor:
+        seen.append((seed, n, steps))
+        return torch.zeros(n, *shape)
+
+    monkeypatch.setattr(Pipeline, "batch", spy)
+    pipe.calibration_batch()
+    pipe.reward_batch(8)
+    assert seen == [(1, 8, None), (0, 8, 50)], "calibration: seed + 1 (the refinement's); reward: half of 100 steps"
+    assert cfg.replace(synth_steps=7).reward_steps_for("bn", shape) == 7, "--synth-steps sets every batch"
+    assert cfg.reward_steps_for("bn", (3, 224, 224)) == 200, "large inputs keep every step"

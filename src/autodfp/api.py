@@ -126,8 +126,10 @@ class Pipeline:
     """Synthetic batches, pruner, refiner and reward of one model under one config and seed.
 
     Each batch has its own seed so that no fit is ever scored on its own inputs: the reward's batch
-    uses ``seed``, the refinement's ``seed + config.refine_seed_offset``. Batches are distilled on
-    ``device`` and cached on disk (:func:`autodfp.synth.distill.synthetic_batch`).
+    uses ``seed``, the refinement's (and the calibration's, its prefix) ``seed +
+    config.refine_seed_offset``. Batches are distilled on ``device`` and cached on disk
+    (:func:`autodfp.synth.distill.synthetic_batch`); a batch that only ranks gets fewer steps
+    (:data:`autodfp.config.RANKING_STEPS_SCALE`).
 
     :param model: the unpruned network (never modified)
     :param model_config: its config (name for the cache key, label offset)
@@ -167,7 +169,7 @@ class Pipeline:
                 self._device_model = copy.deepcopy(self.model).to(self.device).eval()
         return self._device_model
 
-    def batch(self, seed: int, n: int) -> torch.Tensor:
+    def batch(self, seed: int, n: int, steps: int | None = None) -> torch.Tensor:
         """``n`` synthetic inputs distilled from the model with ``seed`` (cached on disk)."""
         from autodfp.synth.distill import synthetic_batch
 
@@ -178,11 +180,19 @@ class Pipeline:
             n=n,
             seed=seed,
             method=self.config.synth_method,
-            steps=self.config.synth_steps,
+            steps=self.config.synth_steps if steps is None else steps,
             label_offset=self.model_config.label_offset,
             progress=self.progress,
             log=log.info,
         )
+
+    def reward_batch(self, n: int | None = None) -> torch.Tensor:
+        """The reward's ``n`` inputs (seed ``seed``), distilled with fewer steps than a fit needs."""
+        from autodfp.synth.distill import resolve_method
+
+        cfg = self.config
+        steps = cfg.reward_steps_for(resolve_method(self.model, cfg.synth_method), self.shape)
+        return self.batch(self.seed, cfg.reward_inputs_for(self.shape) if n is None else n, steps=steps)
 
     def calibration_batch(self) -> torch.Tensor:
         """The first ``calibration_inputs`` of the refinement batch (its first chunk by default).
@@ -264,7 +274,7 @@ class Pipeline:
         if kind == "synthetic" and not arg:
             return AgreementReward(
                 self.device_model,
-                self.batch(self.seed, cfg.reward_inputs_for(self.shape) if n is None else n),
+                self.reward_batch(n),
                 measure=cfg.reward_measure,
                 temperature=cfg.reward_temperature,
                 label_offset=mc.label_offset,
@@ -658,7 +668,7 @@ def _distill(pipe: Pipeline, student: nn.Module) -> nn.Module:
     cfg = pipe.config
     inputs = torch.cat(
         [
-            pipe.batch(pipe.seed, cfg.reward_inputs_for(pipe.shape)),
+            pipe.reward_batch(),
             pipe.batch(pipe.seed + cfg.refine_seed_offset, cfg.refine_inputs_for(pipe.shape)),
         ]
     )

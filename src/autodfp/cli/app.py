@@ -468,7 +468,7 @@ SynthStepsOpt = typer.Option(
     None,
     "--synth-steps",
     help="Optimisation steps per synthetic batch (default by input "
-    "size: 100 for ≤64 px, 200 for larger; each batch is cached).",
+    "size: 100 for ≤64 px, 200 for larger; the reward's batch at ≤64 px gets half; each batch is cached).",
 )
 RefineRidgeOpt = typer.Option(
     None, "--refine-ridge", help="Ridge of the refinement fits, relative to the kept variance (default 0.01)."
