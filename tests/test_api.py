@@ -322,3 +322,20 @@ def test_batches_share_inputs_and_the_reward_ranks_on_fewer_steps(
     assert seen == [(1, 8, None), (0, 8, 50)], "calibration: seed + 1 (the refinement's); reward: half of 100 steps"
     assert cfg.replace(synth_steps=7).reward_steps_for("bn", shape) == 7, "--synth-steps sets every batch"
     assert cfg.reward_steps_for("bn", (3, 224, 224)) == 200, "large inputs keep every step"
+
+
+def test_cluster_eps_quantile_reaches_the_analysis(tiny_cnn: nn.Module) -> None:
+    """A per-layer DBSCAN radius from the config: the q = 1 quantile clusters every channel."""
+    from autodfp.analysis.similarity import DEFAULT_EPS
+    from autodfp.api import Pipeline, user_model_config
+
+    shape = (3, 16, 16)
+    mc = user_model_config(tiny_cnn, shape, "tiny")
+    plain = Pipeline(tiny_cnn, mc, shape, Config(), progress=False).pruner(synthesising=False)
+    wide = Pipeline(tiny_cnn, mc, shape, Config(cluster_eps_quantile=1.0), progress=False).pruner(synthesising=False)
+    name = plain.graph.prunable[0].name
+    assert plain.analysis(name).eps == DEFAULT_EPS
+    assert wide.analysis(name).eps >= float(wide.analysis(name).nearest_dist.max())
+    assert (wide.analysis(name).labels >= 0).all(), "every channel is within the widest radius of its neighbour"
+    with pytest.raises(autodfp.AutoDFPError, match="cluster_eps_quantile"):
+        Config(cluster_eps_quantile=1.5)

@@ -218,8 +218,15 @@ class Pipeline:
         if corr == "auto":
             corr = "calibration" if synthesising or self.needs_calibration("geometry") else "geometry"
         calib = self.calibration_batch() if self.needs_calibration(corr) else None
+        q = self.config.cluster_eps_quantile
         return Pruner(
-            self.model, self.shape, graph=graph, calibration=calib, corr_source=corr, coupled=self.config.coupled
+            self.model,
+            self.shape,
+            graph=graph,
+            calibration=calib,
+            corr_source=corr,
+            coupled=self.config.coupled,
+            analysis_kwargs=None if q is None else {"eps_quantile": q},
         )
 
     def refiner(self, pruner: Pruner, n: int | None = None, dims_ridge: float | None = None) -> Refiner:

@@ -84,6 +84,9 @@ class Config:
         one). ``lsq`` is the default: on ResNet-56 it beats the paper's ``autodfp`` merge at every
         ratio (docs/RESULTS.md, refinement bench).
     :param strength: merge strength λ in [0, 1] for ``autodfp`` (``None``: the strategy's own default)
+    :param cluster_eps_quantile: DBSCAN radius per layer, the q-quantile of that layer's
+        nearest-neighbour channel distances (never below the absolute default 0.15); ``None``
+        keeps the absolute radius, which clusters no channel of a trained layer (docs/RESULTS.md)
     :param corr: where ``lsq`` gets its channel correlations: ``geometry`` (filters), ``calibration``
         (synthetic inputs) or ``auto`` (calibration whenever a synthetic batch is made anyway: on
         ResNet-56 it beats geometry by 13 points at uniform 0.5)
@@ -136,6 +139,7 @@ class Config:
     strategy: str = "lsq"
     coupled: bool = False
     strength: float | None = None
+    cluster_eps_quantile: float | None = None
     corr: str = "auto"
     # synthetic inputs
     synth_method: str = "auto"
@@ -189,6 +193,8 @@ class Config:
         _choice("reward_measure", self.reward_measure, REWARD_MEASURES)
         if self.strength is not None:
             _real("strength", self.strength, 0.0, 1.0)
+        if self.cluster_eps_quantile is not None:
+            _real("cluster_eps_quantile", self.cluster_eps_quantile, 0.0, 1.0)
         _real("refine_ridge", self.refine_ridge, 0.0)
         if self.refine_dims_ridge is not None:
             _real("refine_dims_ridge", self.refine_dims_ridge, 0.0)

@@ -68,6 +68,7 @@ FLAGS = {
     "reward_inputs": "--reward-inputs",
     "refine_inputs": "--refine-inputs",
     "strength": "--strength",
+    "cluster_eps_quantile": "--cluster-eps-quantile",
     "criterion": "--criterion",
     "strategy": "--reconstruct",
     "corr": "--corr",
@@ -499,6 +500,12 @@ RefineOpt = typer.Option(
     "absorb the error of earlier layers (data-free; searches score plans after it).",
 )
 
+ClusterEpsOpt = typer.Option(
+    None,
+    "--cluster-eps-quantile",
+    help="DBSCAN radius per layer: this quantile of the layer's nearest-neighbour channel distances "
+    "(default: an absolute radius of 0.15, which finds no near-duplicates in trained layers).",
+)
 FinalChoiceOpt = typer.Option(
     None,
     "--final-choice/--no-final-choice",
@@ -547,6 +554,7 @@ def prune(
     criterion: Optional[str] = CriterionOpt,
     reconstruct: Optional[str] = ReconOpt,
     strength: Optional[float] = typer.Option(None, "--strength", help="Merge strength λ in [0, 1] for autodfp."),
+    cluster_eps_quantile: Optional[float] = ClusterEpsOpt,
     corr: Optional[str] = CorrOpt,
     seed: int = SeedOpt,
     refine: bool = RefineOpt,
@@ -595,6 +603,7 @@ def prune(
         criterion=criterion,
         strategy=reconstruct,
         strength=strength,
+        cluster_eps_quantile=cluster_eps_quantile,
         corr=corr,
         refine=refine,
         final_choice=final_choice,
@@ -831,6 +840,7 @@ def bench(
         "sequential drift correction on synthetic inputs.",
     ),
     strength: float = typer.Option(1.0, "--strength", help="Merge strength λ for autodfp."),
+    cluster_eps_quantile: Optional[float] = ClusterEpsOpt,
     corr: Optional[str] = CorrOpt,
     seed: int = SeedOpt,
     synth_steps: Optional[int] = SynthStepsOpt,
@@ -869,6 +879,7 @@ def bench(
     _check_run(seed, device, limit, batch_size)
     config = _config(
         strength=strength,
+        cluster_eps_quantile=cluster_eps_quantile,
         corr=corr,
         synth_steps=synth_steps,
         refine_ridge=refine_ridge,
