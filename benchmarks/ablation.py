@@ -8,7 +8,10 @@ no ``lsq``, no refinement) to the full default pipeline and its options. A row m
 last stage (distillation) is not charged a second search.
 
     AUTODFP_ASSETS=/work/shared/assets python benchmarks/ablation.py resnet20_cifar10 \\
-        --macs-ratio 0.5 --out runs/ablation-resnet20 [--rows paper,lsq,default,coupled,distill]
+        --macs-ratio 0.5 --out runs/ablation-resnet20 [--rows paper,lsq,default,...] \\
+        [--real $AUTODFP_ASSETS/cifar10-jpeg/train]
+
+The ceiling rows are the only ones that use real images (unlabelled, never the evaluation set).
 
 Writes ``OUT/ablation.md`` and ``OUT/ablation.json``; each row's own output set is ``OUT/<row>``.
 """
@@ -42,6 +45,16 @@ ROWS: dict[str, tuple[str, list[str], str | None]] = {
         "default",
     ),
     "uniform": ("uniform plan (`--search uniform`), default pipeline", ["--search", "uniform"], None),
+    "ceiling": (
+        "ceiling: SAC, reward and refinement on real unlabelled images (`--reward unlabeled:REAL --refine-data REAL`)",
+        ["--reward", "unlabeled:{real}", "--refine-data", "{real}"],
+        None,
+    ),
+    "uniform-ceiling": (
+        "ceiling, uniform plan: refinement and final choice on real unlabelled images",
+        ["--search", "uniform", "--reward", "unlabeled:{real}", "--refine-data", "{real}"],
+        None,
+    ),
     "uniform-distill": (
         "uniform plan + distillation, 500 steps (on the uniform row's plan)",
         ["--distill", "500"],
@@ -50,8 +63,14 @@ ROWS: dict[str, tuple[str, list[str], str | None]] = {
 }
 
 
-def run_row(model: str, key: str, macs_ratio: float, episodes: int | None, out: Path, done: dict) -> dict:
+def run_row(
+    model: str, key: str, macs_ratio: float, episodes: int | None, out: Path, done: dict, real: str | None
+) -> dict:
     label, flags, plan_of = ROWS[key]
+    if any("{real}" in f for f in flags):
+        if real is None:
+            return {"row": key, "label": label, "error": "needs --real DIR (unlabelled real images)"}
+        flags = [f.replace("{real}", real) for f in flags]
     cmd = ["autodfp", "prune", model, "--seed", "0", "--json", "--out", str(out / key)]
     if plan_of is not None:
         if plan_of not in done or "error" in done[plan_of]:
@@ -115,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--episodes", type=int, help="search episodes (default: the library's)")
     ap.add_argument("--rows", default="paper,lsq,default,coupled,distill,uniform,uniform-distill")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--real", help="unlabelled real images for the ceiling rows (never the evaluation set)")
     args = ap.parse_args(argv)
     keys = [k.strip() for k in args.rows.split(",") if k.strip()]
     unknown = [k for k in keys if k not in ROWS]
@@ -123,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     done: dict[str, dict] = {}
     for key in keys:
-        row = run_row(args.model, key, args.macs_ratio, args.episodes, args.out, done)
+        row = run_row(args.model, key, args.macs_ratio, args.episodes, args.out, done, args.real)
         done[key] = row
         print(json.dumps(row), flush=True)
         (args.out / "ablation.json").write_text(json.dumps(list(done.values()), indent=1) + "\n")

@@ -339,3 +339,37 @@ def test_cluster_eps_quantile_reaches_the_analysis(tiny_cnn: nn.Module) -> None:
     assert (wide.analysis(name).labels >= 0).all(), "every channel is within the widest radius of its neighbour"
     with pytest.raises(autodfp.AutoDFPError, match="cluster_eps_quantile"):
         Config(cluster_eps_quantile=1.5)
+
+
+def test_refine_data_fits_on_real_images_apart_from_the_reward(tmp_path: Path, tiny_cnn: nn.Module) -> None:
+    """--refine-data: the fit reads a seeded sample from the tail, the unlabelled reward from the
+    head of the same order, so one class-sorted folder gives both, disjoint and of every class."""
+    from PIL import Image
+
+    from autodfp.api import Pipeline, user_model_config
+
+    shape = (3, 16, 16)
+    for c in range(4):  # class-sorted folders; each image is one flat colour: its class and index
+        (tmp_path / f"class{c}").mkdir()
+        for i in range(6):
+            Image.new("RGB", (16, 16), (60 * c, 10 * i, 0)).save(tmp_path / f"class{c}" / f"{i}.png")
+    cfg = Config(refine_data=str(tmp_path), refine_inputs=8, calibration_inputs=8, unlabeled_reward_inputs=12)
+    pipe = Pipeline(tiny_cnn, user_model_config(tiny_cnn, shape, "tiny"), shape, cfg, progress=False)
+    fit = pipe.fit_batch(8)
+    head = pipe.real_images(str(tmp_path), 12)
+    assert fit.shape == (8, *shape) and head.shape == (12, *shape)
+    key = lambda t: tuple(round(float(v), 4) for v in t[:, 0, 0])  # the pixel names the image
+    assert not {key(x) for x in fit} & {key(x) for x in head}, "the fit never sees the reward's images"
+    assert len({round(float(x[0, 0, 0]), 4) for x in head}) > 1, "a seeded sample, not the first class folder"
+    assert torch.equal(pipe.calibration_batch(), fit), "the calibration is the fit batch's head"
+    res = autodfp.prune(
+        tiny_cnn,
+        input_shape=shape,
+        uniform=0.5,
+        reward=f"unlabeled:{tmp_path}",
+        config=cfg.replace(final_choice=False, refine_dims_ridge=3.0),
+        progress=False,
+    )
+    assert res.report["refine"] is True
+    with pytest.raises(autodfp.AutoDFPError, match="image directory not found"):
+        autodfp.prune(tiny_cnn, input_shape=shape, uniform=0.5, config=cfg.replace(refine_data=str(tmp_path / "no")))

@@ -17,7 +17,7 @@ a plan pruned from Python and from the shell gives the same model.
 
 No real data is used by the method: synthetic inputs come from the model's own BatchNorm
 statistics. Real images enter only when the caller asks for them (``reward="unlabeled:DIR"`` or
-``"labeled:SPEC"``), and evaluation is separate (:func:`evaluate`).
+``"labeled:SPEC"``, ``Config(refine_data=DIR)``), and evaluation is separate (:func:`evaluate`).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from autodfp.compress.plan import Plan
 from autodfp.compress.refine import Refiner, select_dims_ridge
 from autodfp.compress.surgery import GroupDecision, Pruner
 from autodfp.config import Config
-from autodfp.errors import DataError, ModelError, PlanError
+from autodfp.errors import ModelError, PlanError
 from autodfp.models.load import check_finite
 from autodfp.models.registry import ModelConfig, Preprocessing
 from autodfp.search.budget import MacsModel
@@ -194,13 +194,36 @@ class Pipeline:
         steps = cfg.reward_steps_for(resolve_method(self.model, cfg.synth_method), self.shape)
         return self.batch(self.seed, cfg.reward_inputs_for(self.shape) if n is None else n, steps=steps)
 
+    def real_images(self, root: str, n: int, from_end: bool = False) -> torch.Tensor:
+        """``n`` real unlabelled images of ``root``, a seeded sample in the model's preprocessing.
+
+        A seeded order, not the directory's: class-sorted folders (``train/airplane/...``) would
+        otherwise give a reward or a fit of one class. The reward takes the head of the order and
+        a fit (``from_end``) its tail, so one directory serves both with disjoint images whenever it
+        holds both counts.
+        """
+        import numpy as np
+
+        from autodfp.data.datasets import UnlabeledImageDir, build_transform
+
+        ds = UnlabeledImageDir(root, build_transform(self.model_config.preprocessing))
+        order = np.random.default_rng(self.seed).permutation(len(ds))
+        take = order[-n:][::-1] if from_end else order[:n]
+        return torch.stack([ds[int(i)] for i in take])
+
+    def fit_batch(self, n: int) -> torch.Tensor:
+        """What the calibration and the refinement fit on: synthetic, or ``config.refine_data``'s images."""
+        if self.config.refine_data is not None:
+            return self.real_images(self.config.refine_data, n, from_end=True)
+        return self.batch(self.seed + self.config.refine_seed_offset, n)
+
     def calibration_batch(self) -> torch.Tensor:
         """The first ``calibration_inputs`` of the refinement batch (its first chunk by default).
 
         Correlations and the refinement are both fits, so they may share inputs; only the reward
         must stay apart. Sharing them saves a first prune a whole distillation.
         """
-        return self.batch(self.seed + self.config.refine_seed_offset, self.config.calibration_inputs)
+        return self.fit_batch(self.config.calibration_inputs)
 
     def needs_calibration(self, corr: str) -> bool:
         from autodfp.synth.distill import bn_layers
@@ -233,7 +256,7 @@ class Pipeline:
         """The drift-correction refiner on its own batch (seed + offset)."""
         cfg = self.config
         n = cfg.refine_inputs_for(self.shape) if n is None else n
-        inputs = self.batch(self.seed + cfg.refine_seed_offset, n)
+        inputs = self.fit_batch(n)
         dims = cfg.search_dims_ridge if dims_ridge is None else dims_ridge
         return Refiner(
             pruner,
@@ -269,7 +292,7 @@ class Pipeline:
         A labelled reward must not use the evaluation set: a search tuned on it would report a
         flattering top-1. ``n`` caps the synthetic reward's inputs (a prefix of the search's batch).
         """
-        from autodfp.data.datasets import UnlabeledImageDir, build_transform, make_loader, resolve_dataset
+        from autodfp.data.datasets import make_loader, resolve_dataset
         from autodfp.search.rewards import AccuracyReward, AgreementReward
 
         cfg, mc = self.config, self.model_config
@@ -287,13 +310,9 @@ class Pipeline:
                 label_offset=mc.label_offset,
             )
         if kind == "unlabeled" and arg:
-            ds = UnlabeledImageDir(arg, build_transform(mc.preprocessing))
-            n = min(len(ds), cfg.unlabeled_reward_inputs)
-            if n == 0:
-                raise DataError(f"no images found under {arg}")
             return AgreementReward(
                 self.device_model,
-                torch.stack([ds[i] for i in range(n)]),
+                self.real_images(arg, cfg.unlabeled_reward_inputs),
                 measure=cfg.reward_measure,
                 temperature=cfg.reward_temperature,
                 label_offset=mc.label_offset,
@@ -676,7 +695,7 @@ def _distill(pipe: Pipeline, student: nn.Module) -> nn.Module:
     inputs = torch.cat(
         [
             pipe.reward_batch(),
-            pipe.batch(pipe.seed + cfg.refine_seed_offset, cfg.refine_inputs_for(pipe.shape)),
+            pipe.fit_batch(cfg.refine_inputs_for(pipe.shape)),
         ]
     )
     log.info(f"distilling the pruned model for {cfg.distill_steps} steps on {len(inputs)} synthetic inputs")

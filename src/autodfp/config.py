@@ -105,6 +105,9 @@ class Config:
         apart from the reward's: a fit scored on the very inputs it was fitted to flatters the
         plans that overfit
     :param refine: re-fit every consumer in forward order on synthetic inputs (drift correction)
+    :param refine_data: a directory of real unlabelled images that the calibration, the refinement
+        (and ``--distill``) fit on instead of synthetic inputs. Not data-free: it measures the
+        ceiling that better synthesis could reach, or serves users who hold some unlabelled images
     :param refine_ridge: ridge of the refinement fits, relative to the kept variance
     :param refine_dims_ridge: extra ridge × kept channels / positions; ``None``: the final
         refinement tries :attr:`dims_ridge_grid` and keeps the one the reward scores best
@@ -152,6 +155,7 @@ class Config:
     refine_seed_offset: int = 1
     # refinement
     refine: bool = True
+    refine_data: str | None = None
     refine_ridge: float = 1e-2
     refine_dims_ridge: float | None = None
     search_dims_ridge: float = 3.0
@@ -233,6 +237,8 @@ class Config:
             _integer("warmup", self.warmup, 0)
         if self.eval_batch_size is not None:
             _integer("eval_batch_size", self.eval_batch_size, 1)
+        if self.refine_data is not None and (not isinstance(self.refine_data, str) or not self.refine_data):
+            raise PlanError(f"refine_data must be a directory of images, got {self.refine_data!r}")
         for name in ("refine", "coupled", "final_choice"):
             if not isinstance(getattr(self, name), bool):
                 raise PlanError(f"{name} must be True or False, got {getattr(self, name)!r}")

@@ -83,6 +83,7 @@ FLAGS = {
     "seed": "--seed",
     "device": "--device",
     "distill_steps": "--distill",
+    "refine_data": "--refine-data",
 }
 
 
@@ -506,6 +507,12 @@ ClusterEpsOpt = typer.Option(
     help="DBSCAN radius per layer: this quantile of the layer's nearest-neighbour channel distances "
     "(default: an absolute radius of 0.15, which finds no near-duplicates in trained layers).",
 )
+RefineDataOpt = typer.Option(
+    None,
+    "--refine-data",
+    help="A directory of real unlabelled images to calibrate and refine on instead of synthetic inputs. "
+    "Not data-free: for users who hold some images, and to measure the ceiling of synthesis.",
+)
 FinalChoiceOpt = typer.Option(
     None,
     "--final-choice/--no-final-choice",
@@ -558,6 +565,7 @@ def prune(
     corr: Optional[str] = CorrOpt,
     seed: int = SeedOpt,
     refine: bool = RefineOpt,
+    refine_data: Optional[str] = RefineDataOpt,
     final_choice: Optional[bool] = FinalChoiceOpt,
     coupled: Optional[bool] = CoupledOpt,
     distill_steps: Optional[int] = typer.Option(
@@ -606,6 +614,7 @@ def prune(
         cluster_eps_quantile=cluster_eps_quantile,
         corr=corr,
         refine=refine,
+        refine_data=refine_data,
         final_choice=final_choice,
         coupled=coupled,
         distill_steps=distill_steps,
