@@ -93,3 +93,34 @@ def test_prune_with_distillation_reports_it_and_meets_the_shapes(tiny_cnn: nn.Mo
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         assert not torch.equal(kd.model(x), plain.model(x))
+
+
+def test_distill_inputs_add_a_pool_of_their_own(tiny_cnn: nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--distill-inputs N: the student also learns on N inputs distilled with a seed of their own."""
+    import autodfp
+    from autodfp import api
+    from autodfp.compress import kd as kd_mod
+
+    cfg = Config(synth_steps=2, calibration_inputs=8, refine_inputs=8, reward_inputs=8, distill_steps=2)
+    pools: list[int] = []
+    real = kd_mod.distill
+
+    def spy(student, teacher, inputs, *args, **kwargs):
+        pools.append(len(inputs))
+        return real(student, teacher, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(kd_mod, "distill", spy)
+    seeds: list[int] = []
+    real_batch = api.Pipeline.batch
+
+    def batch(self, seed, n, steps=None):
+        seeds.append(seed)
+        return real_batch(self, seed, n, steps)
+
+    monkeypatch.setattr(api.Pipeline, "batch", batch)
+    autodfp.prune(tiny_cnn, input_shape=(3, 16, 16), uniform=0.5, config=cfg, progress=False)
+    autodfp.prune(tiny_cnn, input_shape=(3, 16, 16), uniform=0.5, config=cfg.replace(distill_inputs=6), progress=False)
+    assert pools == [16, 22], "reward 8 + refinement 8, then 6 more"
+    assert api.DISTILL_SEED_OFFSET in seeds and seeds.count(api.DISTILL_SEED_OFFSET) == 1
+    with pytest.raises(autodfp.AutoDFPError, match="distill_inputs"):
+        Config(distill_inputs=1)

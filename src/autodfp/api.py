@@ -686,18 +686,21 @@ def _search(
     return result, uniform
 
 
+#: the distillation's own extra inputs use seed ``seed + 2``: apart from the reward's (``seed``) and
+#: the refinement's (``seed + 1``, the default ``refine_seed_offset``)
+DISTILL_SEED_OFFSET = 2
+
+
 def _distill(pipe: Pipeline, student: nn.Module) -> nn.Module:
     """The optional last stage: the pruned model learns the original's outputs on the synthetic
     batches the pipeline already made (the reward's and the refinement's), never on real data."""
     from autodfp.compress.kd import distill
 
     cfg = pipe.config
-    inputs = torch.cat(
-        [
-            pipe.reward_batch(),
-            pipe.fit_batch(cfg.refine_inputs_for(pipe.shape)),
-        ]
-    )
+    pools = [pipe.reward_batch(), pipe.fit_batch(cfg.refine_inputs_for(pipe.shape))]
+    if cfg.distill_inputs:
+        pools.append(pipe.batch(pipe.seed + DISTILL_SEED_OFFSET, cfg.distill_inputs))
+    inputs = torch.cat(pools)
     log.info(f"distilling the pruned model for {cfg.distill_steps} steps on {len(inputs)} synthetic inputs")
     t0 = time.perf_counter()
     out = distill(

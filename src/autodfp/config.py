@@ -134,6 +134,9 @@ class Config:
     :param distill_lr: Adam's learning rate for the distillation, decayed by a cosine schedule
     :param distill_temperature: softmax temperature of the distillation's KL term
     :param distill_batch_size: synthetic inputs per distillation step
+    :param distill_inputs: extra synthetic inputs, distilled for the distillation alone (seed
+        ``seed + 2``, chunks of 64), added to the pipeline's reward and refinement batches: a
+        larger, more diverse pool for the student to learn from (0: the pipeline's batches only)
     :param eval_batch_size: evaluation batch size (``None``: :data:`EVAL_BATCH`)
     """
 
@@ -180,6 +183,7 @@ class Config:
     distill_lr: float = 1e-3
     distill_temperature: float = 4.0
     distill_batch_size: int = 64
+    distill_inputs: int = 0
     # evaluation
     eval_batch_size: int | None = None
     #: SAC hyper-parameters (see :data:`autodfp.search.driver.SAC_DEFAULTS`); overrides only
@@ -231,6 +235,9 @@ class Config:
             _integer(name, getattr(self, name), low)
         _integer("distill_steps", self.distill_steps, 0)
         _integer("distill_batch_size", self.distill_batch_size, 1)
+        _integer("distill_inputs", self.distill_inputs, 0)
+        if self.distill_inputs == 1:
+            raise PlanError("distill_inputs must be 0 or at least 2 (a synthetic batch of one has no statistics)")
         _real("distill_lr", self.distill_lr, 0.0, strict_low=True)
         _real("distill_temperature", self.distill_temperature, 0.0, strict_low=True)
         if self.warmup is not None:

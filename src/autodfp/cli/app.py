@@ -83,6 +83,7 @@ FLAGS = {
     "seed": "--seed",
     "device": "--device",
     "distill_steps": "--distill",
+    "distill_inputs": "--distill-inputs",
     "refine_data": "--refine-data",
 }
 
@@ -574,6 +575,11 @@ def prune(
         help="Steps of data-free knowledge distillation after refinement: the pruned model learns the original's "
         "outputs on the synthetic inputs (default 0: off).",
     ),
+    distill_inputs: Optional[int] = typer.Option(
+        None,
+        "--distill-inputs",
+        help="Extra synthetic inputs distilled for --distill alone, added to the pipeline's batches (default 0).",
+    ),
     synth_steps: Optional[int] = SynthStepsOpt,
     refine_ridge: Optional[float] = RefineRidgeOpt,
     refine_dims_ridge: Optional[float] = RefineDimsRidgeOpt,
@@ -618,6 +624,7 @@ def prune(
         final_choice=final_choice,
         coupled=coupled,
         distill_steps=distill_steps,
+        distill_inputs=distill_inputs,
         synth_steps=synth_steps,
         refine_ridge=refine_ridge,
         refine_dims_ridge=refine_dims_ridge,
