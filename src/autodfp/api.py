@@ -37,7 +37,7 @@ import torch.nn as nn
 
 from autodfp._checks import check_seed
 from autodfp._modes import eval_mode
-from autodfp.analysis.graph import GroupGraph
+from autodfp.analysis.graph import GroupGraph, find_groups
 from autodfp.compress.plan import Plan
 from autodfp.compress.refine import Refiner, select_dims_ridge
 from autodfp.compress.surgery import GroupDecision, Pruner
@@ -225,10 +225,21 @@ class Pipeline:
         """
         return self.fit_batch(self.config.calibration_inputs)
 
-    def needs_calibration(self, corr: str) -> bool:
+    def needs_calibration(self, corr: str, graph: GroupGraph | None = None) -> bool:
+        """Whether the pruner needs a calibration batch for ``corr`` and the groups of ``graph``.
+
+        SE-gated chains are reconstructed from what their consumers read, measured on the batch
+        (``x * gate`` has no BN model), and groups without BN after their last stage (an SE's
+        ``fc1``) have no stored statistics; either needs a batch even with every default.
+
+        :param corr: the correlation source (``calibration`` or ``geometry``)
+        :param graph: the model's groups, when known
+        """
         from autodfp.synth.distill import bn_layers
 
-        return corr == "calibration" or not bn_layers(self.model) or self.config.coupled
+        if corr == "calibration" or not bn_layers(self.model) or self.config.coupled:
+            return True
+        return graph is not None and any(g.kind == "se_chain" or g.last_stage.bn is None for g in graph.prunable)
 
     def pruner(self, synthesising: bool, graph: GroupGraph | None = None) -> Pruner:
         """``corr="auto"``: correlations measured on synthetic inputs whenever a batch exists anyway.
@@ -237,10 +248,12 @@ class Pipeline:
         points at uniform 0.7 and 13.0 at 0.5 (docs/RESULTS.md), but a batch costs minutes for
         224-px models on a CPU, so a prune that needs none keeps the free estimate.
         """
+        if graph is None:
+            graph = find_groups(self.model, self.shape, coupled=self.config.coupled)
         corr = self.config.corr
         if corr == "auto":
-            corr = "calibration" if synthesising or self.needs_calibration("geometry") else "geometry"
-        calib = self.calibration_batch() if self.needs_calibration(corr) else None
+            corr = "calibration" if synthesising or self.needs_calibration("geometry", graph) else "geometry"
+        calib = self.calibration_batch() if self.needs_calibration(corr, graph) else None
         q = self.config.cluster_eps_quantile
         return Pruner(
             self.model,

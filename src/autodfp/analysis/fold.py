@@ -99,7 +99,19 @@ def stream_filters(model: nn.Module, group: PrunableGroup) -> tuple[torch.Tensor
     If channel ``p``'s row is ``α`` times channel ``k``'s (every producer with the same ``α > 0``,
     biases too) and the stream's non-linearity is positively homogeneous (ReLU, or none), the
     stream carries ``a_p = α·a_k`` at every depth: the geometry the similarity analysis reads.
+
+    An SE-gated chain (``kind == "se_chain"``) is one producer path, gated: its filters are the
+    chain's linearised ones (as in :func:`group_stats`) beside each gate's row and bias, and its
+    bias the last stage's. Two channels whose chain filters and gate rows coincide carry the same
+    value into the consumer; the gate is not homogeneous, so ``α ≠ 1`` promises nothing there.
     """
+    if group.kind == "se_chain":
+        chain = group_stats(model, group, moments=(torch.zeros(group.channels), torch.ones(group.channels)))
+        gates = []
+        for name in group.gates:
+            g = cast(nn.Conv2d | nn.Linear, model.get_submodule(name))
+            gates += [g.weight.detach().double().reshape(g.weight.shape[0], -1), _conv_bias(g)[:, None]]
+        return torch.cat([chain.filters, *gates], dim=1), chain.bias
     folded = [
         fold_stage(model, Stage(conv, bn))
         for conv, bn in zip(group.members, group.member_bns or [None] * len(group.members))

@@ -59,7 +59,7 @@ group unprunable.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeGuard
 
@@ -141,6 +141,15 @@ class PrunableGroup:
     member_bns: list[str | None] = field(default_factory=list)
     #: channel-pad shortcuts whose output channels are this group's (coupled groups)
     shortcuts: list[str] = field(default_factory=list)
+    #: SE gate producers (``fc2``) among ``members`` (``kind == "se_chain"``)
+    gates: list[str] = field(default_factory=list)
+    #: consumers that read the group's channels pooled, inside the SE branch (``fc1``; ``se_chain``)
+    squeezes: list[str] = field(default_factory=list)
+
+    @property
+    def main_consumers(self) -> list[str]:
+        """The consumers that read the group's full maps (all of them, except an SE group's ``fc1``)."""
+        return [c for c in self.consumers if c not in self.squeezes]
 
     @property
     def last_stage(self) -> Stage:
@@ -488,6 +497,70 @@ def _short(t: tuple) -> str:
     return str(t[0]) if len(set(t)) == 1 else "x".join(map(str, t))
 
 
+#: grad_fn names of the element-wise gates an SE branch may end in (sigmoid, hard sigmoid)
+_GATES = ("SigmoidBackward", "HardsigmoidBackward")
+
+
+def _se_gates(
+    dg: tp.DependencyGraph,
+    producers: list[nn.Module],
+    consumers: list[nn.Module],
+    others: list[Any],
+    muls: set[Any],
+    shortcuts: Sequence[nn.Module],
+) -> tuple[list[nn.Module], set[nn.Module]] | None:
+    """The gate producers and squeeze consumers of a squeeze-and-excitation chain, or None.
+
+    The pattern: the first producer is the group's main one; every other producer ``G`` (an SE
+    ``fc2``) reaches the channels only through sigmoid-like element-wise ops into a multiply, and
+    reads (through element-wise ops and BNs) a dense consumer ``S`` of this very group (``fc1``,
+    after the pooling). Then removing channel ``c`` removes its gate with it and nothing else ties
+    the channels: every multiply of the group is such a gate, with no add, concat or shortcut.
+    """
+    gates = producers[1:]
+    if not gates or shortcuts or not muls or not {id(o) for o in others} <= {id(m.module) for m in muls}:
+        return None  # an add, a concat, a division ... ties the channels too
+    reached: set[int] = set()
+    squeezes: set[nn.Module] = set()
+    for gate in gates:
+        node = dg.module2node.get(gate)
+        if node is None or len(node.outputs) != 1:
+            return None
+        n, steps = node.outputs[0], 0
+        while n not in muls:  # the gate's own path: sigmoid-like ops only, then the multiply
+            grad = type(n.grad_fn).__name__ if n.grad_fn is not None else ""
+            if not any(k in grad for k in _GATES) or len(n.outputs) != 1:
+                return None
+            n, steps = n.outputs[0], steps + 1
+        if steps == 0:
+            return None  # an ungated product: not a sigmoid gate
+        reached.add(id(n))
+        squeeze = _reads_consumer(dg, gate, set(consumers))
+        if squeeze is None:
+            return None
+        squeezes.add(squeeze)
+    if reached != {id(m) for m in muls}:
+        return None  # some multiply of the group is not an SE gate
+    return gates, squeezes
+
+
+def _reads_consumer(dg: tp.DependencyGraph, gate: nn.Module, consumers: set[nn.Module]) -> nn.Module | None:
+    """The consumer of the group that ``gate`` reads through element-wise ops and BNs only."""
+    node = dg.module2node.get(gate)
+    frontier = list(node.inputs) if node is not None else []
+    seen: set[int] = set()
+    while frontier:
+        n = frontier.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        if n.module in consumers:
+            return n.module
+        if isinstance(n.module, (tp.ops._ElementWiseOp, nn.modules.batchnorm._BatchNorm)):
+            frontier.extend(n.inputs)
+    return None
+
+
 def find_groups(model: nn.Module, input_shape: tuple[int, ...], coupled: bool = False) -> GroupGraph:
     """Discover every output-channel group of ``model`` and classify it.
 
@@ -518,6 +591,7 @@ def find_groups(model: nn.Module, input_shape: tuple[int, ...], coupled: bool = 
         consumers: list[nn.Module] = []
         bns, dws, shortcuts, others = [], [], [], []
         ties: list[str] = []  # what, besides adds and channel-pad shortcuts, ties these channels
+        muls: set[Any] = set()  # the element-wise multiplies among the ties (graph nodes)
         pad_out: list[nn.Module] = []
         feeds_output = False
         for dep, _ in group:
@@ -543,6 +617,8 @@ def find_groups(model: nn.Module, input_shape: tuple[int, ...], coupled: bool = 
                     others.append(target)  # a residual add or gating ties channels together
                     if not any(k in grad for k in ("Add", "Sub")):
                         ties.append("a multiplicative gate")
+                    if "Mul" in grad:
+                        muls.add(dep.target)
             else:
                 others.append(target)  # concat, split, reshape, other layers: not reconstructed
                 if not _benign_op(dep.target, n_out):
@@ -563,9 +639,12 @@ def find_groups(model: nn.Module, input_shape: tuple[int, ...], coupled: bool = 
         pool_paths = [_path_pools(dg, last_bn or last_module, c) for c in consumers]
         pools = sorted({label for _, labels in pool_paths for label in labels})
 
+        se = _se_gates(dg, producers, consumers, others, muls, shortcuts)
         prunable, reason = True, ""
         if feeds_output:
             prunable, reason = False, "model output"
+        elif se is not None:
+            pass  # an SE-gated chain: prunable by default, reconstructed from measured consumer inputs
         elif coupled and not coupled_mode:
             prunable, reason = False, "coupled (residual add / shortcut / concat)"
         elif coupled and (ties or dws):
@@ -574,6 +653,8 @@ def find_groups(model: nn.Module, input_shape: tuple[int, ...], coupled: bool = 
         elif not consumers:
             prunable, reason = False, "no consumer layer"
         kind = "linear" if isinstance(producer, nn.Linear) else ("dw_chain" if dws else "conv")
+        if se is not None:
+            kind = "se_chain"
         groups.append(
             PrunableGroup(
                 name=names[producer],
@@ -592,6 +673,8 @@ def find_groups(model: nn.Module, input_shape: tuple[int, ...], coupled: bool = 
                 pools=pools,
                 member_bns=[names.get(b) if (b := _bn_after(dg, p)) is not None else None for p in producers],
                 shortcuts=[names[m] for m in pad_out] if coupled else [],
+                gates=[names[m] for m in se[0]] if se is not None else [],
+                squeezes=[names[m] for m in consumers if se is not None and m in se[1]],
             )
         )
         pairs.append((last_bn or last_module, consumers, [kw for kw, _ in pool_paths]))

@@ -168,8 +168,8 @@ class Pruner:
     def stats(self, name: str) -> ChannelStats:
         if name not in self._stats:
             g = self._group(name)
-            if g.coupled:  # what the first consumer reads stands for the stream in analyses
-                self._stats[name] = self.consumer_stats(name, g.consumers[0])
+            if g.coupled:  # what the first main consumer reads stands for the stream in analyses
+                self._stats[name] = self.consumer_stats(name, g.main_consumers[0])
                 return self._stats[name]
             has_bn = g.last_stage.bn is not None
             moments = corr = None
@@ -224,7 +224,7 @@ class Pruner:
                     c: reconstruct(plan.strategy, self.consumer_stats(g.name, c), analysis, kept, pruned, **params)
                     for c in g.consumers
                 }
-                comp = per_consumer[g.consumers[0]]
+                comp = per_consumer[g.main_consumers[0]]
             elif plan.strategy != "none":
                 comp = reconstruct(plan.strategy, stats, analysis, kept, pruned, **params)
             decisions[g.name] = GroupDecision(kept, pruned, comp, per_consumer)
@@ -280,7 +280,7 @@ class Pruner:
         if zero_pruned:
             for gname, d in decisions.items():
                 g = self._group(gname)
-                if g.coupled and d.pruned.numel():
+                if g.coupled and g.kind != "se_chain" and d.pruned.numel():
                     self._silence_stream(g, d.pruned, current, out)
         return out
 
