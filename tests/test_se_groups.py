@@ -20,6 +20,7 @@ from autodfp.analysis.graph import find_groups
 from autodfp.compress.plan import Plan, n_keep
 from autodfp.compress.refine import Refiner
 from autodfp.compress.surgery import Pruner
+from autodfp.errors import PlanError
 from autodfp.eval.metrics import profile
 from autodfp.search.budget import MacsModel
 
@@ -217,3 +218,9 @@ def test_torchvision_mobilenet_v3_small_reaches_0_7_macs():
     x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.isfinite(res.model(x)).all()
+
+
+def test_se_groups_need_a_calibration_batch():
+    pruner = Pruner(_net(), SHAPE)
+    with pytest.raises(PlanError, match="SE-gated groups need a calibration batch"):
+        pruner.decide(Plan({EXPANSIONS[0]: 0.5}))

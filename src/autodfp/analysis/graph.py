@@ -22,7 +22,25 @@ consumer reads is the sum over the adds (after an activation, in ResNets), so no
 Gaussian model describes it: :mod:`autodfp.compress.surgery` measures it at each consumer's input
 on the calibration batch and compensates each consumer for what *it* sees. Streams tied through
 anything else (a concat, a split, a reshape, a multiplicative gate, a grouped or depthwise conv, a
-custom op) stay unprunable, with the reason in ``PrunableGroup.reason``.
+custom op) stay unprunable, with the reason in ``PrunableGroup.reason``; SE gates are the one
+multiplicative tie handled, below.
+
+**Squeeze-and-excitation chains** (MobileNetV3, EfficientNet) are prunable by default, as
+``kind == "se_chain"``. Their expansion channels go expand conv → BN → act → depthwise → BN → act
+→ ``x * sigmoid(fc2(act(fc1(pool(x)))))`` → project conv, so torch-pruning ties the SE ``fc2``
+to them as a second producer (through the multiply). That tie is benign: channel ``c``'s gate is
+``fc2``'s row ``c`` and is only ever used on channel ``c``, so removing the channel removes its
+gate (``fc2``'s row and bias entry) and nothing else. :func:`_se_gates` accepts a coupled group
+as such a chain only if every extra producer reaches the channels through sigmoid-like ops into
+a multiply, every multiply of the group is one of those gates, each gate reads (through
+element-wise ops and BNs) a dense consumer of the group itself (``fc1``, listed in ``squeezes``),
+and nothing else ties the channels: a residual add, a concat, a shortcut or an ungated product
+keeps the coupled reason above. ``members`` lists the main producer and the gates, ``gates`` the
+gates. The project conv reads ``act(dw(…)) · gate`` and ``fc1`` the pooled ``act(dw(…))``; no
+BN model describes either, so, as for streams, :mod:`autodfp.compress.surgery` measures each
+consumer's input on the calibration batch and compensates each consumer on its own
+(``activation == "identity"``). The channels the SE ``fc1`` produces (the squeeze) remain an
+ordinary ``conv`` group feeding ``fc2``.
 
 A group whose channels reach the model's output without passing another conv/linear layer (the
 classifier, a detection head) is never prunable: that would change the output's shape. The

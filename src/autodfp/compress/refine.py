@@ -23,7 +23,10 @@ An inner group's consumers all read the same tensor, so one fit at its first con
 them all. A coupled group (a residual stream) is read by each consumer at a different depth, as
 a different sum over the residual adds; so each consumer is a fitting unit of its own, re-fitted
 in forward order on what it reads in the pruned model against what it read in the original, and
-its fit goes into ``GroupDecision.per_consumer``.
+its fit goes into ``GroupDecision.per_consumer``. An SE-gated chain is fitted the same way, per
+consumer: ``fc1`` on the pooled channels it reads (one position per image, so its fit leans on
+the dims ridge and stays close to the strategy's compensation), then the project conv on the
+gated maps.
 """
 
 from __future__ import annotations

@@ -30,6 +30,23 @@ corrects for it. The masked fast path reproduces the physically pruned model exa
 silencing the pruned channels in the stream (their producers' BN scale and shift, or conv rows and
 bias, are zeroed; a pad shortcut's output map points them at its zero channel), which is exact
 when the stream's activation maps 0 to 0 (ReLU, none).
+
+**SE-gated chains** (``kind == "se_chain"``, pruned by default; see :mod:`autodfp.analysis.graph`).
+torch-pruning removes channel ``c`` from the expand conv (and its BN), the depthwise conv (and its
+BN), the SE ``fc2``'s output rows (and bias) and the input columns of both consumers, ``fc1`` and
+the project conv. The consumers read different values (``fc1`` the pooled activations, the
+project conv the gated maps), so, exactly as for a stream, each gets its own compensation fitted
+to the moments of *its* input measured on the calibration batch. ``fc2`` needs none: a removed
+channel's gate has nothing left to scale. What is exact: a channel that duplicates a kept one
+(expand row, BNs, depthwise filter and gate row alike) is the same value at both consumers, and
+``lsq`` without ridge predicts it exactly whenever the kept channels' measured covariance is
+full rank; for ``fc1``, which sees one pooled position per image, that takes more calibration
+images than channels. What is approximate: any other channel is replaced by its best linear
+prediction on the calibration batch; for ``fc1`` the fit is to the pooled values it reads
+(``W[:, p] E[pool a_p]`` is what the constant term folds into its bias), so the gate of every kept
+channel moves only by what that prediction misses. The masked fast path zeroes the pruned
+channels' input columns in ``fc1`` and the project conv, which is exactly the physically pruned
+model (the pruned gates then scale values nobody reads); no stream silencing is needed.
 """
 
 from __future__ import annotations
@@ -91,7 +108,7 @@ class Pruner:
     groups without BN statistics, and with ``corr_source="calibration"`` it also supplies the
     pre-activation correlations used by the ``lsq`` strategy instead of filter geometry.
     ``coupled=True`` also makes residual-stream groups prunable (see the module docstring); they
-    need the calibration batch.
+    need the calibration batch, as do the SE-gated chains that are prunable by default.
     """
 
     def __init__(
@@ -146,8 +163,8 @@ class Pruner:
         if self._consumer_moments is None:
             if self.calibration is None:
                 raise PlanError(
-                    "coupled (residual-stream) groups need a calibration batch (synthetic inputs) "
-                    "to measure what their consumers read"
+                    "coupled (residual-stream) and SE-gated groups need a calibration batch "
+                    "(synthetic inputs) to measure what their consumers read"
                 )
             wanted = {c: g.channels for g in self.graph.prunable if g.coupled for c in g.consumers}
             self._consumer_moments = consumer_moments(self.model, wanted, self.calibration)

@@ -11,7 +11,10 @@ an exact function of the kept channel counts:
 * a depthwise pass-through conv of a group scales once by that group's kept fraction;
 * a coupled group (a residual stream) scales every producer that writes into the stream and every
   consumer that reads it, so a downsample conv, which reads one stream and writes the next, scales
-  by both streams' kept fractions.
+  by both streams' kept fractions;
+* an SE-gated chain scales its expand conv, its depthwise conv, the SE ``fc2`` (whose output rows
+  are the chain's channels; ``members`` lists it) and both consumers, ``fc1`` and the project
+  conv; ``fc1``/``fc2`` also scale by the SE squeeze group's kept fraction when that is pruned.
 
 Each layer's MACs are divisible by the channel counts that scale them (``H·W·C_out·C_in·k²``), so
 the count is computed in integers and matches :func:`autodfp.eval.metrics.profile` of the physically
