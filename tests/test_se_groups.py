@@ -137,7 +137,7 @@ def test_zero_ratio_prune_is_output_identical():
         assert torch.equal(res.model(x), ref)
 
 
-@pytest.mark.parametrize("strategy", ["none", "lsq", "mean"])
+@pytest.mark.parametrize("strategy", ["none", "lsq", "mean", "autodfp"])
 def test_pruned_se_groups_equal_the_masked_path_and_the_analytic_macs(strategy):
     net = _net()
     calib = _x(16, 1)
