@@ -181,3 +181,54 @@ def test_plan_json_round_trip_and_bad_files(tmp_path):
         Plan.load(tmp_path / "bad.json")
     with pytest.raises(PlanError, match="not found"):
         Plan.load(tmp_path / "missing.json")
+
+
+def _bias_free_consumer_net() -> torch.nn.Module:
+    """conv-BN-ReLU feeding a conv with neither bias nor BN (as DenseNet's conv2); channel 1 duplicates 0."""
+    nn = torch.nn
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    ).train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.randn(16, 3, 12, 12))
+        net[0].weight[1] = net[0].weight[0]
+        for t in (net[1].weight, net[1].bias, net[1].running_mean, net[1].running_var):
+            t[1] = t[0]
+    return net.eval()
+
+
+@pytest.mark.parametrize("strategy", ["mean", "lsq"])
+def test_a_consumer_without_bias_or_bn_gets_a_bias(tmp_path, strategy):
+    """The compensation's constant needs a home: a bias-free, BN-free consumer gets a bias, in the
+    pruned model and in the masked fast path, and a saved model reloads it with identical outputs."""
+    net = _bias_free_consumer_net()
+    shape = (3, 12, 12)
+    pruner = Pruner(net, shape)
+    assert pruner.graph.get("0").prunable and pruner.graph.get("0").consumer_bns == [None]
+    kept = [0, 2, 3, 4, 5, 6, 7]
+    plan = Plan({"0": 7 / 8}, strategy=strategy, keep={"0": kept}, params={"ridge": 0.0} if strategy == "lsq" else {})
+    result = pruner.apply(plan)
+    x = torch.randn(5, *shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        masked = functional_call(net, pruner.masked_state(pruner.decide(plan)), (x,))
+        out = result.model(x)
+        assert torch.allclose(out, masked, atol=1e-5), "physical == masked with the new bias"
+        if strategy == "lsq":  # an exact duplicate: merged output-identically, no constant left
+            assert torch.allclose(out, net(x), atol=1e-5)
+        else:  # the mean of a ReLU channel is a positive constant: it must land in a bias
+            assert result.model[3].bias is not None and float(result.model[3].bias.abs().max()) > 0
+    assert net[3].bias is None, "the original model is left unchanged"
+    cfg = get_config("resnet20_cifar10")
+    save_pruned(result, tmp_path / "o", cfg, shape)
+    rebuilt, _, _ = load_pruned(tmp_path / "o", model=net)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), out)

@@ -47,6 +47,15 @@ prediction on the calibration batch; for ``fc1`` the fit is to the pooled values
 channel moves only by what that prediction misses. The masked fast path zeroes the pruned
 channels' input columns in ``fc1`` and the project conv, which is exactly the physically pruned
 model (the pruned gates then scale values nobody reads); no stream silencing is needed.
+
+**Consumers with neither a bias nor a BatchNorm** (DenseNet's ``conv2``, timm's bias-free
+heads). A compensation ``a_p ≈ A·a_kept + c`` leaves a constant ``W[:, p]·c`` per output channel
+of the consumer. It needs a home: the BN after the consumer absorbs it in its running mean, a
+bias in its bias. A consumer with neither gets a bias, a zero vector plus that constant, in the
+pruned model (:meth:`Pruner.apply`) and in the masked fast path alike; saved models record it and
+:func:`autodfp.eval.export.load_pruned` re-creates it. This is exact, like a BN shift: the layer
+then computes ``W·x + b`` with ``b`` the constant. The one structural change is that extra
+parameter (a few floats per output channel; no MACs are counted for biases).
 """
 
 from __future__ import annotations
@@ -281,16 +290,16 @@ class Pruner:
                     new_kept, delta = fold_into_consumer(w.double(), comp, d.kept, d.pruned)
                     w[:, d.kept] = new_kept.to(w.dtype)
                     delta = delta.to(w.dtype)
+                    bname = f"{cons}.bias"
                     if cbn is not None:
                         rm = current(f"{cbn}.running_mean")
                         out[f"{cbn}.running_mean"] = rm - delta
-                    elif f"{cons}.bias" in params:
-                        out[f"{cons}.bias"] = current(f"{cons}.bias") + delta
+                    elif bname in params or bname in out:
+                        out[bname] = current(bname) + delta
                     elif bool(delta.abs().max() > 0):
-                        raise PlanError(
-                            f"consumer '{cons}' has neither a bias nor a BatchNorm to absorb "
-                            "the reconstruction constant"
-                        )
+                        # neither a bias nor a BN: the consumer gets a bias (see apply), as exact
+                        # a home for the constant as a BN shift would be
+                        out[bname] = delta.clone()
                 if zero_pruned:
                     w[:, d.pruned] = 0
                 out[wname] = w
@@ -347,7 +356,11 @@ class Pruner:
         with torch.no_grad():
             for name, value in edited.items():
                 mod_name, _, attr = name.rpartition(".")
-                getattr(net.get_submodule(mod_name), attr).copy_(value)
+                module = net.get_submodule(mod_name)
+                if getattr(module, attr) is None:  # a consumer without bias or BN gets a bias
+                    setattr(module, attr, nn.Parameter(value.clone()))
+                else:
+                    getattr(module, attr).copy_(value)
         prune_channels(net, self.graph, {k: d.pruned.tolist() for k, d in decisions.items()}, self.input_shape)
         return PruneResult(net, plan, decisions)
 

@@ -328,6 +328,28 @@ def _no_builder() -> nn.Module:
     raise ModelError("a model loaded from a pruned directory has no builder")
 
 
+def _add_absorbing_biases(net: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Zero biases on the conv/linear layers that reconstruction gave one (they had none).
+
+    A consumer with neither a bias nor a BN absorbs a compensation's constant in a bias it gets
+    at pruning time (:mod:`autodfp.compress.surgery`); the rebuilt architecture lacks it. Only a
+    1-D tensor of the layer's output width qualifies, so a checkpoint of another architecture
+    still fails the strict load.
+    """
+    for key, value in state.items():
+        mod_name, _, attr = key.rpartition(".")
+        if attr != "bias" or value.dim() != 1:
+            continue
+        try:
+            module = net.get_submodule(mod_name)
+        except AttributeError:
+            continue
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and module.bias is None:
+            width = module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
+            if value.numel() == width:
+                module.bias = nn.Parameter(torch.zeros(width, dtype=module.weight.dtype))
+
+
 def load_pruned(
     path: str | os.PathLike,
     model: nn.Module | None = None,
@@ -408,6 +430,7 @@ def load_pruned(
             raise ModelError(f"{ckpt} keeps {kept} channels of group '{gname}', which has only {g.channels}")
         pruned[gname] = list(range(kept, g.channels))  # any indices: the widths matter, tensors are loaded next
     prune_channels(net, graph, pruned, tuple(shape))
+    _add_absorbing_biases(net, state)
     load_state_dict_strict(net, state, str(ckpt))
     check_finite(net, str(ckpt))
     return net.eval(), config, plan
