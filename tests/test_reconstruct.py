@@ -318,3 +318,41 @@ def test_every_strategy_handles_nothing_pruned_and_returns_float64(duplicate_lay
     comp = reconstruct(name, stats, a, kept, pruned)
     assert comp.A.shape == (2, 4) and comp.A.dtype == DT and comp.c.dtype == DT
     assert torch.isfinite(comp.A).all() and torch.isfinite(comp.c).all()
+
+
+def test_lsq_on_a_few_measured_positions_is_shrunk_and_predicts_new_inputs_better() -> None:
+    """A correlation measured on fewer positions than channels (an SE fc1 reads one per input):
+    without the kept/positions ridge the fit reproduces those positions and fails on others."""
+    gen = torch.Generator().manual_seed(0)
+    c, n = 24, 12
+    mix = torch.randn(c, c, generator=gen, dtype=torch.float64)  # correlated channels
+    train = torch.randn(n, c, generator=gen, dtype=torch.float64) @ mix.T
+    test = torch.randn(2000, c, generator=gen, dtype=torch.float64) @ mix.T
+    mean, std = train.mean(0), train.std(0, unbiased=False)
+    corr = torch.corrcoef(train.T)
+
+    def stats(measured: int | None) -> ChannelStats:
+        return ChannelStats(
+            filters=torch.eye(c, dtype=torch.float64),
+            bias=torch.zeros(c, dtype=torch.float64),
+            mean=mean,
+            std=std,
+            activation="identity",
+            corr=corr,
+            measured_from=measured,
+        )
+
+    kept, pruned = torch.arange(4, c), torch.arange(4)
+
+    def test_error(comp: Compensation) -> float:
+        pred = test[:, kept] @ comp.A.T + comp.c
+        return float((pred - test[:, pruned]).square().mean())
+
+    raw = reconstruct("lsq", stats(None), None, kept, pruned)
+    shrunk = reconstruct("lsq", stats(n), None, kept, pruned)
+    off = reconstruct("lsq", stats(n), None, kept, pruned, dims_ridge=0.0)
+    assert torch.allclose(off.A, raw.A), "dims_ridge=0 is the plain fit"
+    assert float(shrunk.A.norm()) < float(raw.A.norm())
+    assert test_error(shrunk) < test_error(raw)
+    with pytest.raises(PlanError, match="dims_ridge"):
+        reconstruct("lsq", stats(n), None, kept, pruned, dims_ridge=-1.0)

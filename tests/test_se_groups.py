@@ -189,7 +189,7 @@ def test_an_exact_duplicate_channel_is_removed_output_identically_with_lsq():
     x = _x(3, 2)
     with torch.no_grad():
         ref = net(x)
-        plan = Plan({name: 23 / 24}, strategy="lsq", keep={name: kept}, params={"ridge": 0.0})
+        plan = Plan({name: 23 / 24}, strategy="lsq", keep={name: kept}, params={"ridge": 0.0, "dims_ridge": 0.0})
         out = pruner.apply(plan).model(x)
         dropped = pruner.apply(Plan({name: 23 / 24}, strategy="none", keep={name: kept})).model(x)
     assert (out - ref).abs().max().item() <= 1e-5 * (1 + ref.abs().max().item())

@@ -140,6 +140,8 @@ class _PooledMoments:
         self.s1: torch.Tensor | float = 0.0
         self.s2: torch.Tensor | float = 0.0
         self.samples: list[torch.Tensor] = []
+        #: positions the correlation was computed from (set by :meth:`result`)
+        self.used = 0
 
     def add(self, value: torch.Tensor) -> None:
         y = value.detach().double()
@@ -157,6 +159,7 @@ class _PooledMoments:
         corr = None
         if self.sample:
             ys = torch.cat(self.samples, dim=1)[:, :max_positions]
+            self.used = int(ys.shape[1])
             corr = torch.nan_to_num(torch.corrcoef(ys), nan=0.0)
             corr.fill_diagonal_(1.0)
         return mean, std, corr
@@ -221,12 +224,15 @@ def consumer_moments(
     x: torch.Tensor,
     max_positions: int = 20000,
     batch_size: int = 32,
-) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Per-channel mean, std and correlation of each named layer's *input* on ``x``.
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
+    """Per-channel mean, std and correlation of each named layer's *input* on ``x``, and the
+    number of positions the correlation came from.
 
     What a consumer of a residual stream reads is a sum over residual adds (and an activation),
     so it is measured where it is read. ``consumers`` maps a layer name to its input's channel
-    count; inputs are (N, C[, H, W]), positions pooled as in :func:`empirical_moments`.
+    count; inputs are (N, C[, H, W]), positions pooled as in :func:`empirical_moments`. A layer
+    that reads pooled values (an SE block's ``fc1``) has one position per input: fewer, often,
+    than it has channels, which is why the count travels with the correlation.
     """
 
     def attach(name: str, acc: _PooledMoments) -> Any:
@@ -237,5 +243,5 @@ def consumer_moments(
     for name, a in acc.items():
         mean, std, corr = a.result(max_positions)
         assert corr is not None  # sampled above
-        result[name] = (mean, std, corr)
+        result[name] = (mean, std, corr, a.used)
     return result

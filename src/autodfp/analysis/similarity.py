@@ -83,6 +83,9 @@ class ChannelStats:
     std: Tensor
     activation: str = "relu"
     corr: Tensor | None = None
+    #: positions ``corr`` was measured on, when it is a measurement on a batch (``None``: a model);
+    #: ``lsq`` shrinks its fit by kept channels / positions, see :func:`~autodfp.compress.reconstruct.strategy_lsq`
+    measured_from: int | None = None
     #: derived per-group quantities (e.g. the post-activation covariance ``lsq`` needs), computed
     #: once and reused across plans; treat a ChannelStats as immutable once it has been used.
     cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)

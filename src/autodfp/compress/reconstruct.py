@@ -423,6 +423,7 @@ def strategy_lsq(
     ridge: float = 1e-2,
     strength: float = 1.0,
     samples: Tensor | None = None,
+    dims_ridge: float = 3.0,
     method: str = "quadrature",
     nodes: int = 16,
     n_samples: int = 32768,
@@ -444,10 +445,21 @@ def strategy_lsq(
     shrinks ``A`` toward 0 (the ``mean`` strategy), the safe direction when the assumed
     correlations are wrong. On ResNet-56 (30 % of every block's inner channels pruned) accuracy
     is flat for ridge in [1e-3, 1e-1] and degrades slowly above; 1e-2 is the default.
+
+    When the correlations are a measurement on ``stats.measured_from`` positions (the inputs of a
+    residual stream's or an SE chain's consumers), the ridge grows by ``dims_ridge`` (default 3,
+    the refinement's search value) × kept channels / positions, as the refinement's does: a covariance of ``k`` channels from
+    ``n`` samples has its small eigenvalues pulled towards zero by about ``k/n``, and an SE block's
+    ``fc1`` reads one pooled position per input, often fewer than its channels. Without the
+    shrinkage such a fit reproduces the batch and explodes on other inputs.
     """
     kept, pruned = _check_partition(stats, kept, pruned)
     if ridge < 0:
         raise PlanError(f"ridge must be non-negative, got {ridge}")
+    if dims_ridge < 0:
+        raise PlanError(f"dims_ridge must be non-negative, got {dims_ridge}")
+    if stats.measured_from:
+        ridge = ridge + dims_ridge * kept.numel() / stats.measured_from
     if not 0.0 <= strength <= 1.0:
         raise PlanError(f"reconstruction strength must be in [0, 1], got {strength}")
     if method not in ("quadrature", "mc"):

@@ -185,9 +185,15 @@ class Pruner:
         if key not in self._stream_stats:
             g = self._group(name)
             filters, bias = stream_filters(self.model, g)
-            mean, std, corr = self._measured_inputs()[consumer]
+            mean, std, corr, positions = self._measured_inputs()[consumer]
             self._stream_stats[key] = ChannelStats(
-                filters=filters, bias=bias, mean=mean, std=std, activation="identity", corr=corr
+                filters=filters,
+                bias=bias,
+                mean=mean,
+                std=std,
+                activation="identity",
+                corr=corr,
+                measured_from=positions,
             )
         return self._stream_stats[key]
 
