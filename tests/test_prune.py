@@ -232,3 +232,27 @@ def test_a_consumer_without_bias_or_bn_gets_a_bias(tmp_path, strategy):
     rebuilt, _, _ = load_pruned(tmp_path / "o", model=net)
     with torch.no_grad():
         assert torch.equal(rebuilt(x), out)
+
+
+def test_refinement_fits_a_bias_free_consumer_and_restores_its_working_copy():
+    """The default pipeline (lsq + refinement + final choice) on a consumer with neither a bias nor a BN."""
+    import autodfp
+    from autodfp.api import Pipeline, user_model_config
+    from autodfp.config import Config
+
+    net = _bias_free_consumer_net()
+    shape = (3, 12, 12)
+    cfg = Config(synth_steps=2, calibration_inputs=16, refine_inputs=16, reward_inputs=16, select_inputs=16)
+    res = autodfp.prune(net, input_shape=shape, uniform=0.5, config=cfg.replace(final_choice=False), progress=False)
+    assert res.report["refine"] is True and res.model[3].bias is not None
+    assert net[3].bias is None
+    pipe = Pipeline(net, user_model_config(net, shape, "t"), shape, cfg, progress=False)
+    pruner = pipe.pruner(synthesising=True)
+    refiner = pipe.refiner(pruner)
+    refined = refiner(pruner.decide(Plan.uniform(pruner.graph, 0.5)))
+    assert refiner._work_model()[3].bias is None, "the reused working copy is restored"
+    x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        physical = pruner.apply(Plan.uniform(pruner.graph, 0.5), refined).model(x)
+        masked = functional_call(net, pruner.masked_state(refined), (x,))
+    assert torch.allclose(physical, masked, atol=1e-5)

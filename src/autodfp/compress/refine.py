@@ -32,7 +32,7 @@ gated maps.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -201,10 +201,11 @@ class Refiner:
 
         touched: set[str] = set()
 
-        def write(edits: dict[str, torch.Tensor]) -> None:
+        from autodfp.compress.surgery import set_tensor  # surgery imports this module
+
+        def write(edits: Mapping[str, torch.Tensor | None]) -> None:
             for tname, value in edits.items():
-                mod_name, _, attr = tname.rpartition(".")
-                getattr(work.get_submodule(mod_name), attr).copy_(value)
+                set_tensor(work, tname, value)
                 touched.add(tname)
 
         write(pruner.masked_state(decisions))
@@ -257,7 +258,8 @@ class Refiner:
                 bar.close()
             for h in handles:
                 h.remove()
-            write({n: originals[n].detach() for n in list(touched)})  # the copy is reused: restore it
+            # the copy is reused: restore it (a bias the refinement added goes away again)
+            write({n: (originals[n].detach() if n in originals else None) for n in list(touched)})
         return refined
 
     def _work_model(self) -> nn.Module:

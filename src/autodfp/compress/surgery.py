@@ -361,14 +361,26 @@ class Pruner:
         edited = self._edited_tensors(decisions, zero_pruned=False)
         with torch.no_grad():
             for name, value in edited.items():
-                mod_name, _, attr = name.rpartition(".")
-                module = net.get_submodule(mod_name)
-                if getattr(module, attr) is None:  # a consumer without bias or BN gets a bias
-                    setattr(module, attr, nn.Parameter(value.clone()))
-                else:
-                    getattr(module, attr).copy_(value)
+                set_tensor(net, name, value)
         prune_channels(net, self.graph, {k: d.pruned.tolist() for k, d in decisions.items()}, self.input_shape)
         return PruneResult(net, plan, decisions)
+
+
+def set_tensor(model: nn.Module, name: str, value: torch.Tensor | None) -> None:
+    """Write ``value`` into the parameter or buffer ``name`` of ``model`` (in place, no grad).
+
+    A consumer with neither a bias nor a BN gets its missing bias here (see the module docstring),
+    and ``value=None`` takes such a bias away again (a reused working copy is restored).
+    """
+    mod_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(mod_name)
+    current = getattr(module, attr)
+    if value is None:
+        setattr(module, attr, None)
+    elif current is None:
+        setattr(module, attr, nn.Parameter(value.detach().clone(), requires_grad=False))
+    else:
+        current.copy_(value)
 
 
 #: parameters a plan may set for every strategy; a strategy that has no use for one ignores it
