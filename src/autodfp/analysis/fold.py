@@ -52,6 +52,7 @@ def group_stats(
     group: PrunableGroup,
     moments: tuple[torch.Tensor, torch.Tensor] | None = None,
     corr: torch.Tensor | None = None,
+    measured_from: int | None = None,
 ) -> ChannelStats:
     """The :class:`ChannelStats` of a group.
 
@@ -59,7 +60,8 @@ def group_stats(
     folded pointwise filter and folded depthwise kernel (see :mod:`autodfp.analysis.similarity`), and the
     bias and Gaussian model are those of the last stage, whose output the consumer sees.
     ``moments`` (mean, std of the last stage's pre-activation) overrides the BN model; it is
-    required when the last stage has no BN.
+    required when the last stage has no BN. ``measured_from``: the positions a measured ``corr``
+    came from (see :attr:`ChannelStats.measured_from`).
     """
     w, b, beta, gamma = fold_stage(model, group.producer)
     filters = w.reshape(w.shape[0], -1)
@@ -79,6 +81,7 @@ def group_stats(
         std=std,
         activation=group.activation,
         corr=None if corr is None else corr.double(),
+        measured_from=measured_from if corr is not None and measured_from else None,
     )
 
 
@@ -197,8 +200,9 @@ def empirical_moments(
     with_corr: bool = False,
     max_positions: int = 20000,
     batch_size: int = 32,
-) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-    """Per-channel mean/std (and correlation) of every prunable group's pre-activation on ``x``.
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]]:
+    """Per-channel mean/std (and correlation) of every prunable group's pre-activation on ``x``,
+    and the number of positions the correlation came from (0 without one).
 
     The pre-activation is the last stage's output, or for a fused BN+activation layer (timm's
     ``BatchNormAct2d``) the input of its ``act``.
@@ -214,7 +218,7 @@ def empirical_moments(
         return register_preactivation_hook(mods[name], acc.add)
 
     acc = _measure(model, x, batch_size, max_positions, list(mods), with_corr, attach)
-    return {name: a.result(max_positions) for name, a in acc.items()}
+    return {name: (*a.result(max_positions), a.used) for name, a in acc.items()}
 
 
 @torch.no_grad()

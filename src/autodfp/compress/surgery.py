@@ -205,10 +205,11 @@ class Pruner:
                 return self._stats[name]
             has_bn = g.last_stage.bn is not None
             moments = corr = None
+            positions = 0
             if not has_bn or self.corr_source == "calibration":
-                mean, std, corr = self._calibration_moments()[name]
+                mean, std, corr, positions = self._calibration_moments()[name]
                 moments = (mean, std) if not has_bn else None
-            self._stats[name] = group_stats(self.model, g, moments=moments, corr=corr)
+            self._stats[name] = group_stats(self.model, g, moments=moments, corr=corr, measured_from=positions)
         return self._stats[name]
 
     def analysis(self, name: str) -> ChannelAnalysis:
