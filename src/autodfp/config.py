@@ -44,9 +44,10 @@ SYNTH_SETTINGS: Mapping[str, Mapping[str, tuple[int, float]]] = {
 
 #: Distillation steps of the reward's batch, as a share of the method's steps. A reward ranks plans
 #: and a ranking settles sooner than a fit does: on ResNet-56 50 to 300 steps gave the same proxy
-#: Spearman rho, while the refinement batch's steps move top-1 (50 instead of 100: 57.42 → 53.79 %
-#: for ResNet-20 at uniform 0.5, docs/RESULTS.md). Measured at small inputs only; large inputs keep
-#: every step (there, 40 instead of 200 steps cost refinement 11 points, ranking was not measured).
+#: Spearman rho, while a fit's batch moves top-1 (``--synth-steps 50`` for every batch instead of
+#: 100: 57.42 → 53.79 % for ResNet-20 at uniform 0.5, docs/RESULTS.md). Measured at small inputs
+#: only; large inputs keep every step (there, 40 instead of 200 steps cost refinement 11 points,
+#: ranking was not measured).
 RANKING_STEPS_SCALE: Mapping[str, float] = {"small": 0.5, "large": 1.0}
 
 #: Synthetic inputs the reward compares on. On ResNet-56 at 0.5 MACs the proxy check's rho rises

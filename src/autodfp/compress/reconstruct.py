@@ -448,12 +448,12 @@ def strategy_lsq(
 
     When the correlations are a measurement on ``stats.measured_from`` positions (the calibration
     batch's: a group's pre-activations, or a residual stream's or an SE chain's consumer inputs),
-    the ridge grows by ``dims_ridge`` (default 3,
-    the refinement's search value) × kept channels / positions, as the refinement's does: a covariance of ``k`` channels from
-    ``n`` samples has its small eigenvalues pulled towards zero by about ``k/n``, and an SE block's
-    ``fc1`` reads (and its squeeze channels are) one pooled position per input, often fewer than
-    its channels. On a batch of 20,000 positions the extra ridge is negligible. Without the
-    shrinkage such a fit reproduces the batch and explodes on other inputs.
+    the ridge grows by ``dims_ridge`` (default 3, the refinement's search value) × kept channels /
+    positions, as the refinement's does: a covariance of ``k`` channels from ``n`` samples has its
+    small eigenvalues pulled towards zero by about ``k/n``, and an SE block's ``fc1`` reads (and
+    its squeeze channels are) one pooled position per input, often fewer than its channels. On a
+    batch of 20,000 positions the extra ridge is negligible. Without the shrinkage such a fit
+    reproduces the batch and does worse on other inputs.
     """
     kept, pruned = _check_partition(stats, kept, pruned)
     if ridge < 0:
