@@ -189,6 +189,15 @@ def test_proxy_check_json_contract_and_artifacts(tmp_path):
         (("bench", "resnet20_cifar10", "--methods", "lsq+l1+refine", "--refine-ridge", "-1"), "--refine-ridge"),
         (("prune", "resnet20_cifar10", "--uniform", "0.5", "--refine-inputs", "1", "--out", "x"), "--refine-inputs"),
         (("prune", "resnet20_cifar10", "--uniform", "0.5", "--reward-inputs", "1", "--out", "x"), "--reward-inputs"),
+        (
+            ("prune", "resnet20_cifar10", "--uniform", "0.5", "--cluster-eps-quantile", "2", "--out", "x"),
+            "--cluster-eps-quantile",
+        ),
+        (("prune", "resnet20_cifar10", "--uniform", "0.5", "--distill-inputs", "1", "--out", "x"), "--distill-inputs"),
+        (
+            ("prune", "resnet20_cifar10", "--uniform", "0.5", "--refine-data", "/nonexistent/imgs", "--out", "x"),
+            "image directory not found",
+        ),
     ],
 )
 def test_bad_input_gets_one_line_errors(args, pattern):
