@@ -379,35 +379,19 @@ def eval_cmd(
     prof = profile(net, shape)
     lat = latency_table(net, shape, batch_sizes=(1, 32))
     if cfg.task == "detection":
-        _render_detection_eval(cfg, res, prof, lat, as_json)
-        return
-    out = {
-        "model": cfg.name,
-        "top1": round(res.top1, 4),
-        "top5": round(res.top5, 4),
-        "n": res.n,
-        "macs": prof.total_macs,
-        "params": prof.total_params,
-        "latency_ms_b1": round(lat[1], 3),
-        "latency_ms_b32": round(lat[32], 3),
-    }
-    con = _console(as_json)
-    t = Table(title=f"{cfg.name}")
-    t.add_column("metric")
-    t.add_column("value", justify="right")
-    for k, v in (
-        ("images", f"{res.n}"),
-        ("top-1", f"{res.top1:.2f} %"),
-        ("top-5", f"{res.top5:.2f} %"),
-        ("MACs", _fmt_m(prof.total_macs)),
-        ("params", _fmt_m(prof.total_params)),
-        ("latency b=1", f"{lat[1]:.2f} ms"),
-        ("latency b=32", f"{lat[32]:.2f} ms"),
-    ):
-        t.add_row(k, v)
-    con.print(t)
-    if as_json:
-        _emit_json(out)
+        against = "the unpruned model's detections" if res.reference == "self" else "labels"
+        rows = [
+            ("images", f"{res.n}"),
+            (f"objects ({against})", f"{res.objects}"),
+            ("mAP@0.5", f"{res.map50:.4f}"),
+            ("mAP@0.5:0.95", f"{res.map50_95:.4f}"),
+            ("faces kept" if res.reference == "self" else "recall", f"{100 * res.recall:.2f} %"),
+        ]
+        fields = _det_row(res)
+    else:
+        rows = [("images", f"{res.n}"), ("top-1", f"{res.top1:.2f} %"), ("top-5", f"{res.top5:.2f} %")]
+        fields = {"top1": round(res.top1, 4), "top5": round(res.top5, 4), "n": res.n}
+    _render_eval(cfg.name, rows, fields, prof, lat, as_json)
 
 
 def _det_row(res) -> dict:
@@ -422,30 +406,26 @@ def _det_row(res) -> dict:
     }
 
 
-def _render_detection_eval(cfg, res, prof, lat, as_json: bool) -> None:
+def _render_eval(name: str, rows: list[tuple[str, str]], fields: dict, prof, lat, as_json: bool) -> None:
+    """``eval``'s table and JSON: the task's own metrics, then the cost every model reports."""
     con = _console(as_json)
-    t = Table(title=f"{cfg.name}")
+    t = Table(title=name)
     t.add_column("metric")
     t.add_column("value", justify="right")
-    against = "the unpruned model's detections" if res.reference == "self" else "labels"
-    for k, v in (
-        ("images", f"{res.n}"),
-        (f"objects ({against})", f"{res.objects}"),
-        ("mAP@0.5", f"{res.map50:.4f}"),
-        ("mAP@0.5:0.95", f"{res.map50_95:.4f}"),
-        ("faces kept" if res.reference == "self" else "recall", f"{100 * res.recall:.2f} %"),
+    cost = [
         ("MACs", _fmt_m(prof.total_macs)),
         ("params", _fmt_m(prof.total_params)),
         ("latency b=1", f"{lat[1]:.2f} ms"),
         ("latency b=32", f"{lat[32]:.2f} ms"),
-    ):
+    ]
+    for k, v in rows + cost:
         t.add_row(k, v)
     con.print(t)
     if as_json:
         _emit_json(
             {
-                "model": cfg.name,
-                **_det_row(res),
+                "model": name,
+                **fields,
                 "macs": prof.total_macs,
                 "params": prof.total_params,
                 "latency_ms_b1": round(lat[1], 3),
