@@ -226,6 +226,7 @@ def test_a_consumer_without_bias_or_bn_gets_a_bias(tmp_path, strategy):
             assert torch.allclose(out, net(x), atol=1e-5)
         else:  # the mean of a ReLU channel is a positive constant: it must land in a bias
             assert result.model[3].bias is not None and float(result.model[3].bias.abs().max()) > 0
+            assert result.model[3].bias.requires_grad == result.model[3].weight.requires_grad
     assert net[3].bias is None, "the original model is left unchanged"
     cfg = get_config("resnet20_cifar10")
     save_pruned(result, tmp_path / "o", cfg, shape)

@@ -378,8 +378,10 @@ def set_tensor(model: nn.Module, name: str, value: torch.Tensor | None) -> None:
     current = getattr(module, attr)
     if value is None:
         setattr(module, attr, None)
-    elif current is None:
-        setattr(module, attr, nn.Parameter(value.detach().clone(), requires_grad=False))
+    elif current is None:  # trainable like the layer's weight, so fine-tuning the result trains it too
+        weight = getattr(module, "weight", None)
+        trainable = weight.requires_grad if isinstance(weight, torch.Tensor) else True
+        setattr(module, attr, nn.Parameter(value.detach().clone(), requires_grad=trainable))
     else:
         current.copy_(value)
 
