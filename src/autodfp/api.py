@@ -41,7 +41,7 @@ from autodfp.analysis.graph import GroupGraph, find_groups
 from autodfp.compress.plan import Plan
 from autodfp.compress.refine import Refiner, select_dims_ridge
 from autodfp.compress.surgery import GroupDecision, Pruner
-from autodfp.config import Config
+from autodfp.config import SEARCH_METHODS, Config
 from autodfp.errors import ModelError, PlanError
 from autodfp.models.load import check_finite
 from autodfp.models.registry import ModelConfig, Preprocessing
@@ -228,9 +228,10 @@ class Pipeline:
     def needs_calibration(self, corr: str, graph: GroupGraph | None = None) -> bool:
         """Whether the pruner needs a calibration batch for ``corr`` and the groups of ``graph``.
 
-        SE-gated chains are reconstructed from what their consumers read, measured on the batch
-        (``x * gate`` has no BN model), and groups without BN after their last stage (an SE's
-        ``fc1``) have no stored statistics; either needs a batch even with every default.
+        SE-gated chains and parallel depthwise branches are reconstructed from what their
+        consumers read, measured on the batch (``x * gate`` has no BN model; each branch's consumer
+        reads its own branch), and groups without BN after their last stage (an SE's ``fc1``) have
+        no stored statistics; either needs a batch even with every default.
 
         :param corr: the correlation source (``calibration`` or ``geometry``)
         :param graph: the model's groups, when known
@@ -239,7 +240,7 @@ class Pipeline:
 
         if corr == "calibration" or not bn_layers(self.model) or self.config.coupled:
             return True
-        return graph is not None and any(g.kind == "se_chain" or g.last_stage.bn is None for g in graph.prunable)
+        return graph is not None and any(g.coupled or g.last_stage.bn is None for g in graph.prunable)
 
     def pruner(self, synthesising: bool, graph: GroupGraph | None = None) -> Pruner:
         """``corr="auto"``: correlations measured on synthetic inputs whenever a batch exists anyway.
@@ -464,7 +465,7 @@ def prune(
     :param macs_ratio: target fraction of the original MACs, met within ``config.tol``
     :param uniform: one preserved ratio in (0, 1] for every prunable group
     :param plan: a plan to apply as it is (its criterion and strategy are kept)
-    :param search: ``sac``, ``uniform`` or ``random`` (default ``config.search``)
+    :param search: ``sac``, ``uniform``, ``random`` or ``evolution`` (default ``config.search``)
     :param reward: what the search maximises: ``"synthetic"`` (agreement with the original on
         inputs distilled from its BN statistics; data-free), ``"unlabeled:DIR"``,
         ``"labeled:SPEC"`` or a callable ``f(model) -> float`` (higher is better)
@@ -489,8 +490,8 @@ def prune(
     if uniform is not None:
         check_ratio("uniform", uniform)
     method = search if search is not None else cfg.search
-    if method not in ("sac", "uniform", "random"):
-        raise PlanError(f"unknown search '{method}'; choose from sac, uniform, random")
+    if method not in SEARCH_METHODS:
+        raise PlanError(f"unknown search '{method}'; choose from {', '.join(SEARCH_METHODS)}")
     if resume and checkpoint_dir is None:
         raise PlanError("resume needs a checkpoint_dir")
     net, mc, shape = prepare_model(model, input_shape, model_config, name)

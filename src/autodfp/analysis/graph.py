@@ -42,9 +42,23 @@ consumer's input on the calibration batch and compensates each consumer on its o
 (``activation == "identity"``). The channels the SE ``fc1`` produces (the squeeze) remain an
 ordinary ``conv`` group feeding ``fc2``.
 
+**Parallel depthwise branches** (``kind == "dw_branches"``, prunable by default): a detector's
+source layer (MobileNet-SSD, SSDLite, Ultra-Light) feeds the next block's depthwise conv *and*
+each head's, in parallel, and maybe a head that reads it directly. torch-pruning lists every one
+of those depthwise convs (and their BNs) in the group, which is right for removal, but no single
+"last stage" describes what the consumers read: each reads its own branch. :func:`_is_chain`
+tells such a group from a chain (each depthwise conv reading the one before it); the group is
+then handled like an SE chain, ``coupled`` with ``activation == "identity"``, and
+:mod:`autodfp.compress.surgery` compensates each consumer from its own input measured on the
+calibration batch. Nothing ties the channels besides the depthwise convs, which act per channel,
+so a channel equal to a kept one in the producer and in every branch is that channel at every
+consumer, and ``lsq`` removes it exactly.
+
 A group whose channels reach the model's output without passing another conv/linear layer (the
 classifier, a detection head) is never prunable: that would change the output's shape. The
-groups that feed such a layer are not pruned by default either ("feeds the classifier").
+groups that feed such a layer are not pruned by default either ("feeds the classifier"), unless
+the layer is a dense-prediction head (a conv) and the group also feeds the rest of the network:
+a detector's source features are intermediate, and the head is compensated like any consumer.
 
 The activation between the last stage and the consumers is read from one forward pass (see
 :func:`_detect_activations`). The pre-activation is captured *cloned*: an in-place activation
@@ -151,7 +165,7 @@ class PrunableGroup:
     coupled: bool
     prunable: bool
     reason: str = ""
-    kind: str = "conv"  # "conv" | "dw_chain" | "linear"
+    kind: str = "conv"  # "conv" | "dw_chain" | "linear" | "se_chain" | "dw_branches"
     members: list[str] = field(default_factory=list)
     #: channel-wise pooling between the activation and a consumer (e.g. ``"max_pool2d(k=2, s=2)"``)
     pools: list[str] = field(default_factory=list)
@@ -393,6 +407,35 @@ def _bn_after(dg: tp.DependencyGraph, module: nn.Module) -> nn.modules.batchnorm
         if any(k in grad for k in ("ConstantPadNd", "Unsqueeze", "Convolution")):
             frontier.extend(n.outputs)
     return None
+
+
+def _stage_input(dg: tp.DependencyGraph, module: nn.Module) -> nn.Module | None:
+    """The conv or linear layer whose output ``module`` reads, through BNs, activations and
+    functional ops only; None if there is no single one (an add, a concat of two layers)."""
+    node = dg.module2node.get(module)
+    frontier = list(node.inputs) if node is not None else []
+    found: set[nn.Module] = set()
+    seen: set[int] = set()
+    while frontier:
+        n = frontier.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        if isinstance(n.module, nn.modules.conv._ConvNd) or isinstance(n.module, nn.Linear):
+            found.add(n.module)
+        else:
+            frontier.extend(n.inputs)
+    return found.pop() if len(found) == 1 else None
+
+
+def _is_chain(dg: tp.DependencyGraph, producer: nn.Module, dws: list[nn.Module]) -> bool:
+    """Whether the depthwise convs of a group form one chain, each reading the one before it.
+
+    MobileNet's pointwise → depthwise → pointwise is a chain of one. A detector's source layer is
+    not: its channels feed the next block's depthwise conv *and* each head's, in parallel, and
+    every consumer reads its own branch (see ``kind == "dw_branches"`` in the module docstring).
+    """
+    return all(_stage_input(dg, dw) is (dws[i - 1] if i else producer) for i, dw in enumerate(dws))
 
 
 def _reaches_output(dg: tp.DependencyGraph, module: nn.Module) -> bool:
@@ -658,11 +701,14 @@ def find_groups(model: nn.Module, input_shape: tuple[int, ...], coupled: bool = 
         pools = sorted({label for _, labels in pool_paths for label in labels})
 
         se = _se_gates(dg, producers, consumers, others, muls, shortcuts)
+        # parallel depthwise branches: one producer, no other tie, each consumer behind its own dw
+        branches = len(dws) > 1 and not coupled and not _is_chain(dg, producer, dws)
+        coupled = coupled or branches
         prunable, reason = True, ""
         if feeds_output:
             prunable, reason = False, "model output"
-        elif se is not None:
-            pass  # an SE-gated chain: prunable by default, reconstructed from measured consumer inputs
+        elif se is not None or branches:
+            pass  # an SE-gated chain or dw branches: prunable by default, from measured consumer inputs
         elif coupled and not coupled_mode:
             prunable, reason = False, "coupled (residual add / shortcut / concat)"
         elif coupled and (ties or dws):
@@ -673,6 +719,8 @@ def find_groups(model: nn.Module, input_shape: tuple[int, ...], coupled: bool = 
         kind = "linear" if isinstance(producer, nn.Linear) else ("dw_chain" if dws else "conv")
         if se is not None:
             kind = "se_chain"
+        elif branches:
+            kind = "dw_branches"
         groups.append(
             PrunableGroup(
                 name=names[producer],
@@ -703,10 +751,15 @@ def find_groups(model: nn.Module, input_shape: tuple[int, ...], coupled: bool = 
             g.prunable, g.reason = False, "no element-wise activation between producer and consumer"
 
     # Never prune into the classifier by default: its input channels are the final features, and
-    # their loss cannot be reconstructed by any later layer.
-    classifier = {m for g in groups if g.reason == "model output" for m in g.members}
+    # their loss cannot be reconstructed by any later layer. A dense-prediction head (a conv on a
+    # feature map) that reads features the rest of the network also reads (a detector's source
+    # layers, read by a head and by the next block) is compensated like any consumer instead:
+    # those features are intermediate, and the search may still keep them whole.
+    output_layers = {m for g in groups if g.reason == "model output" for m in g.members}
     for g in groups:
-        if g.prunable and classifier & set(g.consumers):
+        heads = output_layers & set(g.consumers)
+        linear = any(isinstance(model.get_submodule(c), nn.Linear) for c in heads)
+        if g.prunable and heads and (linear or heads == set(g.consumers)):
             g.prunable, g.reason = False, "feeds the classifier"
     for g in groups:
         if g.prunable and g.coupled:

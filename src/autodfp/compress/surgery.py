@@ -313,7 +313,7 @@ class Pruner:
         if zero_pruned:
             for gname, d in decisions.items():
                 g = self._group(gname)
-                if g.coupled and g.kind != "se_chain" and d.pruned.numel():
+                if g.coupled and g.kind not in ("se_chain", "dw_branches") and d.pruned.numel():  # a stream
                     self._silence_stream(g, d.pruned, current, out)
         return out
 
