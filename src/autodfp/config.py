@@ -65,7 +65,7 @@ EVAL_BATCH: Mapping[str, int] = {"small": 256, "large": 8}
 
 SYNTH_METHODS = ("auto", "bn", "deepinversion", "inversion", "noise")
 CORR_SOURCES = ("auto", "geometry", "calibration")
-SEARCH_METHODS = ("sac", "uniform", "random")
+SEARCH_METHODS = ("sac", "uniform", "random", "evolution")
 REWARD_MEASURES = ("kl", "top1", "mse")
 
 
@@ -122,9 +122,11 @@ class Config:
     :param reward_temperature: softmax temperature of the KL reward (T=2 ranked best)
     :param unlabeled_reward_inputs: real unlabelled images the ``unlabeled:`` reward uses (at most)
     :param labeled_reward_inputs: labelled images the ``labeled:`` reward uses (at most)
-    :param search: ``sac`` (the agent), ``uniform`` or ``random``
-    :param episodes: search episodes (SAC, random)
-    :param warmup: random-action episodes before SAC learns (``None``: ``min(warmup_cap, episodes // 4)``)
+    :param search: ``sac`` (the agent), ``uniform``, ``random`` or ``evolution`` (mutating the best plans
+        found so far: is the agent worth its cost?)
+    :param episodes: search episodes (SAC, random, evolution), one reward call each
+    :param warmup: random-action episodes before SAC learns, and evolution's population (``None``:
+        ``min(warmup_cap, episodes // 4)``), so both start from the same random episodes
     :param warmup_cap: upper bound of the default warm-up
     :param r_min: smallest preserved ratio per group (``None``: chosen from the budget, at most 0.3)
     :param tol: the budget tolerance: plans land within ``±tol`` of the target MACs ratio

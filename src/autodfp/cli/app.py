@@ -521,11 +521,15 @@ def prune(
         None, "--macs-ratio", help="Search a plan keeping this fraction of the MACs (0.5 halves them)."
     ),
     search_method: Optional[str] = typer.Option(
-        None, "--search", help="With --macs-ratio: sac (default) | uniform | random."
+        None, "--search", help="With --macs-ratio: sac (default) | uniform | random | evolution."
     ),
-    episodes: Optional[int] = typer.Option(None, "--episodes", help="Search episodes (sac, random; default 300)."),
+    episodes: Optional[int] = typer.Option(
+        None, "--episodes", help="Search episodes (sac, random, evolution; default 300)."
+    ),
     warmup: Optional[int] = typer.Option(
-        None, "--warmup", help="Random-action episodes before SAC learns (default min(50, episodes/4))."
+        None,
+        "--warmup",
+        help="Random-action episodes before SAC learns, and evolution's population (default min(50, episodes/4)).",
     ),
     reward_spec: str = typer.Option(
         "synthetic", "--reward", help="synthetic | unlabeled:DIR | labeled:SPEC (never the evaluation set)."

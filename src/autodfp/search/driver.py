@@ -1,8 +1,14 @@
-"""Searching per-layer pruning plans under a MACs budget: SAC agent, uniform and random baselines.
+"""Searching per-layer pruning plans under a MACs budget: SAC agent, evolution, uniform and random baselines.
 
 All methods drive the same :class:`~autodfp.search.env.PruningEnv`, so they obey the same clipping and
 repair and differ only in how actions are chosen; the comparison between them is fair by
-construction.
+construction, and at equal episodes it is at equal cost (one episode is one plan scored by one
+reward call).
+
+Evolution is the cheap non-learned alternative to SAC: is a policy network worth its cost over
+perturbing the best plans found so far? It starts from the same number of random episodes as SAC's
+warm-up (the very episodes random search plays with the same seed), then mutates tournament winners
+of an archive of the best plans (see :func:`_run_evolution`).
 
 SAC credit assignment. The reward exists only for a finished plan. Following AMC, every
 transition of an episode is stored with the *episode's* reward and marked terminal, so the critic
@@ -58,7 +64,7 @@ from autodfp.search.checkpoint import (
 )
 from autodfp.search.env import MaskedModel, PruningEnv, RewardFn
 
-METHODS = ("sac", "uniform", "random")
+METHODS = ("sac", "uniform", "random", "evolution")
 
 #: SAC settings for a 10–30-step episodic problem with one reward per episode (see module doc).
 #: γ and τ do not matter with per-episode credit (every target is terminal). One training round per
@@ -78,6 +84,17 @@ SAC_DEFAULTS: dict[str, Any] = {
     "net_arch": [256, 256],
     "credit": "episode",  # "episode" (AMC) | "terminal" (sparse reward, bootstrapped)
     "reward_norm": "rank",  # "rank" | "zscore" | "none"
+}
+
+
+#: Evolution settings (see :func:`_run_evolution`); the population is the ``warmup`` argument, so that
+#: evolution and SAC start from the same number of random episodes. ``sigma`` is the Gaussian
+#: mutation's standard deviation in action space, decaying linearly from the first child to the
+#: last: broad moves while the archive is still mostly random, fine-tuning of the best plans at the end.
+EVOLUTION_DEFAULTS: dict[str, Any] = {
+    "tournament": 3,
+    "sigma": (0.3, 0.05),
+    "p_mutate": 0.3,
 }
 
 
@@ -376,8 +393,9 @@ def search(
 ) -> SearchResult:
     """Find a plan at ``target_macs_ratio`` of the original MACs (within ``±tol``).
 
-    ``warmup`` (SAC only) is the number of random-action episodes before learning; default
-    ``min(50, episodes // 4)``, or the checkpoint's value when resuming. ``checkpoint_every`` is
+    ``warmup`` is the number of random-action episodes before SAC learns, and evolution's population
+    (its random start and the size of its archive, at least 1); default ``min(50, episodes // 4)``,
+    or the checkpoint's value when resuming. ``checkpoint_every`` is
     also SAC's learning chunk; chunking does not change the run, so it only sets how often state is
     written. ``resume=True`` continues from the latest checkpoint in ``checkpoint_dir`` (or starts
     afresh if there is none). ``r_min=None`` lets :meth:`MacsModel.auto_r_min` pick the smallest
@@ -413,10 +431,12 @@ def search(
         return _search_uniform(env, t0)
     if warmup is None:
         warmup = DEFAULTS.warmup_for(episodes)
-        if resume and method == "sac":  # the default depends on episodes; a resumed run keeps its own
+        if resume and method in ("sac", "evolution"):  # the default depends on episodes; a resumed run keeps its own
             saved = _peek_config(checkpoint_dir)
             warmup = int(saved.get("warmup", warmup)) if saved else warmup
     warmup = int(warmup)
+    if method == "evolution":
+        warmup = max(warmup, 1)  # a child needs a parent
     cfg = {**SAC_DEFAULTS, **(sac_kwargs or {})}
     config = {
         "method": method,
@@ -433,12 +453,16 @@ def search(
     }
     if method == "sac":
         config.update({"warmup": warmup, "sac": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}})
+    elif method == "evolution":
+        config.update({"warmup": warmup, "evolution": dict(EVOLUTION_DEFAULTS)})
     ckpt = Checkpointer(checkpoint_dir, json.loads(json.dumps(config)))
     tracker = _Tracker(episodes, progress, desc=method)
     tracker.total_macs = env.mm.total_macs
     try:
         if method == "random":
             seconds = _run_random(env, tracker, episodes, seed, ckpt, checkpoint_every, resume)
+        elif method == "evolution":
+            seconds = _run_evolution(env, tracker, episodes, warmup, seed, ckpt, checkpoint_every, resume)
         else:
             seconds = _run_sac(env, tracker, episodes, warmup, seed, cfg, ckpt, checkpoint_every, resume)
     finally:
@@ -539,6 +563,118 @@ def _run_random(
                 "tracker": tracker.state(),
                 "rng": _rng_state({"random": rng}),
                 "seconds": prior + time.perf_counter() - t0,
+            },
+            {},
+        )
+    return prior
+
+
+class _Individual(NamedTuple):
+    reward: float
+    episode: int  # 1-based; breaks reward ties in favour of the older plan
+    genome: np.ndarray  # (steps, 2) float32: the actions fed to the environment
+
+
+def _play(env: PruningEnv, genome: np.ndarray) -> dict[str, Any]:
+    """One episode with the genome's actions; an episode always takes one step per group."""
+    env.reset()
+    info: dict[str, Any] = {}
+    terminated = False
+    for action in genome:
+        _, _, terminated, _, info = env.step(action)
+    assert terminated
+    return info
+
+
+def _mutate(
+    parent: np.ndarray, rng: np.random.Generator, sigma: float, p_mutate: float, active: np.ndarray
+) -> np.ndarray:
+    """Gaussian noise on a random subset of the genes the environment reads (at least one).
+
+    The strength gene is read only by the ``autodfp`` strategy (``active``); mutating it otherwise
+    would spend a reward call on a plan already scored. The noise is drawn for every gene whether
+    used or not, so the generator advances by the same amount for every child.
+    """
+    mask = (rng.random(parent.shape) < p_mutate) & active
+    noise = rng.normal(0.0, sigma, parent.shape)
+    if not mask.any():
+        mask.flat[int(rng.choice(np.flatnonzero(np.broadcast_to(active, parent.shape))))] = True
+    return np.clip(parent + np.where(mask, noise, 0.0), -1.0, 1.0).astype(np.float32)
+
+
+def _archive_state(archive: list[_Individual]) -> list[dict[str, Any]]:
+    return [{"reward": i.reward, "episode": i.episode, "genome": i.genome.tolist()} for i in archive]
+
+
+def _run_evolution(
+    env: PruningEnv,
+    tracker: _Tracker,
+    episodes: int,
+    population: int,
+    seed: int,
+    ckpt: Checkpointer,
+    every: int,
+    resume: bool,
+) -> float:
+    """A steady-state genetic search: one child per episode, so it is comparable at equal reward calls.
+
+    An individual is the sequence of actions fed to the environment over one episode (``steps × 2``
+    in ``[-1, 1]``), not the plan the environment made of them after clipping to the feasible range
+    and repairing the budget: the environment is deterministic, so the genome reproduces its plan
+    exactly, and a mutation of it always yields a plan on budget. A mutation in a clipped region
+    changes nothing; that costs an evaluation now and then, not correctness.
+
+    The first ``population`` episodes are uniform random genomes, drawn exactly as :func:`_run_random`
+    draws its actions (same seed, same episodes). Every later episode picks a parent by tournament
+    among the ``population`` best individuals so far (the archive), mutates it (see
+    :data:`EVOLUTION_DEFAULTS`), plays it and offers it to the archive. The archive and the generator
+    are checkpointed, so a run resumed with the episodes it was started with is exact; a finished run
+    extended to more episodes continues with the mutation schedule of the new total.
+    """
+    rng = np.random.default_rng(seed)
+    shape = (env.n_steps, 2)
+    active = np.array([True, env.strategy == "autodfp"])
+    sigma0, sigma1 = (float(x) for x in EVOLUTION_DEFAULTS["sigma"])
+    p_mutate = float(EVOLUTION_DEFAULTS["p_mutate"])
+    tournament = int(EVOLUTION_DEFAULTS["tournament"])
+    archive: list[_Individual] = []
+    done, prior = 0, 0.0
+    path, state = _resume_state(ckpt, resume)
+    if state is not None:
+        assert path is not None
+        done = _check_done(state, episodes, path)
+        prior = _restore_common(state, path, tracker, env, {"evolution": rng})
+        with reading(path / STATE):
+            archive = [
+                _Individual(
+                    float(d["reward"]), int(d["episode"]), np.asarray(d["genome"], dtype=np.float32).reshape(shape)
+                )
+                for d in state["archive"]
+            ]
+    t0 = time.perf_counter()
+    while done < episodes:
+        for _ in range(min(every, episodes - done)):
+            if done < population:
+                genome = rng.uniform(-1.0, 1.0, size=shape).astype(np.float32)
+            else:
+                # the archive is sorted best first, so the best contestant has the smallest index
+                picks = rng.choice(len(archive), size=min(tournament, len(archive)), replace=False)
+                frac = min((done - population) / max(episodes - population - 1, 1), 1.0)
+                sigma = sigma0 + (sigma1 - sigma0) * frac
+                genome = _mutate(archive[int(picks.min())].genome, rng, sigma, p_mutate, active)
+            info = _play(env, genome)
+            tracker.record(info)
+            done += 1
+            archive.append(_Individual(float(info["reward"]), done, genome))
+            archive.sort(key=lambda i: (-i.reward, i.episode))
+            del archive[population:]
+        ckpt.save(
+            done,
+            {
+                "tracker": tracker.state(),
+                "rng": _rng_state({"evolution": rng}),
+                "seconds": prior + time.perf_counter() - t0,
+                "archive": _archive_state(archive),
             },
             {},
         )
@@ -753,6 +889,7 @@ def plot_rewards(history: Sequence[EpisodeRecord], path: str | Path, title: str 
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "EVOLUTION_DEFAULTS",
     "EpisodeRecord",
     "METHODS",
     "SAC_DEFAULTS",
