@@ -229,3 +229,46 @@ def test_large_batches_are_chunks_and_extend_smaller_ones(tmp_path: Path, monkey
     assert not torch.equal(big[4:8], big[:4]), "chunks use different seeds"
     assert torch.equal(synthetic_batch(net, "tiny/net", shape, n=10, seed=3, cache_dir=tmp_path, steps=2), big)
     assert calls == [4, 4, 2]
+
+
+def test_coarse_phase_runs_at_half_size_then_finishes_at_full_size() -> None:
+    """``coarse``: the first steps on a half-size batch, upsampled, then the rest at full size."""
+    net = _bn_net()
+    shape = (3, 96, 96)  # the smallest side the coarse phase applies to
+    sizes: list[tuple[int, ...]] = []
+    hook = net[0].register_forward_pre_hook(lambda mod, args: sizes.append(tuple(args[0].shape[-2:])))
+    try:
+        res = distill(net, shape, n=4, steps=40, lr=0.1, seed=0, coarse=0.75)
+    finally:
+        hook.remove()
+    # the initial report, 30 coarse steps, 10 full-size steps, the final report
+    assert sizes == [(96, 96)] + [(48, 48)] * 30 + [(96, 96)] * 11
+    assert res.images.shape == (4, *shape) and res.steps == 40
+    assert res.final_loss < res.initial_loss  # how well, against a full-size run: benchmarks/coarse_synthesis.py
+    again = distill(net, shape, n=4, steps=40, lr=0.1, seed=0, coarse=0.75)
+    assert torch.equal(res.images, again.images)
+    plain = distill(net, shape, n=4, steps=40, lr=0.1, seed=0)
+    assert not torch.allclose(res.images, plain.images)
+
+
+def test_coarse_phase_is_skipped_where_it_does_not_apply() -> None:
+    net = _bn_net()
+    assert synth.coarse_steps("bn", (3, 32, 32), 100, 0.75) == 0  # CIFAR-size inputs
+    assert synth.coarse_steps("inversion", (3, 224, 224), 100, 0.75) == 0  # no BN statistics to match
+    assert synth.coarse_steps("deepinversion", (3, 224, 224), 100, 0.75) == 75
+    a = distill(net, (3, 16, 16), n=4, steps=5, lr=0.1, seed=0, coarse=0.75)
+    b = distill(net, (3, 16, 16), n=4, steps=5, lr=0.1, seed=0)
+    assert torch.equal(a.images, b.images)
+    with pytest.raises(ValueError, match="coarse"):
+        synth.coarse_steps("bn", (3, 224, 224), 100, 1.0)
+
+
+def test_coarse_batches_are_cached_apart(tmp_path: Path) -> None:
+    net = _bn_net()
+    a = synthetic_batch(net, "tiny/net", (3, 96, 96), n=4, seed=0, cache_dir=tmp_path, steps=4)
+    b = synthetic_batch(net, "tiny/net", (3, 96, 96), n=4, seed=0, cache_dir=tmp_path, steps=4, coarse=0.5)
+    assert len(list(tmp_path.glob("*.pt"))) == 2 and not torch.equal(a, b)
+    # where the coarse phase does not apply, the key (and the batch) is the plain one
+    synthetic_batch(net, "tiny/net", (3, 8, 8), n=4, seed=0, cache_dir=tmp_path, steps=4)
+    synthetic_batch(net, "tiny/net", (3, 8, 8), n=4, seed=0, cache_dir=tmp_path, steps=4, coarse=0.5)
+    assert len(list(tmp_path.glob("*.pt"))) == 3
