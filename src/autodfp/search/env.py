@@ -188,7 +188,7 @@ class PruningEnv(gym.Env):
                     r["i"] / self.n_steps,
                     r["depth"],
                     float(r["kind"] == "conv"),
-                    float(r["kind"] in ("dw_chain", "se_chain")),  # a gated dw chain is still one (same obs width)
+                    float(r["kind"] in ("dw_chain", "se_chain", "dw_branches")),  # gated or branched: a dw chain
                     float(r["kind"] == "linear"),
                     math.log2(max(r["c_in"], 1)) / log_max,
                     math.log2(max(r["c_out"], 1)) / log_max,
