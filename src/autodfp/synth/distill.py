@@ -102,31 +102,6 @@ DI_CE_WEIGHT = 0.3
 DI_TV_WEIGHT = 0.1
 
 
-#: Inputs smaller than this on a side are always distilled at full size: at half of 32 px a CIFAR
-#: network's deeper maps are 1×1 or 2×2 and their BN statistics mean little.
-COARSE_MIN_SIDE = 96
-
-
-def _half(input_shape: Sequence[int]) -> tuple[int, ...]:
-    return (*(int(d) for d in input_shape[:-2]), *(max(1, int(d) // 2) for d in input_shape[-2:]))
-
-
-def coarse_steps(method: str, input_shape: Sequence[int], steps: int, coarse: float) -> int:
-    """Steps of a ``coarse`` schedule taken at half resolution (0: none).
-
-    A step at half the side costs about a quarter, so ``coarse = 0.75`` runs 200 steps for about
-    the price of 88. The BN statistics a convolutional network stores are per channel, pooled over
-    positions, so a half-size batch can already match them roughly; the full-size steps at the end
-    fix what depends on scale. Only the BN methods use it (the classifier-driven inversion has no
-    per-layer statistics to match), and only for 2-d inputs of at least :data:`COARSE_MIN_SIDE` px.
-    """
-    if not 0.0 <= coarse < 1.0:
-        raise ValueError(f"coarse must be in [0, 1), got {coarse}")
-    if method not in ("bn", "deepinversion") or len(input_shape) < 3 or min(input_shape[-2:]) < COARSE_MIN_SIDE:
-        return 0
-    return int(round(coarse * steps))
-
-
 def default_settings(method: str, input_shape: Sequence[int]) -> tuple[int, float]:
     """(steps, lr) used when the caller gives none (:data:`autodfp.config.SYNTH_SETTINGS`)."""
     return SYNTH_SETTINGS[method][size_class(input_shape)]
@@ -275,12 +250,9 @@ def distill(
     label_offset: int = 0,
     progress: bool = False,
     callback: Callable[[int, float], None] | None = None,
-    coarse: float = 0.0,
 ) -> SynthResult:
     """Like :func:`synthesize`, returning convergence numbers alongside the batch."""
-    return _distill(
-        model, input_shape, n, steps, lr, check_seed(seed), method, label_offset, progress, callback, coarse
-    )
+    return _distill(model, input_shape, n, steps, lr, check_seed(seed), method, label_offset, progress, callback)
 
 
 def _distill(
@@ -294,14 +266,8 @@ def _distill(
     label_offset: int,
     progress: bool,
     callback: Callable[[int, float], None] | None = None,
-    coarse: float = 0.0,
 ) -> SynthResult:
-    """:func:`distill` for any seed torch accepts: chunk seeds (:data:`CHUNK_SEED_STRIDE`) may pass 2**32.
-
-    ``coarse``: the share of the steps taken at half the resolution (BN methods, 2-d inputs of at
-    least :data:`COARSE_MIN_SIDE` px), before the batch is upsampled and finished at full size;
-    see :func:`coarse_steps`.
-    """
+    """:func:`distill` for any seed torch accepts: chunk seeds (:data:`CHUNK_SEED_STRIDE`) may pass 2**32."""
     method = resolve_method(model, method)
     d_steps, d_lr = default_settings(method, input_shape)
     steps = d_steps if steps is None else int(steps)
@@ -310,12 +276,9 @@ def _distill(
         raise ValueError("ZeroQ matches batch statistics; n must be at least 2")
     device = _model_device(model)
     start = time.perf_counter()
-    low_steps = coarse_steps(method, input_shape, steps, coarse)
 
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     x0 = torch.randn((n, *input_shape), generator=gen)
-    if low_steps:  # the coarse phase starts from noise at half size (drawn after x0, so x0 is as before)
-        x_low = torch.randn((n, *_half(input_shape)), generator=gen)
 
     # fork_rng: a seeded, deterministic run without disturbing the caller's global RNG stream
     # (randomness inside the model, e.g. dropout, is off in eval mode anyway).
@@ -388,32 +351,17 @@ def _distill(
         with ctx:
             with torch.no_grad():
                 initial = report(x)
-            ticks = _progress(steps, progress, f"distill[{method}]")
-
-            def run(batch: torch.Tensor, first: int, last: int) -> None:
-                # a cosine decay per phase: large early steps to leave the noise (or, after the
-                # upsampling, to put back the detail that the early layers' statistics ask for),
-                # small late ones to settle
-                opt = torch.optim.Adam([batch], lr=lr)
-                sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(last - first, 1))
-                for step in range(first, last):
-                    next(ticks, None)
-                    opt.zero_grad(set_to_none=True)
-                    loss = objective(batch)
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-                    if callback is not None:
-                        callback(step, float(loss))
-
-            if low_steps:
-                low = x_low.to(device).requires_grad_(True)
-                run(low, 0, low_steps)
-                with torch.no_grad():
-                    up = F.interpolate(low.detach(), size=tuple(input_shape[-2:]), mode="bilinear", align_corners=False)
-                x = up.contiguous().requires_grad_(True)
-            run(x, low_steps, steps)
-            next(ticks, None)  # closes a progress bar
+            opt = torch.optim.Adam([x], lr=lr)
+            # cosine decay: large early steps to leave the noise, small late ones to settle
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
+            for step in _progress(steps, progress, f"distill[{method}]"):
+                opt.zero_grad(set_to_none=True)
+                loss = objective(x)
+                loss.backward()
+                opt.step()
+                sched.step()
+                if callback is not None:
+                    callback(step, float(loss))
             with torch.no_grad():
                 final = report(x)
     return SynthResult(x.detach().cpu(), method, steps, lr, float(initial), float(final), time.perf_counter() - start)
@@ -489,7 +437,6 @@ def synthetic_batch(
     label_offset: int = 0,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
-    coarse: float = 0.0,
 ) -> torch.Tensor:
     """:func:`synthesize`, cached on disk: distillation costs minutes, a reload milliseconds.
 
@@ -503,19 +450,7 @@ def synthetic_batch(
     given before the work.
     """
     return _synthetic_batch(
-        model,
-        model_key,
-        input_shape,
-        n,
-        check_seed(seed),
-        cache_dir,
-        method,
-        steps,
-        lr,
-        label_offset,
-        progress,
-        log,
-        coarse,
+        model, model_key, input_shape, n, check_seed(seed), cache_dir, method, steps, lr, label_offset, progress, log
     )
 
 
@@ -532,7 +467,6 @@ def _synthetic_batch(
     label_offset: int,
     progress: bool,
     log: Callable[[str], None] | None = None,
-    coarse: float = 0.0,
 ) -> torch.Tensor:
     resolved = resolve_method(model, method)
     sizes = chunk_sizes(n, input_shape)
@@ -552,7 +486,6 @@ def _synthetic_batch(
                     label_offset,
                     progress,
                     log,
-                    coarse,
                 )
                 for i, size in enumerate(sizes)
             ]
@@ -572,9 +505,6 @@ def _synthetic_batch(
         "lr": lr,
         "label_offset": int(label_offset),
     }
-    low_steps = coarse_steps(resolved, input_shape, steps, coarse)
-    if low_steps:  # a key part only when used, so batches cached without a coarse phase stay valid
-        parts["coarse_steps"] = low_steps
     path = _cache_path(root, model_key, parts)
     if path.is_file():
         try:
@@ -589,12 +519,10 @@ def _synthetic_batch(
     writable = usable_cache_dir(root) is not None  # warns now, not after the distillation
     if log is not None:
         log(
-            f"synthesising {n} inputs from the model ({resolved}, {steps} steps"
-            + (f", the first {low_steps} at half size" if low_steps else "")
-            + f", seed {seed})"
+            f"synthesising {n} inputs from the model ({resolved}, {steps} steps, seed {seed})"
             + ("; cached after the first run" if writable else "")
         )
-    result = _distill(model, input_shape, n, steps, lr, seed, resolved, label_offset, progress, None, coarse)
+    result = _distill(model, input_shape, n, steps, lr, seed, resolved, label_offset, progress)
     if log is not None:
         log(f"synthesised {n} inputs in {result.seconds:.1f} s")
     blob = {
