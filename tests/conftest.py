@@ -53,3 +53,26 @@ def tiny_cnn():
         for _ in range(3):
             net(torch.randn(32, 3, 16, 16))
     return net.eval()
+
+
+def bn_statistics_from_noise(model, shape, batches: int = 3, n: int = 16, reset: bool = False):
+    """Give a random-init model BatchNorm statistics from train-mode passes over noise (seed 0).
+
+    A trained model's running statistics are not the initial zeros and ones; tests of structure
+    (identity, masked = physical, exact duplicates) need statistics that are not a special case.
+    Cumulative averages (``momentum=None``); ``reset`` starts them from scratch first.
+    """
+    import torch
+    import torch.nn as nn
+
+    for bn in model.modules():
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            if reset:
+                bn.reset_running_stats()
+            bn.momentum = None
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _ in range(batches):
+            model(torch.randn(n, *shape, generator=g))
+    return model.eval()

@@ -23,6 +23,7 @@ from autodfp.compress.refine import Refiner
 from autodfp.compress.surgery import Pruner
 from autodfp.eval.metrics import profile
 from autodfp.search.budget import MacsModel
+from conftest import bn_statistics_from_noise
 
 SHAPE = (3, 16, 16)
 SOURCE = "source"
@@ -58,18 +59,9 @@ class TinySSD(nn.Module):
         return tuple(outs)
 
 
-@torch.no_grad()
 def _net(direct_head: bool = True) -> nn.Module:
     torch.manual_seed(0)
-    net = TinySSD(direct_head)
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = None
-    net.train()
-    g = torch.Generator().manual_seed(0)
-    for _ in range(3):
-        net(torch.randn(16, *SHAPE, generator=g))
-    return net.eval()
+    return bn_statistics_from_noise(TinySSD(direct_head), SHAPE)
 
 
 def _x(n: int, seed: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch.nn as nn
 import autodfp
 from autodfp.analysis.graph import find_groups
 from autodfp.errors import AutoDFPError
+from conftest import bn_statistics_from_noise
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -53,18 +54,9 @@ def _build(name: str) -> nn.Module:
     return torchvision.models.get_model(name, weights=None)
 
 
-@torch.no_grad()
 def _calibrate(model: nn.Module) -> nn.Module:
     """BatchNorm statistics from forward passes in train mode (noise stands in for images in CI)."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None
-    model.train()
-    g = torch.Generator().manual_seed(0)
-    for _ in range(2):
-        model(torch.randn(8, *SHAPE, generator=g))
-    return model.eval()
+    return bn_statistics_from_noise(model, SHAPE, batches=2, n=8, reset=True)
 
 
 @pytest.mark.parametrize(

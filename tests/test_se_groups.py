@@ -23,6 +23,7 @@ from autodfp.compress.surgery import Pruner
 from autodfp.errors import PlanError
 from autodfp.eval.metrics import profile
 from autodfp.search.budget import MacsModel
+from conftest import bn_statistics_from_noise
 
 SHAPE = (3, 16, 16)
 
@@ -71,17 +72,8 @@ class TinySENet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(F.hardswish(self.head(x)), 1).flatten(1))
 
 
-@torch.no_grad()
 def _calibrate(net: nn.Module, shape: tuple[int, ...] = SHAPE) -> nn.Module:
-    """BN statistics from forward passes in train mode over noise."""
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = None
-    net.train()
-    g = torch.Generator().manual_seed(0)
-    for _ in range(3):
-        net(torch.randn(16, *shape, generator=g))
-    return net.eval()
+    return bn_statistics_from_noise(net, shape)
 
 
 def _net(se: str | None = "mul") -> nn.Module:

@@ -409,23 +409,33 @@ def _bn_after(dg: tp.DependencyGraph, module: nn.Module) -> nn.modules.batchnorm
     return None
 
 
-def _stage_input(dg: tp.DependencyGraph, module: nn.Module) -> nn.Module | None:
-    """The conv or linear layer whose output ``module`` reads, through BNs, activations and
-    functional ops only; None if there is no single one (an add, a concat of two layers)."""
+def _upstream(
+    dg: tp.DependencyGraph, module: nn.Module, is_target: Callable[[Any], bool], crosses: Callable[[Any], bool]
+) -> list[Any]:
+    """The modules satisfying ``is_target`` that ``module`` reads, walking its inputs back through
+    the nodes whose module ``crosses`` allows (and no further), in the order they are met."""
     node = dg.module2node.get(module)
     frontier = list(node.inputs) if node is not None else []
-    found: set[nn.Module] = set()
+    found: list[Any] = []
     seen: set[int] = set()
     while frontier:
         n = frontier.pop()
         if id(n) in seen:
             continue
         seen.add(id(n))
-        if isinstance(n.module, nn.modules.conv._ConvNd) or isinstance(n.module, nn.Linear):
-            found.add(n.module)
-        else:
+        if is_target(n.module):
+            if n.module not in found:
+                found.append(n.module)
+        elif crosses(n.module):
             frontier.extend(n.inputs)
-    return found.pop() if len(found) == 1 else None
+    return found
+
+
+def _stage_input(dg: tp.DependencyGraph, module: nn.Module) -> nn.Module | None:
+    """The conv or linear layer whose output ``module`` reads, through BNs, activations and
+    functional ops only; None if there is no single one (an add, a concat of two layers)."""
+    found = _upstream(dg, module, lambda m: isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)), lambda m: True)
+    return found[0] if len(found) == 1 else None
 
 
 def _is_chain(dg: tp.DependencyGraph, producer: nn.Module, dws: list[nn.Module]) -> bool:
@@ -607,19 +617,13 @@ def _se_gates(
 
 def _reads_consumer(dg: tp.DependencyGraph, gate: nn.Module, consumers: set[nn.Module]) -> nn.Module | None:
     """The consumer of the group that ``gate`` reads through element-wise ops and BNs only."""
-    node = dg.module2node.get(gate)
-    frontier = list(node.inputs) if node is not None else []
-    seen: set[int] = set()
-    while frontier:
-        n = frontier.pop()
-        if id(n) in seen:
-            continue
-        seen.add(id(n))
-        if n.module in consumers:
-            return n.module
-        if isinstance(n.module, (tp.ops._ElementWiseOp, nn.modules.batchnorm._BatchNorm)):
-            frontier.extend(n.inputs)
-    return None
+    found = _upstream(
+        dg,
+        gate,
+        lambda m: m in consumers,
+        lambda m: isinstance(m, (tp.ops._ElementWiseOp, nn.modules.batchnorm._BatchNorm)),
+    )
+    return found[0] if found else None
 
 
 def find_groups(model: nn.Module, input_shape: tuple[int, ...], coupled: bool = False) -> GroupGraph:
