@@ -537,42 +537,34 @@ def _restore_common(
     return seconds
 
 
-def _run_random(
-    env: PruningEnv, tracker: _Tracker, episodes: int, seed: int, ckpt: Checkpointer, every: int, resume: bool
-) -> float:
-    rng = np.random.default_rng(seed)
-    done, prior = 0, 0.0
+def _resume_generators(
+    ckpt: Checkpointer,
+    resume: bool,
+    episodes: int,
+    tracker: _Tracker,
+    env: PruningEnv,
+    generators: dict[str, np.random.Generator],
+) -> tuple[int, float, Path | None, dict[str, Any] | None]:
+    """Episodes done, seconds spent, checkpoint path and state of a search whose whole state is its
+    tracker and numpy generators (plus what the caller reads from ``state``); zeros and None afresh."""
     path, state = _resume_state(ckpt, resume)
-    if state is not None:
-        assert path is not None
-        done = _check_done(state, episodes, path)
-        prior = _restore_common(state, path, tracker, env, {"random": rng})
-    t0 = time.perf_counter()
-    while done < episodes:
-        for _ in range(min(every, episodes - done)):
-            env.reset()
-            while True:
-                _, _, terminated, _, info = env.step(rng.uniform(-1.0, 1.0, size=2).astype(np.float32))
-                if terminated:
-                    tracker.record(info)
-                    break
-            done += 1
-        ckpt.save(
-            done,
-            {
-                "tracker": tracker.state(),
-                "rng": _rng_state({"random": rng}),
-                "seconds": prior + time.perf_counter() - t0,
-            },
-            {},
-        )
-    return prior
+    if state is None:
+        return 0, 0.0, None, None
+    assert path is not None
+    done = _check_done(state, episodes, path)
+    return done, _restore_common(state, path, tracker, env, generators), path, state
 
 
-class _Individual(NamedTuple):
-    reward: float
-    episode: int  # 1-based; breaks reward ties in favour of the older plan
-    genome: np.ndarray  # (steps, 2) float32: the actions fed to the environment
+def _save_generators(
+    ckpt: Checkpointer,
+    done: int,
+    tracker: _Tracker,
+    generators: dict[str, np.random.Generator],
+    seconds: float,
+    **extra: Any,
+) -> None:
+    """The checkpoint :func:`_resume_generators` reads back."""
+    ckpt.save(done, {"tracker": tracker.state(), "rng": _rng_state(generators), "seconds": seconds, **extra}, {})
 
 
 def _play(env: PruningEnv, genome: np.ndarray) -> dict[str, Any]:
@@ -584,6 +576,27 @@ def _play(env: PruningEnv, genome: np.ndarray) -> dict[str, Any]:
         _, _, terminated, _, info = env.step(action)
     assert terminated
     return info
+
+
+def _run_random(
+    env: PruningEnv, tracker: _Tracker, episodes: int, seed: int, ckpt: Checkpointer, every: int, resume: bool
+) -> float:
+    rng = np.random.default_rng(seed)
+    done, prior, _, _ = _resume_generators(ckpt, resume, episodes, tracker, env, {"random": rng})
+    t0 = time.perf_counter()
+    while done < episodes:
+        for _ in range(min(every, episodes - done)):
+            # one draw of every step's action: the same numbers, in the same order, as a draw per step
+            tracker.record(_play(env, rng.uniform(-1.0, 1.0, size=(env.n_steps, 2)).astype(np.float32)))
+            done += 1
+        _save_generators(ckpt, done, tracker, {"random": rng}, prior + time.perf_counter() - t0)
+    return prior
+
+
+class _Individual(NamedTuple):
+    reward: float
+    episode: int  # 1-based; breaks reward ties in favour of the older plan
+    genome: np.ndarray  # (steps, 2) float32: the actions fed to the environment
 
 
 def _mutate(
@@ -638,12 +651,9 @@ def _run_evolution(
     p_mutate = float(EVOLUTION_DEFAULTS["p_mutate"])
     tournament = int(EVOLUTION_DEFAULTS["tournament"])
     archive: list[_Individual] = []
-    done, prior = 0, 0.0
-    path, state = _resume_state(ckpt, resume)
+    done, prior, path, state = _resume_generators(ckpt, resume, episodes, tracker, env, {"evolution": rng})
     if state is not None:
         assert path is not None
-        done = _check_done(state, episodes, path)
-        prior = _restore_common(state, path, tracker, env, {"evolution": rng})
         with reading(path / STATE):
             archive = [
                 _Individual(
@@ -668,15 +678,8 @@ def _run_evolution(
             archive.append(_Individual(float(info["reward"]), done, genome))
             archive.sort(key=lambda i: (-i.reward, i.episode))
             del archive[population:]
-        ckpt.save(
-            done,
-            {
-                "tracker": tracker.state(),
-                "rng": _rng_state({"evolution": rng}),
-                "seconds": prior + time.perf_counter() - t0,
-                "archive": _archive_state(archive),
-            },
-            {},
+        _save_generators(
+            ckpt, done, tracker, {"evolution": rng}, prior + time.perf_counter() - t0, archive=_archive_state(archive)
         )
     return prior
 
