@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,9 +12,9 @@ from autodfp.errors import CheckpointError
 from autodfp.models import load_model
 from autodfp.search.driver import _mutate, search
 from autodfp.search.env import MaskedModel
+from test_cli import last_json, run
 
 CIFAR = (3, 32, 32)
-ROOT = Path(__file__).resolve().parents[1]
 
 #: ResNet-20's prunable groups in forward order, by the consumer weight a pruned group zeroes
 CONSUMERS = [f"layer{s}.{b}.conv2.weight" for s in (1, 2, 3) for b in range(3)]
@@ -138,37 +135,28 @@ def test_mutation_touches_only_genes_the_environment_reads():
 
 def test_cli_prune_with_evolution(tmp_path):
     out_dir = tmp_path / "evo"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "autodfp.cli",
-            "prune",
-            "resnet20_cifar10",
-            "--macs-ratio",
-            "0.6",
-            "--search",
-            "evolution",
-            "--episodes",
-            "4",
-            "--warmup",
-            "2",
-            "--reward-inputs",
-            "16",
-            "--no-refine",
-            "--out",
-            str(out_dir),
-            "--limit",
-            "50",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
+    proc = run(
+        "prune",
+        "resnet20_cifar10",
+        "--macs-ratio",
+        "0.6",
+        "--search",
+        "evolution",
+        "--episodes",
+        "4",
+        "--warmup",
+        "2",
+        "--reward-inputs",
+        "16",
+        "--no-refine",
+        "--out",
+        str(out_dir),
+        "--limit",
+        "50",
+        "--json",
     )
     assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = last_json(proc.stdout)
     assert out["episodes"] == 4 and abs(out["macs_ratio_achieved"] - 0.6) <= 0.006
     saved = json.loads((out_dir / "search.json").read_text())
     assert saved["method"] == "evolution" and len(saved["history"]) == 4
