@@ -45,7 +45,7 @@ from autodfp._checks import check_seed
 from autodfp._io import atomic_path
 from autodfp.compress.plan import Plan
 from autodfp.compress.surgery import Pruner
-from autodfp.config import DEFAULTS
+from autodfp.config import DEFAULTS, SEARCH_METHODS
 from autodfp.errors import AutoDFPError, CheckpointError, PlanError
 from autodfp.search.budget import DEFAULT_TOL, MacsModel
 from autodfp.search.checkpoint import (
@@ -64,7 +64,7 @@ from autodfp.search.checkpoint import (
 )
 from autodfp.search.env import MaskedModel, PruningEnv, RewardFn
 
-METHODS = ("sac", "uniform", "random", "evolution")
+METHODS = SEARCH_METHODS  #: one list for the library, the config and the CLI
 
 #: SAC settings for a 10–30-step episodic problem with one reward per episode (see module doc).
 #: γ and τ do not matter with per-episode credit (every target is terminal). One training round per
