@@ -50,6 +50,8 @@ MODELS: list[tuple[str, int]] = [
     ("tv:mobilenet_v3_small", 224),
     ("tv:efficientnet_b0", 128),
     ("tv:regnet_x_400mf", 160),
+    ("tv:regnet_y_400mf", 160),
+    ("tv:resnext50_32x4d", 128),
     ("tv:shufflenet_v2_x0_5", 224),
     ("tv:densenet121", 128),
     ("tv:convnext_tiny", 128),

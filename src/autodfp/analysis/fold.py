@@ -47,6 +47,24 @@ def fold_stage(
     return w, b, bn.bias.detach().double(), bn.weight.detach().double().abs()
 
 
+def dense_filters(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """A grouped conv's filters written over its *whole* input, zero outside each filter's group.
+
+    Filters of two conv groups read disjoint input channels, so their raw weights are not
+    comparable as vectors; over the full input they are, and the comparison comes out right:
+    orthogonal across groups (no similarity, zero correlation under the isotropic-input model of
+    :mod:`autodfp.analysis.similarity`), unchanged within a group. (C_out, C_in/G, k…) → (C_out, C_in, k…).
+    """
+    if groups == 1:
+        return weight
+    out, per_in = weight.shape[0], weight.shape[1]
+    full = weight.new_zeros((out, per_in * groups, *weight.shape[2:]))
+    per_out = out // groups
+    for g in range(groups):
+        full[g * per_out : (g + 1) * per_out, g * per_in : (g + 1) * per_in] = weight[g * per_out : (g + 1) * per_out]
+    return full
+
+
 def group_stats(
     model: nn.Module,
     group: PrunableGroup,
@@ -64,7 +82,7 @@ def group_stats(
     came from (see :attr:`ChannelStats.measured_from`).
     """
     w, b, beta, gamma = fold_stage(model, group.producer)
-    filters = w.reshape(w.shape[0], -1)
+    filters = dense_filters(w, group.granularity).reshape(w.shape[0], -1)
     for stage in group.passthrough:
         wd, b, beta, gamma = fold_stage(model, stage)
         filters = torch.einsum("cd,ck->cdk", filters, wd.reshape(wd.shape[0], -1)).reshape(wd.shape[0], -1)

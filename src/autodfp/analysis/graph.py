@@ -54,6 +54,18 @@ calibration batch. Nothing ties the channels besides the depthwise convs, which 
 so a channel equal to a kept one in the producer and in every branch is that channel at every
 consumer, and ``lsq`` removes it exactly.
 
+**Grouped convolutions** (ResNeXt, RegNet; ``groups`` G > 1, not depthwise). As a *producer*, a
+grouped conv's output channels form G contiguous blocks, one per conv group. Removing rows keeps
+the conv valid only if every block loses as many, so the group has ``granularity == G``: plans
+count it in channels per conv group (:attr:`PrunableGroup.units`), the selection keeps the best
+rows of each block, and torch-pruning removes them. The consumers (dense convs) are compensated as
+for any group; the analysis writes each filter over the whole input, zero outside its block
+(:func:`autodfp.analysis.fold.dense_filters`), so channels of different blocks are never
+"similar". Its consumers may be an SE branch (RegNetY): the group is then an SE chain with the same
+granularity. As a *consumer*, a grouped conv ties its input channel ``j`` of every block to the
+same filter column (torch-pruning removes input channels by position within the block), so the
+group that feeds it stays whole, with the reason "read by grouped conv …".
+
 A group whose channels reach the model's output without passing another conv/linear layer (the
 classifier, a detection head) is never prunable: that would change the output's shape. The
 groups that feed such a layer are not pruned by default either ("feeds the classifier"), unless
@@ -115,6 +127,12 @@ def is_dense(m: nn.Module) -> TypeGuard[nn.Linear | nn.Conv2d]:
     return isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)
 
 
+def is_grouped(m: nn.Module) -> TypeGuard[nn.Conv2d]:
+    """A grouped conv that is not depthwise (ResNeXt, RegNet): a producer we prune by whole rows
+    per group (see "Grouped convolutions" in the module docstring)."""
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and not is_depthwise(m)
+
+
 def _mixes_channels(m: nn.Module) -> bool:
     """A layer whose outputs are new channels (not the input's channels, reordered or scaled)."""
     if isinstance(m, nn.modules.conv._ConvNd):
@@ -166,6 +184,9 @@ class PrunableGroup:
     prunable: bool
     reason: str = ""
     kind: str = "conv"  # "conv" | "dw_chain" | "linear" | "se_chain" | "dw_branches"
+    #: channels leave in sets of this many, one from each conv group of a grouped producer
+    #: (its ``groups``; 1 otherwise): plans count a group in units of ``channels // granularity``
+    granularity: int = 1
     members: list[str] = field(default_factory=list)
     #: channel-wise pooling between the activation and a consumer (e.g. ``"max_pool2d(k=2, s=2)"``)
     pools: list[str] = field(default_factory=list)
@@ -182,6 +203,11 @@ class PrunableGroup:
     def main_consumers(self) -> list[str]:
         """The consumers that read the group's full maps (all of them, except an SE group's ``fc1``)."""
         return [c for c in self.consumers if c not in self.squeezes]
+
+    @property
+    def units(self) -> int:
+        """What a preserved ratio is a fraction of: channels per conv group of the producer."""
+        return self.channels // self.granularity
 
     @property
     def last_stage(self) -> Stage:
@@ -646,7 +672,7 @@ def find_groups(model: nn.Module, input_shape: tuple[int, ...], coupled: bool = 
     groups: list[PrunableGroup] = []
     pairs: list[tuple[nn.Module, list[nn.Module], list[list[dict]]]] = []
     for module in order:
-        if not is_dense(module) or module in seen_producers:
+        if not (is_dense(module) or is_grouped(module)) or module in seen_producers:
             continue
         fn = tp.prune_linear_out_channels if isinstance(module, nn.Linear) else tp.prune_conv_out_channels
         n_out = module.out_features if isinstance(module, nn.Linear) else module.out_channels
@@ -658,6 +684,7 @@ def find_groups(model: nn.Module, input_shape: tuple[int, ...], coupled: bool = 
         ties: list[str] = []  # what, besides adds and channel-pad shortcuts, ties these channels
         muls: set[Any] = set()  # the element-wise multiplies among the ties (graph nodes)
         pad_out: list[nn.Module] = []
+        grouped_in: list[nn.Module] = []  # grouped convs that read these channels
         feeds_output = False
         for dep, _ in group:
             target = dep.target.module
@@ -670,6 +697,11 @@ def find_groups(model: nn.Module, input_shape: tuple[int, ...], coupled: bool = 
                     dws.append(target)
             elif is_dense(target):
                 (producers if out_side else consumers).append(target)
+            elif is_grouped(target):
+                if out_side:
+                    producers.append(target)
+                elif target not in grouped_in:
+                    grouped_in.append(target)
             elif isinstance(target, ChannelPadShortcut):
                 shortcuts.append(target)
                 if out_side and target not in pad_out:
@@ -695,6 +727,8 @@ def find_groups(model: nn.Module, input_shape: tuple[int, ...], coupled: bool = 
 
         coupled = len(producers) > 1 or bool(shortcuts) or bool(others)
         producer = producers[0]
+        if coupled and any(is_grouped(p) for p in producers):
+            ties.append("a grouped conv")  # a stream written by grouped convs (an SE chain passes below)
         prod_bn = _bn_after(dg, producer)
         passthrough = [Stage(names[d], names.get(_bn_after(dg, d)) if _bn_after(dg, d) else None) for d in dws]
         consumer_bns = [names.get(_bn_after(dg, c)) if _bn_after(dg, c) is not None else None for c in consumers]
@@ -715,9 +749,18 @@ def find_groups(model: nn.Module, input_shape: tuple[int, ...], coupled: bool = 
             pass  # an SE-gated chain or dw branches: prunable by default, from measured consumer inputs
         elif coupled and not coupled_mode:
             prunable, reason = False, "coupled (residual add / shortcut / concat)"
-        elif coupled and (ties or dws):
-            what = sorted(set(ties + (["a depthwise conv"] if dws else [])))
+        elif coupled and (ties or dws or grouped_in):
+            what = sorted(
+                set(ties + (["a depthwise conv"] if dws else []) + (["a grouped conv"] if grouped_in else []))
+            )
             prunable, reason = False, f"coupled through {', '.join(what)}: not reconstructable"
+        elif grouped_in:
+            gc = grouped_in[0]
+            prunable, reason = (
+                False,
+                f"read by grouped conv '{names[gc]}' ({gc.groups} groups), whose groups tie channels "
+                "across groups: not supported",
+            )
         elif not consumers:
             prunable, reason = False, "no consumer layer"
         kind = "linear" if isinstance(producer, nn.Linear) else ("dw_chain" if dws else "conv")
@@ -739,6 +782,7 @@ def find_groups(model: nn.Module, input_shape: tuple[int, ...], coupled: bool = 
                 prunable=prunable,
                 reason=reason,
                 kind=kind,
+                granularity=producer.groups if is_grouped(producer) else 1,
                 members=[names[p] for p in producers],
                 pools=pools,
                 member_bns=[names.get(b) if (b := _bn_after(dg, p)) is not None else None for p in producers],

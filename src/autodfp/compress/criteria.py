@@ -20,8 +20,20 @@ from autodfp.errors import PlanError
 CriterionFn = Callable[[ChannelStats, ChannelAnalysis | None, Tensor | None, int], Tensor]
 
 
-def _split(order: Tensor, n_keep: int) -> tuple[Tensor, Tensor]:
-    """``order`` lists channels from most to least important."""
+def _split(order: Tensor, n_keep: int, granularity: int = 1) -> tuple[Tensor, Tensor]:
+    """``order`` lists channels from most to least important; with ``granularity`` G > 1 the
+    channels form G equal contiguous blocks (a grouped conv's groups) and each keeps its own
+    ``n_keep / G`` most important."""
+    if granularity > 1:
+        c = order.numel()
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(c, device=order.device)
+        per = c // granularity
+        best = rank.view(granularity, per).argsort(dim=1, stable=True)[:, : n_keep // granularity]
+        kept = (best + torch.arange(granularity, device=order.device)[:, None] * per).flatten().sort().values
+        mask = torch.ones(c, dtype=torch.bool, device=order.device)
+        mask[kept] = False
+        return kept.to(torch.long), torch.arange(c, device=order.device)[mask].to(torch.long)
     kept = order[:n_keep].sort().values
     pruned = order[n_keep:].sort().values
     return kept.to(torch.long), pruned.to(torch.long)
@@ -47,8 +59,13 @@ def select_channels(
     n_keep: int,
     raw_filters: Tensor | None = None,
     seed: int = 0,
+    granularity: int = 1,
 ) -> tuple[Tensor, Tensor]:
     """Split a group into kept and pruned channels.
+
+    ``granularity`` G > 1 (a grouped producer, :attr:`~autodfp.analysis.graph.PrunableGroup.granularity`):
+    the channels form G equal contiguous blocks, ``n_keep`` must be a multiple of G, and each block
+    keeps its ``n_keep / G`` channels ranked highest by the criterion.
 
     - ``l1`` / ``l2``: norm of each channel's filter. The textbook criterion (Li et al., 2017) uses
       the *raw* producer filter, so pass ``raw_filters`` (C, …) to reproduce it; without it the
@@ -74,11 +91,13 @@ def select_channels(
         raise PlanError(f"n_keep must be an integer, got {n_keep!r}") from None
     if not 1 <= n_keep <= c:
         raise PlanError(f"n_keep must be in [1, {c}] for a group of {c} channels, got {n_keep}")
+    if granularity < 1 or c % granularity or n_keep % granularity:
+        raise PlanError(f"n_keep {n_keep} and the group's {c} channels must both split into {granularity} equal groups")
     fn = _CRITERIA.get(criterion)
     if fn is None:
         raise PlanError(f"unknown pruning criterion '{criterion}' (expected one of {', '.join(_CRITERIA)})")
     order = fn(stats, analysis, raw_filters, seed)
-    return _split(order, n_keep)
+    return _split(order, n_keep, granularity)
 
 
 def _l1(stats: ChannelStats, analysis: ChannelAnalysis | None, raw: Tensor | None, seed: int) -> Tensor:

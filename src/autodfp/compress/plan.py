@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from autodfp._io import atomic_write_text
-from autodfp.analysis.graph import GroupGraph
+from autodfp.analysis.graph import GroupGraph, PrunableGroup
 from autodfp.compress.criteria import criterion_names
 from autodfp.compress.reconstruct import strategy_names
 from autodfp.config import DEFAULTS
@@ -25,6 +25,16 @@ from autodfp.errors import PlanError
 def n_keep(channels: int, ratio: float) -> int:
     """Channels kept at a preserved ``ratio``: rounded half up, so 0.97 of 48 keeps 47."""
     return int(math.floor(channels * ratio + 0.5))
+
+
+def kept_channels(group: PrunableGroup, ratio: float) -> int:
+    """Channels a group keeps at a preserved ``ratio``.
+
+    A ratio is a fraction of the group's :attr:`~PrunableGroup.units`: a grouped producer keeps
+    the same number of channels in each of its conv groups, or the pruned conv would no longer
+    split into equal groups.
+    """
+    return n_keep(group.units, ratio) * group.granularity
 
 
 #: Types of the strategy parameters a plan may set (see autodfp.compress.reconstruct's strategies).
@@ -113,20 +123,27 @@ class Plan:
                 raise PlanError(f"group '{name}' cannot be pruned: {g.reason}")
             if not isinstance(ratio, (int, float)) or not (0.0 < float(ratio) <= 1.0):
                 raise PlanError(f"preserved ratio for '{name}' must be in (0, 1], got {ratio!r}")
-            if n_keep(g.channels, float(ratio)) < 1:
+            if n_keep(g.units, float(ratio)) < 1:
+                per = f" per conv group, {g.granularity} groups" if g.granularity > 1 else ""
                 raise PlanError(
-                    f"ratio {ratio} for '{name}' would remove the whole layer ({g.channels} channels); "
-                    f"the smallest usable ratio there is {0.5 / g.channels + 1e-9:.4f}"
+                    f"ratio {ratio} for '{name}' would remove the whole layer ({g.units} channels{per}); "
+                    f"the smallest usable ratio there is {0.5 / g.units + 1e-9:.4f}"
                 )
         for name, idx in self.keep.items():
             if name not in self.ratios:
                 raise PlanError(f"'keep' names group '{name}' that has no ratio in the plan")
-            c = known[name].channels
+            g = known[name]
+            c = g.channels
             if len(set(idx)) != len(idx) or any(not (0 <= i < c) for i in idx):
                 raise PlanError(f"'keep' for '{name}' must be distinct indices in [0, {c})")
-            if len(idx) != n_keep(c, self.ratios[name]):
+            want = kept_channels(g, self.ratios[name])
+            if len(idx) != want:
+                raise PlanError(f"'keep' for '{name}' lists {len(idx)} channels but the ratio keeps {want}")
+            per_group = [sum(1 for i in idx if i // g.units == k) for k in range(g.granularity)]
+            if len(set(per_group)) > 1:
                 raise PlanError(
-                    f"'keep' for '{name}' lists {len(idx)} channels but the ratio keeps {n_keep(c, self.ratios[name])}"
+                    f"'keep' for '{name}' must keep as many channels in each of its {g.granularity} conv groups "
+                    f"(it keeps {per_group})"
                 )
         for name in self.layer_params:
             if name not in self.ratios:

@@ -74,7 +74,7 @@ from autodfp.analysis.fold import consumer_moments, empirical_moments, group_sta
 from autodfp.analysis.graph import GroupGraph, PrunableGroup, build_dependency_graph, find_groups
 from autodfp.analysis.similarity import ChannelAnalysis, ChannelStats, analyze
 from autodfp.compress.criteria import select_channels
-from autodfp.compress.plan import Plan, n_keep
+from autodfp.compress.plan import Plan, kept_channels
 from autodfp.compress.reconstruct import STRATEGIES, Compensation, fold_into_consumer, reconstruct
 from autodfp.errors import PlanError
 from autodfp.models.layers import ChannelPadShortcut
@@ -229,7 +229,7 @@ class Pruner:
         for g in self.graph.prunable:
             if g.name not in plan.ratios:
                 continue
-            k = n_keep(g.channels, float(plan.ratios[g.name]))
+            k = kept_channels(g, float(plan.ratios[g.name]))
             if k == g.channels:
                 continue
             stats = self.stats(g.name)
@@ -248,6 +248,7 @@ class Pruner:
                     k,
                     raw_filters=self.raw_filters(g.name),
                     seed=int(plan.params.get("seed", 0)),
+                    granularity=g.granularity,
                 )
             comp = None
             per_consumer = None

@@ -159,7 +159,7 @@ class PruningEnv(gym.Env):
             if isinstance(mod, nn.Linear):
                 c_in, k, s = mod.in_features, 1, 1
             else:
-                conv = cast(nn.Conv2d, mod)  # a producer is a Linear or a groups=1 Conv2d
+                conv = cast(nn.Conv2d, mod)  # a producer is a Linear or a (dense or grouped) Conv2d
                 c_in, k, s = conv.in_channels, int(np.prod(conv.kernel_size)), int(conv.stride[0])
             lp = self.mm.layers.get(g.producer.conv)
             out_shape = lp.output_shape if lp is not None else None
