@@ -183,7 +183,10 @@ class PrunableGroup:
     coupled: bool
     prunable: bool
     reason: str = ""
-    kind: str = "conv"  # "conv" | "dw_chain" | "linear" | "se_chain" | "dw_branches"
+    kind: str = "conv"  # "conv" | "dw_chain" | "linear" | "se_chain" | "dw_branches" | "concat"
+    #: where channel 0 sits in each consumer's input (parallel to ``consumers``): 0 unless a
+    #: concat puts other channels before it (``kind == "concat"``)
+    offsets: list[int] = field(default_factory=list)
     #: channels leave in sets of this many, one from each conv group of a grouped producer
     #: (its ``groups``; 1 otherwise): plans count a group in units of ``channels // granularity``
     granularity: int = 1
@@ -203,6 +206,10 @@ class PrunableGroup:
     def main_consumers(self) -> list[str]:
         """The consumers that read the group's full maps (all of them, except an SE group's ``fc1``)."""
         return [c for c in self.consumers if c not in self.squeezes]
+
+    def offset(self, consumer: str) -> int:
+        """The column of channel 0 in ``consumer``'s input."""
+        return self.offsets[self.consumers.index(consumer)] if self.offsets else 0
 
     @property
     def units(self) -> int:
@@ -686,10 +693,16 @@ def find_groups(model: nn.Module, input_shape: tuple[int, ...], coupled: bool = 
         pad_out: list[nn.Module] = []
         grouped_in: list[nn.Module] = []  # grouped convs that read these channels
         feeds_output = False
-        for dep, _ in group:
+        offsets: dict[nn.Module, int] = {}  # where the channels sit in each consumer's input
+        scattered = False  # some consumer reads them in another order or spread out
+        for dep, idxs in group:
             target = dep.target.module
             handler = dep.handler
             out_side = dg.is_out_channel_pruning_fn(handler)
+            if not out_side and (is_dense(target) or is_grouped(target)):
+                first = int(idxs[0]) if len(idxs) else 0
+                scattered |= [int(i) for i in idxs] != list(range(first, first + n_out))
+                offsets[target] = first
             if isinstance(target, nn.modules.batchnorm._BatchNorm):
                 bns.append(target)
             elif is_depthwise(target):
@@ -742,11 +755,20 @@ def find_groups(model: nn.Module, input_shape: tuple[int, ...], coupled: bool = 
         # parallel depthwise branches: one producer, no other tie, each consumer behind its own dw
         branches = len(dws) > 1 and not coupled and not _is_chain(dg, producer, dws)
         coupled = coupled or branches
+        # concatenated into the consumers' inputs (DenseNet, SqueezeNet, Inception, RFB), and tied
+        # by nothing else: one producer, each consumer reading the channels as one block
+        concat = (
+            len(producers) == 1
+            and bool(others)
+            and all(type(o).__name__ == "_ConcatOp" for o in others)
+            and not (shortcuts or dws or grouped_in or scattered)
+            and bool(consumers)
+        )
         prunable, reason = True, ""
         if feeds_output:
             prunable, reason = False, "model output"
-        elif se is not None or branches:
-            pass  # an SE-gated chain or dw branches: prunable by default, from measured consumer inputs
+        elif se is not None or branches or concat:
+            pass  # an SE chain, dw branches or a concat: prunable by default, from measured consumer inputs
         elif coupled and not coupled_mode:
             prunable, reason = False, "coupled (residual add / shortcut / concat)"
         elif coupled and (ties or dws or grouped_in):
@@ -768,6 +790,8 @@ def find_groups(model: nn.Module, input_shape: tuple[int, ...], coupled: bool = 
             kind = "se_chain"
         elif branches:
             kind = "dw_branches"
+        elif concat:
+            kind = "concat"
         groups.append(
             PrunableGroup(
                 name=names[producer],
@@ -777,6 +801,7 @@ def find_groups(model: nn.Module, input_shape: tuple[int, ...], coupled: bool = 
                 passthrough=passthrough,
                 consumers=[names[c] for c in consumers],
                 consumer_bns=consumer_bns,
+                offsets=[offsets.get(c, 0) for c in consumers],
                 activation="unknown",
                 coupled=coupled,
                 prunable=prunable,

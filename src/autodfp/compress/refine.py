@@ -142,12 +142,15 @@ class Refiner:
         return units
 
     def _sample(self, key: str, x: torch.Tensor) -> torch.Tensor | None:
-        name = key.split("@", 1)[0]
+        name, _, cons = key.partition("@")
         prunable = [g.name for g in self.pruner.graph.prunable]
         order = prunable.index(name)
-        if "@" in key:  # a stream consumer: seeds after every group's own
+        g = self.pruner.graph.get(name)
+        if cons:  # a stream consumer: seeds after every group's own
             order = len(prunable) + [u[0] for u in self._units(prunable)].index(key)
-        return _positions(x, self.pruner.graph.get(name).channels, self.max_positions, seed=order)
+            if x.dim() >= 2:  # the group's part of the input (all of it, unless a concat)
+                x = x[:, g.offset(cons) : g.offset(cons) + g.channels]
+        return _positions(x, g.channels, self.max_positions, seed=order)
 
     @torch.no_grad()
     def targets(self) -> dict[str, torch.Tensor | None]:

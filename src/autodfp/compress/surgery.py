@@ -186,6 +186,8 @@ class Pruner:
             g = self._group(name)
             filters, bias = stream_filters(self.model, g)
             mean, std, corr, positions = self._measured_inputs()[consumer]
+            cols = slice(g.offset(consumer), g.offset(consumer) + g.channels)  # the group's part of the input
+            mean, std, corr = mean[cols], std[cols], corr[cols, cols]
             self._stream_stats[key] = ChannelStats(
                 filters=filters,
                 bias=bias,
@@ -294,9 +296,11 @@ class Pruner:
                 wname = f"{cons}.weight"
                 w = current(wname)
                 comp = d.for_consumer(cons)
+                off = g.offset(cons)  # a concat puts other channels before the group's
+                kept, pruned = d.kept + off, d.pruned + off
                 if comp is not None:
-                    new_kept, delta = fold_into_consumer(w.double(), comp, d.kept, d.pruned)
-                    w[:, d.kept] = new_kept.to(w.dtype)
+                    new_kept, delta = fold_into_consumer(w.double(), comp, kept, pruned)
+                    w[:, kept] = new_kept.to(w.dtype)
                     delta = delta.to(w.dtype)
                     bname = f"{cons}.bias"
                     if cbn is not None:
@@ -309,12 +313,12 @@ class Pruner:
                         # a home for the constant as a BN shift would be
                         out[bname] = delta.clone()
                 if zero_pruned:
-                    w[:, d.pruned] = 0
+                    w[:, pruned] = 0
                 out[wname] = w
         if zero_pruned:
             for gname, d in decisions.items():
                 g = self._group(gname)
-                if g.coupled and g.kind not in ("se_chain", "dw_branches") and d.pruned.numel():  # a stream
+                if g.coupled and g.kind not in ("se_chain", "dw_branches", "concat") and d.pruned.numel():  # a stream
                     self._silence_stream(g, d.pruned, current, out)
         return out
 

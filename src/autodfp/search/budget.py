@@ -14,6 +14,9 @@ an exact function of the kept channel counts:
 * a coupled group (a residual stream) scales every producer that writes into the stream and every
   consumer that reads it, so a downsample conv, which reads one stream and writes the next, scales
   by both streams' kept fractions;
+* a concat group (DenseNet, SqueezeNet, Inception) is a block of each consumer's input channels:
+  a consumer's MACs scale by its kept input channels over all its input, the blocks of every
+  concat group it reads counted together (a sum, not a product);
 * an SE-gated chain scales its expand conv, its depthwise conv, the SE ``fc2`` (whose output rows
   are the chain's channels; ``members`` lists it) and both consumers, ``fc1`` and the project
   conv; ``fc1``/``fc2`` also scale by the SE squeeze group's kept fraction when that is pruned.
@@ -57,11 +60,18 @@ DEFAULT_TOL = DEFAULTS.tol
 
 @dataclass(frozen=True)
 class _Term:
-    """One counted layer: ``macs · Π(k_g / C_g)`` over the groups that scale it."""
+    """One counted layer: ``macs · Π(k_g / C_g) · (I − Σ removed_h) / I``.
+
+    ``groups`` scale it as a whole (a producer's rows, a depthwise pass-through, a consumer that
+    reads nothing but that group); ``parts`` are concat groups, each a block of the layer's ``I``
+    input channels, which remove their pruned channels from the input count.
+    """
 
     name: str
     macs: int
     groups: tuple[str, ...]  # scaling groups; a group may appear once per role
+    parts: tuple[str, ...] = ()
+    inputs: int = 1
 
 
 class MacsModel:
@@ -76,7 +86,9 @@ class MacsModel:
         #: producer (:attr:`~autodfp.analysis.graph.PrunableGroup.units`); every ``keep`` here is in
         #: these units, and a layer's MACs scale by ``keep / units`` all the same
         self.channels: dict[str, int] = {g.name: int(g.units) for g in graph.prunable}
+        self._granularity = {g.name: int(g.granularity) for g in graph.prunable}
         scales: dict[str, list[str]] = {}
+        parts: dict[str, list[str]] = {}
         for g in graph.prunable:
             # a coupled group (residual stream) rescales every producer writing into the stream
             for conv in g.members if g.coupled and g.members else [g.producer.conv]:
@@ -84,15 +96,20 @@ class MacsModel:
             for st in g.passthrough:
                 scales.setdefault(st.conv, []).append(g.name)
             for c in g.consumers:
-                scales.setdefault(c, []).append(g.name)
+                (parts if g.kind == "concat" else scales).setdefault(c, []).append(g.name)
         terms: list[_Term] = []
         fixed = 0
         for lp in prof.layers:
             if lp.macs == 0:
                 continue
             gs = tuple(scales.get(lp.name, ()))
-            if gs:
-                terms.append(_Term(lp.name, int(lp.macs), gs))
+            ps = tuple(parts.get(lp.name, ()))
+            if gs or ps:
+                width = 1
+                if ps:
+                    layer = model.get_submodule(lp.name)
+                    width = int(getattr(layer, "in_features", getattr(layer, "in_channels", 1)))
+                terms.append(_Term(lp.name, int(lp.macs), gs, ps, width))
             else:
                 fixed += int(lp.macs)
         self.fixed_macs: int = fixed
@@ -101,7 +118,7 @@ class MacsModel:
         self._terms = terms
         self._by_group: dict[str, list[int]] = {g: [] for g in self.groups}
         for i, t in enumerate(terms):
-            for gname in set(t.groups):
+            for gname in set(t.groups) | set(t.parts):
                 self._by_group[gname].append(i)
 
     # -- counting ----------------------------------------------------------------------------
@@ -113,6 +130,12 @@ class MacsModel:
                 continue
             num *= int(k)
             den *= self.channels[g]
+        if t.parts:
+            removed = sum(
+                (self.channels[g] - int(keep[g])) * self._granularity[g] for g in t.parts if keep.get(g) is not None
+            )
+            num *= t.inputs - removed
+            den *= t.inputs
         return num // den if num % den == 0 else Fraction(num, den)
 
     def macs(self, keep: Mapping[str, int]) -> int:

@@ -187,7 +187,7 @@ class PruningEnv(gym.Env):
                 [
                     r["i"] / self.n_steps,
                     r["depth"],
-                    float(r["kind"] == "conv"),
+                    float(r["kind"] in ("conv", "concat")),
                     float(r["kind"] in ("dw_chain", "se_chain", "dw_branches")),  # gated or branched: a dw chain
                     float(r["kind"] == "linear"),
                     math.log2(max(r["c_in"], 1)) / log_max,
