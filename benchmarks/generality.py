@@ -29,6 +29,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -191,7 +192,7 @@ def run_one(spec: str, px: int, root: Path, n_bn: int, n_eval: int) -> dict:
         row["inner"] = sum(1 for g in groups if g.prunable and not g.coupled)
         row["coupled_prunable"] = sum(1 for g in groups if g.prunable and g.coupled)
         row["coupled"] = sum(1 for g in groups if g.coupled)
-        row["unprunable"] = dict(collections.Counter(g.reason for g in groups if not g.prunable).most_common())
+        row["unprunable"] = reason_counts(groups)
         row["activations"] = dict(collections.Counter(g.activation for g in groups if g.prunable).most_common())
         row["unknown_activation"] = sum(1 for g in groups if g.activation == "unknown")
     except Exception as exc:
@@ -303,6 +304,12 @@ def render(rows: list[dict], command: str, n_bn: int, n_eval: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def reason_counts(groups: list) -> dict[str, int]:
+    """Unprunable groups per kind of reason (the names of the layers a reason quotes left out)."""
+    kinds = (re.sub(r" '[^']*'( \(\d+ groups\))?", "", g.reason) for g in groups if not g.prunable)
+    return dict(collections.Counter(kinds).most_common())
+
+
 def groups_only(specs: list[str], px: int) -> int:
     """Print, per model, the prunable groups, unprunable reasons and activations (random init, eval)."""
     import autodfp  # noqa: F401 - declares torchvision's ops before torchvision is imported
@@ -312,7 +319,7 @@ def groups_only(specs: list[str], px: int) -> int:
         spec = spec.partition("=")[0]
         try:
             groups = list(find_groups(build(spec).eval(), (3, px, px)))
-            reasons = dict(collections.Counter(g.reason for g in groups if not g.prunable))
+            reasons = reason_counts(groups)
             acts = dict(collections.Counter(g.activation for g in groups))
             print(f"{spec}: {sum(g.prunable for g in groups)}/{len(groups)} prunable; {reasons}; {acts}", flush=True)
         except Exception as exc:

@@ -147,6 +147,20 @@ def last_stage_module(model: nn.Module, group: PrunableGroup) -> nn.Module:
     return model.get_submodule(st.bn if st.bn is not None else st.conv)
 
 
+def channel_columns(value: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``value`` as (C, P): one row per channel, positions (batch × spatial) pooled.
+
+    A Linear layer reads and writes its channels in the *last* dimension, also on a feature map
+    (ConvNeXt's blocks run their MLP channels-last, (N, H, W, C)); a conv, a BN and every other
+    layer here in dimension 1.
+    """
+    if value.dim() == 2:
+        return value.t()
+    if channels_last:
+        return value.reshape(-1, value.shape[-1]).t()
+    return value.transpose(0, 1).reshape(value.shape[1], -1)
+
+
 class _PooledMoments:
     """Per-channel sums of one layer's values over a batch, positions (batch × spatial) pooled,
     plus a reproducible sample of positions for the correlation.
@@ -163,10 +177,11 @@ class _PooledMoments:
         self.samples: list[torch.Tensor] = []
         #: positions the correlation was computed from (set by :meth:`result`)
         self.used = 0
+        #: the measured layer is a Linear (see :func:`channel_columns`); set by the caller's hook
+        self.channels_last = False
 
     def add(self, value: torch.Tensor) -> None:
-        y = value.detach().double()
-        y = y.transpose(0, 1).reshape(y.shape[1], -1) if y.dim() == 4 else y.t()
+        y = channel_columns(value.detach().double(), self.channels_last)
         self.n += y.shape[1]
         self.s1 = self.s1 + y.sum(1)
         self.s2 = self.s2 + (y * y).sum(1)
@@ -232,6 +247,7 @@ def empirical_moments(
     mods = {g.name: last_stage_module(model, g) for g in graph.prunable}
 
     def attach(name: str, acc: _PooledMoments) -> Any:
+        acc.channels_last = isinstance(mods[name], nn.Linear)
         # the hook runs before an in-place activation overwrites the pre-activation
         return register_preactivation_hook(mods[name], acc.add)
 
@@ -258,7 +274,9 @@ def consumer_moments(
     """
 
     def attach(name: str, acc: _PooledMoments) -> Any:
-        return model.get_submodule(name).register_forward_pre_hook(lambda mod, args: acc.add(args[0]))
+        layer = model.get_submodule(name)
+        acc.channels_last = isinstance(layer, nn.Linear)
+        return layer.register_forward_pre_hook(lambda mod, args: acc.add(args[0]))
 
     acc = _measure(model, x, batch_size, max_positions, list(consumers), True, attach)
     result = {}

@@ -723,16 +723,17 @@ def find_groups(model: nn.Module, input_shape: tuple[int, ...], coupled: bool = 
                 feeds_output = True
             elif isinstance(target, tp.ops._ElementWiseOp):
                 grad = type(dep.target.grad_fn).__name__ if dep.target.grad_fn is not None else ""
-                if any(k in grad for k in ("Add", "Sub", "Mul", "Div")):
+                # element-wise arithmetic between tensors (not a Linear's own ``addmm`` on a
+                # channels-last input, which torch-pruning traces as an element-wise node too)
+                if any(grad.startswith(k) for k in ("Add", "Sub", "Mul", "Div")) and not grad.startswith("Addmm"):
                     others.append(target)  # a residual add or gating ties channels together
                     if not any(k in grad for k in ("Add", "Sub")):
                         ties.append("a multiplicative gate")
                     if "Mul" in grad:
                         muls.add(dep.target)
-            else:
+            elif not _benign_op(dep.target, n_out):
                 others.append(target)  # concat, split, reshape, other layers: not reconstructed
-                if not _benign_op(dep.target, n_out):
-                    ties.append(_tie_label(target, names))
+                ties.append(_tie_label(target, names))
         producers = sorted(set(producers), key=lambda m: rank.get(m, 1 << 30))
         consumers = sorted(set(consumers) - set(producers), key=lambda m: rank.get(m, 1 << 30))
         dws.sort(key=lambda m: rank.get(m, 1 << 30))
@@ -818,11 +819,6 @@ def find_groups(model: nn.Module, input_shape: tuple[int, ...], coupled: bool = 
         )
         pairs.append((last_bn or last_module, consumers, [kw for kw, _ in pool_paths]))
 
-    for g, act in zip(groups, _detect_activations(model, example, pairs)):
-        g.activation = act
-        if g.prunable and not g.coupled and act == "unknown":
-            g.prunable, g.reason = False, "no element-wise activation between producer and consumer"
-
     # Never prune into the classifier by default: its input channels are the final features, and
     # their loss cannot be reconstructed by any later layer. A dense-prediction head (a conv on a
     # feature map) that reads features the rest of the network also reads (a detector's source
@@ -834,6 +830,10 @@ def find_groups(model: nn.Module, input_shape: tuple[int, ...], coupled: bool = 
         linear = any(isinstance(model.get_submodule(c), nn.Linear) for c in heads)
         if g.prunable and heads and (linear or heads == set(g.consumers)):
             g.prunable, g.reason = False, "feeds the classifier"
+    for g, act in zip(groups, _detect_activations(model, example, pairs)):
+        g.activation = act
+        if g.prunable and not g.coupled and act == "unknown":
+            g.prunable, g.reason = False, "no element-wise activation between producer and consumer"
     for g in groups:
         if g.prunable and g.coupled:
             # a stream's consumers read sums over residual adds; the surgery measures those values

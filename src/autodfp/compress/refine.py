@@ -47,12 +47,17 @@ if TYPE_CHECKING:  # pragma: no cover
     from autodfp.compress.surgery import GroupDecision, Pruner
 
 
-def _positions(x: torch.Tensor, channels: int, max_positions: int, seed: int) -> torch.Tensor | None:
-    """(P, C) samples of a consumer input, or None when its layout is not (N, C[, H, W])."""
-    if x.dim() == 4 and x.shape[1] == channels:
-        flat = x.detach().transpose(0, 1).reshape(channels, -1).t()
-    elif x.dim() == 2 and x.shape[1] == channels:
+def _positions(
+    x: torch.Tensor, channels: int, max_positions: int, seed: int, channels_last: bool = False
+) -> torch.Tensor | None:
+    """(P, C) samples of a consumer input, or None when its layout is not (N, C[, H, W]) (or, for
+    a Linear consumer, ``channels_last``, (N, …, C))."""
+    if x.dim() == 2 and x.shape[1] == channels:
         flat = x.detach()
+    elif channels_last and x.dim() > 2 and x.shape[-1] == channels:
+        flat = x.detach().reshape(-1, channels)
+    elif not channels_last and x.dim() == 4 and x.shape[1] == channels:
+        flat = x.detach().transpose(0, 1).reshape(channels, -1).t()
     else:
         return None
     if flat.shape[0] > max_positions:
@@ -146,11 +151,13 @@ class Refiner:
         prunable = [g.name for g in self.pruner.graph.prunable]
         order = prunable.index(name)
         g = self.pruner.graph.get(name)
+        linear = isinstance(self.pruner.model.get_submodule(cons or g.consumers[0]), nn.Linear)
         if cons:  # a stream consumer: seeds after every group's own
             order = len(prunable) + [u[0] for u in self._units(prunable)].index(key)
             if x.dim() >= 2:  # the group's part of the input (all of it, unless a concat)
-                x = x[:, g.offset(cons) : g.offset(cons) + g.channels]
-        return _positions(x, g.channels, self.max_positions, seed=order)
+                cols = slice(g.offset(cons), g.offset(cons) + g.channels)
+                x = x[..., cols] if linear else x[:, cols]
+        return _positions(x, g.channels, self.max_positions, seed=order, channels_last=linear)
 
     @torch.no_grad()
     def targets(self) -> dict[str, torch.Tensor | None]:
