@@ -1,10 +1,12 @@
-"""Grouped convolutions (ResNeXt, RegNet): a grouped producer's channels are prunable.
+"""Grouped convolutions (ResNeXt, RegNet): a grouped conv's outputs and inputs are prunable.
 
 A tiny ResNeXt-style bottleneck: ``a`` (1×1, BN, ReLU) → ``b`` (3×3, 4 groups, BN, ReLU) → ``c``
 (1×1, BN) + identity → ReLU → head. ``b``'s output channels are a group of granularity 4: each of
 its conv groups keeps as many rows, so the pruned conv still splits into 4 equal groups. ``a``'s
-channels are read by the grouped conv, whose groups tie channel positions, and stay whole with a
-one-line reason. BN statistics come from train-mode passes over noise.
+channels are read by the grouped conv: as many leave each of its conv groups, each pruned channel
+is rebuilt from kept channels of its own conv group, and the channels are reordered within each
+group before torch-pruning removes them (by position). BN statistics come from train-mode passes
+over noise.
 """
 
 from __future__ import annotations
@@ -65,8 +67,9 @@ def test_a_grouped_producer_is_a_prunable_group_and_its_input_group_says_why_not
     g = graph.get(B)
     assert g.prunable and g.kind == "conv" and not g.coupled and g.activation == "relu"
     assert g.granularity == GROUPS and g.units == WIDTH // GROUPS and g.consumers == ["c"]
-    a = graph.get("a")
-    assert not a.prunable and a.reason.startswith("read by grouped conv 'b' (4 groups)")
+    a = graph.get("a")  # read by the grouped conv: compensated within each of its conv groups
+    assert a.prunable and a.blockwise and a.grouped_consumers == ["b"] and a.consumers == ["b"]
+    assert a.granularity == GROUPS and a.activation == "relu"
     # filters over the whole input: rows of different conv groups read disjoint channels
     f = Pruner(_net(), SHAPE).stats(B).filters
     gram = (f @ f.T).abs()
@@ -155,9 +158,63 @@ def test_default_prune_meets_the_budget_with_the_grouped_group():
     """The budget counts ``b`` in rows per conv group (4 here); half of them is reachable exactly."""
     net = _net()
     mm = MacsModel(net, find_groups(net, SHAPE), SHAPE)
-    assert mm.channels == {B: WIDTH // GROUPS}
-    target = mm.macs({B: 2}) / mm.total_macs
+    assert mm.channels == {"a": WIDTH // GROUPS, B: WIDTH // GROUPS}
+    target = mm.macs({"a": 2, B: 2}) / mm.total_macs
     cheap = autodfp.Config(synth_steps=2, calibration_inputs=8, refine_inputs=8, reward_inputs=8)
     res = autodfp.prune(net, input_shape=SHAPE, macs_ratio=target, search="uniform", config=cheap, progress=False)
     assert abs(res.report["macs_ratio_achieved"] - target) <= 0.01 * target
-    assert res.model.b.out_channels == WIDTH // 2 and res.model.b.groups == GROUPS
+    assert res.model.b.out_channels == res.model.b.in_channels == WIDTH // 2 and res.model.b.groups == GROUPS
+
+
+@pytest.mark.parametrize("strategy", ["none", "lsq", "mean", "autodfp"])
+def test_channels_into_a_grouped_conv_prune_physically_as_masked_and_as_counted(strategy):
+    net = _net()
+    calib = _x(16, 1)
+    pruner = Pruner(net, SHAPE, calibration=calib)
+    plan = Plan({"a": 0.5, B: 0.75}, strategy=strategy)
+    decisions = pruner.decide(plan)
+    kept = decisions["a"].kept
+    per = WIDTH // GROUPS
+    assert [int((kept // per == j).sum()) for j in range(GROUPS)] == [2] * GROUPS
+    if strategy != "none":  # a pruned channel is rebuilt from its own conv group only
+        comp = decisions["a"].compensation
+        same = decisions["a"].pruned[:, None] // per == kept[None, :] // per
+        assert comp.A[~same].abs().max().item() == 0.0
+        assert strategy != "lsq" or comp.A[same].abs().sum() > 0
+    x = _x(3, 2)
+    for decs in (decisions, Refiner(pruner, calib)(decisions)):
+        if decs is not decisions and strategy == "lsq":
+            fit = decs["a"].compensation
+            assert fit.K is not None and fit.K[~(kept[:, None] // per == kept[None, :] // per)].abs().max() == 0
+        pruned = pruner.apply(plan, decs).model
+        assert pruned.a.out_channels == pruned.a_bn.num_features == pruned.b.in_channels == 8
+        assert pruned.b.groups == GROUPS and pruned.b.out_channels == 12
+        with torch.no_grad():
+            physical = pruned(x)
+            masked = functional_call(net, pruner.masked_state(decs), (x,))
+        assert (physical - masked).abs().max().item() <= 1e-5
+    mm = MacsModel(net, pruner.graph, SHAPE)
+    assert profile(pruned, SHAPE).total_macs == mm.macs_for_plan(plan) < mm.total_macs
+
+
+def test_a_duplicate_channel_into_a_grouped_conv_is_removed_output_identically():
+    """Channel 1 copies channel 0 in ``a`` (and its BN): the same value enters conv group 0 twice,
+    so ``lsq`` (within the group) moves ``b``'s column 1 onto column 0 exactly."""
+    net = _net()
+    per = WIDTH // GROUPS
+    dup = {1 + j * per: j * per for j in range(GROUPS)}
+    with torch.no_grad():
+        for p, k in dup.items():
+            net.a.weight[p] = net.a.weight[k]
+            for t in ("running_mean", "running_var", "weight", "bias"):
+                getattr(net.a_bn, t)[p] = getattr(net.a_bn, t)[k]
+    pruner = Pruner(net, SHAPE, calibration=_x(64, 1))
+    kept = [c for c in range(WIDTH) if c not in dup]
+    x = _x(3, 2)
+    params = {"ridge": 0.0}
+    with torch.no_grad():
+        ref = net(x)
+        out = pruner.apply(Plan({"a": 0.75}, strategy="lsq", keep={"a": kept}, params=params)).model(x)
+        dropped = pruner.apply(Plan({"a": 0.75}, strategy="none", keep={"a": kept})).model(x)
+    assert (out - ref).abs().max().item() <= 1e-5 * (1 + ref.abs().max().item())
+    assert (dropped - ref).abs().max().item() > 1e-3

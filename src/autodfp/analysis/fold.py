@@ -65,6 +65,18 @@ def dense_filters(weight: torch.Tensor, groups: int) -> torch.Tensor:
     return full
 
 
+def grouped_filters(dense: torch.Tensor, groups: int) -> torch.Tensor:
+    """The inverse of :func:`dense_filters`: each conv group's block of a dense view (the rest,
+    zero for a grouped conv, is dropped)."""
+    if groups == 1:
+        return dense
+    out, per_in = dense.shape[0], dense.shape[1] // groups
+    per_out = out // groups
+    return torch.cat(
+        [dense[g * per_out : (g + 1) * per_out, g * per_in : (g + 1) * per_in] for g in range(groups)], dim=0
+    )
+
+
 def group_stats(
     model: nn.Module,
     group: PrunableGroup,

@@ -62,9 +62,13 @@ rows of each block, and torch-pruning removes them. The consumers (dense convs) 
 for any group; the analysis writes each filter over the whole input, zero outside its block
 (:func:`autodfp.analysis.fold.dense_filters`), so channels of different blocks are never
 "similar". Its consumers may be an SE branch (RegNetY): the group is then an SE chain with the same
-granularity. As a *consumer*, a grouped conv ties its input channel ``j`` of every block to the
-same filter column (torch-pruning removes input channels by position within the block), so the
-group that feeds it stays whole, with the reason "read by grouped conv …".
+granularity. As a *consumer* (``grouped_consumers``; :attr:`PrunableGroup.blockwise`), a grouped
+conv reads input channel ``i`` only in the filters of conv group ``i // (C/G)``: the feeding group
+gets ``granularity == G`` too (as many channels leave each block), each pruned channel is rebuilt
+from kept channels of its own block (:func:`autodfp.compress.reconstruct.blockwise`), and before
+torch-pruning removes the channels, which it does by position within each block, the surgery
+reorders every block so its kept channels come first. A group read by grouped convs of different
+``groups``, or through a depthwise conv as well, stays whole with the reason "read by grouped conv …".
 
 A group whose channels reach the model's output without passing another conv/linear layer (the
 classifier, a detection head) is never prunable: that would change the output's shape. The
@@ -133,6 +137,10 @@ def is_grouped(m: nn.Module) -> TypeGuard[nn.Conv2d]:
     return isinstance(m, nn.Conv2d) and m.groups > 1 and not is_depthwise(m)
 
 
+def _conv_groups(m: nn.Module) -> int:
+    return int(m.groups) if isinstance(m, nn.modules.conv._ConvNd) else 1
+
+
 def _mixes_channels(m: nn.Module) -> bool:
     """A layer whose outputs are new channels (not the input's channels, reordered or scaled)."""
     if isinstance(m, nn.modules.conv._ConvNd):
@@ -187,6 +195,8 @@ class PrunableGroup:
     #: where channel 0 sits in each consumer's input (parallel to ``consumers``): 0 unless a
     #: concat puts other channels before it (``kind == "concat"``)
     offsets: list[int] = field(default_factory=list)
+    #: consumers that are grouped convs (their conv groups are the ``granularity`` blocks)
+    grouped_consumers: list[str] = field(default_factory=list)
     #: channels leave in sets of this many, one from each conv group of a grouped producer
     #: (its ``groups``; 1 otherwise): plans count a group in units of ``channels // granularity``
     granularity: int = 1
@@ -210,6 +220,12 @@ class PrunableGroup:
     def offset(self, consumer: str) -> int:
         """The column of channel 0 in ``consumer``'s input."""
         return self.offsets[self.consumers.index(consumer)] if self.offsets else 0
+
+    @property
+    def blockwise(self) -> bool:
+        """Whether a grouped conv reads the channels: each conv group's pruned channels may only be
+        compensated from kept channels of the same conv group (see "Grouped convolutions")."""
+        return bool(self.grouped_consumers)
 
     @property
     def units(self) -> int:
@@ -735,7 +751,8 @@ def find_groups(model: nn.Module, input_shape: tuple[int, ...], coupled: bool = 
                 others.append(target)  # concat, split, reshape, other layers: not reconstructed
                 ties.append(_tie_label(target, names))
         producers = sorted(set(producers), key=lambda m: rank.get(m, 1 << 30))
-        consumers = sorted(set(consumers) - set(producers), key=lambda m: rank.get(m, 1 << 30))
+        # a grouped conv reading the channels is a consumer, compensated within each conv group
+        consumers = sorted(set(consumers + grouped_in) - set(producers), key=lambda m: rank.get(m, 1 << 30))
         dws.sort(key=lambda m: rank.get(m, 1 << 30))
         seen_producers.update(producers)
 
@@ -777,14 +794,19 @@ def find_groups(model: nn.Module, input_shape: tuple[int, ...], coupled: bool = 
                 set(ties + (["a depthwise conv"] if dws else []) + (["a grouped conv"] if grouped_in else []))
             )
             prunable, reason = False, f"coupled through {', '.join(what)}: not reconstructable"
-        elif grouped_in:
+        elif grouped_in and (
+            dws
+            or len({gc.groups for gc in grouped_in}) > 1
+            or (is_grouped(producer) and producer.groups != grouped_in[0].groups)
+            or any(offsets.get(gc, 0) for gc in grouped_in)
+        ):
             gc = grouped_in[0]
             prunable, reason = (
                 False,
-                f"read by grouped conv '{names[gc]}' ({gc.groups} groups), whose groups tie channels "
-                "across groups: not supported",
+                f"read by grouped conv '{names[gc]}' ({gc.groups} groups) with other grouped or depthwise "
+                "layers: not supported",
             )
-        elif not consumers:
+        elif not consumers and not grouped_in:
             prunable, reason = False, "no consumer layer"
         kind = "linear" if isinstance(producer, nn.Linear) else ("dw_chain" if dws else "conv")
         if se is not None:
@@ -808,7 +830,8 @@ def find_groups(model: nn.Module, input_shape: tuple[int, ...], coupled: bool = 
                 prunable=prunable,
                 reason=reason,
                 kind=kind,
-                granularity=producer.groups if is_grouped(producer) else 1,
+                granularity=_conv_groups(grouped_in[0] if grouped_in else producer),
+                grouped_consumers=[names[c] for c in grouped_in],
                 members=[names[p] for p in producers],
                 pools=pools,
                 member_bns=[names.get(b) if (b := _bn_after(dg, p)) is not None else None for p in producers],

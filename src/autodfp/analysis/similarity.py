@@ -110,6 +110,18 @@ class ChannelStats:
     def num_channels(self) -> int:
         return int(self.filters.shape[0])
 
+    def subset(self, idx: Tensor) -> ChannelStats:
+        """The statistics of channels ``idx`` alone (one conv group of a grouped consumer's input)."""
+        return ChannelStats(
+            filters=self.filters[idx],
+            bias=self.bias[idx],
+            mean=self.mean[idx],
+            std=self.std[idx],
+            activation=self.activation,
+            corr=None if self.corr is None else self.corr[idx][:, idx],
+            measured_from=self.measured_from,
+        )
+
 
 # ----------------------------------------------------------------------------------------------
 # Activations

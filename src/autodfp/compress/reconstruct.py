@@ -69,6 +69,58 @@ class Compensation:
                 f"match {n_kept} kept channels"
             )
 
+    def restrict(self, pruned_rows: Tensor, kept_cols: Tensor) -> Compensation:
+        """The part that rebuilds the pruned channels ``pruned_rows`` (positions in ``pruned``)
+        from the kept ones ``kept_cols`` (positions in ``kept``)."""
+        k = None if self.K is None else self.K[kept_cols][:, kept_cols]
+        d = None if self.d is None else self.d[kept_cols]
+        return Compensation(self.A[pruned_rows][:, kept_cols], self.c[pruned_rows], K=k, d=d)
+
+
+def blockwise(
+    blocks: int,
+    channels: int,
+    kept: Tensor,
+    pruned: Tensor,
+    fit: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Compensation],
+) -> Compensation:
+    """One compensation per block of ``channels // blocks`` contiguous channels, put together
+    block-diagonally.
+
+    A grouped conv reads its input channel ``i`` only in the filters of conv group ``i // (C/G)``:
+    a pruned channel can be rebuilt there only from kept channels of the same conv group, and a
+    kept channel's correction only from its own group too. ``fit(idx, kept_local, pruned_local,
+    kept_pos, pruned_pos)`` fits one block: ``idx`` its channels, ``kept_local``/``pruned_local``
+    positions in ``idx``, ``kept_pos``/``pruned_pos`` positions in ``kept``/``pruned``.
+    """
+    kept = torch.as_tensor(kept, dtype=torch.long)
+    pruned = torch.as_tensor(pruned, dtype=torch.long)
+    per = channels // blocks
+    a = torch.zeros(pruned.numel(), kept.numel(), dtype=torch.float64)
+    c = torch.zeros(pruned.numel(), dtype=torch.float64)
+    partner = torch.full((pruned.numel(),), -1, dtype=torch.long)
+    has_partner = False
+    k_full: Tensor | None = None
+    d_full: Tensor | None = None
+    for b in range(blocks):
+        lo, hi = b * per, (b + 1) * per
+        kpos = torch.nonzero((kept >= lo) & (kept < hi)).flatten()
+        ppos = torch.nonzero((pruned >= lo) & (pruned < hi)).flatten()
+        comp = fit(torch.arange(lo, hi), kept[kpos] - lo, pruned[ppos] - lo, kpos, ppos)
+        a[ppos[:, None], kpos[None, :]] = comp.A.to(torch.float64)
+        c[ppos] = comp.c.to(torch.float64)
+        if comp.partner is not None:
+            has_partner = True
+            local = comp.partner.to(torch.long)
+            partner[ppos] = torch.where(local >= 0, local + lo, local)
+        if comp.K is not None and comp.d is not None:
+            if k_full is None or d_full is None:
+                k_full = torch.eye(kept.numel(), dtype=torch.float64)
+                d_full = torch.zeros(kept.numel(), dtype=torch.float64)
+            k_full[kpos[:, None], kpos[None, :]] = comp.K.to(torch.float64)
+            d_full[kpos] = comp.d.to(torch.float64)
+    return Compensation(a, c, partner if has_partner else None, {"blocks": blocks}, k_full, d_full)
+
 
 # ----------------------------------------------------------------------------------------------
 # folding

@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from autodfp._modes import eval_mode
-from autodfp.compress.reconstruct import Compensation, fit_drift
+from autodfp.compress.reconstruct import Compensation, blockwise, fit_drift
 from autodfp.config import DEFAULTS
 from autodfp.errors import PlanError
 
@@ -238,8 +238,17 @@ class Refiner:
                         torch.zeros(dec.pruned.numel(), dec.kept.numel(), dtype=torch.float64),
                         torch.zeros(dec.pruned.numel(), dtype=torch.float64),
                     )
-                ridge = self.ridge + dims_ridge * dec.kept.numel() / have.shape[0]
-                fit = fit_drift(want, have, comp, dec.kept, dec.pruned, ridge)
+                group = pruner.graph.get(name)
+                if group.blockwise:  # a grouped conv reads them: one fit per conv group
+
+                    def one(idx, k, p, kpos, ppos, w=want, h=have, base=comp) -> Compensation:
+                        r = self.ridge + dims_ridge * k.numel() / h.shape[0]
+                        return fit_drift(w[:, idx], h[:, idx], base.restrict(ppos, kpos), k, p, r)
+
+                    fit = blockwise(group.granularity, group.channels, dec.kept, dec.pruned, one)
+                else:
+                    ridge = self.ridge + dims_ridge * dec.kept.numel() / have.shape[0]
+                    fit = fit_drift(want, have, comp, dec.kept, dec.pruned, ridge)
                 if "@" in key:  # one consumer of a stream
                     new = type(dec)(dec.kept, dec.pruned, dec.compensation, {**(dec.per_consumer or {}), cons: fit})
                 else:

@@ -70,12 +70,20 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from autodfp.analysis.fold import consumer_moments, empirical_moments, group_stats, raw_filters, stream_filters
+from autodfp.analysis.fold import (
+    consumer_moments,
+    dense_filters,
+    empirical_moments,
+    group_stats,
+    grouped_filters,
+    raw_filters,
+    stream_filters,
+)
 from autodfp.analysis.graph import GroupGraph, PrunableGroup, build_dependency_graph, find_groups
 from autodfp.analysis.similarity import ChannelAnalysis, ChannelStats, analyze
 from autodfp.compress.criteria import select_channels
 from autodfp.compress.plan import Plan, kept_channels
-from autodfp.compress.reconstruct import STRATEGIES, Compensation, fold_into_consumer, reconstruct
+from autodfp.compress.reconstruct import STRATEGIES, Compensation, blockwise, fold_into_consumer, reconstruct
 from autodfp.errors import PlanError
 from autodfp.models.layers import ChannelPadShortcut
 
@@ -261,10 +269,31 @@ class Pruner:
                     for c in g.consumers
                 }
                 comp = per_consumer[g.main_consumers[0]]
+            elif plan.strategy != "none" and g.blockwise:
+                comp = self._blockwise_reconstruct(g, plan.strategy, needs_analysis, kept, pruned, params)
             elif plan.strategy != "none":
                 comp = reconstruct(plan.strategy, stats, analysis, kept, pruned, **params)
             decisions[g.name] = GroupDecision(kept, pruned, comp, per_consumer)
         return decisions
+
+    def _blockwise_reconstruct(
+        self,
+        g: PrunableGroup,
+        strategy: str,
+        needs_analysis: bool,
+        kept: torch.Tensor,
+        pruned: torch.Tensor,
+        params: dict[str, Any],
+    ) -> Compensation:
+        """A compensation for a group a grouped conv reads: each conv group rebuilt on its own."""
+        stats = self.stats(g.name)
+
+        def fit(idx, k, p, _kpos, _ppos) -> Compensation:
+            sub = stats.subset(idx)
+            analysis = analyze(sub, **self.analysis_kwargs) if needs_analysis else None
+            return reconstruct(strategy, sub, analysis, k, p, **params)
+
+        return blockwise(g.granularity, g.channels, kept, pruned, fit)
 
     # -- realisation -----------------------------------------------------------------------
     def _edited_tensors(
@@ -294,7 +323,10 @@ class Pruner:
             g = self._group(gname)
             for cons, cbn in zip(g.consumers, g.consumer_bns):
                 wname = f"{cons}.weight"
-                w = current(wname)
+                groups = int(getattr(self.model.get_submodule(cons), "groups", 1))
+                # a grouped consumer is edited as the dense conv it equals (zero outside its blocks);
+                # blockwise compensations keep it so
+                w = dense_filters(current(wname), groups)
                 comp = d.for_consumer(cons)
                 off = g.offset(cons)  # a concat puts other channels before the group's
                 kept, pruned = d.kept + off, d.pruned + off
@@ -314,7 +346,7 @@ class Pruner:
                         out[bname] = delta.clone()
                 if zero_pruned:
                     w[:, pruned] = 0
-                out[wname] = w
+                out[wname] = grouped_filters(w, groups)
         if zero_pruned:
             for gname, d in decisions.items():
                 g = self._group(gname)
@@ -368,8 +400,50 @@ class Pruner:
         with torch.no_grad():
             for name, value in edited.items():
                 set_tensor(net, name, value)
-        prune_channels(net, self.graph, {k: d.pruned.tolist() for k, d in decisions.items()}, self.input_shape)
+        removed = {k: d.pruned.tolist() for k, d in decisions.items()}
+        for name, d in decisions.items():
+            g = self._group(name)
+            if g.blockwise and d.pruned.numel():
+                removed[name] = _kept_first(net, g, d.kept)
+        prune_channels(net, self.graph, removed, self.input_shape)
         return PruneResult(net, plan, decisions)
+
+
+def _kept_first(net: nn.Module, g: PrunableGroup, kept: torch.Tensor) -> list[int]:
+    """Reorder the channels of a group a grouped conv reads so each conv group lists its kept
+    channels first; return the pruned ones' new indices (the same positions in every conv group).
+
+    torch-pruning removes a grouped conv's input channels by their position within each conv
+    group, so every group must lose the same positions. Reordering channels inside a conv group,
+    consistently in the producer's rows (and its BN) and in every consumer's columns, changes no
+    output; afterwards the pruned channels sit at the same positions everywhere.
+    """
+    per = g.units
+    keep = set(kept.tolist())
+    order: list[int] = []
+    removed: list[int] = []
+    for b in range(g.granularity):
+        block = range(b * per, (b + 1) * per)
+        ks = [i for i in block if i in keep]
+        order += ks + [i for i in block if i not in keep]
+        removed += list(range(b * per + len(ks), (b + 1) * per))
+    perm = torch.tensor(order)
+    with torch.no_grad():
+        rows = [f"{g.producer.conv}.weight", f"{g.producer.conv}.bias"]
+        if g.producer.bn is not None:
+            rows += [f"{g.producer.bn}.{t}" for t in ("weight", "bias", "running_mean", "running_var")]
+        state = dict(net.named_parameters()) | dict(net.named_buffers())
+        for name in rows:
+            if state.get(name) is not None:
+                state[name].copy_(state[name][perm])
+        for cons in g.consumers:
+            layer = cast(nn.Conv2d | nn.Linear, net.get_submodule(cons))
+            groups = int(getattr(layer, "groups", 1))
+            w = dense_filters(layer.weight.detach(), groups).clone()
+            off = g.offset(cons)
+            w[:, off : off + g.channels] = w[:, off + perm]
+            layer.weight.copy_(grouped_filters(w, groups))
+    return removed
 
 
 def set_tensor(model: nn.Module, name: str, value: torch.Tensor | None) -> None:
