@@ -76,3 +76,45 @@ def bn_statistics_from_noise(model, shape, batches: int = 3, n: int = 16, reset:
         for _ in range(batches):
             model(torch.randn(n, *shape, generator=g))
     return model.eval()
+
+
+#: synthesis cut to the bone: structure tests need a batch, not a good one
+CHEAP = {"synth_steps": 2, "calibration_inputs": 8, "refine_inputs": 8, "reward_inputs": 8}
+
+
+def zero_ratio_max_diff(net, shape, x) -> float:
+    """max |Δ| on ``x`` between ``net`` and its prune at preserved ratio 1 (the default pipeline)."""
+    import torch
+
+    import autodfp
+
+    with torch.no_grad():
+        ref = net(x)
+        res = autodfp.prune(net, input_shape=shape, uniform=1.0, config=autodfp.Config(**CHEAP), progress=False)
+        return (res.model(x) - ref).abs().max().item()
+
+
+def physical_and_masked(pruner, plan, decisions, x):
+    """The physically pruned model and its max |Δ| on ``x`` from the masked fast path (same decisions)."""
+    import torch
+    from torch.func import functional_call
+
+    pruned = pruner.apply(plan, decisions).model
+    with torch.no_grad():
+        diff = (pruned(x) - functional_call(pruner.model, pruner.masked_state(decisions), (x,))).abs().max()
+    return pruned, diff.item()
+
+
+def duplicate_removal_errors(pruner, group: str, kept: list[int], ratio: float, x, params: dict):
+    """max |Δ| from the unpruned output on ``x`` after removing all but ``kept`` of ``group``:
+    with ``lsq`` (``params``), and with no compensation (to show the channels mattered)."""
+    import torch
+
+    from autodfp.compress.plan import Plan
+
+    with torch.no_grad():
+        ref = pruner.model(x)
+        out = pruner.apply(Plan({group: ratio}, strategy="lsq", keep={group: kept}, params=params)).model(x)
+        dropped = pruner.apply(Plan({group: ratio}, strategy="none", keep={group: kept})).model(x)
+    scale = 1 + ref.abs().max().item()
+    return (out - ref).abs().max().item() / scale, (dropped - ref).abs().max().item()

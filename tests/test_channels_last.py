@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call
 
 import autodfp
 from autodfp.analysis.graph import find_groups
@@ -22,6 +21,7 @@ from autodfp.compress.refine import Refiner
 from autodfp.compress.surgery import Pruner
 from autodfp.eval.metrics import profile
 from autodfp.search.budget import MacsModel
+from conftest import CHEAP, duplicate_removal_errors, physical_and_masked, zero_ratio_max_diff
 
 SHAPE = (3, 16, 16)
 C, HID = 8, 32
@@ -82,12 +82,9 @@ def test_pruned_hidden_layer_equals_the_masked_path_and_the_analytic_macs(strate
         if decs is not decisions:  # refinement read the channels-last input and fitted the consumer
             fit = decs[PW1].for_consumer("block.pw2")
             assert fit is not None and fit.A.abs().sum() > 0
-        pruned = pruner.apply(plan, decs).model
+        pruned, diff = physical_and_masked(pruner, plan, decs, x)
+        assert diff <= 1e-5
         assert pruned.block.pw1.out_features == pruned.block.pw2.in_features == n_keep(HID, 0.5)
-        with torch.no_grad():
-            physical = pruned(x)
-            masked = functional_call(net, pruner.masked_state(decs), (x,))
-        assert (physical - masked).abs().max().item() <= 1e-5
     mm = MacsModel(net, pruner.graph, SHAPE)
     # pw1 and pw2 each run 8·8 positions × 8 × kept
     removed = (HID - n_keep(HID, 0.5)) * 2 * 8 * 8 * C
@@ -102,24 +99,14 @@ def test_an_exact_duplicate_hidden_unit_is_removed_output_identically_with_lsq()
         net.block.pw1.bias[p] = net.block.pw1.bias[k]
     pruner = Pruner(net, SHAPE, calibration=_x(64, 1))
     kept = [c for c in range(HID) if c != p]
-    x = _x(3, 2)
-    params = {"ridge": 0.0}
-    with torch.no_grad():
-        ref = net(x)
-        out = pruner.apply(Plan({PW1: 31 / 32}, strategy="lsq", keep={PW1: kept}, params=params)).model(x)
-        dropped = pruner.apply(Plan({PW1: 31 / 32}, strategy="none", keep={PW1: kept})).model(x)
-    assert (out - ref).abs().max().item() <= 1e-5 * (1 + ref.abs().max().item())
-    assert (dropped - ref).abs().max().item() > 1e-4  # the unit mattered
+    lsq, none = duplicate_removal_errors(pruner, PW1, kept, 31 / 32, _x(3, 2), {"ridge": 0.0})
+    assert lsq <= 1e-5 and none > 1e-4  # exact, and the unit mattered
 
 
 def test_zero_ratio_identity_and_the_budget_without_batchnorm():
     net = _net()
-    x = _x(3, 2)
-    cheap = autodfp.Config(synth_steps=2, calibration_inputs=8, refine_inputs=8, reward_inputs=8)
-    with torch.no_grad():
-        ref = net(x)
-        same = autodfp.prune(net, input_shape=SHAPE, uniform=1.0, config=cheap, progress=False)
-        assert (same.model(x) - ref).abs().max().item() == 0.0
-    res = autodfp.prune(net, input_shape=SHAPE, macs_ratio=0.8, search="uniform", config=cheap, progress=False)
+    assert zero_ratio_max_diff(net, SHAPE, _x(3, 2)) == 0.0
+    cfg = autodfp.Config(**CHEAP)
+    res = autodfp.prune(net, input_shape=SHAPE, macs_ratio=0.8, search="uniform", config=cfg, progress=False)
     assert abs(res.report["macs_ratio_achieved"] - 0.8) <= 0.01
     assert res.model.block.pw1.out_features < HID

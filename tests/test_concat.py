@@ -14,7 +14,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call
 
 import autodfp
 from autodfp.analysis.graph import find_groups
@@ -23,7 +22,7 @@ from autodfp.compress.refine import Refiner
 from autodfp.compress.surgery import Pruner
 from autodfp.eval.metrics import profile
 from autodfp.search.budget import MacsModel
-from conftest import bn_statistics_from_noise
+from conftest import CHEAP, bn_statistics_from_noise, duplicate_removal_errors, physical_and_masked, zero_ratio_max_diff
 
 SHAPE = (3, 16, 16)
 S, B1, B2 = 8, 6, 10
@@ -72,13 +71,7 @@ def test_concatenated_branches_are_prunable_groups_at_their_offsets():
 
 
 def test_zero_ratio_prune_is_output_identical():
-    net = _net()
-    x = _x(3, 2)
-    cheap = autodfp.Config(synth_steps=2, calibration_inputs=8, refine_inputs=8, reward_inputs=8)
-    with torch.no_grad():
-        ref = net(x)
-        res = autodfp.prune(net, input_shape=SHAPE, uniform=1.0, config=cheap, progress=False)
-        assert (res.model(x) - ref).abs().max().item() == 0.0
+    assert zero_ratio_max_diff(_net(), SHAPE, _x(3, 2)) == 0.0
 
 
 @pytest.mark.parametrize("strategy", ["none", "lsq", "mean", "autodfp"])
@@ -91,14 +84,11 @@ def test_pruned_concat_groups_equal_the_masked_path_and_the_analytic_macs(strate
     decisions = pruner.decide(plan)
     x = _x(3, 2)
     for decs in (decisions, Refiner(pruner, calib)(decisions)):
-        pruned = pruner.apply(plan, decs).model
+        pruned, diff = physical_and_masked(pruner, plan, decs, x)
+        assert diff <= 1e-5
         width = sum(keep.values())
         assert pruned.mix[0].in_channels == pruned.post.in_channels == pruned.pre_bn.num_features == width
         assert pruned.b2[0].in_channels == keep["stem.0"]
-        with torch.no_grad():
-            physical = pruned(x)
-            masked = functional_call(net, pruner.masked_state(decs), (x,))
-        assert (physical - masked).abs().max().item() <= 1e-5
     mm = MacsModel(net, pruner.graph, SHAPE)
     assert profile(pruned, SHAPE).total_macs == mm.macs_for_plan(plan) < mm.total_macs
     # mix: 16·16·12·(kept inputs); post: 16·16·12·9·(kept inputs); the sum of blocks, not a product
@@ -129,17 +119,11 @@ def test_an_exact_duplicate_branch_channel_is_removed_output_identically_with_ls
             getattr(net.pre_bn, t)[S + B1 + p] = getattr(net.pre_bn, t)[S + B1 + k]
     pruner = Pruner(net, SHAPE, calibration=_x(64, 1))
     kept = [c for c in range(B2) if c != p]
-    x = _x(3, 2)
-    params = {"ridge": 0.0, "dims_ridge": 0.0}
-    with torch.no_grad():
-        ref = net(x)
-        out = pruner.apply(Plan({"b2.0": 0.9}, strategy="lsq", keep={"b2.0": kept}, params=params)).model(x)
-        dropped = pruner.apply(Plan({"b2.0": 0.9}, strategy="none", keep={"b2.0": kept})).model(x)
-    assert (out - ref).abs().max().item() <= 1e-5 * (1 + ref.abs().max().item())
-    assert (dropped - ref).abs().max().item() > 1e-3  # the channel mattered
+    lsq, none = duplicate_removal_errors(pruner, "b2.0", kept, 0.9, _x(3, 2), {"ridge": 0.0, "dims_ridge": 0.0})
+    assert lsq <= 1e-5 and none > 1e-3  # exact, and the channel mattered
 
 
 def test_default_prune_meets_the_budget():
-    cheap = autodfp.Config(synth_steps=2, calibration_inputs=8, refine_inputs=8, reward_inputs=8)
-    res = autodfp.prune(_net(), input_shape=SHAPE, macs_ratio=0.7, search="uniform", config=cheap, progress=False)
+    cfg = autodfp.Config(**CHEAP)
+    res = autodfp.prune(_net(), input_shape=SHAPE, macs_ratio=0.7, search="uniform", config=cfg, progress=False)
     assert abs(res.report["macs_ratio_achieved"] - 0.7) <= 0.01

@@ -15,7 +15,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call
 
 import autodfp
 from autodfp.analysis.graph import find_groups
@@ -26,7 +25,7 @@ from autodfp.compress.surgery import Pruner
 from autodfp.errors import PlanError
 from autodfp.eval.metrics import profile
 from autodfp.search.budget import MacsModel
-from conftest import bn_statistics_from_noise
+from conftest import CHEAP, bn_statistics_from_noise, duplicate_removal_errors, physical_and_masked, zero_ratio_max_diff
 
 SHAPE = (3, 16, 16)
 GROUPS, WIDTH = 4, 16  # b: 16 channels in 4 groups of 4
@@ -90,13 +89,7 @@ def test_selection_keeps_as_many_channels_in_every_conv_group():
 
 
 def test_zero_ratio_prune_is_output_identical():
-    net = _net()
-    x = _x(3, 2)
-    cheap = autodfp.Config(synth_steps=2, calibration_inputs=8, refine_inputs=8, reward_inputs=8)
-    with torch.no_grad():
-        ref = net(x)
-        res = autodfp.prune(net, input_shape=SHAPE, uniform=1.0, config=cheap, progress=False)
-        assert (res.model(x) - ref).abs().max().item() == 0.0
+    assert zero_ratio_max_diff(_net(), SHAPE, _x(3, 2)) == 0.0
 
 
 @pytest.mark.parametrize("strategy", ["none", "lsq", "mean", "autodfp"])
@@ -112,13 +105,10 @@ def test_pruned_grouped_producer_equals_the_masked_path_and_the_analytic_macs(st
     assert [int((kept // (WIDTH // GROUPS) == j).sum()) for j in range(GROUPS)] == [2] * GROUPS
     x = _x(3, 2)
     for decs in (decisions, Refiner(pruner, calib)(decisions)):
-        pruned = pruner.apply(plan, decs).model
+        pruned, diff = physical_and_masked(pruner, plan, decs, x)
+        assert diff <= 1e-5
         assert pruned.b.out_channels == pruned.b_bn.num_features == pruned.c.in_channels == k
         assert pruned.b.groups == GROUPS and pruned.b.in_channels == WIDTH
-        with torch.no_grad():
-            physical = pruned(x)
-            masked = functional_call(net, pruner.masked_state(decs), (x,))
-        assert (physical - masked).abs().max().item() <= 1e-5
     mm = MacsModel(net, pruner.graph, SHAPE)
     # b: 16·16·k·(16/4)·9, c: 16·16·12·k (and the rest fixed)
     full = profile(net, SHAPE).total_macs
@@ -138,14 +128,8 @@ def test_an_exact_duplicate_channel_in_its_own_conv_group_is_removed_output_iden
                 getattr(net.b_bn, t)[p] = getattr(net.b_bn, t)[k]
     pruner = Pruner(net, SHAPE, calibration=_x(64, 1))
     kept = [c for c in range(WIDTH) if c not in dup]
-    x = _x(3, 2)
-    params = {"ridge": 0.0, "dims_ridge": 0.0}
-    with torch.no_grad():
-        ref = net(x)
-        out = pruner.apply(Plan({B: 0.75}, strategy="lsq", keep={B: kept}, params=params)).model(x)
-        dropped = pruner.apply(Plan({B: 0.75}, strategy="none", keep={B: kept})).model(x)
-    assert (out - ref).abs().max().item() <= 1e-5 * (1 + ref.abs().max().item())
-    assert (dropped - ref).abs().max().item() > 1e-3  # the channels mattered
+    lsq, none = duplicate_removal_errors(pruner, B, kept, 0.75, _x(3, 2), {"ridge": 0.0, "dims_ridge": 0.0})
+    assert lsq <= 1e-5 and none > 1e-3  # exact, and the channels mattered
 
 
 def test_a_plan_keeping_unequal_counts_per_conv_group_is_refused():
@@ -160,8 +144,8 @@ def test_default_prune_meets_the_budget_with_the_grouped_group():
     mm = MacsModel(net, find_groups(net, SHAPE), SHAPE)
     assert mm.channels == {"a": WIDTH // GROUPS, B: WIDTH // GROUPS}
     target = mm.macs({"a": 2, B: 2}) / mm.total_macs
-    cheap = autodfp.Config(synth_steps=2, calibration_inputs=8, refine_inputs=8, reward_inputs=8)
-    res = autodfp.prune(net, input_shape=SHAPE, macs_ratio=target, search="uniform", config=cheap, progress=False)
+    cfg = autodfp.Config(**CHEAP)
+    res = autodfp.prune(net, input_shape=SHAPE, macs_ratio=target, search="uniform", config=cfg, progress=False)
     assert abs(res.report["macs_ratio_achieved"] - target) <= 0.01 * target
     assert res.model.b.out_channels == res.model.b.in_channels == WIDTH // 2 and res.model.b.groups == GROUPS
 
@@ -186,13 +170,10 @@ def test_channels_into_a_grouped_conv_prune_physically_as_masked_and_as_counted(
         if decs is not decisions and strategy == "lsq":
             fit = decs["a"].compensation
             assert fit.K is not None and fit.K[~(kept[:, None] // per == kept[None, :] // per)].abs().max() == 0
-        pruned = pruner.apply(plan, decs).model
+        pruned, diff = physical_and_masked(pruner, plan, decs, x)
+        assert diff <= 1e-5  # the reordering before torch-pruning changed no output
         assert pruned.a.out_channels == pruned.a_bn.num_features == pruned.b.in_channels == 8
         assert pruned.b.groups == GROUPS and pruned.b.out_channels == 12
-        with torch.no_grad():
-            physical = pruned(x)
-            masked = functional_call(net, pruner.masked_state(decs), (x,))
-        assert (physical - masked).abs().max().item() <= 1e-5
     mm = MacsModel(net, pruner.graph, SHAPE)
     assert profile(pruned, SHAPE).total_macs == mm.macs_for_plan(plan) < mm.total_macs
 
@@ -210,11 +191,5 @@ def test_a_duplicate_channel_into_a_grouped_conv_is_removed_output_identically()
                 getattr(net.a_bn, t)[p] = getattr(net.a_bn, t)[k]
     pruner = Pruner(net, SHAPE, calibration=_x(64, 1))
     kept = [c for c in range(WIDTH) if c not in dup]
-    x = _x(3, 2)
-    params = {"ridge": 0.0}
-    with torch.no_grad():
-        ref = net(x)
-        out = pruner.apply(Plan({"a": 0.75}, strategy="lsq", keep={"a": kept}, params=params)).model(x)
-        dropped = pruner.apply(Plan({"a": 0.75}, strategy="none", keep={"a": kept})).model(x)
-    assert (out - ref).abs().max().item() <= 1e-5 * (1 + ref.abs().max().item())
-    assert (dropped - ref).abs().max().item() > 1e-3
+    lsq, none = duplicate_removal_errors(pruner, "a", kept, 0.75, _x(3, 2), {"ridge": 0.0})
+    assert lsq <= 1e-5 and none > 1e-3
