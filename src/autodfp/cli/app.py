@@ -309,7 +309,8 @@ def info(
     for g in graph:
         g_t.add_row(
             g.name,
-            str(g.channels),
+            # a grouped conv's channels leave in equal numbers per conv group
+            str(g.channels) if g.granularity == 1 else f"{g.channels} ({g.granularity} groups of {g.units})",
             g.kind,
             g.activation,
             ", ".join(g.consumers) or "-",
