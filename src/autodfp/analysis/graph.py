@@ -562,9 +562,11 @@ def _path_pools(dg: tp.DependencyGraph, src: nn.Module, dst: nn.Module) -> tuple
 def _benign_op(node: Any, channels: int) -> bool:
     """Whether a functional op on a coupled group keeps every channel whole and in place.
 
-    Two cases: ops that only feed a :class:`ChannelPadShortcut` (its own slicing, zero concat and
+    The cases: ops that only feed a :class:`ChannelPadShortcut` (its own slicing, zero concat and
     index select, which its pruner handles as one layer), and a reshape that only flattens a
-    ``(N, C, 1, 1)`` map into the ``C`` inputs of Linear layers (global pooling → classifier).
+    ``(N, C, 1, 1)`` map into the ``C`` inputs of Linear layers (global pooling → classifier; the
+    channels may be one concatenated block of those ``C``), or hands a channels-last map's ``C``
+    channels to a Linear layer as rows (ConvNeXt).
     """
     kind = type(node.module).__name__
     frontier, seen = list(node.outputs), set()
@@ -590,7 +592,10 @@ def _benign_op(node: Any, channels: int) -> bool:
         return False
     if all(isinstance(m, ChannelPadShortcut) for m in ends):
         return True
-    return kind == "_ReshapeOp" and all(isinstance(m, nn.Linear) and m.in_features == channels for m in ends)
+    # the flatten's input width: a concat's, when the channels are one block of a wider (N, C, 1, 1) map
+    sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None)
+    width = int(sizes[1]) if sizes is not None and len(sizes) > 2 and all(int(d) == 1 for d in sizes[2:]) else channels
+    return kind == "_ReshapeOp" and all(isinstance(m, nn.Linear) and m.in_features in (channels, width) for m in ends)
 
 
 def _tie_label(target: Any, names: dict[nn.Module, str]) -> str:
