@@ -66,23 +66,40 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def build(spec: str) -> nn.Module:
-    """The random-init model of ``spec`` (``tv:``, ``timm:`` or ``tvdet:`` + name), seed 0."""
+    """The random-init model of ``spec`` (``tv:``, ``timm:`` or ``tvdet:`` + name), seed 0, with
+    residual branches that start silenced given unit scale (:func:`unsilence`)."""
     kind, _, name = spec.partition(":")
     torch.manual_seed(0)
     if kind == "tv":
         import torchvision
 
-        return torchvision.models.get_model(name, weights=None)
+        return unsilence(torchvision.models.get_model(name, weights=None))
     if kind == "timm":
         import timm
 
-        return timm.create_model(name, pretrained=False)
+        return unsilence(timm.create_model(name, pretrained=False))
     if kind == "tvdet":
         import torchvision
 
         det = torchvision.models.get_model(name, weights=None, weights_backbone=None)
-        return det.backbone
+        return unsilence(det.backbone)
     raise SystemExit(f"error: unknown model kind in '{spec}' (tv:, timm: or tvdet:)")
+
+
+def unsilence(model: nn.Module) -> nn.Module:
+    """Set to 1 the scales that start a residual branch at (almost) zero.
+
+    ConvNeXt's layer scale starts at 1e-6 and timm zero-initialises each residual block's last BN
+    scale, so a random-init block adds nothing and pruning inside it changes no output: the
+    agreement columns would check nothing there. A trained model's scales are far from zero.
+    """
+    with torch.no_grad():
+        for mod in model.modules():
+            for p_name, p in mod.named_parameters(recurse=False):
+                zero_bn = isinstance(mod, nn.modules.batchnorm._BatchNorm) and p_name == "weight"
+                if (zero_bn or p_name in ("layer_scale", "gamma")) and p.numel() and float(p.abs().max()) <= 1e-5:
+                    p.fill_(1.0)
+    return model
 
 
 def images(root: Path, px: int, n_bn: int, n_eval: int) -> tuple[torch.Tensor, torch.Tensor]:
