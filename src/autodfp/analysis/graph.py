@@ -132,8 +132,8 @@ def is_dense(m: nn.Module) -> TypeGuard[nn.Linear | nn.Conv2d]:
 
 
 def is_grouped(m: nn.Module) -> TypeGuard[nn.Conv2d]:
-    """A grouped conv that is not depthwise (ResNeXt, RegNet): a producer we prune by whole rows
-    per group (see "Grouped convolutions" in the module docstring)."""
+    """A grouped conv that is not depthwise (ResNeXt, RegNet): pruned by equal numbers of channels
+    per conv group (see "Grouped convolutions" in the module docstring)."""
     return isinstance(m, nn.Conv2d) and m.groups > 1 and not is_depthwise(m)
 
 
@@ -197,8 +197,9 @@ class PrunableGroup:
     offsets: list[int] = field(default_factory=list)
     #: consumers that are grouped convs (their conv groups are the ``granularity`` blocks)
     grouped_consumers: list[str] = field(default_factory=list)
-    #: channels leave in sets of this many, one from each conv group of a grouped producer
-    #: (its ``groups``; 1 otherwise): plans count a group in units of ``channels // granularity``
+    #: channels leave in sets of this many, one from each conv group of the grouped conv that
+    #: produces or reads them (its ``groups``; 1 otherwise): plans count a group in units of
+    #: ``channels // granularity``
     granularity: int = 1
     members: list[str] = field(default_factory=list)
     #: channel-wise pooling between the activation and a consumer (e.g. ``"max_pool2d(k=2, s=2)"``)
@@ -229,7 +230,7 @@ class PrunableGroup:
 
     @property
     def units(self) -> int:
-        """What a preserved ratio is a fraction of: channels per conv group of the producer."""
+        """What a preserved ratio is a fraction of: channels per conv group (all of them, ungrouped)."""
         return self.channels // self.granularity
 
     @property
