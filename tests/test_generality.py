@@ -1,8 +1,9 @@
 """CI subset of the generality sweep (benchmarks/generality.py) on small inputs.
 
 One residual network (torchvision resnet18), one depthwise network with SE blocks (torchvision
-mobilenet_v3_small), one concat network (torchvision squeezenet1_0) and one BN-free LayerNorm CNN
-(built here; ConvNeXt-tiny is too heavy for CI). Random init, BN statistics from train-mode forward
+mobilenet_v3_small), one concat network (torchvision squeezenet1_0), one with grouped convs
+(torchvision regnet_x_400mf) and one BN-free LayerNorm CNN (built here; ConvNeXt-tiny is too heavy
+for CI). Random init, BN statistics from train-mode forward
 passes over noise, 64-px inputs, synthesis cut to a few steps. Each model must prune to 0.7× MACs
 within ±1 %, or stop with the one-line reason recorded here (the sweep's table has the same ones);
 when a reason changes, this test says so.
@@ -64,7 +65,8 @@ def _calibrate(model: nn.Module) -> nn.Module:
     [
         ("resnet18", None),
         ("mobilenet_v3_small", None),  # SE-gated expansions are prunable (residual streams stay coupled)
-        ("squeezenet1_0", None),
+        ("squeezenet1_0", None),  # concatenated expand branches
+        ("regnet_x_400mf", None),  # grouped convs, their outputs and the channels they read
         ("layernorm_cnn", None),
     ],
 )
