@@ -2,8 +2,8 @@
 
 One residual network (torchvision resnet18), one depthwise network with SE blocks (torchvision
 mobilenet_v3_small), one concat network (torchvision squeezenet1_0), one with grouped convs
-(torchvision regnet_x_400mf) and one BN-free LayerNorm CNN (built here; ConvNeXt-tiny is too heavy
-for CI). Random init, BN statistics from train-mode forward
+(torchvision regnet_x_400mf), one with channel shuffles (torchvision shufflenet_v2_x0_5) and one
+BN-free LayerNorm CNN (built here; ConvNeXt-tiny is too heavy for CI). Random init, BN statistics from train-mode forward
 passes over noise, 64-px inputs, synthesis cut to a few steps. Each model must prune to 0.7× MACs
 within ±1 %, or stop with the one-line reason recorded here (the sweep's table has the same ones);
 when a reason changes, this test says so.
@@ -67,6 +67,7 @@ def _calibrate(model: nn.Module) -> nn.Module:
         ("mobilenet_v3_small", None),  # SE-gated expansions are prunable (residual streams stay coupled)
         ("squeezenet1_0", None),  # concatenated expand branches
         ("regnet_x_400mf", None),  # grouped convs, their outputs and the channels they read
+        ("shufflenet_v2_x0_5", None),  # groups that meet the channel shuffle stay whole, the others prune
         ("layernorm_cnn", None),
     ],
 )

@@ -266,7 +266,35 @@ class GroupGraph:
         raise KeyError(name)
 
 
+def _tolerant_reshape_mapping() -> None:
+    """Let torch-pruning trace a model whose reshape it cannot map (ShuffleNet's channel shuffle).
+
+    Its index mapping for a reshape divides by the channel count it infers on one side, and that
+    inference returns 0 in some graphs (torch-pruning: "=0 if there is a residual connection to
+    model inputs"), which raised ``ZeroDivisionError`` and stopped the whole trace. Skipped, the
+    reshape keeps torch-pruning's default one-to-one mapping, which is wrong for a shuffle; that
+    does not matter here, because every group whose channels pass a reshape that is not a plain
+    flatten into a Linear is left unprunable ("coupled through a reshape"): only groups that never
+    meet the reshape are pruned, and their indices never go through it.
+    """
+    from torch_pruning.dependency import index_mapping
+
+    original = index_mapping.update_reshape_index_mapping
+    if getattr(original, "_autodfp_tolerant", False):
+        return
+
+    def tolerant(graph: Any, node: Any) -> None:
+        try:
+            original(graph, node)
+        except ZeroDivisionError:
+            pass
+
+    tolerant._autodfp_tolerant = True  # type: ignore[attr-defined]
+    index_mapping.update_reshape_index_mapping = tolerant
+
+
 def build_dependency_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
+    _tolerant_reshape_mapping()
     try:
         with torch.enable_grad():  # torch-pruning traces through autograd
             return tp.DependencyGraph().build_dependency(
@@ -705,7 +733,29 @@ def find_groups(model: nn.Module, input_shape: tuple[int, ...], coupled: bool = 
             continue
         fn = tp.prune_linear_out_channels if isinstance(module, nn.Linear) else tp.prune_conv_out_channels
         n_out = module.out_features if isinstance(module, nn.Linear) else module.out_channels
-        group = dg.get_pruning_group(module, fn, idxs=list(range(n_out)))
+        try:
+            group = dg.get_pruning_group(module, fn, idxs=list(range(n_out)))
+        except Exception as exc:  # torch-pruning could not map the channels (a shuffle's split)
+            bn = _bn_after(dg, module)
+            groups.append(
+                PrunableGroup(
+                    name=names[module],
+                    index=len(groups),
+                    channels=n_out,
+                    producer=Stage(names[module], names.get(bn) if bn is not None else None),
+                    passthrough=[],
+                    consumers=[],
+                    consumer_bns=[],
+                    activation="unknown",
+                    coupled=True,
+                    prunable=False,
+                    reason=f"torch-pruning cannot map these channels ({exc.__class__.__name__}: {exc})",
+                    members=[names[module]],
+                )
+            )
+            pairs.append((bn or module, [], []))
+            seen_producers.add(module)
+            continue
 
         producers: list[nn.Module] = []
         consumers: list[nn.Module] = []
