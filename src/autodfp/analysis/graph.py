@@ -277,9 +277,12 @@ def _tolerant_reshape_mapping() -> None:
     flatten into a Linear is left unprunable ("coupled through a reshape"): only groups that never
     meet the reshape are pruned, and their indices never go through it.
     """
-    from torch_pruning.dependency import index_mapping
+    try:
+        from torch_pruning.dependency import index_mapping
 
-    original = index_mapping.update_reshape_index_mapping
+        original = index_mapping.update_reshape_index_mapping
+    except (ImportError, AttributeError):  # another torch-pruning layout: trace as it is
+        return
     if getattr(original, "_autodfp_tolerant", False):
         return
 
