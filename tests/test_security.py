@@ -270,7 +270,9 @@ def test_oversized_tensors_are_refused_before_they_are_read(tmp_path):
     from autodfp.models.resnet_cifar import resnet20
 
     state = resnet20().state_dict()
-    state["conv1.weight"] = torch.empty(32 * 1024 * 1024)  # never touched: costs no memory here
+    # zeros, not ``torch.empty``: reused memory can hold anything, and the deflated copy below must
+    # compress to almost nothing (with recycled bytes it came out at 6 MB once, under load)
+    state["conv1.weight"] = torch.zeros(32 * 1024 * 1024)
     plain, deflated = tmp_path / "plain.th", tmp_path / "deflated.th"
     torch.save(state, plain)
     del state
