@@ -274,8 +274,9 @@ def _tolerant_reshape_mapping() -> None:
     model inputs"), which raised ``ZeroDivisionError`` and stopped the whole trace. Skipped, the
     reshape keeps torch-pruning's default one-to-one mapping, which is wrong for a shuffle; that
     does not matter here, because every group whose channels pass a reshape that is not a plain
-    flatten into a Linear is left unprunable ("coupled through a reshape"): only groups that never
-    meet the reshape are pruned, and their indices never go through it.
+    flatten into a Linear is left unprunable: "coupled through a reshape", or, where torch-pruning
+    then fails to map them at all (ShuffleNet's split), "torch-pruning cannot map these channels".
+    Only groups that never meet the reshape are pruned, and their indices never go through it.
     """
     try:
         from torch_pruning.dependency import index_mapping
