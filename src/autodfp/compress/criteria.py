@@ -63,7 +63,7 @@ def select_channels(
 ) -> tuple[Tensor, Tensor]:
     """Split a group into kept and pruned channels.
 
-    ``granularity`` G > 1 (a grouped producer, :attr:`~autodfp.analysis.graph.PrunableGroup.granularity`):
+    ``granularity`` G > 1 (a grouped conv produces or reads the channels, :attr:`~autodfp.analysis.graph.PrunableGroup.granularity`):
     the channels form G equal contiguous blocks, ``n_keep`` must be a multiple of G, and each block
     keeps its ``n_keep / G`` channels ranked highest by the criterion.
 

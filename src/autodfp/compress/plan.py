@@ -30,9 +30,9 @@ def n_keep(channels: int, ratio: float) -> int:
 def kept_channels(group: PrunableGroup, ratio: float) -> int:
     """Channels a group keeps at a preserved ``ratio``.
 
-    A ratio is a fraction of the group's :attr:`~PrunableGroup.units`: a grouped producer keeps
-    the same number of channels in each of its conv groups, or the pruned conv would no longer
-    split into equal groups.
+    A ratio is a fraction of the group's :attr:`~PrunableGroup.units`: channels that a grouped
+    conv produces or reads keep the same number in each of its conv groups, or the pruned conv
+    would no longer split into equal groups.
     """
     return n_keep(group.units, ratio) * group.granularity
 
