@@ -9,8 +9,9 @@ an exact function of the kept channel counts:
   ``kept_in/in`` if it consumes one (both, for a MobileNet pointwise conv that consumes the
   previous chain and produces the next one);
 * a depthwise pass-through conv of a group scales once by that group's kept fraction;
-* a grouped producer (ResNeXt, RegNet) keeps as many rows in each conv group, so its group is
-  counted in channels per conv group and every layer still scales by the kept fraction;
+* channels a grouped conv (ResNeXt, RegNet) produces or reads keep as many in each conv group, so
+  their group is counted in channels per conv group and every layer still scales by the kept
+  fraction;
 * a coupled group (a residual stream) scales every producer that writes into the stream and every
   consumer that reads it, so a downsample conv, which reads one stream and writes the next, scales
   by both streams' kept fractions;
@@ -82,8 +83,8 @@ class MacsModel:
         prof = profile(model, self.input_shape)
         self.total_macs: int = int(prof.total_macs)
         self.groups: list[str] = [g.name for g in graph.prunable]
-        #: what a group's preserved ratio counts: channels, or channels per conv group for a grouped
-        #: producer (:attr:`~autodfp.analysis.graph.PrunableGroup.units`); every ``keep`` here is in
+        #: what a group's preserved ratio counts: channels, or channels per conv group next to a
+        #: grouped conv (:attr:`~autodfp.analysis.graph.PrunableGroup.units`); every ``keep`` here is in
         #: these units, and a layer's MACs scale by ``keep / units`` all the same
         self.channels: dict[str, int] = {g.name: int(g.units) for g in graph.prunable}
         self._granularity = {g.name: int(g.granularity) for g in graph.prunable}
