@@ -82,6 +82,18 @@ def bn_statistics_from_noise(model, shape, batches: int = 3, n: int = 16, reset:
 CHEAP = {"synth_steps": 2, "calibration_inputs": 8, "refine_inputs": 8, "reward_inputs": 8}
 
 
+def _tensors(out) -> list:
+    """A model output as a list of tensors (a detector returns a tuple of heads)."""
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def max_abs_diff(a, b) -> float:
+    """max |a − b| over every output tensor; outputs of different structure or shape fail."""
+    pairs = list(zip(_tensors(a), _tensors(b), strict=True))
+    assert all(u.shape == v.shape for u, v in pairs), [(u.shape, v.shape) for u, v in pairs]
+    return max((u - v).abs().max().item() for u, v in pairs)
+
+
 def zero_ratio_max_diff(net, shape, x) -> float:
     """max |Δ| on ``x`` between ``net`` and its prune at preserved ratio 1 (the default pipeline)."""
     import torch
@@ -91,7 +103,7 @@ def zero_ratio_max_diff(net, shape, x) -> float:
     with torch.no_grad():
         ref = net(x)
         res = autodfp.prune(net, input_shape=shape, uniform=1.0, config=autodfp.Config(**CHEAP), progress=False)
-        return (res.model(x) - ref).abs().max().item()
+        return max_abs_diff(res.model(x), ref)
 
 
 def physical_and_masked(pruner, plan, decisions, x):
@@ -101,13 +113,14 @@ def physical_and_masked(pruner, plan, decisions, x):
 
     pruned = pruner.apply(plan, decisions).model
     with torch.no_grad():
-        diff = (pruned(x) - functional_call(pruner.model, pruner.masked_state(decisions), (x,))).abs().max()
-    return pruned, diff.item()
+        diff = max_abs_diff(pruned(x), functional_call(pruner.model, pruner.masked_state(decisions), (x,)))
+    return pruned, diff
 
 
 def duplicate_removal_errors(pruner, group: str, kept: list[int], ratio: float, x, params: dict):
     """max |Δ| from the unpruned output on ``x`` after removing all but ``kept`` of ``group``:
-    with ``lsq`` (``params``), and with no compensation (to show the channels mattered)."""
+    with ``lsq`` (``params``), relative to ``1 + max |output|``, and with no compensation (absolute,
+    to show the channels mattered)."""
     import torch
 
     from autodfp.compress.plan import Plan
@@ -116,5 +129,5 @@ def duplicate_removal_errors(pruner, group: str, kept: list[int], ratio: float, 
         ref = pruner.model(x)
         out = pruner.apply(Plan({group: ratio}, strategy="lsq", keep={group: kept}, params=params)).model(x)
         dropped = pruner.apply(Plan({group: ratio}, strategy="none", keep={group: kept})).model(x)
-    scale = 1 + ref.abs().max().item()
-    return (out - ref).abs().max().item() / scale, (dropped - ref).abs().max().item()
+    scale = 1 + max(t.abs().max().item() for t in _tensors(ref))
+    return max_abs_diff(out, ref) / scale, max_abs_diff(dropped, ref)

@@ -14,7 +14,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call
 
 import autodfp
 from autodfp.analysis.graph import find_groups
@@ -23,7 +22,7 @@ from autodfp.compress.refine import Refiner
 from autodfp.compress.surgery import Pruner
 from autodfp.eval.metrics import profile
 from autodfp.search.budget import MacsModel
-from conftest import bn_statistics_from_noise
+from conftest import CHEAP, bn_statistics_from_noise, duplicate_removal_errors, physical_and_masked, zero_ratio_max_diff
 
 SHAPE = (3, 16, 16)
 SOURCE = "source"
@@ -68,10 +67,6 @@ def _x(n: int, seed: int) -> torch.Tensor:
     return torch.randn(n, *SHAPE, generator=torch.Generator().manual_seed(seed))
 
 
-def _max_diff(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> float:
-    return max((u - v).abs().max().item() for u, v in zip(a, b, strict=True))
-
-
 @pytest.mark.parametrize("direct_head", [True, False])
 def test_parallel_depthwise_branches_are_one_prunable_group(direct_head):
     graph = find_groups(_net(direct_head), SHAPE)
@@ -109,13 +104,7 @@ def test_a_single_depthwise_chain_stays_a_chain():
 
 
 def test_zero_ratio_prune_is_output_identical():
-    net = _net()
-    x = _x(3, 2)
-    cheap = autodfp.Config(synth_steps=2, calibration_inputs=8, refine_inputs=8, reward_inputs=8)
-    with torch.no_grad():
-        ref = net(x)
-        res = autodfp.prune(net, input_shape=SHAPE, uniform=1.0, config=cheap, progress=False)
-        assert _max_diff(res.model(x), ref) == 0.0
+    assert zero_ratio_max_diff(_net(), SHAPE, _x(3, 2)) == 0.0
 
 
 @pytest.mark.parametrize("strategy", ["none", "lsq", "mean", "autodfp"])
@@ -128,16 +117,14 @@ def test_pruned_branches_equal_the_masked_path_and_the_analytic_macs(strategy):
     k = n_keep(16, 0.5)
     x = _x(3, 2)
     for decs in (decisions, Refiner(pruner, calib)(decisions)):
-        pruned = pruner.apply(plan, decs).model
+        pruned, diff = physical_and_masked(pruner, plan, decs, x)
+        assert diff <= 1e-5
         assert pruned.source.out_channels == pruned.source_bn.num_features == k
         assert pruned.next_dw[0].out_channels == pruned.next_dw[1].num_features == k
         assert pruned.head_dw[0].out_channels == pruned.head_dw[0].bias.shape[0] == k
         assert pruned.next_pw.in_channels == pruned.head_pw.in_channels == pruned.direct.in_channels == k
         with torch.no_grad():
-            physical = pruned(x)
-            masked = functional_call(net, pruner.masked_state(decs), (x,))
-        assert [t.shape for t in physical] == [t.shape for t in net(x)]
-        assert _max_diff(physical, masked) <= 1e-5
+            assert [t.shape for t in pruned(x)] == [t.shape for t in net(x)]
     mm = MacsModel(net, pruner.graph, SHAPE)
     assert profile(pruned, SHAPE).total_macs == mm.macs_for_plan(plan) < mm.total_macs
 
@@ -167,19 +154,12 @@ def test_an_exact_duplicate_channel_is_removed_output_identically_with_lsq():
         net.head_dw[0].bias[p] = net.head_dw[0].bias[k]
     pruner = Pruner(net, SHAPE, calibration=_x(64, 1))
     kept = [c for c in range(16) if c != p]
-    x = _x(3, 2)
-    with torch.no_grad():
-        ref = net(x)
-        params = {"ridge": 0.0, "dims_ridge": 0.0}
-        out = pruner.apply(Plan({SOURCE: 15 / 16}, strategy="lsq", keep={SOURCE: kept}, params=params)).model(x)
-        dropped = pruner.apply(Plan({SOURCE: 15 / 16}, strategy="none", keep={SOURCE: kept})).model(x)
-    scale = 1 + max(t.abs().max().item() for t in ref)
-    assert _max_diff(out, ref) <= 1e-5 * scale
-    assert _max_diff(dropped, ref) > 1e-3  # the channel mattered
+    lsq, none = duplicate_removal_errors(pruner, SOURCE, kept, 15 / 16, _x(3, 2), {"ridge": 0.0, "dims_ridge": 0.0})
+    assert lsq <= 1e-5 and none > 1e-3  # exact, and the channel mattered
 
 
 def test_default_prune_without_flags_calibrates_and_meets_the_budget():
-    cheap = autodfp.Config(synth_steps=2, calibration_inputs=8, refine_inputs=8, reward_inputs=8)
-    res = autodfp.prune(_net(), input_shape=SHAPE, macs_ratio=0.8, search="uniform", config=cheap, progress=False)
+    cfg = autodfp.Config(**CHEAP)
+    res = autodfp.prune(_net(), input_shape=SHAPE, macs_ratio=0.8, search="uniform", config=cfg, progress=False)
     assert abs(res.report["macs_ratio_achieved"] - 0.8) <= 0.01
     assert res.plan.ratios[SOURCE] < 1

@@ -57,6 +57,15 @@ def _net() -> nn.Module:
     return bn_statistics_from_noise(TinyResNeXt(), SHAPE)
 
 
+def _copy_channels(conv: nn.Conv2d, bn: nn.BatchNorm2d, dup: dict[int, int]) -> None:
+    """Make output channel ``p`` of ``conv`` and ``bn`` an exact copy of channel ``k``, ``dup[p] = k``."""
+    with torch.no_grad():
+        for p, k in dup.items():
+            conv.weight[p] = conv.weight[k]
+            for t in ("running_mean", "running_var", "weight", "bias"):
+                getattr(bn, t)[p] = getattr(bn, t)[k]
+
+
 def _x(n: int, seed: int) -> torch.Tensor:
     return torch.randn(n, *SHAPE, generator=torch.Generator().manual_seed(seed))
 
@@ -121,11 +130,7 @@ def test_an_exact_duplicate_channel_in_its_own_conv_group_is_removed_output_iden
     net = _net()
     per = WIDTH // GROUPS
     dup = {1: 0, 1 + per: per, 1 + 2 * per: 2 * per, 1 + 3 * per: 3 * per}
-    with torch.no_grad():
-        for p, k in dup.items():
-            net.b.weight[p] = net.b.weight[k]
-            for t in ("running_mean", "running_var", "weight", "bias"):
-                getattr(net.b_bn, t)[p] = getattr(net.b_bn, t)[k]
+    _copy_channels(net.b, net.b_bn, dup)
     pruner = Pruner(net, SHAPE, calibration=_x(64, 1))
     kept = [c for c in range(WIDTH) if c not in dup]
     lsq, none = duplicate_removal_errors(pruner, B, kept, 0.75, _x(3, 2), {"ridge": 0.0, "dims_ridge": 0.0})
@@ -184,11 +189,7 @@ def test_a_duplicate_channel_into_a_grouped_conv_is_removed_output_identically()
     net = _net()
     per = WIDTH // GROUPS
     dup = {1 + j * per: j * per for j in range(GROUPS)}
-    with torch.no_grad():
-        for p, k in dup.items():
-            net.a.weight[p] = net.a.weight[k]
-            for t in ("running_mean", "running_var", "weight", "bias"):
-                getattr(net.a_bn, t)[p] = getattr(net.a_bn, t)[k]
+    _copy_channels(net.a, net.a_bn, dup)
     pruner = Pruner(net, SHAPE, calibration=_x(64, 1))
     kept = [c for c in range(WIDTH) if c not in dup]
     lsq, none = duplicate_removal_errors(pruner, "a", kept, 0.75, _x(3, 2), {"ridge": 0.0})
