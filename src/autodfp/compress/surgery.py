@@ -222,10 +222,17 @@ class Pruner:
             self._stats[name] = group_stats(self.model, g, moments=moments, corr=corr, measured_from=positions)
         return self._stats[name]
 
-    def analysis(self, name: str) -> ChannelAnalysis:
-        if name not in self._analysis:
-            self._analysis[name] = analyze(self.stats(name), **self.analysis_kwargs)
-        return self._analysis[name]
+    def analysis(self, name: str, block: int | None = None) -> ChannelAnalysis:
+        """The similarity analysis of a group, or with ``block`` of one conv group of a group a
+        grouped conv reads (its channels are only ever merged within that conv group)."""
+        key = name if block is None else f"{name}#{block}"
+        if key not in self._analysis:
+            stats = self.stats(name)
+            if block is not None:
+                per = self._group(name).units
+                stats = stats.subset(torch.arange(block * per, (block + 1) * per))
+            self._analysis[key] = analyze(stats, **self.analysis_kwargs)
+        return self._analysis[key]
 
     def raw_filters(self, name: str) -> torch.Tensor:
         if name not in self._raw:
@@ -243,7 +250,9 @@ class Pruner:
             if k == g.channels:
                 continue
             stats = self.stats(g.name)
-            needs_analysis = plan.criterion == "cluster" or plan.strategy in ("nm", "autodfp")
+            merges = plan.strategy in ("nm", "autodfp")  # strategies that read the analysis
+            # a blockwise group's merges read one analysis per conv group instead (below)
+            needs_analysis = plan.criterion == "cluster" or (merges and not g.blockwise)
             analysis = self.analysis(g.name) if needs_analysis else None
             if g.name in plan.keep:
                 kept = torch.tensor(sorted(plan.keep[g.name]), dtype=torch.long)
@@ -270,7 +279,7 @@ class Pruner:
                 }
                 comp = per_consumer[g.main_consumers[0]]
             elif plan.strategy != "none" and g.blockwise:
-                comp = self._blockwise_reconstruct(g, plan.strategy, needs_analysis, kept, pruned, params)
+                comp = self._blockwise_reconstruct(g, plan.strategy, merges, kept, pruned, params)
             elif plan.strategy != "none":
                 comp = reconstruct(plan.strategy, stats, analysis, kept, pruned, **params)
             decisions[g.name] = GroupDecision(kept, pruned, comp, per_consumer)
@@ -280,7 +289,7 @@ class Pruner:
         self,
         g: PrunableGroup,
         strategy: str,
-        needs_analysis: bool,
+        merges: bool,
         kept: torch.Tensor,
         pruned: torch.Tensor,
         params: dict[str, Any],
@@ -289,9 +298,8 @@ class Pruner:
         stats = self.stats(g.name)
 
         def fit(idx, k, p, _kpos, _ppos) -> Compensation:
-            sub = stats.subset(idx)
-            analysis = analyze(sub, **self.analysis_kwargs) if needs_analysis else None
-            return reconstruct(strategy, sub, analysis, k, p, **params)
+            analysis = self.analysis(g.name, int(idx[0]) // g.units) if merges else None
+            return reconstruct(strategy, stats.subset(idx), analysis, k, p, **params)
 
         return blockwise(g.granularity, g.channels, kept, pruned, fit)
 
