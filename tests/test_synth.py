@@ -229,3 +229,74 @@ def test_large_batches_are_chunks_and_extend_smaller_ones(tmp_path: Path, monkey
     assert not torch.equal(big[4:8], big[:4]), "chunks use different seeds"
     assert torch.equal(synthetic_batch(net, "tiny/net", shape, n=10, seed=3, cache_dir=tmp_path, steps=2), big)
     assert calls == [4, 4, 2]
+
+
+def _sized_net() -> nn.Module:
+    """A BN net tied to its 64-px input: a flatten into a Linear refuses any other size."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, stride=4, padding=1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 16 * 16, 5),
+    )
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-0.5, 0.5)
+        net[1].running_var.uniform_(0.3, 2.0)
+    return net.eval()
+
+
+def test_low_resolution_stage_runs_every_step_and_finishes_at_full_size() -> None:
+    net, shape = _bn_net(), (3, 64, 64)
+    seen: list[int] = []
+    staged = distill(net, shape, n=8, steps=40, lr=0.1, seed=0, low_res=0.75, callback=lambda i, _: seen.append(i))
+    assert seen == list(range(40)), "both stages together run the requested steps, numbered in order"
+    assert staged.images.shape == (8, *shape) and staged.steps == 40
+    assert bn_stat_loss(net, staged.images) == pytest.approx(staged.final_loss, rel=1e-4), "judged at full size"
+    assert staged.final_loss < 0.7 * staged.initial_loss
+    plain = distill(net, shape, n=8, steps=40, lr=0.1, seed=0)
+    assert not torch.allclose(staged.images, plain.images), "the half-size stage changed the batch"
+    again = distill(net, shape, n=8, steps=40, lr=0.1, seed=0, low_res=0.75)
+    assert torch.equal(staged.images, again.images)
+    with pytest.raises(ValueError, match="share"):
+        distill(net, shape, n=8, steps=4, seed=0, low_res=1.0)
+
+
+def test_low_resolution_is_skipped_where_it_cannot_apply() -> None:
+    # below twice LOW_RES_MIN_SIDE a side: every step at full size, the very same batch
+    small = (3, 2 * synth.LOW_RES_MIN_SIDE - 1, 2 * synth.LOW_RES_MIN_SIDE - 1)
+    net = _bn_net()
+    assert torch.equal(
+        synthesize(net, small, n=4, steps=6, seed=1, low_res=0.5), synthesize(net, small, n=4, steps=6, seed=1)
+    )
+    # a model tied to its input size refuses half-size inputs: also every step at full size
+    sized = _sized_net().train()
+    before = {k: v.clone() for k, v in sized.state_dict().items()}
+    staged = synthesize(sized, (3, 64, 64), n=4, steps=6, seed=1, low_res=0.5)
+    assert torch.equal(staged, synthesize(sized, (3, 64, 64), n=4, steps=6, seed=1))
+    for k, v in sized.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed: the size probe must run in eval mode"
+
+
+def test_low_resolution_share_is_part_of_the_cache_key(tmp_path: Path) -> None:
+    net = _bn_net()
+    a = synthetic_batch(net, "tiny/net", (3, 64, 64), n=4, seed=0, cache_dir=tmp_path, steps=4)
+    b = synthetic_batch(net, "tiny/net", (3, 64, 64), n=4, seed=0, cache_dir=tmp_path, steps=4, low_res=0.5)
+    assert not torch.equal(a, b) and len(list(tmp_path.glob("*.pt"))) == 2
+    # where no stage can run at half size, the share changes nothing, and neither does the key
+    synthetic_batch(net, "tiny/net", (3, 8, 8), n=4, seed=0, cache_dir=tmp_path, steps=4)
+    synthetic_batch(net, "tiny/net", (3, 8, 8), n=4, seed=0, cache_dir=tmp_path, steps=4, low_res=0.5)
+    assert len(list(tmp_path.glob("*.pt"))) == 3
+
+
+def test_low_resolution_share_in_the_config_and_flag() -> None:
+    from autodfp.config import LOW_RES_SHARE, Config
+    from autodfp.errors import PlanError
+
+    assert Config().synth_low_res_for((3, 224, 224)) == LOW_RES_SHARE["large"]
+    assert Config().synth_low_res_for((3, 32, 32)) == LOW_RES_SHARE["small"] == 0.0
+    assert Config(synth_low_res=0.5).synth_low_res_for((3, 32, 32)) == 0.5
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(PlanError, match="synth_low_res"):
+            Config(synth_low_res=bad)

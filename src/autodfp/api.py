@@ -184,6 +184,7 @@ class Pipeline:
             label_offset=self.model_config.label_offset,
             progress=self.progress,
             log=log.info,
+            low_res=self.config.synth_low_res_for(self.shape),
         )
 
     def reward_batch(self, n: int | None = None) -> torch.Tensor:

@@ -50,6 +50,12 @@ SYNTH_SETTINGS: Mapping[str, Mapping[str, tuple[int, float]]] = {
 #: ranking was not measured).
 RANKING_STEPS_SCALE: Mapping[str, float] = {"small": 0.5, "large": 1.0}
 
+#: Share of a batch's synthesis steps spent at half the height and width before the batch is
+#: upsampled and finished at full size (DeepInversion's multi-resolution schedule). A half-size step
+#: costs about a quarter of a full one. 0 (every step at full size) until measured otherwise; small
+#: inputs are never halved (:data:`autodfp.synth.distill.LOW_RES_MIN_SIDE`).
+LOW_RES_SHARE: Mapping[str, float] = {"small": 0.0, "large": 0.0}
+
 #: Synthetic inputs the reward compares on. On ResNet-56 at 0.5 MACs the proxy check's rho rises
 #: from 0.873 with 64 inputs to 0.896 with 256 (0.912 with refinement); at 224 px each input costs
 #: ~50x more to distil and to score.
@@ -93,6 +99,8 @@ class Config:
         ResNet-56 it beats geometry by 13 points at uniform 0.5)
     :param synth_method: synthetic-input method (``auto`` = ZeroQ for BN models, inversion otherwise)
     :param synth_steps: optimisation steps per synthetic batch (``None``: :data:`SYNTH_SETTINGS`)
+    :param synth_low_res: share of those steps run at half the input's height and width, ~4x cheaper
+        each, before the batch is upsampled and finished at full size (``None``: :data:`LOW_RES_SHARE`)
     :param calibration_inputs: synthetic inputs for measured correlations and BN-free moments: a
         prefix of the refinement batch, so a first prune distils no batch of its own for them
     :param reward_inputs: synthetic inputs of the reward (``None``: :data:`REWARD_INPUTS`)
@@ -153,6 +161,7 @@ class Config:
     # synthetic inputs
     synth_method: str = "auto"
     synth_steps: int | None = None
+    synth_low_res: float | None = None
     calibration_inputs: int = 64
     reward_inputs: int | None = None
     refine_inputs: int | None = None
@@ -220,6 +229,10 @@ class Config:
             _real("r_min", self.r_min, 0.0, 1.0, strict_low=True)
         if self.synth_steps is not None:
             _integer("synth_steps", self.synth_steps, 0)
+        if self.synth_low_res is not None:
+            _real("synth_low_res", self.synth_low_res, 0.0)
+            if self.synth_low_res >= 1.0:
+                raise PlanError(f"synth_low_res is a share of the steps below 1, got {self.synth_low_res}")
         for name in ("reward_inputs", "refine_inputs"):
             if getattr(self, name) is not None:
                 _integer(name, getattr(self, name), 2)
@@ -268,6 +281,10 @@ class Config:
         """(steps, lr) of a resolved synthesis method at this input size; ``synth_steps`` wins."""
         steps, lr = SYNTH_SETTINGS[method][size_class(input_shape)]
         return (steps if self.synth_steps is None else int(self.synth_steps)), lr
+
+    def synth_low_res_for(self, input_shape: Sequence[int]) -> float:
+        """Share of synthesis steps at half size (:data:`LOW_RES_SHARE`); ``synth_low_res`` wins."""
+        return float(self.synth_low_res) if self.synth_low_res is not None else LOW_RES_SHARE[size_class(input_shape)]
 
     def reward_steps_for(self, method: str, input_shape: Sequence[int]) -> int:
         """Steps of the reward's batch: :data:`RANKING_STEPS_SCALE` of the method's; ``synth_steps`` wins."""

@@ -63,6 +63,7 @@ def _notice(msg: str) -> None:
 #: config field → the flag that sets it, so library messages (which name parameters) read as flags
 FLAGS = {
     "synth_steps": "--synth-steps",
+    "synth_low_res": "--synth-low-res",
     "refine_ridge": "--refine-ridge",
     "refine_dims_ridge": "--refine-dims-ridge",
     "reward_inputs": "--reward-inputs",
@@ -454,6 +455,12 @@ SynthStepsOpt = typer.Option(
     help="Optimisation steps per synthetic batch (default by input "
     "size: 100 for ≤64 px, 200 for larger; the reward's batch at ≤64 px gets half; each batch is cached).",
 )
+SynthLowResOpt = typer.Option(
+    None,
+    "--synth-low-res",
+    help="Share of the synthesis steps run at half the height and width (each ~4x cheaper) before the "
+    "batch is finished at full size (default 0).",
+)
 RefineRidgeOpt = typer.Option(
     None, "--refine-ridge", help="Ridge of the refinement fits, relative to the kept variance (default 0.01)."
 )
@@ -566,6 +573,7 @@ def prune(
         help="Extra synthetic inputs distilled for --distill alone, added to the pipeline's batches (default 0).",
     ),
     synth_steps: Optional[int] = SynthStepsOpt,
+    synth_low_res: Optional[float] = SynthLowResOpt,
     refine_ridge: Optional[float] = RefineRidgeOpt,
     refine_dims_ridge: Optional[float] = RefineDimsRidgeOpt,
     reward_inputs: Optional[int] = RewardInputsOpt,
@@ -611,6 +619,7 @@ def prune(
         distill_steps=distill_steps,
         distill_inputs=distill_inputs,
         synth_steps=synth_steps,
+        synth_low_res=synth_low_res,
         refine_ridge=refine_ridge,
         refine_dims_ridge=refine_dims_ridge,
         reward_inputs=reward_inputs,
@@ -736,6 +745,7 @@ def proxy_check_cmd(
     seed: int = SeedOpt,
     refine: bool = RefineOpt,
     synth_steps: Optional[int] = SynthStepsOpt,
+    synth_low_res: Optional[float] = SynthLowResOpt,
     refine_ridge: Optional[float] = RefineRidgeOpt,
     refine_dims_ridge: Optional[float] = RefineDimsRidgeOpt,
     reward_inputs: Optional[int] = RewardInputsOpt,
@@ -772,6 +782,7 @@ def proxy_check_cmd(
         corr=corr,
         refine=refine,
         synth_steps=synth_steps,
+        synth_low_res=synth_low_res,
         refine_ridge=refine_ridge,
         refine_dims_ridge=refine_dims_ridge,
         reward_inputs=reward_inputs,
@@ -845,6 +856,7 @@ def bench(
     corr: Optional[str] = CorrOpt,
     seed: int = SeedOpt,
     synth_steps: Optional[int] = SynthStepsOpt,
+    synth_low_res: Optional[float] = SynthLowResOpt,
     refine_ridge: Optional[float] = RefineRidgeOpt,
     refine_dims_ridge: Optional[float] = RefineDimsRidgeOpt,
     refine_inputs: Optional[int] = RefineInputsOpt,
@@ -883,6 +895,7 @@ def bench(
         cluster_eps_quantile=cluster_eps_quantile,
         corr=corr,
         synth_steps=synth_steps,
+        synth_low_res=synth_low_res,
         refine_ridge=refine_ridge,
         refine_dims_ridge=refine_dims_ridge,
         refine_inputs=refine_inputs,

@@ -250,9 +250,12 @@ def distill(
     label_offset: int = 0,
     progress: bool = False,
     callback: Callable[[int, float], None] | None = None,
+    low_res: float = 0.0,
 ) -> SynthResult:
     """Like :func:`synthesize`, returning convergence numbers alongside the batch."""
-    return _distill(model, input_shape, n, steps, lr, check_seed(seed), method, label_offset, progress, callback)
+    return _distill(
+        model, input_shape, n, steps, lr, check_seed(seed), method, label_offset, progress, callback, low_res
+    )
 
 
 def _distill(
@@ -266,6 +269,7 @@ def _distill(
     label_offset: int,
     progress: bool,
     callback: Callable[[int, float], None] | None = None,
+    low_res: float = 0.0,
 ) -> SynthResult:
     """:func:`distill` for any seed torch accepts: chunk seeds (:data:`CHUNK_SEED_STRIDE`) may pass 2**32."""
     method = resolve_method(model, method)
@@ -274,11 +278,17 @@ def _distill(
     lr = d_lr if lr is None else float(lr)
     if n < 2 and method in ("bn", "deepinversion"):
         raise ValueError("ZeroQ matches batch statistics; n must be at least 2")
+    if not 0.0 <= float(low_res) < 1.0:
+        raise ValueError(f"low_res is a share of the steps in [0, 1), got {low_res!r}")
     device = _model_device(model)
     start = time.perf_counter()
 
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    x0 = torch.randn((n, *input_shape), generator=gen)
+    low_shape = _low_res_shape(input_shape) if method != "noise" else None
+    low_steps = round(steps * float(low_res)) if low_shape is not None else 0
+    if low_shape is None or (low_steps and not _runs_at(model, low_shape, device)):
+        low_steps = 0  # a model tied to its input size (a flatten into a Linear) stays at full size
+    x0 = torch.randn((n, *(low_shape if low_steps and low_shape else input_shape)), generator=gen)
 
     # fork_rng: a seeded, deterministic run without disturbing the caller's global RNG stream
     # (randomness inside the model, e.g. dropout, is off in eval mode anyway).
@@ -309,9 +319,9 @@ def _distill(
         if method == "deepinversion":
             layers = bn_layers(model)
             hook = _BNStatLoss(layers)
-            shift = max(1, int(input_shape[-1]) // 16) if len(input_shape) >= 2 else 0
 
             def objective(batch: torch.Tensor) -> torch.Tensor:
+                shift = max(1, int(batch.shape[-1]) // 16) if batch.dim() >= 3 else 0
                 dx, dy = (int(v) for v in torch.randint(-shift, shift + 1, (2,), generator=gen))
                 moved = torch.roll(batch, shifts=(dy, dx), dims=(-2, -1))
                 if bool(torch.rand((), generator=gen) < 0.5):
@@ -350,21 +360,80 @@ def _distill(
         ctx = hook if hook is not None else contextlib.nullcontext()
         with ctx:
             with torch.no_grad():
-                initial = report(x)
-            opt = torch.optim.Adam([x], lr=lr)
-            # cosine decay: large early steps to leave the noise, small late ones to settle
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
-            for step in _progress(steps, progress, f"distill[{method}]"):
-                opt.zero_grad(set_to_none=True)
-                loss = objective(x)
-                loss.backward()
-                opt.step()
-                sched.step()
-                if callback is not None:
-                    callback(step, float(loss))
+                initial = report(_upsampled(x.detach(), input_shape))
+            bar = _progress(steps, progress, f"distill[{method}]")
+            if low_steps:
+                x = _optimise(x, objective, low_steps, lr, bar, callback, 0)
+                x = _upsampled(x.detach(), input_shape).requires_grad_(True)
+            x = _optimise(x, objective, steps - low_steps, lr, bar, callback, low_steps)
+            for _ in bar:  # ends the progress bar
+                pass
             with torch.no_grad():
                 final = report(x)
     return SynthResult(x.detach().cpu(), method, steps, lr, float(initial), float(final), time.perf_counter() - start)
+
+
+#: The low-resolution stage halves each spatial side, and only for inputs whose sides stay at least
+#: this large: below it a CNN's deeper layers see a map of a pixel or two, too far from their
+#: training statistics for the stage to help.
+LOW_RES_MIN_SIDE = 32
+
+
+def _low_res_shape(input_shape: Sequence[int]) -> tuple[int, ...] | None:
+    """``(C, H/2, W/2)`` for an image-shaped input large enough to halve, otherwise ``None``."""
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) != 3 or min(shape[1:]) < 2 * LOW_RES_MIN_SIDE:
+        return None
+    return (shape[0], shape[1] // 2, shape[2] // 2)
+
+
+def _runs_at(model: nn.Module, shape: Sequence[int], device: torch.device) -> bool:
+    """Whether the model accepts inputs of this shape: a classifier tied to its input size does not."""
+    try:
+        with eval_mode(model), torch.no_grad():  # eval: a probe must not move BN running statistics
+            model(torch.zeros((2, *shape), device=device))
+    except Exception:  # any failure means "not at this size"; the full-size stage reports real errors
+        return False
+    return True
+
+
+def _upsampled(x: torch.Tensor, input_shape: Sequence[int]) -> torch.Tensor:
+    """``x`` at the full input size (bilinear), or ``x`` itself when it already is."""
+    size = tuple(int(s) for s in input_shape[1:])
+    if tuple(x.shape[2:]) == size:
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def _optimise(
+    x: torch.Tensor,
+    objective: Callable[[torch.Tensor], torch.Tensor],
+    steps: int,
+    lr: float,
+    bar: Iterator[int],
+    callback: Callable[[int, float], None] | None,
+    first: int,
+) -> torch.Tensor:
+    """``steps`` Adam steps on ``x`` with a cosine decay of its own; ``bar`` advances once a step.
+
+    Each resolution stage gets a fresh optimiser and schedule (as DeepInversion's multi-resolution
+    setting does): large early steps to leave the noise (or to sharpen the upsampled batch), small
+    late ones to settle.
+    """
+    if steps <= 0:
+        return x
+    opt = torch.optim.Adam([x], lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    for i in range(steps):
+        next(bar, None)
+        opt.zero_grad(set_to_none=True)
+        loss = objective(x)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if callback is not None:
+            callback(first + i, float(loss.detach()))
+    return x
 
 
 def synthesize(
@@ -377,6 +446,7 @@ def synthesize(
     progress: bool = False,
     method: str = "auto",
     label_offset: int = 0,
+    low_res: float = 0.0,
 ) -> torch.Tensor:
     """A batch of ``n`` inputs, shape ``(n, *input_shape)``, distilled from ``model`` alone.
 
@@ -384,8 +454,12 @@ def synthesize(
     ``steps``/``lr`` default per method and input size (:func:`default_settings`). The same seed
     gives the same tensor on the same machine. ``label_offset`` matters only for ``"inversion"``: target
     classes are drawn from ``logits[:, label_offset:]`` (MobileNet-V2's output 0 is "background").
+    ``low_res`` is the share of the steps spent at half the height and width before the batch is
+    upsampled and finished at full size (DeepInversion's multi-resolution schedule): those steps cost
+    about a quarter as much. Inputs under twice :data:`LOW_RES_MIN_SIDE` a side, and models that
+    refuse the smaller size, get every step at full size.
     """
-    return distill(model, input_shape, n, steps, lr, seed, method, label_offset, progress).images
+    return distill(model, input_shape, n, steps, lr, seed, method, label_offset, progress, low_res=low_res).images
 
 
 def state_dict_hash(model: nn.Module) -> str:
@@ -437,12 +511,14 @@ def synthetic_batch(
     label_offset: int = 0,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    low_res: float = 0.0,
 ) -> torch.Tensor:
     """:func:`synthesize`, cached on disk: distillation costs minutes, a reload milliseconds.
 
     The key covers everything that changes the result: ``model_key``, a hash of the state dict (a
     fine-tuned model under the same name gets its own entry), shape, ``n``, seed, the resolved
-    method, steps and learning rate. Default location: ``autodfp.hub.cache_dir()/"synthetic"``.
+    method, steps, learning rate and the low-resolution share (when not 0, so entries written
+    before it existed stay valid). Default location: ``autodfp.hub.cache_dir()/"synthetic"``.
     Batches are concatenated chunks (:func:`chunk_sizes`), each distilled and cached on its own.
     ``log`` receives one line per batch: read from the cache, or being distilled (with its cost),
     so a long first run never looks hung. A cache directory that cannot be written costs only the
@@ -450,7 +526,19 @@ def synthetic_batch(
     given before the work.
     """
     return _synthetic_batch(
-        model, model_key, input_shape, n, check_seed(seed), cache_dir, method, steps, lr, label_offset, progress, log
+        model,
+        model_key,
+        input_shape,
+        n,
+        check_seed(seed),
+        cache_dir,
+        method,
+        steps,
+        lr,
+        label_offset,
+        progress,
+        log,
+        float(low_res),
     )
 
 
@@ -467,6 +555,7 @@ def _synthetic_batch(
     label_offset: int,
     progress: bool,
     log: Callable[[str], None] | None = None,
+    low_res: float = 0.0,
 ) -> torch.Tensor:
     resolved = resolve_method(model, method)
     sizes = chunk_sizes(n, input_shape)
@@ -486,6 +575,7 @@ def _synthetic_batch(
                     label_offset,
                     progress,
                     log,
+                    low_res,
                 )
                 for i, size in enumerate(sizes)
             ]
@@ -505,6 +595,9 @@ def _synthetic_batch(
         "lr": lr,
         "label_offset": int(label_offset),
     }
+    staged = bool(low_res) and _low_res_shape(input_shape) is not None and resolved != "noise"
+    if staged:
+        parts["low_res"] = float(low_res)
     path = _cache_path(root, model_key, parts)
     if path.is_file():
         try:
@@ -518,11 +611,12 @@ def _synthetic_batch(
             pass
     writable = usable_cache_dir(root) is not None  # warns now, not after the distillation
     if log is not None:
+        stages = f", {round(steps * low_res)} of them at half size" if staged else ""
         log(
-            f"synthesising {n} inputs from the model ({resolved}, {steps} steps, seed {seed})"
+            f"synthesising {n} inputs from the model ({resolved}, {steps} steps{stages}, seed {seed})"
             + ("; cached after the first run" if writable else "")
         )
-    result = _distill(model, input_shape, n, steps, lr, seed, resolved, label_offset, progress)
+    result = _distill(model, input_shape, n, steps, lr, seed, resolved, label_offset, progress, None, low_res)
     if log is not None:
         log(f"synthesised {n} inputs in {result.seconds:.1f} s")
     blob = {

@@ -1,0 +1,69 @@
+"""What one synthetic chunk costs, and how close it gets to the BN statistics, per schedule.
+
+A first prune of a 224-px model spends most of its time distilling inputs (issue 13: ~8 min per
+64-input chunk at 200 steps on a 2-core CPU). This distils one chunk of a zoo model with each
+low-resolution share (``--shares``: the share of the steps run at half the height and width before
+the batch is upsampled and finished at full size) and prints, per row, the wall time, the seconds
+per step, and the ZeroQ BN loss of the finished batch *at full size* (the objective every share is
+judged by: a batch that matched the statistics only at half size would show it here). Nothing is
+cached; no real image is read.
+
+    AUTODFP_ASSETS=/work/shared/assets PYTHONPATH=src python benchmarks/synth_cost.py mobilenet_v1_075_imagenet --shares 0,0.75
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from autodfp.api import input_shape_of
+from autodfp.models import load_model
+from autodfp.synth.distill import bn_stat_loss, distill
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", help="zoo name, e.g. mobilenet_v1_075_imagenet")
+    ap.add_argument("--shares", default="0,0.75", help="comma-separated low-resolution shares")
+    ap.add_argument("--n", type=int, default=64, help="inputs in the chunk (default 64, the pipeline's chunk)")
+    ap.add_argument("--steps", type=int, default=None, help="steps (default: the pipeline's for this input size)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", dest="json_out", default=None, help="also write the rows here")
+    args = ap.parse_args(argv)
+
+    model, cfg = load_model(args.model)
+    shape = input_shape_of(cfg)
+    print(f"# {args.model}, input {shape}, n={args.n}, torch threads {torch.get_num_threads()}", flush=True)
+    print("| low-res share | steps | wall s | s/step | BN loss at full size (initial → final) |")
+    print("|---:|---:|---:|---:|---|")
+    rows = []
+    for share in (float(v) for v in args.shares.split(",") if v.strip()):
+        start = time.perf_counter()
+        res = distill(model, shape, n=args.n, steps=args.steps, seed=args.seed, low_res=share)
+        wall = time.perf_counter() - start
+        full = bn_stat_loss(model, res.images)
+        row = dict(
+            share=share,
+            steps=res.steps,
+            wall_s=wall,
+            s_per_step=wall / max(res.steps, 1),
+            initial=res.initial_loss,
+            bn_loss=full,
+        )
+        rows.append(row)
+        print(
+            f"| {share:g} | {res.steps} | {wall:.1f} | {row['s_per_step']:.2f} | {res.initial_loss:.3f} → {full:.4f} |",
+            flush=True,
+        )
+    if args.json_out:
+        with open(args.json_out, "w") as fh:
+            json.dump(dict(model=args.model, n=args.n, seed=args.seed, rows=rows), fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
