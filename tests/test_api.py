@@ -324,6 +324,25 @@ def test_batches_share_inputs_and_the_reward_ranks_on_fewer_steps(
     assert cfg.reward_steps_for("bn", (3, 224, 224)) == 200, "large inputs keep every step"
 
 
+def test_batches_of_large_inputs_start_at_half_size(tiny_cnn: nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pipeline hands the low-resolution share of the input's size class to every batch it distils."""
+    import autodfp.synth.distill as synth
+    from autodfp.api import Pipeline, user_model_config
+    from autodfp.config import LOW_RES_SHARE
+
+    shares: list[float] = []
+
+    def spy(*args: object, low_res: float = 0.0, **kwargs: object) -> torch.Tensor:
+        shares.append(low_res)
+        return torch.zeros(2, 3, 8, 8)
+
+    monkeypatch.setattr(synth, "synthetic_batch", spy)
+    for shape, cfg in (((3, 16, 16), Config()), ((3, 96, 96), Config()), ((3, 96, 96), Config(synth_low_res=0.25))):
+        Pipeline(tiny_cnn, user_model_config(tiny_cnn, shape, "tiny"), shape, cfg, progress=False).batch(0, 2)
+    assert shares == [LOW_RES_SHARE["small"], LOW_RES_SHARE["large"], 0.25]
+    assert LOW_RES_SHARE["small"] == 0.0 < LOW_RES_SHARE["large"]
+
+
 def test_cluster_eps_quantile_reaches_the_analysis(tiny_cnn: nn.Module) -> None:
     """A per-layer DBSCAN radius from the config: the q = 1 quantile clusters every channel."""
     from autodfp.analysis.similarity import DEFAULT_EPS
