@@ -55,8 +55,10 @@ clearly better than noise, though below real data. For *ranking*, 50 to 300 step
 rho on ResNet-56 (0.965-0.973), and 40 steps suffice on MobileNet-V1. Refinement
 (:mod:`autodfp.compress.refine`) asks more of the batch: it fits weights to it. On 224-px inputs, 40 steps
 leave the batch too far from images for that, and 200 steps do much better (docs/RESULTS.md,
-"synthesis steps"), so the 224-px default is 200 steps (~8 min for n=64 on a 2-core CPU, once per
-model and seed, then cached). ResNet-56 with n=64 and 100 steps takes ~28 s.
+"synthesis steps"), so the 224-px default is 200 steps, once per model and seed, then cached. Above
+64x64 px, three quarters of them run at half the height and width (``low_res``; DeepInversion's
+multi-resolution schedule): on MobileNet-V1 that took 0.48x the time and the refined model did no
+worse (docs/RESULTS.md, "Synthesis at 224 px"). ResNet-56 with n=64 and 100 steps takes ~28 s.
 """
 
 from __future__ import annotations
