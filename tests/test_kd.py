@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from autodfp.compress.kd import distill, distillation_loss
+from autodfp.compress.kd import distill, distillation_loss, pool_loss
 from autodfp.config import Config
 from autodfp.errors import AutoDFPError
 
@@ -89,6 +89,7 @@ def test_prune_with_distillation_reports_it_and_meets_the_shapes(tiny_cnn: nn.Mo
     )
     kd = autodfp.prune(net, input_shape=(3, 16, 16), uniform=0.5, config=cfg, progress=False)
     assert kd.report["distill_steps"] == 5 and "distill_steps" not in plain.report
+    assert kd.report["distill_kept"] and kd.report["distill_loss_after"] < kd.report["distill_loss_before"]
     assert kd.report["macs_after"] == plain.report["macs_after"], "distillation edits weights, never shapes"
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
@@ -124,3 +125,35 @@ def test_distill_inputs_add_a_pool_of_their_own(tiny_cnn: nn.Module, monkeypatch
     assert api.DISTILL_SEED_OFFSET in seeds and seeds.count(api.DISTILL_SEED_OFFSET) == 1
     with pytest.raises(autodfp.AutoDFPError, match="distill_inputs"):
         Config(distill_inputs=1)
+
+
+def test_pool_loss_is_the_mean_loss_and_inf_when_not_finite() -> None:
+    teacher, student = _net(16), _net(4)
+    x = torch.randn(10, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    # batches of 4, 4 and 2 weigh by their size: the same as one batch of 10 (KL is a batch mean)
+    assert pool_loss(student, teacher, x, batch_size=4) == pytest.approx(_kl(student, teacher, x), rel=1e-5)
+    assert pool_loss(teacher, teacher, x) == pytest.approx(0.0, abs=1e-6)
+    broken = copy.deepcopy(student)
+    with torch.no_grad():
+        broken[-1].bias.fill_(float("nan"))
+    assert pool_loss(broken, teacher, x) == float("inf")
+
+
+def test_a_diverging_distillation_keeps_the_model_before_it(tiny_cnn: nn.Module) -> None:
+    """A learning rate far too large ruins the student; the pipeline sees its loss rise and keeps the fit."""
+    import autodfp
+
+    cfg = Config(synth_steps=3, calibration_inputs=8, refine_inputs=8, reward_inputs=8, distill_steps=5)
+    plain = autodfp.prune(
+        tiny_cnn, input_shape=(3, 16, 16), uniform=0.5, config=cfg.replace(distill_steps=0), progress=False
+    )
+    with pytest.warns(RuntimeWarning, match="distillation diverged"):
+        kd = autodfp.prune(
+            tiny_cnn, input_shape=(3, 16, 16), uniform=0.5, config=cfg.replace(distill_lr=1e4), progress=False
+        )
+    assert kd.report["distill_kept"] is False
+    after = kd.report["distill_loss_after"]
+    assert after is None or after >= kd.report["distill_loss_before"], "null when the loss is not finite"
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(kd.model(x), plain.model(x)), "the model before distillation, unchanged"

@@ -24,6 +24,7 @@ in a scratch run; see docs/RESULTS.md for the repository command and its numbers
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -155,4 +156,38 @@ def distill(
     return trained.eval().to(home)
 
 
-__all__ = ["distill", "distillation_loss"]
+def pool_loss(
+    student: nn.Module,
+    teacher: nn.Module,
+    inputs: torch.Tensor,
+    *,
+    temperature: float = DEFAULTS.distill_temperature,
+    batch_size: int = DEFAULTS.distill_batch_size,
+    device: torch.device | str | None = None,
+) -> float:
+    """The distillation loss over the whole pool, without augmentation, averaged per input.
+
+    Distillation minimises this very quantity; a run that ends above where it started diverged (the
+    learning rate too large for the model), so the caller can keep the model it started from.
+
+    :param student: the model scored (not modified)
+    :param teacher: the original network (not modified)
+    :param inputs: the pool distillation trained on
+    :param temperature: as for :func:`distill`
+    :param batch_size: inputs per forward pass
+    :param device: where the forward passes run; the models' own device by default
+    :return: the mean loss, ``inf`` when it is not finite
+    """
+    dev = torch.device(device) if device is not None else next((p.device for p in student.parameters()), None)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, inputs.shape[0], batch_size):
+            x = inputs[i : i + batch_size]
+            x = x.to(dev) if dev is not None else x
+            total += float(distillation_loss(student(x), teacher(x), temperature)) * x.shape[0]
+            count += x.shape[0]
+    mean = total / max(count, 1)
+    return mean if math.isfinite(mean) else math.inf
+
+
+__all__ = ["distill", "distillation_loss", "pool_loss"]
