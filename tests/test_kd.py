@@ -133,6 +133,11 @@ def test_pool_loss_is_the_mean_loss_and_inf_when_not_finite() -> None:
     # batches of 4, 4 and 2 weigh by their size: the same as one batch of 10 (KL is a batch mean)
     assert pool_loss(student, teacher, x, batch_size=4) == pytest.approx(_kl(student, teacher, x), rel=1e-5)
     assert pool_loss(teacher, teacher, x) == pytest.approx(0.0, abs=1e-6)
+    stats = teacher[1].running_mean.clone()
+    teacher.train()
+    pool_loss(student, teacher, x)
+    assert teacher.training and torch.equal(teacher[1].running_mean, stats), "scored in eval mode, flag restored"
+    teacher.eval()
     broken = copy.deepcopy(student)
     with torch.no_grad():
         broken[-1].bias.fill_(float("nan"))

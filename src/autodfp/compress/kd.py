@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from autodfp._modes import eval_mode
 from autodfp.config import DEFAULTS
 from autodfp.errors import PlanError
 
@@ -163,7 +164,6 @@ def pool_loss(
     *,
     temperature: float = DEFAULTS.distill_temperature,
     batch_size: int = DEFAULTS.distill_batch_size,
-    device: torch.device | str | None = None,
 ) -> float:
     """The distillation loss over the whole pool, without augmentation, averaged per input.
 
@@ -175,15 +175,13 @@ def pool_loss(
     :param inputs: the pool distillation trained on
     :param temperature: as for :func:`distill`
     :param batch_size: inputs per forward pass
-    :param device: where the forward passes run; the models' own device by default
     :return: the mean loss, ``inf`` when it is not finite
     """
-    dev = torch.device(device) if device is not None else next((p.device for p in student.parameters()), None)
+    dev = next((p.device for p in student.parameters()), torch.device("cpu"))  # the teacher lives there too
     total, count = 0.0, 0
-    with torch.no_grad():
+    with eval_mode(student), eval_mode(teacher), torch.no_grad():  # eval: scoring must not move BN statistics
         for i in range(0, inputs.shape[0], batch_size):
-            x = inputs[i : i + batch_size]
-            x = x.to(dev) if dev is not None else x
+            x = inputs[i : i + batch_size].to(dev)
             total += float(distillation_loss(student(x), teacher(x), temperature)) * x.shape[0]
             count += x.shape[0]
     mean = total / max(count, 1)
