@@ -102,8 +102,8 @@ class Config:
     :param synth_method: synthetic-input method (``auto`` = ZeroQ for BN models, inversion otherwise)
     :param synth_steps: optimisation steps per synthetic batch (``None``: :data:`SYNTH_SETTINGS`)
     :param synth_low_res: share of those steps run at half the input's height and width (a step
-        there cost 0.42 of a full one on MobileNet-V1) before the batch is upsampled and finished at
-        full size (``None``: :data:`LOW_RES_SHARE`)
+        there cost about 0.31 of a full one on MobileNet-V1) before the batch is upsampled and
+        finished at full size (``None``: :data:`LOW_RES_SHARE`)
     :param calibration_inputs: synthetic inputs for measured correlations and BN-free moments: a
         prefix of the refinement batch, so a first prune distils no batch of its own for them
     :param reward_inputs: synthetic inputs of the reward (``None``: :data:`REWARD_INPUTS`)
