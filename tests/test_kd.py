@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from autodfp.compress.kd import distill, distillation_loss, pool_loss
+from autodfp.compress.kd import distill, distillation_loss, pool_losses
 from autodfp.config import Config
 from autodfp.errors import AutoDFPError
 
@@ -127,21 +127,26 @@ def test_distill_inputs_add_a_pool_of_their_own(tiny_cnn: nn.Module, monkeypatch
         Config(distill_inputs=1)
 
 
-def test_pool_loss_is_the_mean_loss_and_inf_when_not_finite() -> None:
+def test_pool_losses_are_mean_losses_and_inf_when_not_finite() -> None:
     teacher, student = _net(16), _net(4)
     x = torch.randn(10, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     # batches of 4, 4 and 2 weigh by their size: the same as one batch of 10 (KL is a batch mean)
-    assert pool_loss(student, teacher, x, batch_size=4) == pytest.approx(_kl(student, teacher, x), rel=1e-5)
-    assert pool_loss(teacher, teacher, x) == pytest.approx(0.0, abs=1e-6)
-    stats = teacher[1].running_mean.clone()
-    teacher.train()
-    pool_loss(student, teacher, x)
+    (loss,) = pool_losses([student], teacher, x, batch_size=4)
+    assert loss == pytest.approx(_kl(student, teacher, x), rel=1e-5)
+    assert pool_losses([teacher], teacher, x) == [pytest.approx(0.0, abs=1e-6)]
+    stats, s_stats = teacher[1].running_mean.clone(), student[1].running_mean.clone()
+    teacher.train(), student.train()
+    pool_losses([student], teacher, x)
     assert teacher.training and torch.equal(teacher[1].running_mean, stats), "scored in eval mode, flag restored"
-    teacher.eval()
+    assert student.training and torch.equal(student[1].running_mean, s_stats), "the students too"
+    teacher.eval(), student.eval()
     broken = copy.deepcopy(student)
     with torch.no_grad():
         broken[-1].bias.fill_(float("nan"))
-    assert pool_loss(broken, teacher, x) == float("inf")
+    assert pool_losses([student, broken], teacher, x) == [
+        pytest.approx(_kl(student, teacher, x), rel=1e-5),
+        float("inf"),
+    ]
 
 
 def test_a_diverging_distillation_keeps_the_model_before_it(tiny_cnn: nn.Module) -> None:

@@ -717,7 +717,7 @@ def _distill(pipe: Pipeline, student: nn.Module) -> tuple[nn.Module, dict[str, A
     started diverged (it happened on MobileNet-V1 at 224 px: every input then fell into one class),
     so the model before distillation is kept, with a warning; the report says which was kept.
     """
-    from autodfp.compress.kd import distill, pool_loss
+    from autodfp.compress.kd import distill, pool_losses
 
     cfg = pipe.config
     pools = [pipe.reward_batch(), pipe.fit_batch(cfg.refine_inputs_for(pipe.shape))]
@@ -740,8 +740,7 @@ def _distill(pipe: Pipeline, student: nn.Module) -> tuple[nn.Module, dict[str, A
     )
     log.info(f"distilled in {time.perf_counter() - t0:.1f} s")
     # both on the original's device (the CPU copies the pipeline returns), not the training device
-    before = pool_loss(student, pipe.model, inputs, temperature=cfg.distill_temperature)
-    after = pool_loss(out, pipe.model, inputs, temperature=cfg.distill_temperature)
+    before, after = pool_losses([student, out], pipe.model, inputs, temperature=cfg.distill_temperature)
     info: dict[str, Any] = {  # a non-finite loss is reported as null: JSON has no infinity
         "distill_loss_before": before if math.isfinite(before) else None,
         "distill_loss_after": after if math.isfinite(after) else None,

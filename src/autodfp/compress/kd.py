@@ -23,6 +23,7 @@ in a scratch run; see docs/RESULTS.md for the repository command and its numbers
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -157,35 +158,40 @@ def distill(
     return trained.eval().to(home)
 
 
-def pool_loss(
-    student: nn.Module,
+def pool_losses(
+    students: Sequence[nn.Module],
     teacher: nn.Module,
     inputs: torch.Tensor,
     *,
     temperature: float = DEFAULTS.distill_temperature,
     batch_size: int = DEFAULTS.distill_batch_size,
-) -> float:
-    """The distillation loss over the whole pool, without augmentation, averaged per input.
+) -> list[float]:
+    """The distillation loss of each student over the whole pool, without augmentation, per input.
 
     Distillation minimises this very quantity; a run that ends above where it started diverged (the
-    learning rate too large for the model), so the caller can keep the model it started from.
+    learning rate too large for the model), so the caller can keep the model it started from. The
+    teacher runs once per batch for all the students (the models before and after distillation).
 
-    :param student: the model scored (not modified)
+    :param students: the models scored (not modified), on one device with the teacher
     :param teacher: the original network (not modified)
     :param inputs: the pool distillation trained on
     :param temperature: as for :func:`distill`
     :param batch_size: inputs per forward pass
-    :return: the mean loss, ``inf`` when it is not finite
+    :return: each student's mean loss, ``inf`` where it is not finite
     """
-    dev = next((p.device for p in student.parameters()), torch.device("cpu"))  # the teacher lives there too
-    total, count = 0.0, 0
-    with eval_mode(student), eval_mode(teacher), torch.no_grad():  # eval: scoring must not move BN statistics
+    dev = next((p.device for p in teacher.parameters()), torch.device("cpu"))
+    totals, count = [0.0] * len(students), 0
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        for m in (teacher, *students):  # eval: scoring must not move BN statistics
+            stack.enter_context(eval_mode(m))
         for i in range(0, inputs.shape[0], batch_size):
             x = inputs[i : i + batch_size].to(dev)
-            total += float(distillation_loss(student(x), teacher(x), temperature)) * x.shape[0]
+            target = teacher(x)
+            for j, student in enumerate(students):
+                totals[j] += float(distillation_loss(student(x), target, temperature)) * x.shape[0]
             count += x.shape[0]
-    mean = total / max(count, 1)
-    return mean if math.isfinite(mean) else math.inf
+    means = [t / max(count, 1) for t in totals]
+    return [m if math.isfinite(m) else math.inf for m in means]
 
 
-__all__ = ["distill", "distillation_loss", "pool_loss"]
+__all__ = ["distill", "distillation_loss", "pool_losses"]
