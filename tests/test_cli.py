@@ -195,6 +195,7 @@ def test_proxy_check_json_contract_and_artifacts(tmp_path):
             "--cluster-eps-quantile",
         ),
         (("prune", "resnet20_cifar10", "--uniform", "0.5", "--distill-inputs", "1", "--out", "x"), "--distill-inputs"),
+        (("prune", "resnet20_cifar10", "--uniform", "0.5", "--distill-lr", "0", "--out", "x"), "--distill-lr"),
         (
             ("prune", "resnet20_cifar10", "--uniform", "0.5", "--refine-data", "/nonexistent/imgs", "--out", "x"),
             "image directory not found",

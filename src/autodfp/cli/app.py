@@ -85,6 +85,7 @@ FLAGS = {
     "device": "--device",
     "distill_steps": "--distill",
     "distill_inputs": "--distill-inputs",
+    "distill_lr": "--distill-lr",
     "refine_data": "--refine-data",
 }
 
@@ -572,6 +573,11 @@ def prune(
         "--distill-inputs",
         help="Extra synthetic inputs distilled for --distill alone, added to the pipeline's batches (default 0).",
     ),
+    distill_lr: Optional[float] = typer.Option(
+        None,
+        "--distill-lr",
+        help="Adam's learning rate for --distill, decayed by a cosine schedule (default 1e-3).",
+    ),
     synth_steps: Optional[int] = SynthStepsOpt,
     synth_low_res: Optional[float] = SynthLowResOpt,
     refine_ridge: Optional[float] = RefineRidgeOpt,
@@ -618,6 +624,7 @@ def prune(
         coupled=coupled,
         distill_steps=distill_steps,
         distill_inputs=distill_inputs,
+        distill_lr=distill_lr,
         synth_steps=synth_steps,
         synth_low_res=synth_low_res,
         refine_ridge=refine_ridge,
