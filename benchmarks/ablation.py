@@ -3,7 +3,9 @@
 Every row is the command a user would type (seed 0, ``--json``), run one after another in this
 process's environment; the table gives its top-1, MACs ratio and wall time. The rows build up
 from the paper's pipeline alone (SAC choosing ratio and λ, similarity merge with DBSCAN clusters,
-no ``lsq``, no refinement) to the full default pipeline and its options. A row marked
+no ``lsq``, no refinement) to the full default pipeline and its options. The ``uniform-*`` rows
+build up the same stages on the uniform plan at the same MACs, for models where one search per
+row costs too long. A row marked
 ``plan-of`` applies the plan another row found (``--plan``), so an option that only changes the
 last stage (distillation) is not charged a second search.
 
@@ -43,6 +45,16 @@ ROWS: dict[str, tuple[str, list[str], str | None]] = {
         "+ distillation, 500 steps (`--distill 500`, on the default row's plan)",
         ["--distill", "500"],
         "default",
+    ),
+    "uniform-paper": (
+        "uniform plan, the paper's reconstruction alone: autodfp merge + DBSCAN cluster, no lsq, no refinement",
+        ["--search", "uniform", "--reconstruct", "autodfp", "--criterion", "cluster", "--no-refine"],
+        None,
+    ),
+    "uniform-lsq": (
+        "uniform plan, + lsq reconstruction (no refinement)",
+        ["--search", "uniform", "--reconstruct", "lsq", "--no-refine"],
+        None,
     ),
     "uniform": ("uniform plan (`--search uniform`), default pipeline", ["--search", "uniform"], None),
     "ceiling": (

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from autodfp.compress import kd
 from autodfp.compress.kd import distill, distillation_loss, pool_losses
 from autodfp.config import Config
 from autodfp.errors import AutoDFPError
@@ -41,7 +42,9 @@ def test_distillation_moves_the_student_towards_the_teacher_and_keeps_bn_statist
     held_out = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     stats = {k: v.clone() for k, v in student.state_dict().items() if "running" in k}
     before = copy.deepcopy(student.state_dict())
-    trained = distill(student, teacher, inputs, 150, lr=1e-2, seed=0)
+    run = distill(student, teacher, inputs, 150, lr=1e-2, seed=0)
+    trained = run.model
+    assert run.backoffs == 0 and run.lr == 1e-2 and len(run.checks) == 11, "the start and ten checks"
     assert _kl(trained, teacher, held_out) < 0.5 * _kl(student, teacher, held_out)
     for k, v in stats.items():  # BN running statistics are the original's knowledge: never updated
         assert torch.equal(trained.state_dict()[k], v), k
@@ -52,7 +55,7 @@ def test_distillation_moves_the_student_towards_the_teacher_and_keeps_bn_statist
 def test_zero_steps_is_an_unchanged_copy_and_bad_steps_are_refused() -> None:
     teacher, student = _net(8), _net(4)
     x = torch.randn(4, 3, 8, 8)
-    same = distill(student, teacher, x, 0)
+    same = distill(student, teacher, x, 0).model
     with torch.no_grad():
         assert torch.equal(same(x), student(x))
     with pytest.raises(AutoDFPError, match="distill_steps"):
@@ -106,8 +109,11 @@ def test_distill_inputs_add_a_pool_of_their_own(tiny_cnn: nn.Module, monkeypatch
     pools: list[int] = []
     real = kd_mod.distill
 
+    augments: list[bool] = []
+
     def spy(student, teacher, inputs, *args, **kwargs):
         pools.append(len(inputs))
+        augments.append(kwargs["augment"])
         return real(student, teacher, inputs, *args, **kwargs)
 
     monkeypatch.setattr(kd_mod, "distill", spy)
@@ -121,10 +127,16 @@ def test_distill_inputs_add_a_pool_of_their_own(tiny_cnn: nn.Module, monkeypatch
     monkeypatch.setattr(api.Pipeline, "batch", batch)
     autodfp.prune(tiny_cnn, input_shape=(3, 16, 16), uniform=0.5, config=cfg, progress=False)
     autodfp.prune(tiny_cnn, input_shape=(3, 16, 16), uniform=0.5, config=cfg.replace(distill_inputs=6), progress=False)
-    assert pools == [16, 22], "reward 8 + refinement 8, then 6 more"
+    autodfp.prune(
+        tiny_cnn, input_shape=(3, 16, 16), uniform=0.5, config=cfg.replace(distill_augment=False), progress=False
+    )
+    assert pools == [16, 22, 16], "reward 8 + refinement 8, then 6 more"
+    assert augments == [True, True, False], "Config.distill_augment reaches the training loop"
     assert api.DISTILL_SEED_OFFSET in seeds and seeds.count(api.DISTILL_SEED_OFFSET) == 1
     with pytest.raises(autodfp.AutoDFPError, match="distill_inputs"):
         Config(distill_inputs=1)
+    with pytest.raises(autodfp.AutoDFPError, match="distill_augment"):
+        Config(distill_augment="no")  # type: ignore[arg-type]
 
 
 def test_pool_losses_are_mean_losses_and_inf_when_not_finite() -> None:
@@ -157,13 +169,36 @@ def test_a_diverging_distillation_keeps_the_model_before_it(tiny_cnn: nn.Module)
     plain = autodfp.prune(
         tiny_cnn, input_shape=(3, 16, 16), uniform=0.5, config=cfg.replace(distill_steps=0), progress=False
     )
-    with pytest.warns(RuntimeWarning, match="distillation diverged"):
+    with pytest.warns(RuntimeWarning, match="distillation did not lower its loss"):
         kd = autodfp.prune(
             tiny_cnn, input_shape=(3, 16, 16), uniform=0.5, config=cfg.replace(distill_lr=1e4), progress=False
         )
     assert kd.report["distill_kept"] is False
+    assert kd.report["distill_backoffs"] == 2 and kd.report["distill_lr_final"] == pytest.approx(1e2)
     after = kd.report["distill_loss_after"]
     assert after is None or after >= kd.report["distill_loss_before"], "null when the loss is not finite"
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(kd.model(x), plain.model(x)), "the model before distillation, unchanged"
+
+
+def test_a_divergence_is_rolled_back_and_the_learning_rate_divided() -> None:
+    """A learning rate that ruins the student costs one check interval: the weights return to the
+    best state and the run goes on at a tenth of the rate, so it still ends below where it began."""
+    teacher, student = _net(16), _net(4)
+    inputs = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    run = distill(student, teacher, inputs, 100, lr=10.0, seed=0)
+    assert run.backoffs >= 1 and run.lr == pytest.approx(10.0 * 0.1**run.backoffs)
+    start = run.checks[0][1]
+    assert any(loss > kd.DIVERGENCE * start for _, loss in run.checks), "lr 10 does diverge"
+    assert _kl(run.model, teacher, inputs[:64]) == pytest.approx(min(loss for _, loss in run.checks), rel=1e-4)
+    assert _kl(run.model, teacher, inputs[:64]) < start, "the best checked state, below the start"
+
+
+def test_the_best_checked_state_is_returned_never_worse_than_the_start() -> None:
+    teacher, student = _net(16), _net(4)
+    inputs = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    run = distill(student, teacher, inputs, 6, lr=1e4, seed=0, batch_size=32)  # hopeless at any backoff
+    assert run.backoffs == 2 and [s for s, _ in run.checks] == [0, 1, 2, 3, 4, 5, 6]
+    with torch.no_grad():
+        assert torch.equal(run.model(inputs), student(inputs)), "no check beat the start: the student itself"

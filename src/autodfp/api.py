@@ -726,7 +726,7 @@ def _distill(pipe: Pipeline, student: nn.Module) -> tuple[nn.Module, dict[str, A
     inputs = torch.cat(pools)
     log.info(f"distilling the pruned model for {cfg.distill_steps} steps on {len(inputs)} synthetic inputs")
     t0 = time.perf_counter()
-    out = distill(
+    run = distill(
         student,
         pipe.model,
         inputs,
@@ -734,24 +734,27 @@ def _distill(pipe: Pipeline, student: nn.Module) -> tuple[nn.Module, dict[str, A
         lr=cfg.distill_lr,
         temperature=cfg.distill_temperature,
         batch_size=cfg.distill_batch_size,
+        augment=cfg.distill_augment,
         seed=pipe.seed,
         device=pipe.device,
         progress=pipe.progress,
     )
     log.info(f"distilled in {time.perf_counter() - t0:.1f} s")
     # both on the original's device (the CPU copies the pipeline returns), not the training device
-    before, after = pool_losses([student, out], pipe.model, inputs, temperature=cfg.distill_temperature)
+    before, after = pool_losses([student, run.model], pipe.model, inputs, temperature=cfg.distill_temperature)
     info: dict[str, Any] = {  # a non-finite loss is reported as null: JSON has no infinity
         "distill_loss_before": before if math.isfinite(before) else None,
         "distill_loss_after": after if math.isfinite(after) else None,
         "distill_kept": after < before,
+        "distill_lr_final": run.lr,
+        "distill_backoffs": run.backoffs,
     }
     if after < before:
         log.info(f"distillation loss over the pool: {before:.4g} → {after:.4g}")
-        return out, info
+        return run.model, info
     warnings.warn(
-        f"distillation diverged (loss over its inputs {before:.4g} → {after:.4g}); keeping the model before it "
-        "(a smaller Config.distill_lr may help)",
+        f"distillation did not lower its loss (over its inputs {before:.4g} → {after:.4g}, learning rate "
+        f"{cfg.distill_lr:.2g} → {run.lr:.2g}); keeping the model before it",
         RuntimeWarning,
         stacklevel=2,
     )

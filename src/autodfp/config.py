@@ -145,7 +145,9 @@ class Config:
     :param distill_steps: steps of data-free knowledge distillation after refinement (0: off); the
         pruned model learns the original's outputs on the pipeline's synthetic inputs
         (:mod:`autodfp.compress.kd`)
-    :param distill_lr: Adam's learning rate for the distillation, decayed by a cosine schedule
+    :param distill_lr: Adam's first learning rate for the distillation, decayed by a cosine
+        schedule and divided by ten whenever the run diverges (:mod:`autodfp.compress.kd`)
+    :param distill_augment: random flips and shifts of the distillation's inputs at every step
     :param distill_temperature: softmax temperature of the distillation's KL term
     :param distill_batch_size: synthetic inputs per distillation step
     :param distill_inputs: extra synthetic inputs, distilled for the distillation alone (seed
@@ -196,6 +198,7 @@ class Config:
     # data-free distillation (optional last stage)
     distill_steps: int = 0
     distill_lr: float = 1e-3
+    distill_augment: bool = True
     distill_temperature: float = 4.0
     distill_batch_size: int = 64
     distill_inputs: int = 0
@@ -265,7 +268,7 @@ class Config:
             _integer("eval_batch_size", self.eval_batch_size, 1)
         if self.refine_data is not None and (not isinstance(self.refine_data, str) or not self.refine_data):
             raise PlanError(f"refine_data must be a directory of images, got {self.refine_data!r}")
-        for name in ("refine", "coupled", "final_choice"):
+        for name in ("refine", "coupled", "final_choice", "distill_augment"):
             if not isinstance(getattr(self, name), bool):
                 raise PlanError(f"{name} must be True or False, got {getattr(self, name)!r}")
 

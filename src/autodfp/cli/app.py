@@ -576,7 +576,13 @@ def prune(
     distill_lr: Optional[float] = typer.Option(
         None,
         "--distill-lr",
-        help="Adam's learning rate for --distill, decayed by a cosine schedule (default 1e-3).",
+        help="Adam's first learning rate for --distill, cosine-decayed, divided by ten where the loss diverges "
+        "(default 1e-3).",
+    ),
+    distill_augment: Optional[bool] = typer.Option(
+        None,
+        "--distill-augment/--no-distill-augment",
+        help="Random flips and shifts of the distillation's inputs at every step (default: on).",
     ),
     synth_steps: Optional[int] = SynthStepsOpt,
     synth_low_res: Optional[float] = SynthLowResOpt,
@@ -625,6 +631,7 @@ def prune(
         distill_steps=distill_steps,
         distill_inputs=distill_inputs,
         distill_lr=distill_lr,
+        distill_augment=distill_augment,
         synth_steps=synth_steps,
         synth_low_res=synth_low_res,
         refine_ridge=refine_ridge,
