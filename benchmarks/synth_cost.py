@@ -5,8 +5,10 @@ A first prune of a 224-px model spends most of its time distilling inputs (issue
 low-resolution share (``--shares``: the share of the steps run at half the height and width before
 the batch is upsampled and finished at full size) and prints, per row, the wall time, the seconds
 per step, and the ZeroQ BN loss of the finished batch *at full size* (the objective every share is
-judged by: a batch that matched the statistics only at half size would show it here). No real
-image is read.
+judged by: a batch that matched the statistics only at half size would show it here), and the
+share of the batch's spectral energy above half the Nyquist frequency (what a half-size start
+cannot draw and the full-size steps must add: the first layers' fine-edge filters see only that).
+No real image is read.
 
 Each chunk goes through the pipeline's cache (``autodfp.synth.distill.synthetic_batch``, the model's
 zoo name as key), so a prune with the same seed and share reads it instead of distilling it again:
@@ -31,6 +33,17 @@ from autodfp.models import load_model
 from autodfp.synth.distill import bn_stat_loss, resolve_method, synthetic_batch
 
 
+def high_frequency_share(images: torch.Tensor) -> float:
+    """Share of the spectral energy (the mean of each image excluded) at or above half the Nyquist
+    frequency along either axis."""
+    power = torch.fft.rfft2(images.double()).abs().pow(2)
+    power[..., 0, 0] = 0.0
+    fy = torch.fft.fftfreq(images.shape[-2], dtype=torch.float64).abs()[:, None]
+    fx = torch.fft.rfftfreq(images.shape[-1], dtype=torch.float64)[None, :]
+    high = torch.maximum(fy, fx) >= 0.25
+    return float(power[..., high].sum() / power.sum())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", help="zoo name, e.g. mobilenet_v1_075_imagenet")
@@ -47,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     shape = input_shape_of(cfg)
     print(f"# {args.model}, input {shape}, n={args.n}, torch threads {torch.get_num_threads()}", flush=True)
     steps = args.steps if args.steps is not None else Config().synth_settings_for(resolve_method(model), shape)[0]
-    print("| low-res share | steps | wall s | s/step | BN loss at full size | cached |")
-    print("|---:|---:|---:|---:|---:|---|")
+    print("| low-res share | steps | wall s | s/step | BN loss at full size | high-frequency energy | cached |")
+    print("|---:|---:|---:|---:|---:|---:|---|")
     rows = []
     for share in (float(v) for v in args.shares.split(",") if v.strip()):
         lines: list[str] = []
@@ -59,10 +72,20 @@ def main(argv: list[str] | None = None) -> int:
         wall = time.perf_counter() - start
         cached = any("read from the cache" in line for line in lines)
         full = bn_stat_loss(model, images)
-        row = dict(share=share, steps=steps, wall_s=wall, s_per_step=wall / max(steps, 1), bn_loss=full, cached=cached)
+        high = high_frequency_share(images)
+        row = dict(
+            share=share,
+            steps=steps,
+            wall_s=wall,
+            s_per_step=wall / max(steps, 1),
+            bn_loss=full,
+            high_frequency_share=high,
+            cached=cached,
+        )
         rows.append(row)
         print(
-            f"| {share:g} | {steps} | {wall:.1f} | {row['s_per_step']:.2f} | {full:.4f} | {'yes' if cached else 'no'} |",
+            f"| {share:g} | {steps} | {wall:.1f} | {row['s_per_step']:.2f} | {full:.4f} | {high:.3f} | "
+            f"{'yes' if cached else 'no'} |",
             flush=True,
         )
     if args.json_out:
