@@ -132,6 +132,8 @@ def test_distill_inputs_add_a_pool_of_their_own(tiny_cnn: nn.Module, monkeypatch
     )
     assert pools == [16, 22, 16], "reward 8 + refinement 8, then 6 more"
     assert augments == [True, True, False], "Config.distill_augment reaches the training loop"
+    assert Config().distill_augment_for((3, 32, 32)) and not Config().distill_augment_for((3, 224, 224))
+    assert Config(distill_augment=True).distill_augment_for((3, 224, 224)), "an explicit choice wins"
     assert api.DISTILL_SEED_OFFSET in seeds and seeds.count(api.DISTILL_SEED_OFFSET) == 1
     with pytest.raises(autodfp.AutoDFPError, match="distill_inputs"):
         Config(distill_inputs=1)

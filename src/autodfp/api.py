@@ -736,7 +736,7 @@ def _distill(pipe: Pipeline, student: nn.Module) -> tuple[nn.Module, dict[str, A
         lr=cfg.distill_lr,
         temperature=cfg.distill_temperature,
         batch_size=cfg.distill_batch_size,
-        augment=cfg.distill_augment,
+        augment=cfg.distill_augment_for(pipe.shape),
         seed=pipe.seed,
         device=pipe.device,
         progress=pipe.progress,

@@ -582,7 +582,7 @@ def prune(
     distill_augment: Optional[bool] = typer.Option(
         None,
         "--distill-augment/--no-distill-augment",
-        help="Random flips and shifts of the distillation's inputs at every step (default: on).",
+        help="Random flips and shifts of the distillation's inputs at every step (default: on up to 64x64 px).",
     ),
     synth_steps: Optional[int] = SynthStepsOpt,
     synth_low_res: Optional[float] = SynthLowResOpt,
