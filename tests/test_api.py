@@ -310,24 +310,22 @@ def test_batches_share_inputs_and_the_reward_ranks_on_fewer_steps(
     shape = (3, 16, 16)
     cfg = Config(calibration_inputs=8, refine_inputs=16, reward_inputs=16, select_inputs=8)
     pipe = Pipeline(tiny_cnn, user_model_config(tiny_cnn, shape, "tiny"), shape, cfg, progress=False)
-    seen: list[tuple[int, int, int | None, bool]] = []
+    seen: list[tuple[int, int, int | None]] = []
 
-    def spy(self: Pipeline, seed: int, n: int, steps: int | None = None, ranking: bool = False) -> torch.Tensor:
-        seen.append((seed, n, steps, ranking))
+    def spy(self: Pipeline, seed: int, n: int, steps: int | None = None) -> torch.Tensor:
+        seen.append((seed, n, steps))
         return torch.zeros(n, *shape)
 
     monkeypatch.setattr(Pipeline, "batch", spy)
     pipe.calibration_batch()
     pipe.reward_batch(8)
-    assert seen == [(1, 8, None, False), (0, 8, 50, True)], (
-        "calibration: seed + 1 (the refinement's); reward: half of 100 steps, as a ranking batch"
-    )
+    assert seen == [(1, 8, None), (0, 8, 50)], "calibration: seed + 1 (the refinement's); reward: half of 100 steps"
     assert cfg.replace(synth_steps=7).reward_steps_for("bn", shape) == 7, "--synth-steps sets every batch"
-    assert cfg.reward_steps_for("bn", (3, 224, 224)) == 110, "large inputs: the time of a half-size start"
+    assert cfg.reward_steps_for("bn", (3, 224, 224)) == 200, "large inputs keep every step"
 
 
 def test_batches_of_large_inputs_start_at_half_size(tiny_cnn: nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The pipeline hands the low-resolution share of the input's size class to every batch it fits on."""
+    """The pipeline hands the low-resolution share of the input's size class to every batch it distils."""
     import autodfp.synth.distill as synth
     from autodfp.api import Pipeline, user_model_config
     from autodfp.config import LOW_RES_SHARE
@@ -340,11 +338,8 @@ def test_batches_of_large_inputs_start_at_half_size(tiny_cnn: nn.Module, monkeyp
 
     monkeypatch.setattr(synth, "synthetic_batch", spy)
     for shape, cfg in (((3, 16, 16), Config()), ((3, 96, 96), Config()), ((3, 96, 96), Config(synth_low_res=0.25))):
-        pipe = Pipeline(tiny_cnn, user_model_config(tiny_cnn, shape, "tiny"), shape, cfg, progress=False)
-        pipe.batch(0, 2)
-        pipe.reward_batch(2)
-    # fits at the size class's share; the reward's batch at full size unless the user set a share
-    assert shares == [LOW_RES_SHARE["small"], 0.0, LOW_RES_SHARE["large"], 0.0, 0.25, 0.25]
+        Pipeline(tiny_cnn, user_model_config(tiny_cnn, shape, "tiny"), shape, cfg, progress=False).batch(0, 2)
+    assert shares == [LOW_RES_SHARE["small"], LOW_RES_SHARE["large"], 0.25]
     assert LOW_RES_SHARE["small"] == 0.0 < LOW_RES_SHARE["large"]
 
 

@@ -119,9 +119,9 @@ def test_distill_inputs_add_a_pool_of_their_own(tiny_cnn: nn.Module, monkeypatch
     seeds: list[int] = []
     real_batch = api.Pipeline.batch
 
-    def batch(self, seed, n, steps=None, **kwargs):
+    def batch(self, seed, n, steps=None):
         seeds.append(seed)
-        return real_batch(self, seed, n, steps, **kwargs)
+        return real_batch(self, seed, n, steps)
 
     monkeypatch.setattr(api.Pipeline, "batch", batch)
     autodfp.prune(tiny_cnn, input_shape=(3, 16, 16), uniform=0.5, config=cfg, progress=False)

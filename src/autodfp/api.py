@@ -131,8 +131,7 @@ class Pipeline:
     uses ``seed``, the refinement's (and the calibration's, its prefix) ``seed +
     config.refine_seed_offset``. Batches are distilled on ``device`` and cached on disk
     (:func:`autodfp.synth.distill.synthetic_batch`); a batch that only ranks gets fewer steps
-    and, at large inputs, no half-size start (:data:`autodfp.config.RANKING_STEPS_SCALE`,
-    :data:`autodfp.config.RANKING_LOW_RES_SHARE`).
+    (:data:`autodfp.config.RANKING_STEPS_SCALE`).
 
     :param model: the unpruned network (never modified)
     :param model_config: its config (name for the cache key, label offset)
@@ -172,9 +171,8 @@ class Pipeline:
                 self._device_model = copy.deepcopy(self.model).to(self.device).eval()
         return self._device_model
 
-    def batch(self, seed: int, n: int, steps: int | None = None, ranking: bool = False) -> torch.Tensor:
-        """``n`` synthetic inputs distilled from the model with ``seed`` (cached on disk); a
-        ``ranking`` batch (the reward's) gets the ranking steps and low-resolution share."""
+    def batch(self, seed: int, n: int, steps: int | None = None) -> torch.Tensor:
+        """``n`` synthetic inputs distilled from the model with ``seed`` (cached on disk)."""
         from autodfp.synth.distill import synthetic_batch
 
         return synthetic_batch(
@@ -188,7 +186,7 @@ class Pipeline:
             label_offset=self.model_config.label_offset,
             progress=self.progress,
             log=log.info,
-            low_res=self.config.synth_low_res_for(self.shape, ranking=ranking),
+            low_res=self.config.synth_low_res_for(self.shape),
         )
 
     def reward_batch(self, n: int | None = None) -> torch.Tensor:
@@ -197,7 +195,7 @@ class Pipeline:
 
         cfg = self.config
         steps = cfg.reward_steps_for(resolve_method(self.model, cfg.synth_method), self.shape)
-        return self.batch(self.seed, cfg.reward_inputs_for(self.shape) if n is None else n, steps=steps, ranking=True)
+        return self.batch(self.seed, cfg.reward_inputs_for(self.shape) if n is None else n, steps=steps)
 
     def real_images(self, root: str, n: int, from_end: bool = False) -> torch.Tensor:
         """``n`` real unlabelled images of ``root``, a seeded sample in the model's preprocessing.

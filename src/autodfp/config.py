@@ -45,17 +45,11 @@ SYNTH_SETTINGS: Mapping[str, Mapping[str, tuple[int, float]]] = {
 #: Distillation steps of the reward's batch, as a share of the method's steps. A reward ranks plans
 #: and a ranking settles sooner than a fit does: on ResNet-56 50 to 300 steps gave the same proxy
 #: Spearman rho, while a fit's batch moves top-1 (``--synth-steps 50`` for every batch instead of
-#: 100: 57.42 → 53.79 % for ResNet-20 at uniform 0.5, docs/RESULTS.md). At large inputs the
-#: reward's batch runs every step at full size (:data:`RANKING_LOW_RES_SHARE`), and 110 of 200
-#: steps cost what 200 steps with a half-size start cost (MobileNet-V1: 675 s against 593 s).
-RANKING_STEPS_SCALE: Mapping[str, float] = {"small": 0.5, "large": 0.55}
-
-#: Low-resolution share of the reward's batch. A half-size start leaves a batch with little fine
-#: detail (MobileNet-V1: 28 % of the spectral energy above half the Nyquist frequency, against 77-80
-#: % for full-size batches, ``benchmarks/synth_cost.py``), and a reward on it rated plans that cut the
-#: stem to 0.42 (SAC at 0.6647x MACs: 55.46 % top-1, where a search on a full-size batch had found
-#: 60.08 %; docs/RESULTS.md). Fits keep :data:`LOW_RES_SHARE`; ``synth_low_res`` sets every batch.
-RANKING_LOW_RES_SHARE: Mapping[str, float] = {"small": 0.0, "large": 0.0}
+#: 100: 57.42 → 53.79 % for ResNet-20 at uniform 0.5, docs/RESULTS.md). Measured at small inputs
+#: only; large inputs keep every step (there, 40 instead of 200 steps cost refinement 11 points).
+#: A MobileNet-V1 search on a reward batch of 110 full-size steps, instead of 200 with a half-size
+#: start, ended at the same top-1 (55.31 against 55.46 %), so the reward's batch stays like the others.
+RANKING_STEPS_SCALE: Mapping[str, float] = {"small": 0.5, "large": 1.0}
 
 #: Share of a batch's synthesis steps spent at half the height and width before the batch is
 #: upsampled and finished at full size (DeepInversion's multi-resolution schedule). On MobileNet-V1
@@ -303,12 +297,9 @@ class Config:
         steps, lr = SYNTH_SETTINGS[method][size_class(input_shape)]
         return (steps if self.synth_steps is None else int(self.synth_steps)), lr
 
-    def synth_low_res_for(self, input_shape: Sequence[int], ranking: bool = False) -> float:
-        """Share of synthesis steps at half size (:data:`LOW_RES_SHARE`, or
-        :data:`RANKING_LOW_RES_SHARE` for the reward's batch); ``synth_low_res`` wins."""
-        if self.synth_low_res is not None:
-            return float(self.synth_low_res)
-        return (RANKING_LOW_RES_SHARE if ranking else LOW_RES_SHARE)[size_class(input_shape)]
+    def synth_low_res_for(self, input_shape: Sequence[int]) -> float:
+        """Share of synthesis steps at half size (:data:`LOW_RES_SHARE`); ``synth_low_res`` wins."""
+        return float(self.synth_low_res) if self.synth_low_res is not None else LOW_RES_SHARE[size_class(input_shape)]
 
     def reward_steps_for(self, method: str, input_shape: Sequence[int]) -> int:
         """Steps of the reward's batch: :data:`RANKING_STEPS_SCALE` of the method's; ``synth_steps`` wins."""
@@ -379,7 +370,6 @@ __all__ = [
     "DEFAULTS",
     "DISTILL_AUGMENT",
     "EVAL_BATCH",
-    "RANKING_LOW_RES_SHARE",
     "RANKING_STEPS_SCALE",
     "REFINE_INPUTS",
     "REWARD_INPUTS",
