@@ -203,3 +203,56 @@ def test_the_best_checked_state_is_returned_never_worse_than_the_start() -> None
     assert run.backoffs == 2 and [s for s, _ in run.checks] == [0, 1, 2, 3, 4, 5, 6]
     with torch.no_grad():
         assert torch.equal(run.model(inputs), student(inputs)), "no check beat the start: the student itself"
+
+
+def test_fresh_inputs_join_the_pool_at_evenly_spaced_steps() -> None:
+    """fresh(student, i) is called fresh_batches times, on the student as trained so far (eval mode)."""
+    teacher, student = _net(16), _net(4)
+    inputs = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    calls: list[tuple[int, bool, float]] = []
+    probe = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+
+    def fresh(model: nn.Module, i: int) -> torch.Tensor:
+        calls.append((i, model.training, _kl(model, teacher, probe)))
+        return torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(10 + i))
+
+    run = distill(student, teacher, inputs, 30, lr=1e-2, seed=0, fresh=fresh, fresh_batches=3, augment=False)
+    assert [c[0] for c in calls] == [0, 1, 2] and not any(c[1] for c in calls)
+    assert calls[2][2] < calls[0][2], "later batches are made for the student as it has been trained"
+    plain = distill(student, teacher, inputs, 30, lr=1e-2, seed=0, augment=False)
+    with torch.no_grad():
+        assert not torch.equal(run.model(probe), plain.model(probe)), "the fresh inputs were trained on"
+    with pytest.raises(AutoDFPError, match="fresh_batches"):
+        distill(student, teacher, inputs, 5, fresh_batches=2)
+    with pytest.raises(AutoDFPError, match="do not match"):
+        distill(student, teacher, inputs, 5, fresh=lambda m, i: torch.zeros(2, 3, 4, 4), fresh_batches=1)
+    with pytest.raises(AutoDFPError, match="distill_fresh"):
+        Config(distill_fresh=-1)
+    with pytest.raises(AutoDFPError, match="distill_compete"):
+        Config(distill_compete=float("inf"))
+
+
+def test_prune_with_fresh_inputs_synthesises_them_against_the_student(
+    tiny_cnn: nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--distill-fresh N: N batches, each synthesised with the competition term and a seed of its own."""
+    import autodfp
+    from autodfp import api
+    from autodfp.synth import distill as synth
+
+    cfg = Config(
+        synth_steps=2, calibration_inputs=8, refine_inputs=8, reward_inputs=8, distill_steps=4, distill_fresh=2
+    )
+    seen: list[tuple[int, float, bool]] = []
+    real = synth.distill
+
+    def spy(model, input_shape, n=64, steps=None, lr=None, seed=0, *args, **kwargs):
+        if kwargs.get("student") is not None:
+            seen.append((seed, kwargs["compete"], kwargs["student"] is not model))
+        return real(model, input_shape, 4, steps, lr, seed, *args, **kwargs)
+
+    monkeypatch.setattr(synth, "distill", spy)
+    out = autodfp.prune(tiny_cnn, input_shape=(3, 16, 16), uniform=0.5, config=cfg, progress=False)
+    assert [s[0] for s in seen] == [api.FRESH_SEED_OFFSET, api.FRESH_SEED_OFFSET + synth.CHUNK_SEED_STRIDE]
+    assert all(s[1] == cfg.distill_compete and s[2] for s in seen)
+    assert out.report["distill_fresh_inputs"] == 2 * 4

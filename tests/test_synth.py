@@ -300,3 +300,37 @@ def test_low_resolution_share_in_the_config_and_flag() -> None:
     for bad in (1.0, -0.1, float("nan")):
         with pytest.raises(PlanError, match="synth_low_res"):
             Config(synth_low_res=bad)
+
+
+def test_disagreement_is_bounded_and_zero_for_agreement() -> None:
+    logits = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
+    assert float(synth.disagreement(logits, logits)) == pytest.approx(0.0, abs=1e-6)
+    far = float(synth.disagreement(logits * 50, -logits * 50))
+    assert 0.9 < far <= 1.0, "opposite confident predictions are near the bound"
+    g = torch.Generator().manual_seed(1)
+    maps = (torch.randn(2, 3, 4, generator=g), {"b": torch.randn(2, 5, generator=g)})
+    assert float(synth.disagreement(maps, maps)) == 0.0
+    moved = (maps[0] + 0.5, {"b": maps[1]["b"]})
+    assert 0.0 < float(synth.disagreement(maps, moved)) < 1.0
+
+
+def test_competition_moves_the_batch_to_where_the_student_disagrees() -> None:
+    """Adaptive DeepInversion: with a student and a weight, the batch raises their disagreement;
+    neither network is changed, and the student's gradient flags come back as they were."""
+    teacher, student = _bn_net(0), _bn_net(1)
+    student.requires_grad_(True)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    plain = distill(teacher, (3, 16, 16), n=8, steps=40, seed=3, method="bn")
+    rival = distill(teacher, (3, 16, 16), n=8, steps=40, seed=3, method="bn", student=student, compete=5.0)
+    again = distill(teacher, (3, 16, 16), n=8, steps=40, seed=3, method="bn", student=student, compete=5.0)
+    assert torch.equal(rival.images, again.images), "deterministic for a seed"
+    with torch.no_grad():
+        d_plain = float(synth.disagreement(teacher(plain.images), student(plain.images)))
+        d_rival = float(synth.disagreement(teacher(rival.images), student(rival.images)))
+    assert d_rival > d_plain
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+    assert all(p.requires_grad for p in student.parameters())
+    unused = distill(teacher, (3, 16, 16), n=8, steps=40, seed=3, method="bn", student=student, compete=0.0)
+    assert torch.equal(unused.images, plain.images), "weight 0 is the plain objective"
+    with pytest.raises(ValueError, match="compete"):
+        distill(teacher, (3, 16, 16), n=8, steps=2, student=student, compete=-1.0)

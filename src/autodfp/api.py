@@ -709,6 +709,41 @@ def _search(
 DISTILL_SEED_OFFSET = 2
 
 
+#: fresh inputs made during distillation use seed ``seed + 3`` (chunk ``i``: ``+ i × CHUNK_SEED_STRIDE``)
+FRESH_SEED_OFFSET = 3
+
+
+def _fresh_inputs(pipe: Pipeline) -> Callable[[nn.Module, int], torch.Tensor]:
+    """What :func:`autodfp.compress.kd.distill` calls for a batch of fresh inputs: one chunk
+    synthesised like the pipeline's own (method, steps, size schedule), with the competition term
+    against the student as it is at that step. Such a batch is never cached: it depends on the
+    student, which changes with every step."""
+    from autodfp._checks import SEED_LIMIT
+    from autodfp.synth.distill import CHUNK, CHUNK_SEED_STRIDE
+    from autodfp.synth.distill import distill as synthesise
+
+    cfg = pipe.config
+
+    def make(student: nn.Module, i: int) -> torch.Tensor:
+        t0 = time.perf_counter()
+        result = synthesise(
+            pipe.device_model,
+            pipe.shape,
+            n=CHUNK,
+            steps=cfg.synth_steps,
+            seed=(pipe.seed + FRESH_SEED_OFFSET + i * CHUNK_SEED_STRIDE) % SEED_LIMIT,
+            method=cfg.synth_method,
+            label_offset=pipe.model_config.label_offset,
+            low_res=cfg.synth_low_res_for(pipe.shape),
+            student=student,
+            compete=cfg.distill_compete,
+        )
+        log.info(f"fresh inputs {i + 1}/{cfg.distill_fresh}: {CHUNK} synthesised in {time.perf_counter() - t0:.1f} s")
+        return result.images
+
+    return make
+
+
 def _distill(pipe: Pipeline, student: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
     """The optional last stage: the pruned model learns the original's outputs on the synthetic
     batches the pipeline already made (the reward's and the refinement's), never on real data.
@@ -718,13 +753,15 @@ def _distill(pipe: Pipeline, student: nn.Module) -> tuple[nn.Module, dict[str, A
     so the model before distillation is kept, with a warning; the report says which was kept.
     """
     from autodfp.compress.kd import distill, pool_losses
+    from autodfp.synth.distill import CHUNK
 
     cfg = pipe.config
     pools = [pipe.reward_batch(), pipe.fit_batch(cfg.refine_inputs_for(pipe.shape))]
     if cfg.distill_inputs:
         pools.append(pipe.batch(pipe.seed + DISTILL_SEED_OFFSET, cfg.distill_inputs))
     inputs = torch.cat(pools)
-    log.info(f"distilling the pruned model for {cfg.distill_steps} steps on {len(inputs)} synthetic inputs")
+    fresh_note = f", and {cfg.distill_fresh} × {CHUNK} fresh ones made during it" if cfg.distill_fresh else ""
+    log.info(f"distilling the pruned model for {cfg.distill_steps} steps on {len(inputs)} synthetic inputs{fresh_note}")
     t0 = time.perf_counter()
     run = distill(
         student,
@@ -738,6 +775,8 @@ def _distill(pipe: Pipeline, student: nn.Module) -> tuple[nn.Module, dict[str, A
         seed=pipe.seed,
         device=pipe.device,
         progress=pipe.progress,
+        fresh=_fresh_inputs(pipe),
+        fresh_batches=cfg.distill_fresh,
     )
     log.info(f"distilled in {time.perf_counter() - t0:.1f} s")
     # both on the original's device (the CPU copies the pipeline returns), not the training device
@@ -746,6 +785,7 @@ def _distill(pipe: Pipeline, student: nn.Module) -> tuple[nn.Module, dict[str, A
         "distill_loss_before": before if math.isfinite(before) else None,
         "distill_loss_after": after if math.isfinite(after) else None,
         "distill_kept": after < before,
+        "distill_fresh_inputs": run.fresh_inputs,
         "distill_lr_final": run.lr,
         "distill_backoffs": run.backoffs,
     }

@@ -161,6 +161,12 @@ class Config:
     :param distill_inputs: extra synthetic inputs, distilled for the distillation alone (seed
         ``seed + 2``, chunks of 64), added to the pipeline's reward and refinement batches: a
         larger, more diverse pool for the student to learn from (0: the pipeline's batches only)
+    :param distill_fresh: batches of fresh inputs (64 each) synthesised *during* the distillation,
+        at evenly spaced steps, against the student as it then is: the BN objective plus
+        ``distill_compete`` × a term that rewards the student's disagreement with the original
+        (Adaptive DeepInversion). Never cached, since each depends on the student (0: none)
+    :param distill_compete: weight of that competition term (0: fresh inputs from the BN
+        objective alone)
     :param eval_batch_size: evaluation batch size (``None``: :data:`EVAL_BATCH`)
     """
 
@@ -210,6 +216,8 @@ class Config:
     distill_temperature: float = 4.0
     distill_batch_size: int = 64
     distill_inputs: int = 0
+    distill_fresh: int = 0
+    distill_compete: float = 1.0
     # evaluation
     eval_batch_size: int | None = None
     #: SAC hyper-parameters (see :data:`autodfp.search.driver.SAC_DEFAULTS`); overrides only
@@ -266,6 +274,8 @@ class Config:
         _integer("distill_steps", self.distill_steps, 0)
         _integer("distill_batch_size", self.distill_batch_size, 1)
         _integer("distill_inputs", self.distill_inputs, 0)
+        _integer("distill_fresh", self.distill_fresh, 0)
+        _real("distill_compete", self.distill_compete, 0.0)
         if self.distill_inputs == 1:
             raise PlanError("distill_inputs must be 0 or at least 2 (a synthetic batch of one has no statistics)")
         _real("distill_lr", self.distill_lr, 0.0, strict_low=True)
@@ -322,10 +332,6 @@ class Config:
         return self.eval_batch_size if self.eval_batch_size is not None else EVAL_BATCH[size_class(input_shape)]
 
     def warmup_for(self, episodes: int | None = None) -> int:
-        _integer("distill_steps", self.distill_steps, 0)
-        _integer("distill_batch_size", self.distill_batch_size, 1)
-        _real("distill_lr", self.distill_lr, 0.0, strict_low=True)
-        _real("distill_temperature", self.distill_temperature, 0.0, strict_low=True)
         if self.warmup is not None:
             return self.warmup
         return min(self.warmup_cap, (self.episodes if episodes is None else episodes) // 4)

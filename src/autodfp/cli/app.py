@@ -86,6 +86,8 @@ FLAGS = {
     "distill_steps": "--distill",
     "distill_inputs": "--distill-inputs",
     "distill_lr": "--distill-lr",
+    "distill_fresh": "--distill-fresh",
+    "distill_compete": "--distill-compete",
     "refine_data": "--refine-data",
 }
 
@@ -584,6 +586,17 @@ def prune(
         "--distill-augment/--no-distill-augment",
         help="Random flips and shifts of the distillation's inputs at every step (default: on up to 64x64 px).",
     ),
+    distill_fresh: Optional[int] = typer.Option(
+        None,
+        "--distill-fresh",
+        help="Batches of 64 fresh synthetic inputs made during --distill, each aimed at where the pruned model "
+        "still disagrees with the original (not cached; default 0).",
+    ),
+    distill_compete: Optional[float] = typer.Option(
+        None,
+        "--distill-compete",
+        help="Weight of that disagreement term in the fresh inputs' objective (default 1; 0: BN statistics alone).",
+    ),
     synth_steps: Optional[int] = SynthStepsOpt,
     synth_low_res: Optional[float] = SynthLowResOpt,
     refine_ridge: Optional[float] = RefineRidgeOpt,
@@ -632,6 +645,8 @@ def prune(
         distill_inputs=distill_inputs,
         distill_lr=distill_lr,
         distill_augment=distill_augment,
+        distill_fresh=distill_fresh,
+        distill_compete=distill_compete,
         synth_steps=synth_steps,
         synth_low_res=synth_low_res,
         refine_ridge=refine_ridge,

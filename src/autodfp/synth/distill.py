@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import re
 import time
 import warnings
@@ -102,6 +103,27 @@ CHUNK_SEED_STRIDE = 1_000_003
 #: ``"deepinversion"`` weights of the class and smoothness terms relative to the BN term
 DI_CE_WEIGHT = 0.3
 DI_TV_WEIGHT = 0.1
+
+
+def disagreement(teacher_out: Any, student_out: Any) -> torch.Tensor:
+    """How far a student's outputs are from the teacher's, in [0, 1]: the competition term's measure.
+
+    Class logits (N, classes) are compared by the Jensen-Shannon divergence of their softmaxes,
+    divided by ln 2 (its maximum), as Adaptive DeepInversion does: bounded, so a batch cannot buy
+    an unbounded gain by drifting into inputs no image resembles. Other outputs (a detector's
+    tensors) by their mean squared difference over the teacher's variance, mapped to
+    ``1 - exp(-d)``, bounded the same way.
+    """
+    if isinstance(teacher_out, torch.Tensor) and isinstance(student_out, torch.Tensor) and teacher_out.dim() == 2:
+        p, q = F.softmax(teacher_out.float(), 1), F.softmax(student_out.float(), 1)
+        m = (0.5 * (p + q)).clamp_min(1e-12).log()
+        js = 0.5 * (F.kl_div(m, p, reduction="batchmean") + F.kl_div(m, q, reduction="batchmean"))
+        return (js / math.log(2.0)).clamp(0.0, 1.0)
+    from autodfp.compress.kd import _flat  # outputs of any structure, flattened alike
+
+    pairs = list(zip(_flat(teacher_out), _flat(student_out)))
+    d = torch.stack([F.mse_loss(s.float(), t.float()) / t.float().var().clamp_min(1e-12) for t, s in pairs]).mean()
+    return 1.0 - torch.exp(-d)
 
 
 def default_settings(method: str, input_shape: Sequence[int]) -> tuple[int, float]:
@@ -253,10 +275,30 @@ def distill(
     progress: bool = False,
     callback: Callable[[int, float], None] | None = None,
     low_res: float = 0.0,
+    student: nn.Module | None = None,
+    compete: float = 0.0,
 ) -> SynthResult:
-    """Like :func:`synthesize`, returning convergence numbers alongside the batch."""
+    """Like :func:`synthesize`, returning convergence numbers alongside the batch.
+
+    With a ``student`` and ``compete > 0``, the objective also rewards inputs on which the student
+    disagrees with ``model`` (Adaptive DeepInversion's competition term,
+    ``compete * (1 - disagreement)``, :func:`disagreement`): the batch goes where a distillation
+    has most left to teach. Neither network is modified. The reported losses stay the method's own.
+    """
     return _distill(
-        model, input_shape, n, steps, lr, check_seed(seed), method, label_offset, progress, callback, low_res
+        model,
+        input_shape,
+        n,
+        steps,
+        lr,
+        check_seed(seed),
+        method,
+        label_offset,
+        progress,
+        callback,
+        low_res,
+        student,
+        compete,
     )
 
 
@@ -272,6 +314,8 @@ def _distill(
     progress: bool,
     callback: Callable[[int, float], None] | None = None,
     low_res: float = 0.0,
+    student: nn.Module | None = None,
+    compete: float = 0.0,
 ) -> SynthResult:
     """:func:`distill` for any seed torch accepts: chunk seeds (:data:`CHUNK_SEED_STRIDE`) may pass 2**32."""
     method = resolve_method(model, method)
@@ -282,6 +326,9 @@ def _distill(
         raise ValueError("ZeroQ matches batch statistics; n must be at least 2")
     if not 0.0 <= float(low_res) < 1.0:
         raise ValueError(f"low_res is a share of the steps in [0, 1), got {low_res!r}")
+    if not (math.isfinite(float(compete)) and float(compete) >= 0.0):
+        raise ValueError(f"compete must be a finite, non-negative weight, got {compete!r}")
+    competing = student is not None and float(compete) > 0.0
     device = _model_device(model)
     start = time.perf_counter()
 
@@ -297,7 +344,8 @@ def _distill(
     # (randomness inside the model, e.g. dropout, is off in eval mode anyway).
     # inference_mode(False)/enable_grad: works even when called from inside a caller's no-grad block.
     cuda = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda), _frozen(model), torch.inference_mode(False), torch.enable_grad():
+    rival = _frozen(student) if competing and student is not None else contextlib.nullcontext()
+    with torch.random.fork_rng(devices=cuda), _frozen(model), rival, torch.inference_mode(False), torch.enable_grad():
         torch.manual_seed(int(seed))
         x = x0.to(device).requires_grad_(method != "noise")
 
@@ -323,19 +371,20 @@ def _distill(
             layers = bn_layers(model)
             hook = _BNStatLoss(layers)
 
-            def objective(batch: torch.Tensor) -> torch.Tensor:
+            def terms(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
                 shift = max(1, int(batch.shape[-1]) // 16) if batch.dim() >= 3 else 0
                 dx, dy = (int(v) for v in torch.randint(-shift, shift + 1, (2,), generator=gen))
                 moved = torch.roll(batch, shifts=(dy, dx), dims=(-2, -1))
                 if bool(torch.rand((), generator=gen) < 0.5):
                     moved = moved.flip(-1)
                 logits = model(moved)
-                return (
+                loss = (
                     hook.pop()
                     + _input_prior(batch)
                     + DI_CE_WEIGHT * F.cross_entropy(logits, targets)
                     + DI_TV_WEIGHT * _total_variation(batch)
                 )
+                return loss, moved, logits
 
             def report(batch: torch.Tensor) -> float:
                 model(batch)
@@ -344,9 +393,9 @@ def _distill(
             layers = bn_layers(model)
             hook = _BNStatLoss(layers)
 
-            def objective(batch: torch.Tensor) -> torch.Tensor:
-                model(batch)
-                return hook.pop() + _input_prior(batch)
+            def terms(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+                out = model(batch)
+                return hook.pop() + _input_prior(batch), batch, out
 
             def report(batch: torch.Tensor) -> float:
                 model(batch)
@@ -354,11 +403,19 @@ def _distill(
         else:  # inversion
             hook = None
 
-            def objective(batch: torch.Tensor) -> torch.Tensor:
+            def terms(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
                 logits = model(batch)
-                return F.cross_entropy(logits, targets) + 1.0 * _total_variation(batch) + 1e-2 * batch.pow(2).mean()
+                loss = F.cross_entropy(logits, targets) + 1.0 * _total_variation(batch) + 1e-2 * batch.pow(2).mean()
+                return loss, batch, logits
 
-            report = objective  # type: ignore[assignment]
+            def report(batch: torch.Tensor) -> float:
+                return float(terms(batch)[0])
+
+        def objective(batch: torch.Tensor) -> torch.Tensor:
+            loss, fed, out = terms(batch)
+            if competing and student is not None:  # the student sees exactly what the teacher saw
+                loss = loss + float(compete) * (1.0 - disagreement(out, student(fed)))
+            return loss
 
         ctx = hook if hook is not None else contextlib.nullcontext()
         with ctx:
@@ -620,7 +677,9 @@ def _synthetic_batch(
             f"synthesising {n} inputs from the model ({resolved}, {steps} steps{stages}, seed {seed})"
             + ("; cached after the first run" if writable else "")
         )
-    result = _distill(model, input_shape, n, steps, lr, seed, resolved, label_offset, progress, None, low_res)
+    result = _distill(
+        model, input_shape, n, steps, lr, seed, resolved, label_offset, progress, None, low_res, None, 0.0
+    )
     if log is not None:
         log(f"synthesised {n} inputs in {result.seconds:.1f} s")
     blob = {
