@@ -184,7 +184,10 @@ def test_proxy_check_json_contract_and_artifacts(tmp_path):
         (("prune", "resnet20_cifar10", "--out", "x"), "exactly one of --uniform"),
         (("prune", "resnet20_cifar10", "--uniform", "1.5", "--out", "x", "--no-eval"), "must be in (0, 1]"),
         (("prune", "resnet20_cifar10", "--uniform", "0.01", "--out", "x", "--no-eval"), "would remove the whole layer"),
-        (("prune", "resnet20_cifar10", "--uniform", "0.5", "--reconstruct", "magic", "--out", "x"), "unknown strategy"),
+        (
+            ("prune", "resnet20_cifar10", "--uniform", "0.5", "--reconstruct", "magic", "--out", "x"),
+            "unknown --reconstruct",
+        ),
         (("prune", "resnet20_cifar10", "--uniform", "0.5", "--synth-steps", "-1", "--out", "x"), "--synth-steps"),
         (("prune", "resnet20_cifar10", "--uniform", "0.5", "--synth-low-res", "1", "--out", "x"), "--synth-low-res"),
         (("bench", "resnet20_cifar10", "--methods", "lsq+l1+refine", "--refine-ridge", "-1"), "--refine-ridge"),
@@ -196,6 +199,11 @@ def test_proxy_check_json_contract_and_artifacts(tmp_path):
         ),
         (("prune", "resnet20_cifar10", "--uniform", "0.5", "--distill-inputs", "1", "--out", "x"), "--distill-inputs"),
         (("prune", "resnet20_cifar10", "--uniform", "0.5", "--distill-lr", "0", "--out", "x"), "--distill-lr"),
+        (("prune", "resnet20_cifar10", "--uniform", "0.5", "--distill-fresh", "-1", "--out", "x"), "--distill-fresh"),
+        (
+            ("prune", "resnet20_cifar10", "--uniform", "0.5", "--synth-method", "magic", "--out", "x"),
+            "unknown --synth-method 'magic'",
+        ),
         (
             ("prune", "resnet20_cifar10", "--uniform", "0.5", "--refine-data", "/nonexistent/imgs", "--out", "x"),
             "image directory not found",

@@ -63,6 +63,7 @@ def _notice(msg: str) -> None:
 #: config field → the flag that sets it, so library messages (which name parameters) read as flags
 FLAGS = {
     "synth_steps": "--synth-steps",
+    "synth_method": "--synth-method",
     "synth_low_res": "--synth-low-res",
     "refine_ridge": "--refine-ridge",
     "refine_dims_ridge": "--refine-dims-ridge",
@@ -93,9 +94,11 @@ FLAGS = {
 
 
 def _as_flags(msg: str) -> str:
-    """``refine_ridge must be …`` → ``--refine-ridge must be …`` (only the subject is a parameter name)."""
-    field = msg.split(" ", 1)[0]
-    return FLAGS[field] + msg[len(field) :] if field in FLAGS else msg
+    """``refine_ridge must be …`` → ``--refine-ridge must be …``, ``unknown synth_method …`` →
+    ``unknown --synth-method …`` (only the subject is a parameter name)."""
+    lead = "unknown " if msg.startswith("unknown ") else ""
+    field = msg[len(lead) :].split(" ", 1)[0]
+    return lead + FLAGS[field] + msg[len(lead) + len(field) :] if field in FLAGS else msg
 
 
 def _config(**flags: Any):
@@ -452,6 +455,12 @@ CorrOpt = typer.Option(
     "auto (default: calibration when synthetic inputs are made anyway: searches, BN-free models).",
 )
 SeedOpt = typer.Option(0, "--seed", help="Seed for synthetic inputs, random criteria and the search.")
+SynthMethodOpt = typer.Option(
+    None,
+    "--synth-method",
+    help="How synthetic inputs are made: auto (bn with BatchNorm, else inversion) | bn (ZeroQ) | deepinversion "
+    "(bn + class targets + jitter) | inversion | noise. Each method's batches are cached apart.",
+)
 SynthStepsOpt = typer.Option(
     None,
     "--synth-steps",
@@ -597,6 +606,7 @@ def prune(
         "--distill-compete",
         help="Weight of that disagreement term in the fresh inputs' objective (default 0.03; 0: BN statistics alone).",
     ),
+    synth_method: Optional[str] = SynthMethodOpt,
     synth_steps: Optional[int] = SynthStepsOpt,
     synth_low_res: Optional[float] = SynthLowResOpt,
     refine_ridge: Optional[float] = RefineRidgeOpt,
@@ -647,6 +657,7 @@ def prune(
         distill_augment=distill_augment,
         distill_fresh=distill_fresh,
         distill_compete=distill_compete,
+        synth_method=synth_method,
         synth_steps=synth_steps,
         synth_low_res=synth_low_res,
         refine_ridge=refine_ridge,
@@ -773,6 +784,7 @@ def proxy_check_cmd(
     corr: Optional[str] = CorrOpt,
     seed: int = SeedOpt,
     refine: bool = RefineOpt,
+    synth_method: Optional[str] = SynthMethodOpt,
     synth_steps: Optional[int] = SynthStepsOpt,
     synth_low_res: Optional[float] = SynthLowResOpt,
     refine_ridge: Optional[float] = RefineRidgeOpt,
@@ -810,6 +822,7 @@ def proxy_check_cmd(
         strategy=reconstruct,
         corr=corr,
         refine=refine,
+        synth_method=synth_method,
         synth_steps=synth_steps,
         synth_low_res=synth_low_res,
         refine_ridge=refine_ridge,
@@ -884,6 +897,7 @@ def bench(
     cluster_eps_quantile: Optional[float] = ClusterEpsOpt,
     corr: Optional[str] = CorrOpt,
     seed: int = SeedOpt,
+    synth_method: Optional[str] = SynthMethodOpt,
     synth_steps: Optional[int] = SynthStepsOpt,
     synth_low_res: Optional[float] = SynthLowResOpt,
     refine_ridge: Optional[float] = RefineRidgeOpt,
@@ -923,6 +937,7 @@ def bench(
         strength=strength,
         cluster_eps_quantile=cluster_eps_quantile,
         corr=corr,
+        synth_method=synth_method,
         synth_steps=synth_steps,
         synth_low_res=synth_low_res,
         refine_ridge=refine_ridge,
