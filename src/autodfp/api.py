@@ -590,6 +590,8 @@ def prune(
             "params_before": before[1],
             "params_after": after[1],
             "seconds": round(time.perf_counter() - t_start, 2),
+            # every setting, defaults included: a report says how its model was made
+            "config": cfg.to_dict(),
         }
     )
     out_model = pruned.model.to(_device_of(net)).eval()
