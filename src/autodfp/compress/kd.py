@@ -39,7 +39,7 @@ import contextlib
 import copy
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -47,6 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from autodfp._modes import eval_mode
+from autodfp._outputs import flat_outputs
 from autodfp.config import DEFAULTS
 from autodfp.errors import PlanError
 
@@ -59,16 +60,6 @@ DIVERGENCE = 1.25
 #: the learning rate's factor after a divergence, and how many times it may be applied
 BACKOFF = 0.1
 MAX_BACKOFFS = 2
-
-
-def _flat(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, Mapping):
-        return [t for k in sorted(out) for t in _flat(out[k])]
-    if isinstance(out, Sequence):
-        return [t for o in out for t in _flat(o)]
-    raise PlanError(f"distillation needs tensor outputs, got {type(out).__name__}")
 
 
 def distillation_loss(student_out: Any, teacher_out: Any, temperature: float) -> torch.Tensor:
@@ -85,7 +76,7 @@ def distillation_loss(student_out: Any, teacher_out: Any, temperature: float) ->
             * t
             * t
         )
-    s_list, t_list = _flat(student_out), _flat(teacher_out)
+    s_list, t_list = flat_outputs(student_out), flat_outputs(teacher_out)
     if len(s_list) != len(t_list) or any(a.shape != b.shape for a, b in zip(s_list, t_list)):
         raise PlanError("the pruned model's outputs do not match the original's in number or shape")
     losses = [F.mse_loss(a.float(), b.float()) / b.float().var().clamp_min(1e-12) for a, b in zip(s_list, t_list)]
