@@ -102,6 +102,19 @@ def test_prune_json_contract_and_reload(tmp_path):
     assert again.returncode == 0, again.stderr
     assert abs(last_json(again.stdout)["top1"] - out["top1_after"]) < 1e-6
     assert last_json(again.stdout)["macs"] == out["macs_after"]
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["config"]["strategy"] == "lsq" and report["config"]["synth_method"] == "auto"
+
+
+def test_synth_method_reaches_the_pipeline(tmp_path):
+    """--synth-method noise: no optimisation, and the report says which method made the inputs."""
+    out_dir = tmp_path / "p"
+    proc = run(
+        "prune", "resnet20_cifar10", "--uniform", "0.7", "--synth-method", "noise", "--out", str(out_dir), "--no-eval"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out_dir / "report.json").read_text())["config"]["synth_method"] == "noise"
+    assert "(noise, " in proc.stderr, "the synthesis log names the method"
 
 
 def test_prune_search_json_contract_and_artifacts(tmp_path):
