@@ -109,9 +109,18 @@ def test_prune_json_contract_and_reload(tmp_path):
 def test_synth_method_reaches_the_pipeline(tmp_path):
     """--synth-method noise: no optimisation, and the report says which method made the inputs."""
     out_dir = tmp_path / "p"
-    proc = run(
-        "prune", "resnet20_cifar10", "--uniform", "0.7", "--synth-method", "noise", "--out", str(out_dir), "--no-eval"
+    args = (
+        "prune",
+        "resnet20_cifar10",
+        "--uniform",
+        "0.7",
+        "--synth-method",
+        "noise",
+        "--out",
+        str(out_dir),
+        "--no-eval",
     )
+    proc = run(*args, env={"AUTODFP_HOME": str(tmp_path / "home")})  # an empty cache: the batch is made here
     assert proc.returncode == 0, proc.stderr
     assert json.loads((out_dir / "report.json").read_text())["config"]["synth_method"] == "noise"
     assert "(noise, " in proc.stderr, "the synthesis log names the method"
