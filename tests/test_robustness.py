@@ -148,7 +148,7 @@ CASES = [
     ("8 CIFAR floats", ["eval", R20, "--data", "cifar10:{cifar_float}"], "float"),
     ("11 CIFAR string labels", ["eval", R20, "--data", "cifar10:{cifar_strlabels}"], "label"),
     ("9 class list too short", ["eval", R20, "--data", "folder:{folder}:{two}"], "the model has 10"),
-    ("device", ["prune", R20, "--uniform", "0.5", "--device", "tpu", "--out", "OUT"], "unknown device"),
+    ("device", ["prune", R20, "--uniform", "0.5", "--device", "tpu", "--out", "OUT"], "unknown --device"),
 ]
 
 
