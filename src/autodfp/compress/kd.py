@@ -47,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from autodfp._modes import eval_mode
-from autodfp._outputs import flat_outputs
+from autodfp._outputs import normalised_mse
 from autodfp.config import DEFAULTS
 from autodfp.errors import PlanError
 
@@ -76,11 +76,7 @@ def distillation_loss(student_out: Any, teacher_out: Any, temperature: float) ->
             * t
             * t
         )
-    s_list, t_list = flat_outputs(student_out), flat_outputs(teacher_out)
-    if len(s_list) != len(t_list) or any(a.shape != b.shape for a, b in zip(s_list, t_list)):
-        raise PlanError("the pruned model's outputs do not match the original's in number or shape")
-    losses = [F.mse_loss(a.float(), b.float()) / b.float().var().clamp_min(1e-12) for a, b in zip(s_list, t_list)]
-    return torch.stack(losses).mean()
+    return normalised_mse(student_out, teacher_out)
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -83,7 +83,7 @@ from torch.utils.hooks import RemovableHandle
 from autodfp._checks import check_seed
 from autodfp._io import atomic_write
 from autodfp._modes import eval_mode
-from autodfp._outputs import flat_outputs
+from autodfp._outputs import normalised_mse
 from autodfp.config import SYNTH_METHODS, SYNTH_SETTINGS, size_class
 from autodfp.errors import CacheWarning, ModelError
 from autodfp.models.hub import cache_dir as _default_cache_root
@@ -121,9 +121,7 @@ def disagreement(teacher_out: Any, student_out: Any) -> torch.Tensor:
         m = (0.5 * (p + q)).clamp_min(1e-12).log()
         js = 0.5 * (F.kl_div(m, p, reduction="batchmean") + F.kl_div(m, q, reduction="batchmean"))
         return (js / math.log(2.0)).clamp(0.0, 1.0)
-    pairs = list(zip(flat_outputs(teacher_out), flat_outputs(student_out)))
-    d = torch.stack([F.mse_loss(s.float(), t.float()) / t.float().var().clamp_min(1e-12) for t, s in pairs]).mean()
-    return 1.0 - torch.exp(-d)
+    return 1.0 - torch.exp(-normalised_mse(student_out, teacher_out))
 
 
 def default_settings(method: str, input_shape: Sequence[int]) -> tuple[int, float]:
