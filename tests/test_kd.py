@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -258,3 +259,52 @@ def test_prune_with_fresh_inputs_synthesises_them_against_the_student(
     assert [s[0] for s in seen] == [api.FRESH_SEED_OFFSET, api.FRESH_SEED_OFFSET + synth.CHUNK_SEED_STRIDE]
     assert all(s[1] == cfg.distill_compete and s[2] for s in seen)
     assert out.report["distill_fresh_inputs"] == 2 * 4
+
+
+def _into(values: list[float]) -> Callable[[int, float], None]:
+    return lambda _, v: values.append(v)
+
+
+def test_micro_batches_take_the_whole_batch_step() -> None:
+    teacher, student = _net(16), _net(4)
+    inputs = torch.randn(40, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    runs = []
+    for size in (0, 3, 1):
+        losses: list[float] = []
+        run = distill(
+            student, teacher, inputs, 20, lr=1e-2, batch_size=10, seed=0, micro_batch=size, callback=_into(losses)
+        )
+        runs.append((losses, run.model.state_dict()))
+    (whole, state), rest = runs[0], runs[1:]
+    assert whole[-1] < 0.8 * whole[0], "the student learns"
+    for losses, other in rest:
+        assert losses == pytest.approx(whole, rel=1e-3, abs=1e-6), "the same loss, step for step"
+        for k, v in state.items():
+            assert torch.allclose(other[k], v, rtol=1e-3, atol=1e-5), k
+
+
+def test_detector_outputs_always_run_as_one_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    import autodfp.compress.kd as kd
+
+    sizes: list[int] = []
+    real = kd._backward
+
+    def spy(student: nn.Module, teacher: nn.Module, x: torch.Tensor, temperature: float, size: int) -> torch.Tensor:
+        sizes.append(size)
+        return real(student, teacher, x, temperature, size)
+
+    monkeypatch.setattr(kd, "_backward", spy)
+
+    class Pair(nn.Module):
+        def __init__(self, width: int) -> None:
+            super().__init__()
+            self.net = _net(width)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            y = self.net(x)
+            return y, y.sum(1)
+
+    distill(Pair(4), Pair(16), torch.randn(12, 3, 8, 8), 2, batch_size=6, micro_batch=2)
+    assert sizes == [6, 6], "a variance-normalised loss needs the whole batch"
+    distill(_net(4), _net(16), torch.randn(12, 3, 8, 8), 2, batch_size=6, micro_batch=2)
+    assert sizes[2:] == [2, 2]

@@ -334,3 +334,70 @@ def test_competition_moves_the_batch_to_where_the_student_disagrees() -> None:
     assert torch.equal(unused.images, plain.images), "weight 0 is the plain objective"
     with pytest.raises(ValueError, match="compete"):
         distill(teacher, (3, 16, 16), n=8, steps=2, student=student, compete=-1.0)
+
+
+class _TwiceBN(nn.Module):
+    """One BN layer run twice per forward pass: two terms of the loss, as the hooks see them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = _bn_net(1)[:3]
+        self.conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        y = self.body[1](self.conv(y))  # the same BN again, on other activations
+        return self.head(y.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("make_net", [_bn_net, _TwiceBN])
+@pytest.mark.parametrize("size", [1, 3, 7])
+def test_micro_batches_give_the_whole_batch_loss_and_gradient(make_net: type, size: int) -> None:
+    net = make_net().eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    x = (torch.randn(7, 3, 16, 16, generator=torch.Generator().manual_seed(5)) * 1.5 + 0.3).requires_grad_(True)
+    with synth._BNStatLoss(synth.bn_layers(net)) as whole:
+        net(x)
+        expected = whole.pop()
+    expected.backward()
+    assert x.grad is not None
+    grad, x.grad = x.grad.clone(), None
+    moments = synth._BNMoments(synth.bn_layers(net))
+    with moments:
+        parts = x.split(size)
+        loss = moments.loss(net, parts)
+        moments.backward(net, parts, loss)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert torch.allclose(x.grad, grad, rtol=1e-4, atol=1e-6 * float(grad.abs().max()))
+    assert float(grad.abs().max()) > 0
+
+
+def test_micro_batched_synthesis_converges_like_the_whole_batch() -> None:
+    net, shape = _bn_net(), (3, 16, 16)
+    whole = distill(net, shape, n=12, steps=30, lr=0.1, seed=2, method="bn", micro_batch=0)
+    parts = distill(net, shape, n=12, steps=30, lr=0.1, seed=2, method="bn", micro_batch=5)
+    assert parts.initial_loss == pytest.approx(whole.initial_loss, rel=1e-5)
+    assert parts.final_loss == pytest.approx(whole.final_loss, rel=1e-2), "the same objective, step for step"
+    assert parts.final_loss < 0.7 * parts.initial_loss
+    assert bn_stat_loss(net, parts.images) == pytest.approx(parts.final_loss, rel=1e-4)
+    assert float((parts.images - whole.images).abs().mean()) < 1e-3, "only float rounding tells them apart"
+
+
+def test_micro_batch_size_by_input_size_and_device() -> None:
+    from autodfp._micro import micro_batch_size
+    from autodfp.config import MICRO_BATCH_MIN_PARTS, MICRO_BATCH_PIXELS
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    big, small = torch.empty(64, 3, 224, 224), torch.empty(64, 3, 32, 32)
+    assert micro_batch_size(big, cpu) == MICRO_BATCH_PIXELS // (224 * 224) < 64
+    part = MICRO_BATCH_PIXELS // (112 * 112)
+    few = torch.empty(part * (MICRO_BATCH_MIN_PARTS - 1), 3, 112, 112)
+    assert micro_batch_size(few, cpu) == few.shape[0], "too few parts to repay a split"
+    assert micro_batch_size(torch.empty(part * MICRO_BATCH_MIN_PARTS, 3, 112, 112), cpu) == part
+    assert micro_batch_size(small, cpu) >= 64, "CIFAR-size batches are never split"
+    assert micro_batch_size(big, cuda) == 64, "an accelerator runs the whole batch"
+    assert micro_batch_size(big, cpu, 0) == 64
+    assert micro_batch_size(small, cpu, 5) == 5
+    assert micro_batch_size(torch.empty(64, 10), cpu) == 64, "no spatial dimensions, nothing to gain"

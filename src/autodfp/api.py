@@ -171,22 +171,32 @@ class Pipeline:
                 self._device_model = copy.deepcopy(self.model).to(self.device).eval()
         return self._device_model
 
+    def synth_settings(self) -> dict[str, Any]:
+        """How every batch of this run is synthesised, cached (:meth:`batch`) or made fresh during
+        distillation: one place, so the two cannot drift apart."""
+        return {
+            "method": self.config.synth_method,
+            "steps": self.config.synth_steps,
+            "label_offset": self.model_config.label_offset,
+            "low_res": self.config.synth_low_res_for(self.shape),
+        }
+
     def batch(self, seed: int, n: int, steps: int | None = None) -> torch.Tensor:
         """``n`` synthetic inputs distilled from the model with ``seed`` (cached on disk)."""
         from autodfp.synth.distill import synthetic_batch
 
+        settings = self.synth_settings()
+        if steps is not None:
+            settings["steps"] = steps
         return synthetic_batch(
             self.device_model,
             self.model_config.name,
             self.shape,
             n=n,
             seed=seed,
-            method=self.config.synth_method,
-            steps=self.config.synth_steps if steps is None else steps,
-            label_offset=self.model_config.label_offset,
             progress=self.progress,
             log=log.info,
-            low_res=self.config.synth_low_res_for(self.shape),
+            **settings,
         )
 
     def reward_batch(self, n: int | None = None) -> torch.Tensor:
@@ -732,13 +742,10 @@ def _fresh_inputs(pipe: Pipeline) -> Callable[[nn.Module, int], torch.Tensor]:
             pipe.device_model,
             pipe.shape,
             n=CHUNK,
-            steps=cfg.synth_steps,
             seed=(pipe.seed + FRESH_SEED_OFFSET + i * CHUNK_SEED_STRIDE) % SEED_LIMIT,
-            method=cfg.synth_method,
-            label_offset=pipe.model_config.label_offset,
-            low_res=cfg.synth_low_res_for(pipe.shape),
             student=student,
             compete=cfg.distill_compete,
+            **pipe.synth_settings(),
         )
         log.info(f"fresh inputs {i + 1}/{cfg.distill_fresh}: {CHUNK} synthesised in {time.perf_counter() - t0:.1f} s")
         return result.images

@@ -59,6 +59,16 @@ RANKING_STEPS_SCALE: Mapping[str, float] = {"small": 0.5, "large": 1.0}
 #: (:data:`autodfp.synth.distill.LOW_RES_MIN_SIDE`).
 LOW_RES_SHARE: Mapping[str, float] = {"small": 0.0, "large": 0.75}
 
+#: Input pixels (per channel) per micro-batch of a synthesis or distillation step on a CPU
+#: (:mod:`autodfp._micro`), for batches that hold at least :data:`MICRO_BATCH_MIN_PARTS` of them.
+#: The step's loss and gradient are the whole batch's either way; only the speed differs. On
+#: MobileNet-V1 (2-core CPU, ``benchmarks/step_cost.py``, docs/RESULTS.md) 64 inputs at 224 px in
+#: eight eights took a synthesis step from 5.54 to 3.99 s and a distillation step from 6.65 to 3.27 s;
+#: at 112 px, in two halves, synthesis lost a third (0.78 → 1.03 s: its split costs one extra
+#: gradient-free pass) and distillation stayed level. CIFAR batches (32 px) are never split.
+MICRO_BATCH_PIXELS = 8 * 224 * 224
+MICRO_BATCH_MIN_PARTS = 4
+
 #: Synthetic inputs the reward compares on. On ResNet-56 at 0.5 MACs the proxy check's rho rises
 #: from 0.873 with 64 inputs to 0.896 with 256 (0.912 with refinement); at 224 px each input costs
 #: ~50x more to distil and to score.
@@ -378,6 +388,9 @@ __all__ = [
     "DEFAULTS",
     "DISTILL_AUGMENT",
     "EVAL_BATCH",
+    "LOW_RES_SHARE",
+    "MICRO_BATCH_MIN_PARTS",
+    "MICRO_BATCH_PIXELS",
     "RANKING_STEPS_SCALE",
     "REFINE_INPUTS",
     "REWARD_INPUTS",

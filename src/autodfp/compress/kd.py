@@ -46,6 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from autodfp._micro import micro_batch_size
 from autodfp._modes import eval_mode
 from autodfp._outputs import normalised_mse
 from autodfp.config import DEFAULTS
@@ -77,6 +78,30 @@ def distillation_loss(student_out: Any, teacher_out: Any, temperature: float) ->
             * t
         )
     return normalised_mse(student_out, teacher_out)
+
+
+def _backward(student: nn.Module, teacher: nn.Module, x: torch.Tensor, temperature: float, size: int) -> torch.Tensor:
+    """The step's loss on ``x``, its gradient accumulated into the student's parameters.
+
+    In micro-batches of ``size`` when that is less than the batch: each part's KL, weighted by its
+    share of the batch, sums to the batch's mean KL, so loss and gradient are the whole batch's
+    (both networks are in eval mode, so no layer couples the inputs of a batch).
+    """
+    n = int(x.shape[0])
+    if size >= n:
+        with torch.no_grad():
+            target = teacher(x)
+        loss = distillation_loss(student(x), target, temperature)
+        loss.backward()
+        return loss.detach()
+    total = torch.zeros((), device=x.device)
+    for part in x.split(size):
+        with torch.no_grad():
+            target = teacher(part)
+        loss = distillation_loss(student(part), target, temperature) * (part.shape[0] / n)
+        loss.backward()
+        total += loss.detach()
+    return total
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -121,6 +146,7 @@ def distill(
     callback: Callable[[int, float], None] | None = None,
     fresh: Callable[[nn.Module, int], torch.Tensor] | None = None,
     fresh_batches: int = 0,
+    micro_batch: int | None = None,
 ) -> Distilled:
     """A copy of ``student`` trained for ``steps`` steps to match ``teacher`` on ``inputs``.
 
@@ -142,6 +168,10 @@ def distill(
         is at that step (in eval mode; it must not be modified); they join the draws from then on. The
         probe stays the pool's first inputs, so checks compare like with like.
     :param fresh_batches: how many times ``fresh`` is called, at evenly spaced steps from the first
+    :param micro_batch: inputs per forward pass of a step on class logits (0: the whole batch;
+        ``None``: by input size on a CPU, :func:`autodfp._micro.micro_batch_size`). The speed
+        changes, not the step: its loss and gradient are the whole batch's. Other outputs (a
+        detector's, normalised by the whole batch's variance) always run whole.
     :return: the best checked copy (never worse on the probe than the student), its learning rate
         at the end, the divergences rolled back, and every check's probe loss
     """
@@ -169,6 +199,8 @@ def distill(
     pooled = inputs.shape[0]
     with torch.no_grad():
         probe_target = frozen_teacher(probe)
+    # class logits: a KL averaged over inputs, which micro-batches add up to exactly
+    splittable = isinstance(probe_target, torch.Tensor) and probe_target.dim() == 2
 
     def probe_loss() -> float:
         with torch.no_grad():
@@ -210,11 +242,9 @@ def distill(
                 if augment:
                     x = _augment(x, gen)
                 x = x.to(dev)
-                with torch.no_grad():
-                    target = frozen_teacher(x)
-                loss = distillation_loss(trained(x), target, temperature)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                size = micro_batch_size(x, dev, micro_batch) if splittable else x.shape[0]
+                loss = _backward(trained, frozen_teacher, x, temperature, size)
                 opt.step()
                 sched.step()
                 bar.update(1)

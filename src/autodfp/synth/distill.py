@@ -82,6 +82,7 @@ from torch.utils.hooks import RemovableHandle
 
 from autodfp._checks import check_seed
 from autodfp._io import atomic_write
+from autodfp._micro import micro_batch_size
 from autodfp._modes import eval_mode
 from autodfp._outputs import normalised_mse
 from autodfp.config import SYNTH_METHODS, SYNTH_SETTINGS, size_class
@@ -209,6 +210,116 @@ class _BNStatLoss:
         return total
 
 
+class _BNMoments:
+    """The ZeroQ loss of a batch run in micro-batches, with the whole batch's exact gradient.
+
+    A 224-px batch of 64 runs slower per image on a CPU than micro-batches of a few images that stay
+    in cache (:mod:`autodfp._micro`; a MobileNet-V1 step took 3.99 s in eights against 5.54 s whole,
+    ``benchmarks/step_cost.py``). The loss is not a sum over images, though: it compares each BN layer's whole-batch mean and std with
+    its running statistics. It is a function of per-channel moments that *are* sums over images, so
+    its gradient splits exactly. For a BN input ``a`` with ``N`` values per channel::
+
+        dL/dx_i = sum over a:  (dL/dmean_a / N) da_i/dx_i  +  (dL/dvar_a / N) 2 (a_i - mean_a) da_i/dx_i
+
+    :meth:`loss` runs the micro-batches without gradients and pools their moments (Chan's parallel
+    update, in float64, so no variance is lost to cancellation). :meth:`backward` runs them again
+    and back-propagates, from every BN input of the micro-batch at once, the bracket above: a
+    vector-Jacobian product, with no graph built for the loss itself. Same loss and gradient as the
+    whole batch up to float rounding, for one gradient-free forward pass more.
+
+    Moments are kept per BN *call* in forward order, as :class:`_BNStatLoss` keeps one term per call:
+    a layer that runs twice in a forward pass gives two terms.
+    """
+
+    def __init__(self, layers: Sequence[nn.modules.batchnorm._BatchNorm]) -> None:
+        self.layers = list(layers)
+        self._handles: list[RemovableHandle] = []
+        self._calls = 0
+        #: per call, pooled over the micro-batches seen so far: (BN, count, mean, M2), float64
+        self._moments: list[tuple[nn.modules.batchnorm._BatchNorm, int, torch.Tensor, torch.Tensor]] = []
+        #: per call, for the backward pass: (mean, dL/dmean / N, 2 dL/dvar / N) in the activations' dtype
+        self._weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        #: the backward pass's BN inputs, each with its gradient
+        self._roots: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._leaves: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __enter__(self) -> _BNMoments:
+        for bn in self.layers:
+            self._handles.append(bn.register_forward_hook(self._hook))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        x = inputs[0]
+        i, self._calls = self._calls, self._calls + 1
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        if self._weights:  # the backward pass: this input's share of the whole batch's gradient
+            mean, g_mean, g_var2 = self._weights[i]
+            with torch.no_grad():
+                grad = (x.detach() - mean.view(shape)).mul_(g_var2.view(shape)).add_(g_mean.view(shape))
+            self._roots.append((x, grad))
+            return
+        count = x.numel() // x.shape[1]
+        var, mean = torch.var_mean(x, dim=[0] + list(range(2, x.dim())), unbiased=False)
+        mean, m2 = mean.double(), var.double() * count
+        if i == len(self._moments):
+            self._moments.append((cast(nn.modules.batchnorm._BatchNorm, module), count, mean, m2))
+            return
+        bn, n_a, mean_a, m2_a = self._moments[i]
+        total = n_a + count
+        delta = mean - mean_a
+        self._moments[i] = (
+            bn,
+            total,
+            mean_a + delta * (count / total),
+            m2_a + m2 + delta * delta * (n_a * count / total),
+        )
+
+    def _run(self, model: nn.Module, part: torch.Tensor) -> None:
+        self._calls = 0
+        model(part)
+        if self._calls == 0:
+            raise ValueError("the model has BatchNorm layers but none ran in its forward pass; use method='inversion'")
+
+    def loss(self, model: nn.Module, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The whole batch's loss (float64, a graph over the pooled moments), from gradient-free passes."""
+        self._moments, self._weights, self._leaves = [], [], []
+        with torch.no_grad():
+            for part in parts:
+                self._run(model, part)
+        terms = []
+        for bn, count, mean, m2 in self._moments:
+            assert bn.running_mean is not None and bn.running_var is not None  # bn_layers() keeps such BNs
+            mean = mean.requires_grad_(True)
+            var = (m2 / count).requires_grad_(True)
+            run_std = torch.sqrt(bn.running_var.double() + bn.eps)
+            std = torch.sqrt(var + bn.eps)
+            terms.append((mean - bn.running_mean.double()).pow(2).mean() + (std - run_std).pow(2).mean())
+            self._leaves.append((mean, var))
+        return torch.stack(terms).sum()
+
+    def backward(self, model: nn.Module, parts: Sequence[torch.Tensor], loss: torch.Tensor) -> None:
+        """Accumulate ``d loss / d input`` of :meth:`loss`'s last batch into the leaf ``parts`` view."""
+        grads = torch.autograd.grad(loss, [t for pair in self._leaves for t in pair])
+        dtype = parts[0].dtype
+        self._weights = [
+            (mean.detach().to(dtype), (grads[2 * k] / count).to(dtype), (2 * grads[2 * k + 1] / count).to(dtype))
+            for k, ((mean, _), (_, count, _, _)) in enumerate(zip(self._leaves, self._moments))
+        ]
+        try:
+            for part in parts:
+                self._roots = []
+                self._run(model, part)
+                inputs, grads = zip(*self._roots)
+                torch.autograd.backward(inputs, grads)
+        finally:
+            self._weights, self._roots = [], []
+
+
 def _input_prior(x: torch.Tensor) -> torch.Tensor:
     """Same form as one BN term, with target N(0, 1): the normalised input space's own statistics."""
     dims = [0] + list(range(2, x.dim()))
@@ -275,6 +386,7 @@ def distill(
     low_res: float = 0.0,
     student: nn.Module | None = None,
     compete: float = 0.0,
+    micro_batch: int | None = None,
 ) -> SynthResult:
     """Like :func:`synthesize`, returning convergence numbers alongside the batch.
 
@@ -282,6 +394,10 @@ def distill(
     disagrees with ``model`` (Adaptive DeepInversion's competition term,
     ``compete * (1 - disagreement)``, :func:`disagreement`): the batch goes where a distillation
     has most left to teach. Neither network is modified. The reported losses stay the method's own.
+
+    ``micro_batch``: inputs per forward pass of a ``"bn"`` step without a student (0: the whole
+    batch; ``None``: by input size on a CPU, :func:`autodfp._micro.micro_batch_size`). It changes the speed, not the
+    objective: the loss and gradient are the whole batch's (:class:`_BNMoments`).
     """
     return _distill(
         model,
@@ -297,6 +413,7 @@ def distill(
         low_res,
         student,
         compete,
+        micro_batch,
     )
 
 
@@ -314,6 +431,7 @@ def _distill(
     low_res: float = 0.0,
     student: nn.Module | None = None,
     compete: float = 0.0,
+    micro_batch: int | None = None,
 ) -> SynthResult:
     """:func:`distill` for any seed torch accepts: chunk seeds (:data:`CHUNK_SEED_STRIDE`) may pass 2**32."""
     method = resolve_method(model, method)
@@ -409,25 +527,42 @@ def _distill(
             def report(batch: torch.Tensor) -> float:
                 return float(terms(batch)[0])
 
+        ctx = hook if hook is not None else contextlib.nullcontext()
+
         def objective(batch: torch.Tensor) -> torch.Tensor:
             loss, fed, out = terms(batch)
             if competing and student is not None:  # the student sees exactly what the teacher saw
                 loss = loss + float(compete) * (1.0 - disagreement(out, student(fed)))
-            return loss
+            loss.backward()
+            return loss.detach()
 
-        ctx = hook if hook is not None else contextlib.nullcontext()
-        with ctx:
-            with torch.no_grad():
-                initial = report(_upsampled(x.detach(), input_shape))
-            bar = _progress(steps, progress, f"distill[{method}]")
-            if low_steps:
-                x = _optimise(x, objective, low_steps, lr, bar, callback, 0)
-                x = _upsampled(x.detach(), input_shape).requires_grad_(True)
-            x = _optimise(x, objective, steps - low_steps, lr, bar, callback, low_steps)
-            for _ in bar:  # ends the progress bar
-                pass
-            with torch.no_grad():
-                final = report(x)
+        moments = _BNMoments(bn_layers(model)) if method == "bn" and not competing else None
+
+        def micro_objective(batch: torch.Tensor) -> torch.Tensor:
+            """``objective`` of the "bn" method, in micro-batches when they pay (:class:`_BNMoments`)."""
+            size = micro_batch_size(batch, device, micro_batch)
+            if moments is None or size >= batch.shape[0]:
+                with ctx:
+                    return objective(batch)
+            parts = batch.split(size)
+            with moments:
+                loss = moments.loss(model, parts)
+                moments.backward(model, parts, loss)
+            prior = _input_prior(batch)
+            prior.backward()
+            return loss.detach().to(batch.dtype) + prior.detach()
+
+        with torch.no_grad(), ctx:
+            initial = report(_upsampled(x.detach(), input_shape))
+        bar = _progress(steps, progress, f"distill[{method}]")
+        if low_steps:
+            x = _optimise(x, micro_objective, low_steps, lr, bar, callback, 0)
+            x = _upsampled(x.detach(), input_shape).requires_grad_(True)
+        x = _optimise(x, micro_objective, steps - low_steps, lr, bar, callback, low_steps)
+        for _ in bar:  # ends the progress bar
+            pass
+        with torch.no_grad(), ctx:
+            final = report(x)
     return SynthResult(x.detach().cpu(), method, steps, lr, float(initial), float(final), time.perf_counter() - start)
 
 
@@ -475,6 +610,8 @@ def _optimise(
 ) -> torch.Tensor:
     """``steps`` Adam steps on ``x`` with a cosine decay of its own; ``bar`` advances once a step.
 
+    ``objective`` fills ``x.grad`` and returns the loss, detached: it may run the batch in parts.
+
     Each resolution stage gets a fresh optimiser and schedule (as DeepInversion's multi-resolution
     setting does): large early steps to leave the noise (or to sharpen the upsampled batch), small
     late ones to settle.
@@ -486,8 +623,7 @@ def _optimise(
     for i in range(steps):
         next(bar, None)
         opt.zero_grad(set_to_none=True)
-        loss = objective(x)
-        loss.backward()
+        loss = objective(x)  # fills x.grad
         opt.step()
         sched.step()
         if callback is not None:

@@ -1,0 +1,36 @@
+"""How many inputs a CPU forward and backward pass should take at a time.
+
+A 224-px CNN runs up to twice as slow per image on a CPU with 64 images in one pass as in passes of
+a few images whose activations stay in cache (MobileNet-V1's distillation step: 6.65 s in one pass,
+3.27 s in eights; ``benchmarks/step_cost.py``, docs/RESULTS.md). Synthesis and distillation therefore
+run their 224-px batches in micro-batches and add up the gradients, each in a way that leaves the
+step's loss and gradient those of the whole batch (:class:`autodfp.synth.distill._BNMoments`,
+:func:`autodfp.compress.kd.distill`). An accelerator is fastest on whole batches, and CIFAR-size
+batches already fit, so neither is split.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from autodfp.config import MICRO_BATCH_MIN_PARTS, MICRO_BATCH_PIXELS
+
+
+def micro_batch_size(batch: torch.Tensor, device: torch.device, size: int | None = None) -> int:
+    """Inputs per pass for ``batch`` on ``device``: ``size`` if given (0: the whole batch).
+
+    By default, on a CPU, as many as hold :data:`~autodfp.config.MICRO_BATCH_PIXELS` input pixels
+    (at least one), when the batch holds at least :data:`~autodfp.config.MICRO_BATCH_MIN_PARTS`
+    such parts: a split into two or three does not repay the extra pass a synthesis step makes.
+    The whole batch elsewhere, and for inputs without spatial dimensions.
+    """
+    n = int(batch.shape[0])
+    if size is not None:
+        return n if int(size) <= 0 else int(size)
+    if device.type != "cpu" or batch.dim() < 3:
+        return n
+    pixels = 1
+    for s in batch.shape[2:]:
+        pixels *= int(s)
+    part = max(1, MICRO_BATCH_PIXELS // max(1, pixels))
+    return part if n >= MICRO_BATCH_MIN_PARTS * part else n
