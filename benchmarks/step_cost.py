@@ -41,9 +41,9 @@ def synthesis_step(model: torch.nn.Module, x: torch.Tensor, size: int) -> tuple[
         with moments:
             parts = x.split(size)
             loss = moments.loss(model, parts)
-            moments.backward(model, parts, loss)
+        moments.backward(loss)
     assert x.grad is not None
-    return float(loss), x.grad
+    return float(loss.detach()), x.grad
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -190,7 +190,7 @@ def test_refinement_batch_size_defaults_by_input_size() -> None:
     from autodfp.config import REFINE_INPUTS, Config
 
     assert Config().refine_inputs_for((3, 32, 32)) == REFINE_INPUTS["small"] == 64
-    assert Config().refine_inputs_for((3, 224, 224)) == REFINE_INPUTS["large"] == 256
+    assert Config().refine_inputs_for((3, 224, 224)) == REFINE_INPUTS["large"] == 128
     assert Config(refine_inputs=9).refine_inputs_for((3, 224, 224)) == 9
     with pytest.raises(PlanError, match="^refine_inputs must be"):
         Config(refine_inputs=1)

@@ -1,8 +1,9 @@
 """How many inputs a CPU forward and backward pass should take at a time.
 
-A 224-px CNN runs up to twice as slow per image on a CPU with 64 images in one pass as in passes of
-a few images whose activations stay in cache (MobileNet-V1's distillation step: 6.65 s in one pass,
-3.27 s in eights; ``benchmarks/step_cost.py``, docs/RESULTS.md). Synthesis and distillation therefore
+A 224-px CNN runs slower per image on a CPU with 64 images in one pass than in passes of a few
+images whose activations stay in cache (MobileNet-V1 on 2 cores: a synthesis step 3.97 s whole and
+3.04 s in eights, a distillation step 4.41 s and 2.84 s; ``benchmarks/step_cost.py``,
+docs/RESULTS.md). Synthesis and distillation therefore
 run their 224-px batches in micro-batches and add up the gradients, each in a way that leaves the
 step's loss and gradient those of the whole batch (:class:`autodfp.synth.distill._BNMoments`,
 :func:`autodfp.compress.kd.distill`). An accelerator is fastest on whole batches, and CIFAR-size
@@ -21,7 +22,7 @@ def micro_batch_size(batch: torch.Tensor, device: torch.device, size: int | None
 
     By default, on a CPU, as many as hold :data:`~autodfp.config.MICRO_BATCH_PIXELS` input pixels
     (at least one), when the batch holds at least :data:`~autodfp.config.MICRO_BATCH_MIN_PARTS`
-    such parts: a split into two or three does not repay the extra pass a synthesis step makes.
+    such parts: a split into two or three gained nothing at 112 px.
     The whole batch elsewhere, and for inputs without spatial dimensions.
     """
     n = int(batch.shape[0])

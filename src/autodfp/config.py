@@ -44,12 +44,13 @@ SYNTH_SETTINGS: Mapping[str, Mapping[str, tuple[int, float]]] = {
 
 #: Distillation steps of the reward's batch, as a share of the method's steps. A reward ranks plans
 #: and a ranking settles sooner than a fit does: on ResNet-56 50 to 300 steps gave the same proxy
-#: Spearman rho, while a fit's batch moves top-1 (``--synth-steps 50`` for every batch instead of
-#: 100: 57.42 → 53.79 % for ResNet-20 at uniform 0.5, docs/RESULTS.md). Measured at small inputs
-#: only; large inputs keep every step (there, 40 instead of 200 steps cost refinement 11 points).
-#: A MobileNet-V1 search on a reward batch of 110 full-size steps, instead of 200 with a half-size
-#: start, ended at the same top-1 (55.31 against 55.46 %), so the reward's batch stays like the others.
-RANKING_STEPS_SCALE: Mapping[str, float] = {"small": 0.5, "large": 1.0}
+#: Spearman rho (and 40 steps sufficed on MobileNet-V1), while a fit's batch moves top-1
+#: (``--synth-steps 50`` for every batch instead of 100: 57.42 → 53.79 % for ResNet-20 at uniform
+#: 0.5, docs/RESULTS.md). A MobileNet-V1 search on a reward batch of 110 full-size steps, instead of
+#: 200 with a half-size start, ended at the same top-1 (55.31 against 55.46 %). So at 224 px too the
+#: reward's batch takes half the steps, which a first prune's time needs (docs/RESULTS.md, "A first
+#: MobileNet-V1 prune in 15 minutes").
+RANKING_STEPS_SCALE: Mapping[str, float] = {"small": 0.5, "large": 0.5}
 
 #: Share of a batch's synthesis steps spent at half the height and width before the batch is
 #: upsampled and finished at full size (DeepInversion's multi-resolution schedule). On MobileNet-V1
@@ -63,9 +64,9 @@ LOW_RES_SHARE: Mapping[str, float] = {"small": 0.0, "large": 0.75}
 #: (:mod:`autodfp._micro`), for batches that hold at least :data:`MICRO_BATCH_MIN_PARTS` of them.
 #: The step's loss and gradient are the whole batch's either way; only the speed differs. On
 #: MobileNet-V1 (2-core CPU, ``benchmarks/step_cost.py``, docs/RESULTS.md) 64 inputs at 224 px in
-#: eight eights took a synthesis step from 5.54 to 3.99 s and a distillation step from 6.65 to 3.27 s;
-#: at 112 px, in two halves, synthesis lost a third (0.78 → 1.03 s: its split costs one extra
-#: gradient-free pass) and distillation stayed level. CIFAR batches (32 px) are never split.
+#: eights took a synthesis step from 3.97 to 3.04 s and a distillation step from 4.41 to 2.84 s. At
+#: 112 px a split in two or four gained nothing in a probe, so fewer than four parts run whole;
+#: CIFAR batches (32 px) are never split.
 MICRO_BATCH_PIXELS = 8 * 224 * 224
 MICRO_BATCH_MIN_PARTS = 4
 
@@ -75,8 +76,9 @@ MICRO_BATCH_MIN_PARTS = 4
 REWARD_INPUTS: Mapping[str, int] = {"small": 256, "large": 64}
 
 #: Synthetic inputs the final refinement fits on. On MobileNet-V1 256 instead of 64 took refined
-#: uniform 0.8 from 51.54 % to 54.38 %, for ~30 min of one-off distillation on 2 cores (then cached).
-REFINE_INPUTS: Mapping[str, int] = {"small": 64, "large": 256}
+#: uniform 0.8 from 51.54 % to 54.38 %; 128 then did as well as 256 (55.00 against 54.85 %, the same
+#: batches), for half the one-off distillation (docs/RESULTS.md, "A first MobileNet-V1 prune").
+REFINE_INPUTS: Mapping[str, int] = {"small": 64, "large": 128}
 
 #: Random flips and shifts of the distillation's inputs. At 32 px they let ResNet-20 learn from a
 #: few hundred inputs for thousands of steps (docs/RESULTS.md). At 224 px they kept MobileNet-V1's

@@ -59,7 +59,10 @@ leave the batch too far from images for that, and 200 steps do much better (docs
 "synthesis steps"), so the 224-px default is 200 steps, once per model and seed, then cached. Above
 64x64 px, three quarters of them run at half the height and width (``low_res``; DeepInversion's
 multi-resolution schedule): on MobileNet-V1 that took 0.48x the time and the refined model did no
-worse (docs/RESULTS.md, "Synthesis at 224 px"). ResNet-56 with n=64 and 100 steps takes ~28 s.
+worse (docs/RESULTS.md, "Synthesis at 224 px"); nine tenths left the batch far from the statistics
+(BN loss 43.8 against 8.0) and cost refinement 15 points. ResNet-56 with n=64 and 100 steps takes
+~28 s. On a CPU the full-size steps run in micro-batches of eight (:class:`_BNMoments`, the same
+loss and gradient), a quarter faster.
 """
 
 from __future__ import annotations
@@ -213,19 +216,19 @@ class _BNStatLoss:
 class _BNMoments:
     """The ZeroQ loss of a batch run in micro-batches, with the whole batch's exact gradient.
 
-    A 224-px batch of 64 runs slower per image on a CPU than micro-batches of a few images that stay
-    in cache (:mod:`autodfp._micro`; a MobileNet-V1 step took 3.99 s in eights against 5.54 s whole,
-    ``benchmarks/step_cost.py``). The loss is not a sum over images, though: it compares each BN layer's whole-batch mean and std with
-    its running statistics. It is a function of per-channel moments that *are* sums over images, so
-    its gradient splits exactly. For a BN input ``a`` with ``N`` values per channel::
+    A 224-px batch of 64 runs slower per image on a CPU than micro-batches of a few images whose
+    activations stay in cache (:mod:`autodfp._micro`). The loss is not a sum over images, though:
+    it compares each BN layer's whole-batch mean and std with its running statistics. It is a
+    function of per-channel moments that *are* sums over images, so its gradient splits exactly.
+    For a BN input ``a`` with ``N`` values per channel::
 
         dL/dx_i = sum over a:  (dL/dmean_a / N) da_i/dx_i  +  (dL/dvar_a / N) 2 (a_i - mean_a) da_i/dx_i
 
-    :meth:`loss` runs the micro-batches without gradients and pools their moments (Chan's parallel
-    update, in float64, so no variance is lost to cancellation). :meth:`backward` runs them again
-    and back-propagates, from every BN input of the micro-batch at once, the bracket above: a
-    vector-Jacobian product, with no graph built for the loss itself. Same loss and gradient as the
-    whole batch up to float rounding, for one gradient-free forward pass more.
+    :meth:`loss` runs the micro-batches forward, keeping their graphs, and pools the moments of
+    every BN input (Chan's parallel update, in float64, so no variance is lost to cancellation).
+    :meth:`backward` then back-propagates, part by part and from every BN input of the part at
+    once, the bracket above: a vector-Jacobian product, with no graph built for the statistics
+    themselves. Same loss and gradient as the whole batch up to float rounding.
 
     Moments are kept per BN *call* in forward order, as :class:`_BNStatLoss` keeps one term per call:
     a layer that runs twice in a forward pass gives two terms.
@@ -235,12 +238,11 @@ class _BNMoments:
         self.layers = list(layers)
         self._handles: list[RemovableHandle] = []
         self._calls = 0
-        #: per call, pooled over the micro-batches seen so far: (BN, count, mean, M2), float64
+        #: per call, pooled over the parts seen so far: (BN, count, mean, M2), float64
         self._moments: list[tuple[nn.modules.batchnorm._BatchNorm, int, torch.Tensor, torch.Tensor]] = []
-        #: per call, for the backward pass: (mean, dL/dmean / N, 2 dL/dvar / N) in the activations' dtype
-        self._weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        #: the backward pass's BN inputs, each with its gradient
-        self._roots: list[tuple[torch.Tensor, torch.Tensor]] = []
+        #: per part, its BN inputs in call order, graphs kept for :meth:`backward`
+        self._kept: list[list[torch.Tensor]] = []
+        #: per call, the pooled (mean, variance) as leaves of :meth:`loss`'s graph
         self._leaves: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def __enter__(self) -> _BNMoments:
@@ -256,15 +258,9 @@ class _BNMoments:
     def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         x = inputs[0]
         i, self._calls = self._calls, self._calls + 1
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        if self._weights:  # the backward pass: this input's share of the whole batch's gradient
-            mean, g_mean, g_var2 = self._weights[i]
-            with torch.no_grad():
-                grad = (x.detach() - mean.view(shape)).mul_(g_var2.view(shape)).add_(g_mean.view(shape))
-            self._roots.append((x, grad))
-            return
+        self._kept[-1].append(x)
         count = x.numel() // x.shape[1]
-        var, mean = torch.var_mean(x, dim=[0] + list(range(2, x.dim())), unbiased=False)
+        var, mean = torch.var_mean(x.detach(), dim=[0] + list(range(2, x.dim())), unbiased=False)
         mean, m2 = mean.double(), var.double() * count
         if i == len(self._moments):
             self._moments.append((cast(nn.modules.batchnorm._BatchNorm, module), count, mean, m2))
@@ -279,18 +275,17 @@ class _BNMoments:
             m2_a + m2 + delta * delta * (n_a * count / total),
         )
 
-    def _run(self, model: nn.Module, part: torch.Tensor) -> None:
-        self._calls = 0
-        model(part)
-        if self._calls == 0:
-            raise ValueError("the model has BatchNorm layers but none ran in its forward pass; use method='inversion'")
-
     def loss(self, model: nn.Module, parts: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The whole batch's loss (float64, a graph over the pooled moments), from gradient-free passes."""
-        self._moments, self._weights, self._leaves = [], [], []
-        with torch.no_grad():
-            for part in parts:
-                self._run(model, part)
+        """The whole batch's loss (float64, a graph over the pooled moments); runs every part."""
+        self._moments, self._kept, self._leaves = [], [], []
+        for part in parts:
+            self._kept.append([])
+            self._calls = 0
+            model(part)
+            if self._calls == 0:
+                raise ValueError(
+                    "the model has BatchNorm layers but none ran in its forward pass; use method='inversion'"
+                )
         terms = []
         for bn, count, mean, m2 in self._moments:
             assert bn.running_mean is not None and bn.running_var is not None  # bn_layers() keeps such BNs
@@ -302,22 +297,25 @@ class _BNMoments:
             self._leaves.append((mean, var))
         return torch.stack(terms).sum()
 
-    def backward(self, model: nn.Module, parts: Sequence[torch.Tensor], loss: torch.Tensor) -> None:
-        """Accumulate ``d loss / d input`` of :meth:`loss`'s last batch into the leaf ``parts`` view."""
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate ``d loss / d input`` of :meth:`loss`'s batch into the leaf its parts view."""
         grads = torch.autograd.grad(loss, [t for pair in self._leaves for t in pair])
-        dtype = parts[0].dtype
-        self._weights = [
-            (mean.detach().to(dtype), (grads[2 * k] / count).to(dtype), (2 * grads[2 * k + 1] / count).to(dtype))
+        weights = [
+            (mean.detach(), grads[2 * k] / count, 2 * grads[2 * k + 1] / count)
             for k, ((mean, _), (_, count, _, _)) in enumerate(zip(self._leaves, self._moments))
         ]
         try:
-            for part in parts:
-                self._roots = []
-                self._run(model, part)
-                inputs, grads = zip(*self._roots)
-                torch.autograd.backward(inputs, grads)
+            for kept in self._kept:
+                roots = []
+                for x, (mean, g_mean, g_var2) in zip(kept, weights):
+                    shape = [1, -1] + [1] * (x.dim() - 2)
+                    with torch.no_grad():
+                        centred = x.detach() - mean.to(x.dtype).view(shape)
+                        roots.append(centred.mul_(g_var2.to(x.dtype).view(shape)).add_(g_mean.to(x.dtype).view(shape)))
+                torch.autograd.backward(kept, roots)
+                kept.clear()  # frees the part's graph before the next part's backward
         finally:
-            self._weights, self._roots = [], []
+            self._kept, self._leaves = [], []
 
 
 def _input_prior(x: torch.Tensor) -> torch.Tensor:
@@ -547,7 +545,7 @@ def _distill(
             parts = batch.split(size)
             with moments:
                 loss = moments.loss(model, parts)
-                moments.backward(model, parts, loss)
+            moments.backward(loss)
             prior = _input_prior(batch)
             prior.backward()
             return loss.detach().to(batch.dtype) + prior.detach()
