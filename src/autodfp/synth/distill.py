@@ -76,7 +76,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Self, cast
 
 import torch
 import torch.nn as nn
@@ -176,15 +176,14 @@ def resolve_method(model: nn.Module, method: str = "auto") -> str:
     return method
 
 
-class _BNStatLoss:
-    """Collects the ZeroQ statistic-matching loss from forward hooks while the model runs."""
+class _BNHooks:
+    """A forward hook on every given BN layer for the duration of a ``with`` block."""
 
     def __init__(self, layers: Sequence[nn.modules.batchnorm._BatchNorm]) -> None:
         self.layers = list(layers)
-        self.terms: list[torch.Tensor] = []
         self._handles: list[RemovableHandle] = []
 
-    def __enter__(self) -> _BNStatLoss:
+    def __enter__(self) -> Self:
         for bn in self.layers:
             self._handles.append(bn.register_forward_hook(self._hook))
         return self
@@ -195,15 +194,30 @@ class _BNStatLoss:
         self._handles.clear()
 
     def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        bn = cast(nn.modules.batchnorm._BatchNorm, module)  # hooked on self.layers only
-        running_mean, running_var = bn.running_mean, bn.running_var
-        assert running_mean is not None and running_var is not None  # bn_layers() keeps BNs that have them
+        raise NotImplementedError
+
+
+def _bn_term(bn: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """One BN call's ZeroQ term from its input's batch mean and biased variance, in their dtype."""
+    running_mean, running_var = bn.running_mean, bn.running_var
+    assert running_mean is not None and running_var is not None  # bn_layers() keeps BNs that have them
+    std = torch.sqrt(var + bn.eps)
+    run_std = torch.sqrt(running_var.to(var.dtype) + bn.eps)
+    return (mean - running_mean.to(mean.dtype)).pow(2).mean() + (std - run_std).pow(2).mean()
+
+
+class _BNStatLoss(_BNHooks):
+    """Collects the ZeroQ statistic-matching loss from forward hooks while the model runs."""
+
+    def __init__(self, layers: Sequence[nn.modules.batchnorm._BatchNorm]) -> None:
+        super().__init__(layers)
+        self.terms: list[torch.Tensor] = []
+
+    def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         x = inputs[0]
         dims = [0] + list(range(2, x.dim()))
-        mean = x.mean(dim=dims)
-        std = torch.sqrt(x.var(dim=dims, unbiased=False) + bn.eps)
-        run_std = torch.sqrt(running_var + bn.eps)
-        self.terms.append((mean - running_mean).pow(2).mean() + (std - run_std).pow(2).mean())
+        bn = cast(nn.modules.batchnorm._BatchNorm, module)  # hooked on self.layers only
+        self.terms.append(_bn_term(bn, x.mean(dim=dims), x.var(dim=dims, unbiased=False)))
 
     def pop(self) -> torch.Tensor:
         if not self.terms:
@@ -213,7 +227,7 @@ class _BNStatLoss:
         return total
 
 
-class _BNMoments:
+class _BNMoments(_BNHooks):
     """The ZeroQ loss of a batch run in micro-batches, with the whole batch's exact gradient.
 
     A 224-px batch of 64 runs slower per image on a CPU than micro-batches of a few images whose
@@ -235,8 +249,7 @@ class _BNMoments:
     """
 
     def __init__(self, layers: Sequence[nn.modules.batchnorm._BatchNorm]) -> None:
-        self.layers = list(layers)
-        self._handles: list[RemovableHandle] = []
+        super().__init__(layers)
         self._calls = 0
         #: per call, pooled over the parts seen so far: (BN, count, mean, M2), float64
         self._moments: list[tuple[nn.modules.batchnorm._BatchNorm, int, torch.Tensor, torch.Tensor]] = []
@@ -244,16 +257,6 @@ class _BNMoments:
         self._kept: list[list[torch.Tensor]] = []
         #: per call, the pooled (mean, variance) as leaves of :meth:`loss`'s graph
         self._leaves: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def __enter__(self) -> _BNMoments:
-        for bn in self.layers:
-            self._handles.append(bn.register_forward_hook(self._hook))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
 
     def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         x = inputs[0]
@@ -288,12 +291,9 @@ class _BNMoments:
                 )
         terms = []
         for bn, count, mean, m2 in self._moments:
-            assert bn.running_mean is not None and bn.running_var is not None  # bn_layers() keeps such BNs
             mean = mean.requires_grad_(True)
             var = (m2 / count).requires_grad_(True)
-            run_std = torch.sqrt(bn.running_var.double() + bn.eps)
-            std = torch.sqrt(var + bn.eps)
-            terms.append((mean - bn.running_mean.double()).pow(2).mean() + (std - run_std).pow(2).mean())
+            terms.append(_bn_term(bn, mean, var))
             self._leaves.append((mean, var))
         return torch.stack(terms).sum()
 
