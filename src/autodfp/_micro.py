@@ -3,11 +3,10 @@
 A 224-px CNN runs slower per image on a CPU with 64 images in one pass than in passes of a few
 images whose activations stay in cache (MobileNet-V1 on 2 cores: a synthesis step 3.97 s whole and
 3.04 s in eights, a distillation step 4.41 s and 2.84 s; ``benchmarks/step_cost.py``,
-docs/RESULTS.md). Synthesis and distillation therefore
-run their 224-px batches in micro-batches and add up the gradients, each in a way that leaves the
-step's loss and gradient those of the whole batch (:class:`autodfp.synth.distill._BNMoments`,
-:func:`autodfp.compress.kd.distill`). An accelerator is fastest on whole batches, and CIFAR-size
-batches already fit, so neither is split.
+docs/RESULTS.md). So synthesis and distillation run their 224-px batches in micro-batches, each
+in a way that leaves the step's loss and gradient those of the whole batch
+(:class:`autodfp.synth.distill._BNMoments`, :func:`autodfp.compress.kd.distill`). An accelerator
+is fastest on whole batches, and CIFAR-size batches already fit, so neither is split.
 """
 
 from __future__ import annotations
@@ -22,8 +21,8 @@ def micro_batch_size(batch: torch.Tensor, device: torch.device, size: int | None
 
     By default, on a CPU, as many as hold :data:`~autodfp.config.MICRO_BATCH_PIXELS` input pixels
     (at least one), when the batch holds at least :data:`~autodfp.config.MICRO_BATCH_MIN_PARTS`
-    such parts: a split into two or three gained nothing at 112 px.
-    The whole batch elsewhere, and for inputs without spatial dimensions.
+    such parts (a split into two or three gained nothing at 112 px); the whole batch on an
+    accelerator, and for inputs without spatial dimensions.
     """
     n = int(batch.shape[0])
     if size is not None:

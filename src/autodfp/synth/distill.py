@@ -59,10 +59,10 @@ leave the batch too far from images for that, and 200 steps do much better (docs
 "synthesis steps"), so the 224-px default is 200 steps, once per model and seed, then cached. Above
 64x64 px, three quarters of them run at half the height and width (``low_res``; DeepInversion's
 multi-resolution schedule): on MobileNet-V1 that took 0.48x the time and the refined model did no
-worse (docs/RESULTS.md, "Synthesis at 224 px"); nine tenths left the batch far from the statistics
-(BN loss 43.8 against 8.0) and cost refinement 15 points. ResNet-56 with n=64 and 100 steps takes
-~28 s. On a CPU the full-size steps run in micro-batches of eight (:class:`_BNMoments`, the same
-loss and gradient), a quarter faster.
+worse (docs/RESULTS.md, "Synthesis at 224 px"). Nine tenths left the batch far from the
+statistics (BN loss 43.6 against 8.0) and cost refinement 14.5 points; 160 steps instead of 200
+cost it 1.8. ResNet-56 with n=64 and 100 steps takes ~28 s. On a CPU the full-size steps run in
+micro-batches of eight (:class:`_BNMoments`, the same loss and gradient), a quarter faster.
 """
 
 from __future__ import annotations
@@ -394,8 +394,8 @@ def distill(
     has most left to teach. Neither network is modified. The reported losses stay the method's own.
 
     ``micro_batch``: inputs per forward pass of a ``"bn"`` step without a student (0: the whole
-    batch; ``None``: by input size on a CPU, :func:`autodfp._micro.micro_batch_size`). It changes the speed, not the
-    objective: the loss and gradient are the whole batch's (:class:`_BNMoments`).
+    batch; ``None``: by input size on a CPU, :func:`autodfp._micro.micro_batch_size`). It changes
+    the speed, not the objective: the loss and gradient are the whole batch's (:class:`_BNMoments`).
     """
     return _distill(
         model,
