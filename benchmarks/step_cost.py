@@ -8,6 +8,10 @@ load weighs on both alike; it also prints how far apart the two ways' losses and
 Nothing is cached or written; no real image is read.
 
     AUTODFP_ASSETS=/work/shared/assets PYTHONPATH=src python benchmarks/step_cost.py mobilenet_v1_075_imagenet
+
+A ``tv:`` or ``timm:`` name builds that architecture with random weights at 224 px (as
+``benchmarks/generality.py`` does): its running statistics are the initial ones, which is enough to
+time a step and to compare the two ways.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import copy
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -48,7 +53,9 @@ def synthesis_step(model: torch.nn.Module, x: torch.Tensor, size: int) -> tuple[
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model", help="zoo name, e.g. mobilenet_v1_075_imagenet")
+    ap.add_argument(
+        "model", help="zoo name, e.g. mobilenet_v1_075_imagenet, or tv:NAME / timm:NAME (random init, 224 px)"
+    )
     ap.add_argument(
         "--batch", type=int, default=64, help="inputs per step (the pipeline's chunk and distillation batch)"
     )
@@ -56,8 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="", help="comma-separated input sides (default: the model's, then half of it)")
     args = ap.parse_args(argv)
 
-    model, config = load_model(args.model)
-    channels, side = input_shape_of(config)[0], input_shape_of(config)[1]
+    if ":" in args.model:  # tv:/timm: random-init models, as the generality sweep builds them
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from generality import build
+
+        model, (channels, side) = build(args.model).eval(), (3, 224)
+    else:
+        model, config = load_model(args.model)
+        channels, side = input_shape_of(config)[0], input_shape_of(config)[1]
     sides = [int(s) for s in args.sizes.split(",") if s] or [side, side // 2]
     cpu = torch.device("cpu")
     student = copy.deepcopy(model).eval()
