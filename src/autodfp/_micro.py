@@ -3,10 +3,11 @@
 A 224-px CNN runs slower per image on a CPU with 64 images in one pass than in passes of a few
 images whose activations stay in cache (MobileNet-V1 on 2 cores: a synthesis step 3.97 s whole and
 3.04 s in eights, a distillation step 4.41 s and 2.84 s; ``benchmarks/step_cost.py``,
-docs/RESULTS.md). So synthesis and distillation run their 224-px batches in micro-batches, each
-in a way that leaves the step's loss and gradient those of the whole batch
-(:class:`autodfp.synth.distill._BNMoments`, :func:`autodfp.compress.kd.distill`). An accelerator
-is fastest on whole batches, and CIFAR-size batches already fit, so neither is split.
+docs/RESULTS.md; EfficientNet-B0 gains more, 2.2x and 1.8x, ResNet-18 less, 1.2x and 1.06x). So
+synthesis and distillation run their 224-px batches in micro-batches, each in a way that leaves
+the step's loss and gradient those of the whole batch (:class:`autodfp.synth.distill._BNMoments`,
+:func:`autodfp.compress.kd.distill`). An accelerator is fastest on whole batches, and CIFAR-size
+batches already fit, so neither is split.
 """
 
 from __future__ import annotations
