@@ -1,7 +1,7 @@
 """Seconds per synthesis step and per distillation step, whole batch against micro-batches.
 
-A CPU runs a 224-px CNN several times faster per image in passes of a few images that stay in
-cache than in one pass of 64 (:mod:`autodfp._micro`). Synthesis (the ZeroQ BN loss) and
+A CPU runs a 224-px CNN faster per image in passes of a few images that stay in cache than in one
+pass of 64 (:mod:`autodfp._micro`). Synthesis (the ZeroQ BN loss) and
 distillation (the KL of the logits) split their steps so without changing the step: same loss, same
 gradient. This times both ways on one zoo model, in one process, alternating, so that the machine's
 load weighs on both alike; it also prints how far apart the two ways' losses and gradients are.

@@ -49,7 +49,7 @@ SYNTH_SETTINGS: Mapping[str, Mapping[str, tuple[int, float]]] = {
 #: 0.5, docs/RESULTS.md). A MobileNet-V1 search on a reward batch of 110 full-size steps, instead of
 #: 200 with a half-size start, ended at the same top-1 (55.31 against 55.46 %). So at 224 px too the
 #: reward's batch takes half the steps, which a first prune's time needs (docs/RESULTS.md, "A first
-#: MobileNet-V1 prune in 15 minutes").
+#: MobileNet-V1 prune").
 RANKING_STEPS_SCALE: Mapping[str, float] = {"small": 0.5, "large": 0.5}
 
 #: Share of a batch's synthesis steps spent at half the height and width before the batch is
