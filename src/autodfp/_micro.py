@@ -12,6 +12,8 @@ batches already fit, so neither is split.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from autodfp.config import MICRO_BATCH_MIN_PARTS, MICRO_BATCH_PIXELS
@@ -30,8 +32,5 @@ def micro_batch_size(batch: torch.Tensor, device: torch.device, size: int | None
         return n if int(size) <= 0 else int(size)
     if device.type != "cpu" or batch.dim() < 3:
         return n
-    pixels = 1
-    for s in batch.shape[2:]:
-        pixels *= int(s)
-    part = max(1, MICRO_BATCH_PIXELS // max(1, pixels))
+    part = max(1, MICRO_BATCH_PIXELS // max(1, math.prod(batch.shape[2:])))
     return part if n >= MICRO_BATCH_MIN_PARTS * part else n

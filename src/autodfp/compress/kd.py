@@ -83,17 +83,12 @@ def distillation_loss(student_out: Any, teacher_out: Any, temperature: float) ->
 def _backward(student: nn.Module, teacher: nn.Module, x: torch.Tensor, temperature: float, size: int) -> torch.Tensor:
     """The step's loss on ``x``, its gradient accumulated into the student's parameters.
 
-    In micro-batches of ``size`` when that is less than the batch: each part's KL, weighted by its
-    share of the batch, sums to the batch's mean KL, so loss and gradient are the whole batch's
-    (both networks are in eval mode, so no layer couples the inputs of a batch).
+    In micro-batches of ``size`` (one part when that is the whole batch): each part's KL, weighted
+    by its share of the batch, sums to the batch's mean KL, so loss and gradient are the whole
+    batch's (both networks are in eval mode, so no layer couples the inputs of a batch). A single
+    part's weight is exactly 1, so an unsplit step computes what it did before splits existed.
     """
     n = int(x.shape[0])
-    if size >= n:
-        with torch.no_grad():
-            target = teacher(x)
-        loss = distillation_loss(student(x), target, temperature)
-        loss.backward()
-        return loss.detach()
     total = torch.zeros((), device=x.device)
     for part in x.split(size):
         with torch.no_grad():
