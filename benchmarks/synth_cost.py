@@ -3,7 +3,8 @@
 A first prune of a 224-px model spends most of its time distilling inputs (issue 13: ~8 min per
 64-input chunk at 200 steps on a 2-core CPU). This distils one chunk of a zoo model with each
 low-resolution share (``--shares``: the share of the steps run at half the height and width before
-the batch is upsampled and finished at full size) and prints, per row, the wall time, the seconds
+the batch is upsampled and finished at full size) and each count of reduced sizes (``--levels``: 2
+runs the first half of those steps at a quarter of the size) and prints, per row, the wall time, the seconds
 per step, and the ZeroQ BN loss of the finished batch *at full size* (the objective every share is
 judged by: a batch that matched the statistics only at half size would show it here), and the
 share of the batch's spectral energy above half the Nyquist frequency (what a half-size start
@@ -48,6 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", help="zoo name, e.g. mobilenet_v1_075_imagenet")
     ap.add_argument("--shares", default="0,0.75", help="comma-separated low-resolution shares")
+    ap.add_argument(
+        "--levels",
+        default="1",
+        help="comma-separated counts of reduced sizes (1: half size only; 2: a quarter, then half), each "
+        "run with every share (default 1, the rows recorded before two levels existed)",
+    )
     ap.add_argument("--n", type=int, default=64, help="inputs in the chunk (default 64, the pipeline's chunk)")
     ap.add_argument("--steps", type=int, default=None, help="steps (default: the pipeline's for this input size)")
     ap.add_argument(
@@ -60,14 +67,26 @@ def main(argv: list[str] | None = None) -> int:
     shape = input_shape_of(cfg)
     print(f"# {args.model}, input {shape}, n={args.n}, torch threads {torch.get_num_threads()}", flush=True)
     steps = args.steps if args.steps is not None else Config().synth_settings_for(resolve_method(model), shape)[0]
-    print("| low-res share | steps | wall s | s/step | BN loss at full size | high-frequency energy | cached |")
-    print("|---:|---:|---:|---:|---:|---:|---|")
+    print(
+        "| low-res share | levels | steps | wall s | s/step | BN loss at full size | high-frequency energy | cached |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---|")
     rows = []
-    for share in (float(v) for v in args.shares.split(",") if v.strip()):
+    shares = [float(v) for v in args.shares.split(",") if v.strip()]
+    levels = [int(v) for v in args.levels.split(",") if v.strip()]
+    for share, level in ((s, k) for k in levels for s in shares):
         lines: list[str] = []
         start = time.perf_counter()
         images = synthetic_batch(
-            model, cfg.name, shape, n=args.n, seed=args.seed, steps=steps, low_res=share, log=lines.append
+            model,
+            cfg.name,
+            shape,
+            n=args.n,
+            seed=args.seed,
+            steps=steps,
+            low_res=share,
+            low_res_levels=level,
+            log=lines.append,
         )
         wall = time.perf_counter() - start
         cached = any("read from the cache" in line for line in lines)
@@ -75,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         high = high_frequency_share(images)
         row = dict(
             share=share,
+            levels=level,
             steps=steps,
             wall_s=wall,
             s_per_step=wall / max(steps, 1),
@@ -84,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         rows.append(row)
         print(
-            f"| {share:g} | {steps} | {wall:.1f} | {row['s_per_step']:.2f} | {full:.4f} | {high:.3f} | "
+            f"| {share:g} | {level} | {steps} | {wall:.1f} | {row['s_per_step']:.2f} | {full:.4f} | {high:.3f} | "
             f"{'yes' if cached else 'no'} |",
             flush=True,
         )

@@ -321,7 +321,7 @@ def test_batches_share_inputs_and_the_reward_ranks_on_fewer_steps(
     pipe.reward_batch(8)
     assert seen == [(1, 8, None), (0, 8, 50)], "calibration: seed + 1 (the refinement's); reward: half of 100 steps"
     assert cfg.replace(synth_steps=7).reward_steps_for("bn", shape) == 7, "--synth-steps sets every batch"
-    assert cfg.reward_steps_for("bn", (3, 224, 224)) == 100, "large inputs: half of 200 steps too"
+    assert cfg.reward_steps_for("bn", (3, 224, 224)) == 50, "large inputs: a quarter of 200 steps"
 
 
 def test_batches_of_large_inputs_start_at_half_size(tiny_cnn: nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -330,16 +330,20 @@ def test_batches_of_large_inputs_start_at_half_size(tiny_cnn: nn.Module, monkeyp
     from autodfp.api import Pipeline, user_model_config
     from autodfp.config import LOW_RES_SHARE
 
-    shares: list[float] = []
+    shares: list[tuple[float, int]] = []
 
-    def spy(*args: object, low_res: float = 0.0, **kwargs: object) -> torch.Tensor:
-        shares.append(low_res)
+    def spy(*args: object, low_res: float = 0.0, low_res_levels: int = 1, **kwargs: object) -> torch.Tensor:
+        shares.append((low_res, low_res_levels))
         return torch.zeros(2, 3, 8, 8)
 
     monkeypatch.setattr(synth, "synthetic_batch", spy)
-    for shape, cfg in (((3, 16, 16), Config()), ((3, 96, 96), Config()), ((3, 96, 96), Config(synth_low_res=0.25))):
+    for shape, cfg in (
+        ((3, 16, 16), Config()),
+        ((3, 96, 96), Config()),
+        ((3, 96, 96), Config(synth_low_res=0.25, synth_low_res_levels=1)),
+    ):
         Pipeline(tiny_cnn, user_model_config(tiny_cnn, shape, "tiny"), shape, cfg, progress=False).batch(0, 2)
-    assert shares == [LOW_RES_SHARE["small"], LOW_RES_SHARE["large"], 0.25]
+    assert shares == [(LOW_RES_SHARE["small"], 1), (LOW_RES_SHARE["large"], 2), (0.25, 1)]
     assert LOW_RES_SHARE["small"] == 0.0 < LOW_RES_SHARE["large"]
 
 

@@ -212,6 +212,10 @@ def test_proxy_check_json_contract_and_artifacts(tmp_path):
         ),
         (("prune", "resnet20_cifar10", "--uniform", "0.5", "--synth-steps", "-1", "--out", "x"), "--synth-steps"),
         (("prune", "resnet20_cifar10", "--uniform", "0.5", "--synth-low-res", "1", "--out", "x"), "--synth-low-res"),
+        (
+            ("prune", "resnet20_cifar10", "--uniform", "0.5", "--synth-low-res-levels", "0", "--out", "x"),
+            "--synth-low-res-levels",
+        ),
         (("bench", "resnet20_cifar10", "--methods", "lsq+l1+refine", "--refine-ridge", "-1"), "--refine-ridge"),
         (("prune", "resnet20_cifar10", "--uniform", "0.5", "--refine-inputs", "1", "--out", "x"), "--refine-inputs"),
         (("prune", "resnet20_cifar10", "--uniform", "0.5", "--reward-inputs", "1", "--out", "x"), "--reward-inputs"),

@@ -290,8 +290,51 @@ def test_low_resolution_share_is_part_of_the_cache_key(tmp_path: Path) -> None:
     assert len(list(tmp_path.glob("*.pt"))) == 3
 
 
+def test_low_resolution_levels_share_the_steps_smallest_size_first() -> None:
+    cpu, net = torch.device("cpu"), _bn_net()
+    stages = synth._stages(net, (3, 224, 224), "bn", 200, 0.75, 2, cpu)
+    assert stages == [((3, 56, 56), 75), ((3, 112, 112), 75), ((3, 224, 224), 50)]
+    assert synth._stages(net, (3, 224, 224), "bn", 50, 0.75, 2, cpu) == [
+        ((3, 56, 56), 19),
+        ((3, 112, 112), 19),
+        ((3, 224, 224), 12),
+    ], "38 reduced steps: the smaller size takes the rounding down"
+    assert synth._stages(net, (3, 224, 224), "bn", 200, 0.75, 1, cpu) == [((3, 112, 112), 150), ((3, 224, 224), 50)]
+    # sizes under LOW_RES_MIN_SIDE a side are left out; 240x320 at three levels keeps two
+    assert [s for s, _ in synth._stages(net, (3, 240, 320), "bn", 8, 0.5, 3, cpu)] == [
+        (3, 60, 80),
+        (3, 120, 160),
+        (3, 240, 320),
+    ]
+    assert synth._stages(net, (3, 224, 224), "bn", 200, 0.0, 2, cpu) == [((3, 224, 224), 200)]
+    assert synth._stages(net, (3, 224, 224), "noise", 0, 0.75, 2, cpu) == [((3, 224, 224), 0)]
+    assert synth._stages(_sized_net(), (3, 64, 64), "bn", 8, 0.5, 2, cpu) == [((3, 64, 64), 8)], "refused size"
+
+
+def test_two_low_resolution_levels_run_every_step_and_change_the_batch_only_where_they_apply(tmp_path: Path) -> None:
+    net, shape = _bn_net(), (3, 128, 128)
+    seen: list[int] = []
+    two = distill(
+        net, shape, n=8, steps=16, lr=0.1, seed=0, low_res=0.5, low_res_levels=2, callback=lambda i, _: seen.append(i)
+    )
+    assert seen == list(range(16)) and two.images.shape == (8, *shape)
+    assert bn_stat_loss(net, two.images) == pytest.approx(two.final_loss, rel=1e-4), "judged at full size"
+    one = distill(net, shape, n=8, steps=16, lr=0.1, seed=0, low_res=0.5)
+    assert not torch.equal(two.images, one.images), "the quarter-size stage changed the batch"
+    with pytest.raises(ValueError, match="low_res_levels"):
+        distill(net, shape, n=8, steps=4, seed=0, low_res=0.5, low_res_levels=0)
+    # at 64 px the quarter size (16) is under LOW_RES_MIN_SIDE: the same batch as one level, the same key
+    kw = {"n": 4, "seed": 0, "cache_dir": tmp_path, "steps": 4, "low_res": 0.5}
+    a = synthetic_batch(net, "tiny/net", (3, 64, 64), **kw)
+    assert torch.equal(synthetic_batch(net, "tiny/net", (3, 64, 64), low_res_levels=2, **kw), a)
+    assert len(list(tmp_path.glob("*.pt"))) == 1
+    b = synthetic_batch(net, "tiny/net", shape, low_res_levels=2, **kw)
+    assert not torch.equal(b, synthetic_batch(net, "tiny/net", shape, **kw))
+    assert len(list(tmp_path.glob("*.pt"))) == 3, "two reduced sizes have a key of their own"
+
+
 def test_low_resolution_share_in_the_config_and_flag() -> None:
-    from autodfp.config import LOW_RES_SHARE, Config
+    from autodfp.config import LOW_RES_LEVELS, LOW_RES_SHARE, Config
     from autodfp.errors import PlanError
 
     assert Config().synth_low_res_for((3, 224, 224)) == LOW_RES_SHARE["large"]
@@ -300,6 +343,12 @@ def test_low_resolution_share_in_the_config_and_flag() -> None:
     for bad in (1.0, -0.1, float("nan")):
         with pytest.raises(PlanError, match="synth_low_res"):
             Config(synth_low_res=bad)
+    assert Config().synth_low_res_levels_for((3, 224, 224)) == LOW_RES_LEVELS["large"] == 2
+    assert Config().synth_low_res_levels_for((3, 32, 32)) == LOW_RES_LEVELS["small"] == 1
+    assert Config(synth_low_res_levels=1).synth_low_res_levels_for((3, 224, 224)) == 1
+    for bad_levels in (0, 1.5, True):
+        with pytest.raises(PlanError, match="synth_low_res_levels"):
+            Config(synth_low_res_levels=bad_levels)  # type: ignore[arg-type]
 
 
 def test_disagreement_is_bounded_and_zero_for_agreement() -> None:

@@ -179,6 +179,7 @@ class Pipeline:
             "steps": self.config.synth_steps,
             "label_offset": self.model_config.label_offset,
             "low_res": self.config.synth_low_res_for(self.shape),
+            "low_res_levels": self.config.synth_low_res_levels_for(self.shape),
         }
 
     def batch(self, seed: int, n: int, steps: int | None = None) -> torch.Tensor:

@@ -47,10 +47,11 @@ SYNTH_SETTINGS: Mapping[str, Mapping[str, tuple[int, float]]] = {
 #: Spearman rho (and 40 steps sufficed on MobileNet-V1), while a fit's batch moves top-1
 #: (``--synth-steps 50`` for every batch instead of 100: 57.42 → 53.79 % for ResNet-20 at uniform
 #: 0.5, docs/RESULTS.md). A MobileNet-V1 search on a reward batch of 110 full-size steps, instead of
-#: 200 with a half-size start, ended at the same top-1 (55.31 against 55.46 %). So at 224 px too the
-#: reward's batch takes half the steps, which a first prune's time needs (docs/RESULTS.md, "A first
-#: MobileNet-V1 prune").
-RANKING_STEPS_SCALE: Mapping[str, float] = {"small": 0.5, "large": 0.5}
+#: 200 with a half-size start, ended at the same top-1 (55.31 against 55.46 %). At 224 px the
+#: reward's batch takes a quarter of the steps, which a first prune's time needs: 50 steps instead of
+#: 100 cost 93 s instead of 176 on MobileNet-V1, and a uniform prune's final choice picked the same
+#: dims ridge and step on it (docs/RESULTS.md, "A first MobileNet-V1 prune").
+RANKING_STEPS_SCALE: Mapping[str, float] = {"small": 0.5, "large": 0.25}
 
 #: Share of a batch's synthesis steps spent at half the height and width before the batch is
 #: upsampled and finished at full size (DeepInversion's multi-resolution schedule). On MobileNet-V1
@@ -59,6 +60,14 @@ RANKING_STEPS_SCALE: Mapping[str, float] = {"small": 0.5, "large": 0.5}
 #: steps, the same time); docs/RESULTS.md. Small inputs are never halved
 #: (:data:`autodfp.synth.distill.LOW_RES_MIN_SIDE`).
 LOW_RES_SHARE: Mapping[str, float] = {"small": 0.0, "large": 0.75}
+
+#: Reduced sizes those steps are shared by: 1 runs them all at half size; 2 runs the first half of
+#: them at a quarter of the height and width, then the rest at half size. A quarter-size step costs
+#: about a third of a half-size one; on MobileNet-V1 (one 64-input chunk, 200 steps, 0.75 share)
+#: two levels left the batch as close to the BN statistics at full size as one (BN loss 7.82
+#: against 7.99) in 264 s instead of 306 (docs/RESULTS.md). A size under
+#: :data:`autodfp.synth.distill.LOW_RES_MIN_SIDE` a side is left out.
+LOW_RES_LEVELS: Mapping[str, int] = {"small": 1, "large": 2}
 
 #: Input pixels (per channel) per micro-batch of a synthesis or distillation step on a CPU
 #: (:mod:`autodfp._micro`), for batches that hold at least :data:`MICRO_BATCH_MIN_PARTS` of them.
@@ -123,6 +132,8 @@ class Config:
     :param synth_low_res: share of those steps run at half the input's height and width (a step
         there cost about 0.31 of a full one on MobileNet-V1) before the batch is upsampled and
         finished at full size (``None``: :data:`LOW_RES_SHARE`)
+    :param synth_low_res_levels: reduced sizes those steps are shared by, a quarter of the size
+        before the half (``None``: :data:`LOW_RES_LEVELS`; 1: half size only)
     :param calibration_inputs: synthetic inputs for measured correlations and BN-free moments: a
         prefix of the refinement batch, so a first prune distils no batch of its own for them
     :param reward_inputs: synthetic inputs of the reward (``None``: :data:`REWARD_INPUTS`)
@@ -195,6 +206,7 @@ class Config:
     synth_method: str = "auto"
     synth_steps: int | None = None
     synth_low_res: float | None = None
+    synth_low_res_levels: int | None = None
     calibration_inputs: int = 64
     reward_inputs: int | None = None
     refine_inputs: int | None = None
@@ -269,6 +281,8 @@ class Config:
             _real("synth_low_res", self.synth_low_res, 0.0)
             if self.synth_low_res >= 1.0:
                 raise PlanError(f"synth_low_res is a share of the steps below 1, got {self.synth_low_res}")
+        if self.synth_low_res_levels is not None:
+            _integer("synth_low_res_levels", self.synth_low_res_levels, 1)
         for name in ("reward_inputs", "refine_inputs"):
             if getattr(self, name) is not None:
                 _integer(name, getattr(self, name), 2)
@@ -324,6 +338,12 @@ class Config:
     def synth_low_res_for(self, input_shape: Sequence[int]) -> float:
         """Share of synthesis steps at half size (:data:`LOW_RES_SHARE`); ``synth_low_res`` wins."""
         return float(self.synth_low_res) if self.synth_low_res is not None else LOW_RES_SHARE[size_class(input_shape)]
+
+    def synth_low_res_levels_for(self, input_shape: Sequence[int]) -> int:
+        """Reduced sizes of the low-resolution steps (:data:`LOW_RES_LEVELS`); ``synth_low_res_levels`` wins."""
+        if self.synth_low_res_levels is not None:
+            return int(self.synth_low_res_levels)
+        return LOW_RES_LEVELS[size_class(input_shape)]
 
     def reward_steps_for(self, method: str, input_shape: Sequence[int]) -> int:
         """Steps of the reward's batch: :data:`RANKING_STEPS_SCALE` of the method's; ``synth_steps`` wins."""
@@ -390,6 +410,7 @@ __all__ = [
     "DEFAULTS",
     "DISTILL_AUGMENT",
     "EVAL_BATCH",
+    "LOW_RES_LEVELS",
     "LOW_RES_SHARE",
     "MICRO_BATCH_MIN_PARTS",
     "MICRO_BATCH_PIXELS",

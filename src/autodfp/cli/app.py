@@ -65,6 +65,7 @@ FLAGS = {
     "synth_steps": "--synth-steps",
     "synth_method": "--synth-method",
     "synth_low_res": "--synth-low-res",
+    "synth_low_res_levels": "--synth-low-res-levels",
     "refine_ridge": "--refine-ridge",
     "refine_dims_ridge": "--refine-dims-ridge",
     "reward_inputs": "--reward-inputs",
@@ -465,13 +466,20 @@ SynthStepsOpt = typer.Option(
     None,
     "--synth-steps",
     help="Optimisation steps per synthetic batch (default by input "
-    "size: 100 for ≤64 px, 200 for larger; the reward's batch at ≤64 px gets half; each batch is cached).",
+    "size: 100 for ≤64 px, 200 for larger; the reward's batch gets half of them at ≤64 px, a quarter above; "
+    "each batch is cached).",
 )
 SynthLowResOpt = typer.Option(
     None,
     "--synth-low-res",
     help="Share of the synthesis steps run at half the height and width (cheaper) before the batch is "
     "finished at full size (default 0.75 above 64x64 px, where it halved the time; 0 for smaller inputs).",
+)
+SynthLowResLevelsOpt = typer.Option(
+    None,
+    "--synth-low-res-levels",
+    help="Reduced sizes those steps are shared by: 2 (the default above 64x64 px) runs the first half of them at "
+    "a quarter of the height and width, then the rest at half; 1 runs them all at half size.",
 )
 RefineRidgeOpt = typer.Option(
     None, "--refine-ridge", help="Ridge of the refinement fits, relative to the kept variance (default 0.01)."
@@ -609,6 +617,7 @@ def prune(
     synth_method: Optional[str] = SynthMethodOpt,
     synth_steps: Optional[int] = SynthStepsOpt,
     synth_low_res: Optional[float] = SynthLowResOpt,
+    synth_low_res_levels: Optional[int] = SynthLowResLevelsOpt,
     refine_ridge: Optional[float] = RefineRidgeOpt,
     refine_dims_ridge: Optional[float] = RefineDimsRidgeOpt,
     reward_inputs: Optional[int] = RewardInputsOpt,
@@ -660,6 +669,7 @@ def prune(
         synth_method=synth_method,
         synth_steps=synth_steps,
         synth_low_res=synth_low_res,
+        synth_low_res_levels=synth_low_res_levels,
         refine_ridge=refine_ridge,
         refine_dims_ridge=refine_dims_ridge,
         reward_inputs=reward_inputs,
@@ -787,6 +797,7 @@ def proxy_check_cmd(
     synth_method: Optional[str] = SynthMethodOpt,
     synth_steps: Optional[int] = SynthStepsOpt,
     synth_low_res: Optional[float] = SynthLowResOpt,
+    synth_low_res_levels: Optional[int] = SynthLowResLevelsOpt,
     refine_ridge: Optional[float] = RefineRidgeOpt,
     refine_dims_ridge: Optional[float] = RefineDimsRidgeOpt,
     reward_inputs: Optional[int] = RewardInputsOpt,
@@ -825,6 +836,7 @@ def proxy_check_cmd(
         synth_method=synth_method,
         synth_steps=synth_steps,
         synth_low_res=synth_low_res,
+        synth_low_res_levels=synth_low_res_levels,
         refine_ridge=refine_ridge,
         refine_dims_ridge=refine_dims_ridge,
         reward_inputs=reward_inputs,
@@ -900,6 +912,7 @@ def bench(
     synth_method: Optional[str] = SynthMethodOpt,
     synth_steps: Optional[int] = SynthStepsOpt,
     synth_low_res: Optional[float] = SynthLowResOpt,
+    synth_low_res_levels: Optional[int] = SynthLowResLevelsOpt,
     refine_ridge: Optional[float] = RefineRidgeOpt,
     refine_dims_ridge: Optional[float] = RefineDimsRidgeOpt,
     refine_inputs: Optional[int] = RefineInputsOpt,
@@ -940,6 +953,7 @@ def bench(
         synth_method=synth_method,
         synth_steps=synth_steps,
         synth_low_res=synth_low_res,
+        synth_low_res_levels=synth_low_res_levels,
         refine_ridge=refine_ridge,
         refine_dims_ridge=refine_dims_ridge,
         refine_inputs=refine_inputs,

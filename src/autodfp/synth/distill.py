@@ -59,7 +59,9 @@ leave the batch too far from images for that, and 200 steps do much better (docs
 "synthesis steps"), so the 224-px default is 200 steps, once per model and seed, then cached. Above
 64x64 px, three quarters of them run at half the height and width (``low_res``; DeepInversion's
 multi-resolution schedule): on MobileNet-V1 that took 0.48x the time and the refined model did no
-worse (docs/RESULTS.md, "Synthesis at 224 px"). Nine tenths left the batch far from the
+worse (docs/RESULTS.md, "Synthesis at 224 px"); with ``low_res_levels`` 2 the first half of those
+run at a quarter of the size, which cost a chunk 264 s instead of 306 for the same BN loss (7.82
+against 7.99; docs/RESULTS.md, "A quarter-size start"). Nine tenths left the batch far from the
 statistics (BN loss 43.6 against 8.0) and cost refinement 14.5 points; 160 steps instead of 200
 cost it 1.8. ResNet-56 with n=64 and 100 steps takes ~28 s. On a CPU the full-size steps run in
 micro-batches of eight (:class:`_BNMoments`, the same loss and gradient), a quarter faster.
@@ -385,6 +387,7 @@ def distill(
     student: nn.Module | None = None,
     compete: float = 0.0,
     micro_batch: int | None = None,
+    low_res_levels: int = 1,
 ) -> SynthResult:
     """Like :func:`synthesize`, returning convergence numbers alongside the batch.
 
@@ -412,6 +415,7 @@ def distill(
         student,
         compete,
         micro_batch,
+        low_res_levels,
     )
 
 
@@ -430,6 +434,7 @@ def _distill(
     student: nn.Module | None = None,
     compete: float = 0.0,
     micro_batch: int | None = None,
+    low_res_levels: int = 1,
 ) -> SynthResult:
     """:func:`distill` for any seed torch accepts: chunk seeds (:data:`CHUNK_SEED_STRIDE`) may pass 2**32."""
     method = resolve_method(model, method)
@@ -440,6 +445,8 @@ def _distill(
         raise ValueError("ZeroQ matches batch statistics; n must be at least 2")
     if not 0.0 <= float(low_res) < 1.0:
         raise ValueError(f"low_res is a share of the steps in [0, 1), got {low_res!r}")
+    if isinstance(low_res_levels, bool) or not isinstance(low_res_levels, int) or low_res_levels < 1:
+        raise ValueError(f"low_res_levels is a whole number of reduced sizes, at least 1, got {low_res_levels!r}")
     if not (math.isfinite(float(compete)) and float(compete) >= 0.0):
         raise ValueError(f"compete must be a finite, non-negative weight, got {compete!r}")
     competing = student is not None and float(compete) > 0.0
@@ -447,12 +454,8 @@ def _distill(
     start = time.perf_counter()
 
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    low_shape = _low_res_shape(input_shape, method)
-    low_steps = round(steps * float(low_res)) if low_shape is not None else 0
-    # a model tied to its input size (a flatten into a Linear) stays at full size
-    if low_shape is None or low_steps == 0 or not _runs_at(model, low_shape, device):
-        low_shape, low_steps = None, 0
-    x0 = torch.randn((n, *(low_shape or input_shape)), generator=gen)
+    stages = _stages(model, input_shape, method, steps, float(low_res), low_res_levels, device)
+    x0 = torch.randn((n, *stages[0][0]), generator=gen)
 
     # fork_rng: a seeded, deterministic run without disturbing the caller's global RNG stream
     # (randomness inside the model, e.g. dropout, is off in eval mode anyway).
@@ -553,10 +556,12 @@ def _distill(
         with torch.no_grad(), ctx:
             initial = report(_upsampled(x.detach(), input_shape))
         bar = _progress(steps, progress, f"distill[{method}]")
-        if low_steps:
-            x = _optimise(x, micro_objective, low_steps, lr, bar, callback, 0)
-            x = _upsampled(x.detach(), input_shape).requires_grad_(True)
-        x = _optimise(x, micro_objective, steps - low_steps, lr, bar, callback, low_steps)
+        done = 0
+        for shape, count in stages:
+            if tuple(x.shape[1:]) != shape:
+                x = _upsampled(x.detach(), shape).requires_grad_(True)
+            x = _optimise(x, micro_objective, count, lr, bar, callback, done)
+            done += count
         for _ in bar:  # ends the progress bar
             pass
         with torch.no_grad(), ctx:
@@ -570,13 +575,44 @@ def _distill(
 LOW_RES_MIN_SIDE = 32
 
 
-def _low_res_shape(input_shape: Sequence[int], method: str) -> tuple[int, ...] | None:
-    """``(C, H/2, W/2)`` where a half-size stage applies: an image-shaped input large enough to halve,
-    and a method that optimises (noise has no steps); otherwise ``None``."""
+def _low_res_shapes(input_shape: Sequence[int], method: str, levels: int = 1) -> list[tuple[int, ...]]:
+    """The reduced sizes a batch may start at, smallest first: ``(C, H/2**k, W/2**k)`` for ``k`` from
+    ``levels`` down to 1, each kept only if its sides stay at least :data:`LOW_RES_MIN_SIDE`; none
+    for an input that is not image-shaped or a method that does not optimise (noise has no steps)."""
     shape = tuple(int(s) for s in input_shape)
-    if method == "noise" or len(shape) != 3 or min(shape[1:]) < 2 * LOW_RES_MIN_SIDE:
-        return None
-    return (shape[0], shape[1] // 2, shape[2] // 2)
+    if method == "noise" or len(shape) != 3:
+        return []
+    return [
+        (shape[0], shape[1] >> k, shape[2] >> k)
+        for k in range(int(levels), 0, -1)
+        if min(shape[1:]) >> k >= LOW_RES_MIN_SIDE
+    ]
+
+
+def _stages(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    method: str,
+    steps: int,
+    low_res: float,
+    levels: int,
+    device: torch.device,
+) -> list[tuple[tuple[int, ...], int]]:
+    """``(shape, steps)`` of each stage, smallest size first and the full size last (never empty).
+
+    ``low_res`` of the steps are shared evenly by the reduced sizes, the smaller ones taking any
+    rounding down: each reduced step costs about a quarter of the next size's, and on MobileNet-V1 a
+    quarter-size start for half of them left the batch as close to the BN statistics as half-size
+    steps alone did (docs/RESULTS.md). A size the model refuses (a flatten into a Linear) is left out.
+    """
+    full = tuple(int(s) for s in input_shape)
+    low_steps = round(steps * low_res)
+    shapes = _low_res_shapes(full, method, levels) if low_steps else []
+    # a model tied to its input size (a flatten into a Linear) stays at full size
+    shapes = [s for s in shapes if _runs_at(model, s, device)]
+    counts = [low_steps * (i + 1) // len(shapes) - low_steps * i // len(shapes) for i in range(len(shapes))]
+    stages = [(s, c) for s, c in zip(shapes, counts, strict=True) if c > 0]
+    return [*stages, (full, steps - sum(c for _, c in stages))]
 
 
 def _runs_at(model: nn.Module, shape: Sequence[int], device: torch.device) -> bool:
@@ -640,6 +676,7 @@ def synthesize(
     method: str = "auto",
     label_offset: int = 0,
     low_res: float = 0.0,
+    low_res_levels: int = 1,
 ) -> torch.Tensor:
     """A batch of ``n`` inputs, shape ``(n, *input_shape)``, distilled from ``model`` alone.
 
@@ -649,10 +686,23 @@ def synthesize(
     classes are drawn from ``logits[:, label_offset:]`` (MobileNet-V2's output 0 is "background").
     ``low_res`` is the share of the steps spent at half the height and width before the batch is
     upsampled and finished at full size (DeepInversion's multi-resolution schedule): those steps cost
-    about a third as much (0.31 on MobileNet-V1). Inputs under twice :data:`LOW_RES_MIN_SIDE` a side, and models that
-    refuse the smaller size, get every step at full size.
+    about a third as much (0.31 on MobileNet-V1). With ``low_res_levels`` 2 those steps are shared by a
+    quarter-size stage and a half-size one (:func:`_stages`). Inputs under twice :data:`LOW_RES_MIN_SIDE`
+    a side, and models that refuse the smaller size, get every step at full size.
     """
-    return distill(model, input_shape, n, steps, lr, seed, method, label_offset, progress, low_res=low_res).images
+    return distill(
+        model,
+        input_shape,
+        n,
+        steps,
+        lr,
+        seed,
+        method,
+        label_offset,
+        progress,
+        low_res=low_res,
+        low_res_levels=low_res_levels,
+    ).images
 
 
 def state_dict_hash(model: nn.Module) -> str:
@@ -705,13 +755,14 @@ def synthetic_batch(
     progress: bool = False,
     log: Callable[[str], None] | None = None,
     low_res: float = 0.0,
+    low_res_levels: int = 1,
 ) -> torch.Tensor:
     """:func:`synthesize`, cached on disk: distillation costs minutes, a reload milliseconds.
 
     The key covers everything that changes the result: ``model_key``, a hash of the state dict (a
     fine-tuned model under the same name gets its own entry), shape, ``n``, seed, the resolved
-    method, steps, learning rate and the low-resolution share (when not 0, so entries written
-    before it existed stay valid). Default location: ``autodfp.hub.cache_dir()/"synthetic"``.
+    method, steps, learning rate, the low-resolution share (when not 0, so entries written
+    before it existed stay valid) and the number of reduced sizes (when more than one). Default location: ``autodfp.hub.cache_dir()/"synthetic"``.
     Batches are concatenated chunks (:func:`chunk_sizes`), each distilled and cached on its own.
     ``log`` receives one line per batch: read from the cache, or being distilled (with its cost),
     so a long first run never looks hung. A cache directory that cannot be written costs only the
@@ -732,6 +783,7 @@ def synthetic_batch(
         progress,
         log,
         float(low_res),
+        int(low_res_levels),
     )
 
 
@@ -749,6 +801,7 @@ def _synthetic_batch(
     progress: bool,
     log: Callable[[str], None] | None = None,
     low_res: float = 0.0,
+    low_res_levels: int = 1,
 ) -> torch.Tensor:
     resolved = resolve_method(model, method)
     sizes = chunk_sizes(n, input_shape)
@@ -769,6 +822,7 @@ def _synthetic_batch(
                     progress,
                     log,
                     low_res,
+                    low_res_levels,
                 )
                 for i, size in enumerate(sizes)
             ]
@@ -788,9 +842,11 @@ def _synthetic_batch(
         "lr": lr,
         "label_offset": int(label_offset),
     }
-    staged = bool(low_res) and _low_res_shape(input_shape, resolved) is not None
-    if staged:
+    reduced = _low_res_shapes(input_shape, resolved, low_res_levels) if low_res else []
+    if reduced:
         parts["low_res"] = float(low_res)
+    if len(reduced) > 1:  # one reduced size keeps the key it had before more were possible
+        parts["low_res_levels"] = len(reduced)
     path = _cache_path(root, model_key, parts)
     if path.is_file():
         try:
@@ -804,13 +860,28 @@ def _synthetic_batch(
             pass
     writable = usable_cache_dir(root) is not None  # warns now, not after the distillation
     if log is not None:
-        stages = f", {round(steps * low_res)} of them at half size" if staged else ""
+        sizes_named = " and ".join(f"{h}x{w}" for _, h, w in reduced)
+        stages = f", {round(steps * low_res)} of them at {sizes_named}" if reduced else ""
         log(
             f"synthesising {n} inputs from the model ({resolved}, {steps} steps{stages}, seed {seed})"
             + ("; cached after the first run" if writable else "")
         )
     result = _distill(
-        model, input_shape, n, steps, lr, seed, resolved, label_offset, progress, None, low_res, None, 0.0
+        model,
+        input_shape,
+        n,
+        steps,
+        lr,
+        seed,
+        resolved,
+        label_offset,
+        progress,
+        None,
+        low_res,
+        None,
+        0.0,
+        None,
+        low_res_levels,
     )
     if log is not None:
         log(f"synthesised {n} inputs in {result.seconds:.1f} s")
