@@ -60,7 +60,7 @@ leave the batch too far from images for that, and 200 steps do much better (docs
 64x64 px, three quarters of them run at half the height and width (``low_res``; DeepInversion's
 multi-resolution schedule): on MobileNet-V1 that took 0.48x the time and the refined model did no
 worse (docs/RESULTS.md, "Synthesis at 224 px"); with ``low_res_levels`` 2 the first half of those
-run at a quarter of the size, which cost a chunk 264 s instead of 306 for the same BN loss (7.82
+run at a quarter of the size, which cost a chunk 243.6 s instead of 304.7 for the same BN loss (7.82
 against 7.99; docs/RESULTS.md, "A quarter-size start"). Nine tenths left the batch far from the
 statistics (BN loss 43.6 against 8.0) and cost refinement 14.5 points; 160 steps instead of 200
 cost it 1.8. ResNet-56 with n=64 and 100 steps takes ~28 s. On a CPU the full-size steps run in
