@@ -321,7 +321,9 @@ def test_batches_share_inputs_and_the_reward_ranks_on_fewer_steps(
     pipe.reward_batch(8)
     assert seen == [(1, 8, None), (0, 8, 50)], "calibration: seed + 1 (the refinement's); reward: half of 100 steps"
     assert cfg.replace(synth_steps=7).reward_steps_for("bn", shape) == 7, "--synth-steps sets every batch"
-    assert cfg.reward_steps_for("bn", (3, 224, 224)) == 50, "large inputs: a quarter of 200 steps"
+    assert cfg.reward_steps_for("bn", (3, 224, 224)) == 100, "large inputs: half of 200 steps too"
+    assert cfg.reward_steps_for("bn", (3, 224, 224), select=True) == 50, "a choice of a few: a quarter"
+    assert cfg.reward_steps_for("bn", shape, select=True) == 50, "small inputs: the search's batch"
 
 
 def test_batches_of_large_inputs_start_at_half_size(tiny_cnn: nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -200,12 +200,13 @@ class Pipeline:
             **settings,
         )
 
-    def reward_batch(self, n: int | None = None) -> torch.Tensor:
-        """The reward's ``n`` inputs (seed ``seed``), distilled with fewer steps than a fit needs."""
+    def reward_batch(self, n: int | None = None, select: bool = False) -> torch.Tensor:
+        """The reward's ``n`` inputs (seed ``seed``), distilled with fewer steps than a fit needs, and
+        fewer still (``select``) where they only pick between a few candidates."""
         from autodfp.synth.distill import resolve_method
 
         cfg = self.config
-        steps = cfg.reward_steps_for(resolve_method(self.model, cfg.synth_method), self.shape)
+        steps = cfg.reward_steps_for(resolve_method(self.model, cfg.synth_method), self.shape, select)
         return self.batch(self.seed, cfg.reward_inputs_for(self.shape) if n is None else n, steps=steps)
 
     def real_images(self, root: str, n: int, from_end: bool = False) -> torch.Tensor:
@@ -313,12 +314,13 @@ class Pipeline:
         )
 
     def reward(
-        self, spec: RewardSpec, eval_data: str | None = None, n: int | None = None
+        self, spec: RewardSpec, eval_data: str | None = None, n: int | None = None, select: bool = False
     ) -> Callable[[nn.Module], float]:
         """``"synthetic"`` (the default, data-free), ``"unlabeled:DIR"``, ``"labeled:SPEC"`` or a callable.
 
         A labelled reward must not use the evaluation set: a search tuned on it would report a
-        flattering top-1. ``n`` caps the synthetic reward's inputs (a prefix of the search's batch).
+        flattering top-1. ``n`` caps the synthetic reward's inputs (a prefix of the search's batch);
+        ``select``: the reward only picks between a few candidates (:meth:`reward_batch`).
         """
         from autodfp.data.datasets import make_loader, resolve_dataset
         from autodfp.search.rewards import AccuracyReward, AgreementReward
@@ -332,7 +334,7 @@ class Pipeline:
         if kind == "synthetic" and not arg:
             return AgreementReward(
                 self.device_model,
-                self.reward_batch(n),
+                self.reward_batch(n, select),
                 measure=cfg.reward_measure,
                 temperature=cfg.reward_temperature,
                 label_offset=mc.label_offset,
@@ -525,7 +527,7 @@ def prune(
         reward_fn = pipe.reward(reward, eval_data)
     else:
         n_select = min(cfg.select_inputs, cfg.reward_inputs_for(shape))
-        reward_fn = pipe.reward(reward, eval_data, n=n_select) if selecting else None
+        reward_fn = pipe.reward(reward, eval_data, n=n_select, select=True) if selecting else None
 
     report: dict[str, Any] = {"model": mc.name, "seed": pipe.seed, "device": str(pipe.device)}
     search_result = uniform_plan = None

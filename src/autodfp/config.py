@@ -47,11 +47,17 @@ SYNTH_SETTINGS: Mapping[str, Mapping[str, tuple[int, float]]] = {
 #: Spearman rho (and 40 steps sufficed on MobileNet-V1), while a fit's batch moves top-1
 #: (``--synth-steps 50`` for every batch instead of 100: 57.42 → 53.79 % for ResNet-20 at uniform
 #: 0.5, docs/RESULTS.md). A MobileNet-V1 search on a reward batch of 110 full-size steps, instead of
-#: 200 with a half-size start, ended at the same top-1 (55.31 against 55.46 %). At 224 px the
-#: reward's batch takes a quarter of the steps, which a first prune's time needs: 50 steps instead of
-#: 100 cost 93 s instead of 176 on MobileNet-V1, and a uniform prune's final choice picked the same
-#: dims ridge and step on it (docs/RESULTS.md, "A first MobileNet-V1 prune").
-RANKING_STEPS_SCALE: Mapping[str, float] = {"small": 0.5, "large": 0.25}
+#: 200 with a half-size start, ended at the same top-1 (55.31 against 55.46 %). So at 224 px too the
+#: reward's batch takes half the steps (docs/RESULTS.md, "A first MobileNet-V1 prune").
+RANKING_STEPS_SCALE: Mapping[str, float] = {"small": 0.5, "large": 0.5}
+
+#: Steps of the reward's batch where it only picks between a handful of candidates (a uniform
+#: prune's dims ridge and final step), as a share of the method's steps. On MobileNet-V1 a batch of
+#: 50 steps instead of 100 cost 93 s instead of 176 and picked the same ridge and step; a 300-episode
+#: search that ranked its plans on such a batch ended 2.7 points below the lowest of three on
+#: batches of 100 to 200 steps, so a search keeps :data:`RANKING_STEPS_SCALE` (docs/RESULTS.md,
+#: "A quarter-size start").
+SELECT_STEPS_SCALE: Mapping[str, float] = {"small": 0.5, "large": 0.25}
 
 #: Share of a batch's synthesis steps spent at half the height and width before the batch is
 #: upsampled and finished at full size (DeepInversion's multi-resolution schedule). On MobileNet-V1
@@ -344,12 +350,14 @@ class Config:
             return int(self.synth_low_res_levels)
         return LOW_RES_LEVELS[size_class(input_shape)]
 
-    def reward_steps_for(self, method: str, input_shape: Sequence[int]) -> int:
-        """Steps of the reward's batch: :data:`RANKING_STEPS_SCALE` of the method's; ``synth_steps`` wins."""
+    def reward_steps_for(self, method: str, input_shape: Sequence[int], select: bool = False) -> int:
+        """Steps of the reward's batch: :data:`RANKING_STEPS_SCALE` of the method's, or
+        :data:`SELECT_STEPS_SCALE` where it only picks between a few candidates; ``synth_steps`` wins."""
         if self.synth_steps is not None:
             return int(self.synth_steps)
         steps, _ = SYNTH_SETTINGS[method][size_class(input_shape)]
-        return max(1, round(steps * RANKING_STEPS_SCALE[size_class(input_shape)])) if steps else 0
+        scale = (SELECT_STEPS_SCALE if select else RANKING_STEPS_SCALE)[size_class(input_shape)]
+        return max(1, round(steps * scale)) if steps else 0
 
     def reward_inputs_for(self, input_shape: Sequence[int]) -> int:
         return self.reward_inputs if self.reward_inputs is not None else REWARD_INPUTS[size_class(input_shape)]
@@ -414,6 +422,7 @@ __all__ = [
     "MICRO_BATCH_MIN_PARTS",
     "MICRO_BATCH_PIXELS",
     "RANKING_STEPS_SCALE",
+    "SELECT_STEPS_SCALE",
     "REFINE_INPUTS",
     "REWARD_INPUTS",
     "SMALL_INPUT_PIXELS",

@@ -466,8 +466,8 @@ SynthStepsOpt = typer.Option(
     None,
     "--synth-steps",
     help="Optimisation steps per synthetic batch (default by input "
-    "size: 100 for ≤64 px, 200 for larger; the reward's batch gets half of them at ≤64 px, a quarter above; "
-    "each batch is cached).",
+    "size: 100 for ≤64 px, 200 for larger; the reward's batch gets half of them, a quarter above 64 px where it "
+    "only picks a uniform prune's ridge and step; each batch is cached).",
 )
 SynthLowResOpt = typer.Option(
     None,
