@@ -69,8 +69,9 @@ LOW_RES_SHARE: Mapping[str, float] = {"small": 0.0, "large": 0.75}
 
 #: Reduced sizes those steps are shared by: 1 runs them all at half size; 2 runs the first half of
 #: them at a quarter of the height and width, then the rest at half size. On MobileNet-V1 (one
-#: 64-input chunk, 200 steps, 0.75 share, 2-core CPU) two levels left the batch as close to the BN statistics at full size as one (BN loss 7.82
-#: against 7.99) in 243.6 s instead of 304.7 (docs/RESULTS.md, "A quarter-size start"). A size under
+#: 64-input chunk, 200 steps, 0.75 share, 2-core CPU) two levels left the batch as close to the BN
+#: statistics at full size as one (BN loss 7.82 against 7.99) in 243.6 s instead of 304.7
+#: (docs/RESULTS.md, "A quarter-size start"). A size under
 #: :data:`autodfp.synth.distill.LOW_RES_MIN_SIDE` a side is left out.
 LOW_RES_LEVELS: Mapping[str, int] = {"small": 1, "large": 2}
 

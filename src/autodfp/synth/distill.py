@@ -601,9 +601,9 @@ def _stages(
     """``(shape, steps)`` of each stage, smallest size first and the full size last (never empty).
 
     ``low_res`` of the steps are shared evenly by the reduced sizes, the smaller ones taking any
-    rounding down: each reduced step costs about a quarter of the next size's, and on MobileNet-V1 a
-    quarter-size start for half of them left the batch as close to the BN statistics as half-size
-    steps alone did (docs/RESULTS.md). A size the model refuses (a flatten into a Linear) is left out.
+    rounding down. On MobileNet-V1 a quarter-size start for half of them left the batch as close to
+    the BN statistics as half-size steps alone did, in 0.80 of the time (docs/RESULTS.md, "A
+    quarter-size start"). A size the model refuses (a flatten into a Linear) is left out.
     """
     full = tuple(int(s) for s in input_shape)
     low_steps = round(steps * low_res)
@@ -762,7 +762,8 @@ def synthetic_batch(
     The key covers everything that changes the result: ``model_key``, a hash of the state dict (a
     fine-tuned model under the same name gets its own entry), shape, ``n``, seed, the resolved
     method, steps, learning rate, the low-resolution share (when not 0, so entries written
-    before it existed stay valid) and the number of reduced sizes (when more than one). Default location: ``autodfp.hub.cache_dir()/"synthetic"``.
+    before it existed stay valid) and the number of reduced sizes (when more than one, likewise).
+    Default location: ``autodfp.hub.cache_dir()/"synthetic"``.
     Batches are concatenated chunks (:func:`chunk_sizes`), each distilled and cached on its own.
     ``log`` receives one line per batch: read from the cache, or being distilled (with its cost),
     so a long first run never looks hung. A cache directory that cannot be written costs only the
