@@ -877,12 +877,8 @@ def _synthetic_batch(
         resolved,
         label_offset,
         progress,
-        None,
-        low_res,
-        None,
-        0.0,
-        None,
-        low_res_levels,
+        low_res=low_res,
+        low_res_levels=low_res_levels,
     )
     if log is not None:
         log(f"synthesised {n} inputs in {result.seconds:.1f} s")
