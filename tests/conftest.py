@@ -16,6 +16,9 @@ os.environ.setdefault("AUTODFP_ASSETS", str(DEFAULT_ASSETS))
 # Before torch loads: OpenMP threads that spin-wait (the default) make small ops ~100x slower when
 # the cores are shared with other processes (busy CI runners); sleeping waits cost little otherwise.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The suite checks behaviour, not accuracy: every run, CLI subprocesses included, takes the `fast`
+# preset (no distillation) unless a test names another; tests/test_effort.py covers the presets.
+os.environ.setdefault("AUTODFP_EFFORT", "fast")
 
 
 @pytest.fixture(scope="session")

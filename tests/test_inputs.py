@@ -167,9 +167,10 @@ def test_plan_fields_of_the_wrong_type_are_plan_errors(tmp_path, groups, extra, 
 
     path = tmp_path / "plan.json"
     path.write_text(json.dumps({"groups": groups, **extra}))
-    with pytest.raises(PlanError, match=message) as err:
+    # NaN is not JSON: the bounded reader refuses it before the plan's fields are read
+    with pytest.raises(PlanError, match="holds NaN" if "NaN" in message else message) as err:
         Plan.load(path)
-    assert _one_line(err.value).startswith(f"plan file {path}: ")
+    assert _one_line(err.value).startswith(f"plan file {path}")
     with pytest.raises(PlanError, match=message):
         Plan.from_dict({"groups": groups, **extra})
 

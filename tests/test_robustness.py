@@ -283,16 +283,16 @@ def test_item11_full_disk_is_a_one_line_error(
     import errno
 
     from autodfp.errors import AutoDFPError
-    from autodfp.eval import export
+    from autodfp.eval import export, outdir
 
-    real = Path.write_bytes
+    real = outdir._write_new  # every file of the set is staged through it
 
-    def full(self: Path, data: bytes) -> int:
-        if self.name == "model.ts":
+    def full(path: Path, data: bytes) -> None:
+        if path.name == "model.ts":
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, data)
+        real(path, data)
 
-    monkeypatch.setattr(Path, "write_bytes", full)
+    monkeypatch.setattr(outdir, "_write_new", full)
     out = tmp_path / "o"
     code, _, err = _cli(capsys, *_prune_args(out))
     assert code == 2 and "no space left" in err.strip().splitlines()[-1], err

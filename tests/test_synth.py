@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from autodfp.config import SYNTH_SETTINGS
+from autodfp.errors import CacheWarning
 from autodfp.synth import distill as synth
 from autodfp.synth.distill import bn_stat_loss, distill, resolve_method, synthesize, synthetic_batch
 
@@ -192,7 +193,8 @@ def test_cache_default_location_and_corrupt_entry(tmp_path: Path, monkeypatch: p
     a = synthetic_batch(net, "plain", (3, 8, 8), n=4, seed=0, method="noise")
     (entry,) = (tmp_path / "synthetic").glob("*.pt")
     entry.write_bytes(b"not a checkpoint")
-    b = synthetic_batch(net, "plain", (3, 8, 8), n=4, seed=0, method="noise")
+    with pytest.warns(CacheWarning, match="is corrupt .*; recomputing"):
+        b = synthetic_batch(net, "plain", (3, 8, 8), n=4, seed=0, method="noise")
     assert torch.equal(a, b)
     assert torch.load(entry, weights_only=True)["method"] == "noise"
 

@@ -21,7 +21,7 @@ import os as _os
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from autodfp._version import __version__
-from autodfp.api import PruningResult, create_model, evaluate, load, prune, save
+from autodfp.api import PruningResult, create_model, evaluate, groups, load, prune, save
 from autodfp.compress.criteria import register_criterion
 from autodfp.compress.plan import Plan
 from autodfp.compress.reconstruct import register_strategy
@@ -40,6 +40,7 @@ __all__ = [
     "create_model",
     "evaluate",
     "get_config",
+    "groups",
     "list_models",
     "load",
     "load_model",

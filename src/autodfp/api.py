@@ -26,6 +26,7 @@ import copy
 import dataclasses
 import logging
 import math
+import numbers
 import os
 import time
 import warnings
@@ -38,15 +39,16 @@ import torch
 import torch.nn as nn
 
 from autodfp._checks import check_seed
-from autodfp._modes import eval_mode
+from autodfp._modes import eval_mode, keeps_modes
+from autodfp._progress import shows_messages
 from autodfp.analysis.graph import GroupGraph, find_groups
 from autodfp.compress.plan import Plan
 from autodfp.compress.refine import Refiner, select_dims_ridge
 from autodfp.compress.surgery import GroupDecision, Pruner
-from autodfp.config import SEARCH_METHODS, Config
-from autodfp.errors import ModelError, PlanError
+from autodfp.config import DEFAULTS, SEARCH_METHODS, Config
+from autodfp.errors import ModelError, PlanError, PreprocessingWarning
 from autodfp.models.load import check_finite
-from autodfp.models.registry import ModelConfig, Preprocessing
+from autodfp.models.registry import ModelConfig, Preprocessing, check_input_shape, check_preprocessing
 from autodfp.search.budget import MacsModel
 
 log = logging.getLogger("autodfp")
@@ -102,8 +104,10 @@ def user_model_config(
     shape = tuple(int(s) for s in input_shape)
     if len(shape) != 3 or min(shape) < 1:
         raise PlanError(f"input_shape must be (channels, height, width), got {tuple(input_shape)}")
+    check_input_shape(shape, error=PlanError)
     if preprocessing is None:
-        preprocessing = Preprocessing(shape[-1], (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        preprocessing = Preprocessing(shape[-1], (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), guessed=True)
+    check_preprocessing(preprocessing, error=PlanError)  # the same check as --mean/--std and pruned.pt's
     net = model
     return ModelConfig(
         name=name or type(model).__name__,
@@ -114,6 +118,41 @@ def user_model_config(
         label_offset=label_offset,
         description="user model",
     )
+
+
+def _user_config(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    name: str | None,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    like: str | None,
+) -> ModelConfig:
+    """:func:`user_model_config` with the preprocessing the caller gave, or a guess said out loud."""
+    from autodfp.models.registry import get_config
+
+    if (mean is None) != (std is None):
+        raise PlanError("give mean and std together (3 values each), or like='<zoo name>'")
+    if like is not None and mean is not None:
+        raise PlanError("give like or mean/std, not both")
+    shape = tuple(int(s) for s in input_shape)
+    if like is not None:
+        base = get_config(like)
+        pre = dataclasses.replace(base.preprocessing, input_size=shape[-1], input_hw=None, resize=None)
+        if base.preprocessing.input_hw is None and base.preprocessing.input_size == shape[-1]:
+            pre = base.preprocessing
+        mc = user_model_config(
+            model, shape, name=name, preprocessing=pre, num_classes=base.num_classes, label_offset=base.label_offset
+        )
+        return dataclasses.replace(mc, default_dataset=base.default_dataset)
+    if mean is not None and std is not None:
+        pre = Preprocessing(shape[-1], tuple(float(v) for v in mean), tuple(float(v) for v in std))  # type: ignore[arg-type]
+        return user_model_config(model, shape, name=name, preprocessing=pre)
+    log.warning(
+        "no preprocessing given for the model: mean/std 0.5 is recorded as a guess; pass mean= and std= "
+        "(or like='<zoo name>') so that evaluation normalises images as the model expects"
+    )
+    return user_model_config(model, shape, name=name)
 
 
 def input_shape_of(config: ModelConfig) -> tuple[int, int, int]:
@@ -327,7 +366,7 @@ class Pipeline:
 
         cfg, mc = self.config, self.model_config
         if callable(spec):
-            return spec
+            return _checked_reward(spec)
         if not isinstance(spec, str):
             raise PlanError(f"reward must be 'synthetic', 'unlabeled:DIR', 'labeled:SPEC' or a callable, got {spec!r}")
         kind, _, arg = spec.partition(":")
@@ -359,6 +398,29 @@ class Pipeline:
         raise PlanError(f"unknown reward '{spec}'; use synthetic, unlabeled:DIR or labeled:SPEC")
 
 
+def _checked_reward(fn: Callable[[nn.Module], Any]) -> Callable[[nn.Module], float]:
+    """A user's reward callable whose every value is checked: a finite real number, or an error.
+
+    A reward of ``None`` (a forgotten ``return``), a string or NaN would otherwise surface deep in
+    the search as a bare ``TypeError`` or silently poison the agent's replay buffer.
+    """
+
+    def reward(model: nn.Module) -> float:
+        value = fn(model)
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise PlanError(
+                f"the reward callable returned {type(value).__name__} ({str(value)[:40]!r}); it must return a "
+                "finite number, higher for a better model"
+            )
+        if not math.isfinite(float(value)):
+            raise PlanError(f"the reward callable returned {float(value)}; it must return a finite number")
+        return float(value)
+
+    return reward
+
+
 def _device_of(model: nn.Module) -> torch.device:
     for t in list(model.parameters()) + list(model.buffers()):
         return t.device
@@ -380,6 +442,46 @@ def _is_default_eval(config: ModelConfig, spec: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 # prune
 # ---------------------------------------------------------------------------------------------
+class Report(dict[str, Any]):
+    """The run's figures: a plain dict (JSON-ready, every setting included), printed as a summary.
+
+    ``result.report`` holds the whole config so that a report says how its model was made; printing
+    all of it buries the few figures a user looks for, so ``str()`` gives those in a few lines.
+    """
+
+    def __str__(self) -> str:
+        def m(x: Any) -> str:
+            return f"{x / 1e6:.2f}M" if isinstance(x, (int, float)) else "?"
+
+        lines = [f"autodfp report: {self.get('model', 'model')}"]
+        mb, ma, pb, pa = (self.get(k) for k in ("macs_before", "macs_after", "params_before", "params_after"))
+        if mb and ma is not None:
+            lines.append(f"  MACs    {m(mb)} -> {m(ma)}  ({ma / mb:.3f}x)")
+        if pb and pa is not None:
+            lines.append(f"  params  {m(pb)} -> {m(pa)}  ({pa / pb:.3f}x)")
+        if "search" in self:
+            lines.append(
+                f"  search  {self['search']}, {self.get('episodes')} episodes in {self.get('search_seconds')} s, "
+                f"best reward {self.get('best_reward')}"
+            )
+        recon = f"{self.get('strategy')} + {self.get('criterion')}"
+        if self.get("refine"):
+            recon += " + refine"
+        if self.get("distill_steps"):
+            recon += f" + distill {self['distill_steps']} steps"
+        lines.append(f"  method  {recon}")
+        if "final_step" in self:
+            lines.append(f"  final   {self['final_step']} (data-free scores: {self.get('final_step_scores')})")
+        for k in ("top1_before", "top1_after"):
+            if self.get(k) is not None:
+                lines.append(f"  {k.replace('_', ' ')}  {self[k]:.2f} %")
+        if "seconds" in self:
+            lines.append(f"  time    {self['seconds']} s")
+        return "\n".join(lines)
+
+    __repr__ = dict.__repr__
+
+
 @dataclass
 class PruningResult:
     """What :func:`prune` returns.
@@ -409,6 +511,20 @@ class PruningResult:
     arch: str | None = None
 
 
+def _config_over_plan(plan: Plan, cfg: Config) -> None:
+    """A criterion or strategy set in ``cfg`` (not left at its default) replaces the plan's own.
+
+    A plan records how it was made; a caller who passes ``Config(strategy="none")`` with it asks
+    for something else, and ignoring that silently spent minutes synthesising inputs for a
+    reconstruction nobody wanted. The CLI's ``--reconstruct``/``--criterion`` do the same.
+    """
+    for name in ("strategy", "criterion"):
+        wanted = getattr(cfg, name)
+        if wanted != getattr(DEFAULTS, name) and wanted != getattr(plan, name):
+            log.info(f"plan: {name} '{getattr(plan, name)}' replaced by the config's '{wanted}'")
+            setattr(plan, name, wanted)
+
+
 def _as_plan(plan: PlanSpec) -> Plan:
     if isinstance(plan, Plan):
         return copy.deepcopy(plan)
@@ -422,8 +538,15 @@ def prepare_model(
     input_shape: Sequence[int] | None = None,
     model_config: ModelConfig | None = None,
     name: str | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    like: str | None = None,
 ) -> tuple[nn.Module, ModelConfig, tuple[int, ...]]:
-    """A zoo name or a module → (module in eval mode, its config, input shape), checked for finiteness."""
+    """A zoo name or a module → (module in eval mode, its config, input shape), checked for finiteness.
+
+    A module's preprocessing comes from ``model_config``, ``like`` (a zoo entry's) or ``mean`` and
+    ``std``; with none of them it is a guess, said once in a warning and recorded as one.
+    """
     if isinstance(model, str):
         from autodfp.models import load_model
 
@@ -438,7 +561,7 @@ def prepare_model(
         elif known is not None:
             mc = known
         elif input_shape is not None:
-            mc = user_model_config(model, input_shape, name=name)
+            mc = _user_config(model, input_shape, name, mean, std, like)
         else:
             raise PlanError("input_shape is needed for a model passed as a module, e.g. input_shape=(3, 224, 224)")
     else:
@@ -450,6 +573,8 @@ def prepare_model(
     return net, mc, shape
 
 
+@keeps_modes
+@shows_messages
 def prune(
     model: nn.Module | str,
     input_shape: Sequence[int] | None = None,
@@ -469,6 +594,9 @@ def prune(
     name: str | None = None,
     eval_data: str | None = None,
     arch: str | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    like: str | None = None,
 ) -> PruningResult:
     """Prune ``model`` to a budget with no training data; the model passed in is left unchanged.
 
@@ -495,6 +623,10 @@ def prune(
     :param name: a label for a module (cache keys, reports)
     :param eval_data: the evaluation data spec, so a labelled reward can refuse to use it
     :param arch: ``package.module:factory`` that builds the architecture, recorded by :func:`save`
+    :param mean: per-channel mean of the module's input normalisation (with ``std``), recorded for
+        evaluation; the method itself never reads it
+    :param std: per-channel std, with ``mean``
+    :param like: a zoo name whose preprocessing, classes and default dataset the module shares
     :return: a :class:`PruningResult`
     """
     t_start = time.perf_counter()
@@ -510,8 +642,12 @@ def prune(
         raise PlanError(f"unknown search '{method}'; choose from {', '.join(SEARCH_METHODS)}")
     if resume and checkpoint_dir is None:
         raise PlanError("resume needs a checkpoint_dir")
-    net, mc, shape = prepare_model(model, input_shape, model_config, name)
+    net, mc, shape = prepare_model(model, input_shape, model_config, name, mean, std, like)
+    cfg = cfg.resolved(shape, resolve_device(device))  # the effort preset's values, for this input and device
     given_plan = _as_plan(plan) if plan is not None else None
+    if given_plan is not None:
+        given_plan.check_model(mc.name)  # a plan for another model is refused, not partly applied
+        _config_over_plan(given_plan, cfg)
     pipe = Pipeline(net, mc, shape, cfg, seed=seed, device=device, progress=progress)
 
     searching = macs_ratio is not None
@@ -585,9 +721,9 @@ def prune(
             # caller's plan object is never changed)
             the_plan = dataclasses.replace(the_plan, strategy="none")
     pruned = pruner.apply(the_plan, final)
-    if cfg.distill_steps > 0:
+    if cfg.distill_steps_for(shape, pipe.device) > 0:
         pruned.model, distilled = _distill(pipe, pruned.model)
-        report["distill_steps"] = cfg.distill_steps
+        report["distill_steps"] = cfg.distill_steps_for(shape, pipe.device)
         report.update(distilled)
     check_finite(pruned.model, "the pruned model")
     before = _count(net, shape)
@@ -607,6 +743,9 @@ def prune(
             "config": cfg.to_dict(),
         }
     )
+    if macs_ratio is not None and before[0]:
+        _check_budget(after[0] / before[0], float(macs_ratio), cfg.tol)
+    report = Report(report)
     out_model = pruned.model.to(_device_of(net)).eval()
     return PruningResult(
         out_model, the_plan, report, net, mc, shape, cfg, search_result, uniform_plan, pruned.decisions, arch
@@ -663,6 +802,20 @@ def check_ratio(name: str, value: Any) -> float:
     return float(value)
 
 
+def _check_budget(achieved: float, target: float, tol: float) -> None:
+    """Refuse a model whose *counted* MACs miss the budget, whatever the planning model predicted.
+
+    The search plans with an analytic MACs model; a structure it miscounts (a conv that reads and
+    writes one coupled stream, say) would otherwise deliver another budget than the one asked for,
+    silently. The pruned network's own profile is the ground truth.
+    """
+    if not target * (1 - tol) - 1e-9 <= achieved <= target * (1 + tol) + 1e-9:
+        raise PlanError(
+            f"the pruned model keeps {achieved:.4f}x the MACs, outside ±{tol:.0%} of the {target:.4f}x asked for "
+            "(the MACs model miscounts a structure of this network; please report it)"
+        )
+
+
 def _count(model: nn.Module, shape: tuple[int, ...]) -> tuple[int, int]:
     from autodfp.eval.metrics import profile
 
@@ -699,8 +852,8 @@ def _search(
         pruner,
         macs_ratio,
         method=method,
-        episodes=cfg.episodes,
-        warmup=None if cfg.warmup is None and resume else cfg.warmup_for(cfg.episodes),
+        episodes=cfg.episodes_for(),
+        warmup=None if cfg.warmup is None and resume else cfg.warmup_for(cfg.episodes_for()),
         seed=pipe.seed,
         r_min=cfg.r_min,
         checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir),
@@ -769,17 +922,19 @@ def _distill(pipe: Pipeline, student: nn.Module) -> tuple[nn.Module, dict[str, A
 
     cfg = pipe.config
     pools = [pipe.reward_batch(), pipe.fit_batch(cfg.refine_inputs_for(pipe.shape))]
-    if cfg.distill_inputs:
-        pools.append(pipe.batch(pipe.seed + DISTILL_SEED_OFFSET, cfg.distill_inputs))
+    extra = cfg.distill_inputs_for(pipe.shape, pipe.device)
+    steps = cfg.distill_steps_for(pipe.shape, pipe.device)
+    if extra:
+        pools.append(pipe.batch(pipe.seed + DISTILL_SEED_OFFSET, extra))
     inputs = torch.cat(pools)
     fresh_note = f", and {cfg.distill_fresh} × {CHUNK} fresh ones made during it" if cfg.distill_fresh else ""
-    log.info(f"distilling the pruned model for {cfg.distill_steps} steps on {len(inputs)} synthetic inputs{fresh_note}")
+    log.info(f"distilling the pruned model for {steps} steps on {len(inputs)} synthetic inputs{fresh_note}")
     t0 = time.perf_counter()
     run = distill(
         student,
         pipe.model,
         inputs,
-        cfg.distill_steps,
+        steps,
         lr=cfg.distill_lr,
         temperature=cfg.distill_temperature,
         batch_size=cfg.distill_batch_size,
@@ -877,6 +1032,50 @@ def _final_step(
 # ---------------------------------------------------------------------------------------------
 # evaluate
 # ---------------------------------------------------------------------------------------------
+@keeps_modes
+def groups(
+    model: nn.Module | str, input_shape: Sequence[int] | None = None, *, coupled: bool = False
+) -> list[dict[str, Any]]:
+    """Every output-channel group of ``model``, as ``autodfp info`` lists them: one dict per group
+    with its ``name``, ``kind``, ``channels``, ``consumers``, ``prunable`` and, for a group that
+    stays whole, the ``reason``.
+
+    This is what a plan's keys are, and what to read when a budget cannot be reached: the groups
+    that stay whole bound how far the MACs can fall.
+
+    :param model: any ``nn.Module`` (with ``input_shape``), or a zoo name
+    :param input_shape: (C, H, W) of one input; a zoo model's own by default
+    :param coupled: list residual-stream groups as prunable, as ``Config(coupled=True)`` prunes them
+    """
+    net, _, shape = prepare_model(model, input_shape)
+    return [g.to_dict() for g in find_groups(net, shape, coupled=coupled)]
+
+
+def _eval_config(model: nn.Module, model_config: ModelConfig | None, like: str | None) -> ModelConfig:
+    """The config an evaluation reads its preprocessing from: given, borrowed (``like``) or the zoo's.
+
+    Evaluating with the wrong normalisation still runs and reports a number (27.83 % instead of
+    59.00 % on one model), so there is no silent neutral default here.
+    """
+    from autodfp.models.load import zoo_config_of
+    from autodfp.models.registry import get_config
+
+    if model_config is not None and like is not None:
+        raise PlanError("give model_config or like, not both")
+    if like is not None:
+        return get_config(like)
+    if model_config is not None:
+        return model_config
+    known = zoo_config_of(model)
+    if known is None:
+        raise PlanError(
+            "evaluate needs the model's preprocessing: pass model_config=result.model_config (after prune), "
+            "or like='<zoo name>' for a model that shares a zoo model's"
+        )
+    return known
+
+
+@keeps_modes
 def evaluate(
     model: nn.Module,
     data: str | None = None,
@@ -888,6 +1087,7 @@ def evaluate(
     progress: bool = False,
     config: Config | None = None,
     reference: nn.Module | None = None,
+    like: str | None = None,
 ) -> Any:
     """Top-1/top-5 of ``model`` on labelled data: a spec (``cifar10:DIR``, ``folder:DIR[:CLASSLIST]``)
     or, without one, the model config's default evaluation set.
@@ -898,22 +1098,34 @@ def evaluate(
     face detectors) against ``reference``'s detections. Without a ``reference`` the zoo's unpruned
     model is used when ``model`` is a pruned copy of one, else ``model`` itself (which scores 1).
 
+    :param model_config: preprocessing and classes (``result.model_config`` after :func:`prune`);
+        a module built by :func:`create_model` knows its own, and ``like`` borrows a zoo entry's
     :param reference: the unpruned detector (detection on ``self:`` data only)
+    :param like: a zoo name whose preprocessing, classes and default dataset the model shares
     :return: :class:`autodfp.eval.metrics.EvalResult` (percentages and the image count), or
         :class:`autodfp.eval.detection.DetectionResult` for a detector
     """
     from autodfp.data.datasets import make_loader, resolve_dataset
     from autodfp.eval.metrics import evaluate as run_eval
 
-    if model_config is None:
-        raise PlanError("evaluate needs a model_config (preprocessing and classes) for a module")
+    model_config = _eval_config(model, model_config, like)
+    if model_config.preprocessing.guessed:
+        warnings.warn(
+            f"the preprocessing of {model_config.name} is a guess (mean {model_config.preprocessing.mean}, std "
+            f"{model_config.preprocessing.std}); accuracy is wrong unless the model expects it: pass like= or a "
+            "model_config with the real mean/std (CLI: --like or --mean/--std)",
+            PreprocessingWarning,
+            stacklevel=2,
+        )
     cfg = config if config is not None else Config()
     dev = resolve_device(device)
     shape = input_shape_of(model_config)
     if model_config.task == "detection":
         return _evaluate_detection(model, data, model_config, reference, limit, batch_size or 8, dev)
     loader = make_loader(
-        resolve_dataset(data, model_config), batch_size=batch_size or cfg.eval_batch_size_for(shape), limit=limit
+        resolve_dataset(data, model_config, limit=limit),
+        batch_size=batch_size or cfg.eval_batch_size_for(shape),
+        limit=limit,
     )
     moved = model if _device_of(model) == dev else copy.deepcopy(model).to(dev)
     with eval_mode(moved):
@@ -954,18 +1166,29 @@ def _evaluate_detection(
 # ---------------------------------------------------------------------------------------------
 # save / load
 # ---------------------------------------------------------------------------------------------
-def save(result: PruningResult, out_dir: str | os.PathLike, *, plots: bool = True) -> dict[str, Path]:
+def save(
+    result: PruningResult, out_dir: str | os.PathLike, *, plots: bool = True, overwrite: bool = False
+) -> dict[str, Path]:
     """Write the result as one complete set: pruned.pt, model.ts, plan.json, report.json and, after a
     search, search.json, ratios.png and rewards.png (see :mod:`autodfp.eval.export`).
 
+    autodfp replaces or deletes only files it wrote itself (those its earlier set's manifest
+    lists): a folder holding anything else is refused at once, before any work, unless
+    ``overwrite=True``; then the set is written beside those files, which are kept, and a file of
+    the user's that has a name of the set is still refused (see :mod:`autodfp.eval.outdir`).
+
     :param result: what :func:`prune` returned
-    :param out_dir: the output directory (created; an earlier set in it is replaced whole)
+    :param out_dir: the output directory (created; an earlier set of autodfp's in it is replaced whole)
     :param plots: also draw the search's plots
+    :param overwrite: write into a folder that holds files autodfp did not write (they are kept)
     :return: ``{kind: path}`` of the files written
     """
     import json
 
     from autodfp.eval.export import save_pruned
+    from autodfp.eval.outdir import claim_output_dir
+
+    claim_output_dir(out_dir, overwrite=overwrite)  # before the plots and the serialisation
 
     extra: dict[str, bytes] = {"report.json": (json.dumps(result.report, indent=2) + "\n").encode()}
     if result.search is not None:
@@ -974,7 +1197,14 @@ def save(result: PruningResult, out_dir: str | os.PathLike, *, plots: bool = Tru
             extra.update(_search_plots(result))
     zoo = result.arch is None and _is_zoo(result)
     return save_pruned(
-        _SavedView(result), out_dir, result.model_config, result.input_shape, arch=result.arch, zoo=zoo, extra=extra
+        _SavedView(result),
+        out_dir,
+        result.model_config,
+        result.input_shape,
+        arch=result.arch,
+        zoo=zoo,
+        extra=extra,
+        overwrite=overwrite,
     )
 
 
@@ -1015,6 +1245,7 @@ def _search_plots(result: PruningResult) -> dict[str, bytes]:
     return files
 
 
+@keeps_modes
 def load(path: str | os.PathLike, *, model: nn.Module | None = None, arch: str | None = None) -> nn.Module:
     """The pruned network saved in ``path`` (a directory written by :func:`save` or ``autodfp prune``).
 

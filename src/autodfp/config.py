@@ -12,12 +12,15 @@ docs/RESULTS.md that chose it.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from autodfp.errors import PlanError
+from autodfp.errors import ConfigError, PlanError
 
 #: Inputs of at most this many pixels (per channel) are "small" (CIFAR-size); above, "large"
 #: (ImageNet-size), where one forward pass costs ~50x more on a CPU.
@@ -104,6 +107,51 @@ DISTILL_AUGMENT: Mapping[str, bool] = {"small": True, "large": False}
 #: Evaluation batch size: small batches are several times faster per image for 224-px CNNs on a
 #: CPU (they stay cache-resident).
 EVAL_BATCH: Mapping[str, int] = {"small": 256, "large": 8}
+
+#: How much work a run spends, by preset (``Config(effort=...)``, ``--effort``). Each value is
+#: used only where the field is left unset (``None``); an explicit field or flag always wins.
+#:
+#: - ``fast``: the pipeline as it was before presets (no distillation): minutes on a CPU.
+#: - ``balanced`` (the default): data-free distillation on a larger synthetic pool after the
+#:   refinement, and a shorter search. On CIFAR ResNets distillation was the one stage that paid
+#:   tens of points (ResNet-20 at half the MACs: 61.26 -> 80.43 % with 2000 steps on 512 more
+#:   inputs; a held-out depth 59.00 -> 80.24 % on the uniform plan), against a point or two for the
+#:   search's last 200 episodes, so the time goes to distillation. At 224 px a distillation step costs
+#:   ~5 s on a 2-core CPU (MobileNet-V1: +0.8 points per 500 steps, 41 min), so on a CPU large
+#:   inputs are not distilled by default; on a GPU they are.
+#: - ``best``: for a run left alone: the full search, twice the distillation, full-size synthesis
+#:   at 224 px (57.08 against 55.3-56.5 % on MobileNet-V1's search).
+#:
+#: Tables are keyed by :func:`size_class`, and ``large_cpu`` is a large input without a GPU.
+#: docs/RESULTS.md, "Effort presets", has the measurements.
+EFFORTS = ("fast", "balanced", "best")
+EFFORT_PRESETS: Mapping[str, Mapping[str, Any]] = {
+    "fast": {
+        "episodes": 300,
+        "distill_steps": {"small": 0, "large": 0, "large_cpu": 0},
+        "distill_inputs": {"small": 0, "large": 0, "large_cpu": 0},
+        "synth_low_res": {},
+    },
+    "balanced": {
+        "episodes": 100,
+        "distill_steps": {"small": 1500, "large": 2000, "large_cpu": 0},
+        "distill_inputs": {"small": 256, "large": 512, "large_cpu": 0},
+        "synth_low_res": {},
+    },
+    "best": {
+        "episodes": 300,
+        "distill_steps": {"small": 4000, "large": 4000, "large_cpu": 1000},
+        "distill_inputs": {"small": 1024, "large": 1024, "large_cpu": 256},
+        "synth_low_res": {"large": 0.0, "large_cpu": 0.0},
+    },
+}
+
+
+def default_effort() -> str:
+    """The effort of a ``Config()`` that names none: ``balanced``, or ``$AUTODFP_EFFORT`` (a machine
+    that runs many short jobs, a CI job, can make ``fast`` its default without a flag on every call)."""
+    return os.environ.get("AUTODFP_EFFORT", "").strip() or "balanced"
+
 
 SYNTH_METHODS = ("auto", "bn", "deepinversion", "inversion", "noise")
 CORR_SOURCES = ("auto", "geometry", "calibration")
@@ -201,6 +249,8 @@ class Config:
     :param eval_batch_size: evaluation batch size (``None``: :data:`EVAL_BATCH`)
     """
 
+    #: ``fast``, ``balanced`` or ``best`` (:data:`EFFORT_PRESETS`): fills the fields left ``None``
+    effort: str = field(default_factory=default_effort)
     # channel selection and reconstruction
     criterion: str = "l1"
     strategy: str = "lsq"
@@ -235,19 +285,19 @@ class Config:
     labeled_reward_inputs: int = 512
     # search
     search: str = "sac"
-    episodes: int = 300
+    episodes: int | None = None
     warmup: int | None = None
     warmup_cap: int = 50
     r_min: float | None = None
     tol: float = 0.01
     checkpoint_every: int = 25
     # data-free distillation (optional last stage)
-    distill_steps: int = 0
+    distill_steps: int | None = None
     distill_lr: float = 1e-3
     distill_augment: bool | None = None
     distill_temperature: float = 4.0
     distill_batch_size: int = 64
-    distill_inputs: int = 0
+    distill_inputs: int | None = None
     distill_fresh: int = 0
     distill_compete: float = 0.03
     # evaluation
@@ -259,6 +309,7 @@ class Config:
         from autodfp.compress.criteria import criterion_names
         from autodfp.compress.reconstruct import strategy_names
 
+        _choice("effort", self.effort, EFFORTS)
         _choice("criterion", self.criterion, criterion_names())
         _choice("strategy", self.strategy, strategy_names())
         _choice("corr", self.corr, CORR_SOURCES)
@@ -273,8 +324,8 @@ class Config:
         if self.refine_dims_ridge is not None:
             _real("refine_dims_ridge", self.refine_dims_ridge, 0.0)
         _real("search_dims_ridge", self.search_dims_ridge, 0.0)
-        if not self.dims_ridge_grid:
-            raise PlanError("dims_ridge_grid must not be empty")
+        if not isinstance(self.dims_ridge_grid, (tuple, list)) or not self.dims_ridge_grid:
+            raise PlanError(f"dims_ridge_grid must be a non-empty tuple of numbers, got {_shown(self.dims_ridge_grid)}")
         for v in self.dims_ridge_grid:
             _real("dims_ridge_grid", v, 0.0)
         _real("reward_temperature", self.reward_temperature, 0.0, strict_low=True)
@@ -300,14 +351,17 @@ class Config:
             ("refine_max_positions", 1),
             ("unlabeled_reward_inputs", 1),
             ("labeled_reward_inputs", 1),
-            ("episodes", 1),
             ("warmup_cap", 0),
             ("checkpoint_every", 1),
         ):
             _integer(name, getattr(self, name), low)
-        _integer("distill_steps", self.distill_steps, 0)
+        if self.episodes is not None:
+            _integer("episodes", self.episodes, 1)
+        if self.distill_steps is not None:
+            _integer("distill_steps", self.distill_steps, 0)
         _integer("distill_batch_size", self.distill_batch_size, 1)
-        _integer("distill_inputs", self.distill_inputs, 0)
+        if self.distill_inputs is not None:
+            _integer("distill_inputs", self.distill_inputs, 0)
         _integer("distill_fresh", self.distill_fresh, 0)
         _real("distill_compete", self.distill_compete, 0.0)
         if self.distill_inputs == 1:
@@ -319,11 +373,12 @@ class Config:
         if self.eval_batch_size is not None:
             _integer("eval_batch_size", self.eval_batch_size, 1)
         if self.refine_data is not None and (not isinstance(self.refine_data, str) or not self.refine_data):
-            raise PlanError(f"refine_data must be a directory of images, got {self.refine_data!r}")
+            raise PlanError(f"refine_data must be a directory of images, got {_shown(self.refine_data)}")
         for name in ("refine", "coupled", "final_choice", "distill_augment"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (name == "distill_augment" and value is None):
-                raise PlanError(f"{name} must be True or False, got {value!r}")
+                raise PlanError(f"{name} must be True or False, got {_shown(value)}")
+        _check_sac(self.sac)
 
     def replace(self, **changes: Any) -> Config:
         """A copy with some fields changed (validated like a new one)."""
@@ -376,28 +431,130 @@ class Config:
     def warmup_for(self, episodes: int | None = None) -> int:
         if self.warmup is not None:
             return self.warmup
-        return min(self.warmup_cap, (self.episodes if episodes is None else episodes) // 4)
+        return min(self.warmup_cap, (self.episodes_for() if episodes is None else episodes) // 4)
+
+    # -- values the effort preset fills --------------------------------------------------------
+    def _preset_key(self, input_shape: Sequence[int], device: Any) -> str:
+        size = size_class(input_shape)
+        accelerated = str(device).split(":")[0] in ("cuda", "mps")
+        return "large_cpu" if size == "large" and not accelerated else size
+
+    def episodes_for(self) -> int:
+        """Search episodes: ``episodes``, else the effort preset's."""
+        return int(self.episodes) if self.episodes is not None else int(EFFORT_PRESETS[self.effort]["episodes"])
+
+    def distill_steps_for(self, input_shape: Sequence[int], device: Any = "cpu") -> int:
+        """Distillation steps: ``distill_steps``, else the preset's for this input size and device."""
+        if self.distill_steps is not None:
+            return int(self.distill_steps)
+        return int(EFFORT_PRESETS[self.effort]["distill_steps"][self._preset_key(input_shape, device)])
+
+    def distill_inputs_for(self, input_shape: Sequence[int], device: Any = "cpu") -> int:
+        """Extra distillation inputs: ``distill_inputs``, else the preset's for this size and device."""
+        if self.distill_inputs is not None:
+            return int(self.distill_inputs)
+        return int(EFFORT_PRESETS[self.effort]["distill_inputs"][self._preset_key(input_shape, device)])
+
+    def resolved(self, input_shape: Sequence[int], device: Any = "cpu") -> Config:
+        """This config with every preset-filled field set for one run (``effort`` kept).
+
+        A run's report records the resolved config, so it says how many episodes and steps were
+        spent, whichever preset chose them.
+        """
+        changes: dict[str, Any] = {}
+        if self.episodes is None:
+            changes["episodes"] = self.episodes_for()
+        if self.distill_steps is None:
+            changes["distill_steps"] = self.distill_steps_for(input_shape, device)
+        if self.distill_inputs is None:
+            changes["distill_inputs"] = self.distill_inputs_for(input_shape, device)
+        low_res = EFFORT_PRESETS[self.effort]["synth_low_res"].get(self._preset_key(input_shape, device))
+        if self.synth_low_res is None and low_res is not None:
+            changes["synth_low_res"] = low_res
+        return self.replace(**changes) if changes else self
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)`` for a message, at most 60 characters: never itself an error (an int past
+    Python's 4,300-digit limit cannot be printed, and would turn a one-line error into a crash)."""
+    try:
+        text = " ".join(repr(value).split())
+    except (ValueError, RecursionError):
+        text = f"a {type(value).__name__} too large to show"
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _choice(name: str, value: Any, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise PlanError(f"unknown {name} {value!r}; choose from {', '.join(allowed)}")
+    if not isinstance(value, str) or value not in allowed:
+        raise PlanError(f"unknown {name} {_shown(value)}; choose from {', '.join(allowed)}")
 
 
 def _real(name: str, value: Any, low: float, high: float | None = None, strict_low: bool = False) -> None:
-    """A finite real in range: ``nan`` slips through every ``<``/``>`` comparison, so check it first."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-        raise PlanError(f"{name} must be a finite number, got {value!r}")
+    """A finite real in range: ``nan`` slips through every ``<``/``>`` comparison, so check it first.
+
+    An ``int`` too large for a float (``float(10**400)`` raises ``OverflowError``) is no usable
+    setting either, so it is refused as not finite.
+    """
+    finite = isinstance(value, float) and math.isfinite(value)
+    finite = finite or (isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**1023)
+    if not finite:
+        raise PlanError(f"{name} must be a finite number, got {_shown(value)}")
     v = float(value)
     if v < low or (strict_low and v == low) or (high is not None and v > high):
         lo = f"({low:g}" if strict_low else f"[{low:g}"
         hi = f"{high:g}]" if high is not None else "∞)"
-        raise PlanError(f"{name} must be in {lo}, {hi}, got {value!r}")
+        raise PlanError(f"{name} must be in {lo}, {hi}, got {_shown(value)}")
 
 
 def _integer(name: str, value: Any, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise PlanError(f"{name} must be an integer ≥ {low}, got {value!r}")
+        raise PlanError(f"{name} must be an integer ≥ {low}, got {_shown(value)}")
+
+
+def _check_sac(sac: Any) -> None:
+    """SAC overrides: a mapping of known hyper-parameter names to JSON values.
+
+    They are written into the search checkpoint as JSON and passed to the agent by name, so a
+    non-string key, an unknown name or a value JSON cannot hold fails here, on construction, not
+    as a raw ``TypeError`` when the search starts.
+    """
+    if not isinstance(sac, Mapping):
+        raise PlanError(f"sac must be a mapping of SAC hyper-parameters, got {_shown(sac)}")
+    if not sac:
+        return
+    from autodfp.search.driver import SAC_DEFAULTS  # lazy: the search stack is heavy, and imports this module
+
+    for key, value in sac.items():
+        if not isinstance(key, str) or key not in SAC_DEFAULTS:
+            raise PlanError(f"unknown sac setting {_shown(key)}; choose from {', '.join(SAC_DEFAULTS)}")
+        items = value if isinstance(value, (list, tuple)) else [value]
+        for v in items:
+            ok = v is None or isinstance(v, (str, bool)) or (isinstance(v, int) and abs(v) < 2**63)
+            if not ok and not (isinstance(v, float) and math.isfinite(v)):
+                raise PlanError(f"sac setting '{key}' must be a number, string or list of them, got {_shown(value)}")
+
+
+_DATACLASS_INIT = Config.__init__
+_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(Config))
+
+
+@functools.wraps(_DATACLASS_INIT)
+def _config_init(self: Config, *args: Any, **kwargs: Any) -> None:
+    """The dataclass's ``__init__``, with an unknown keyword named as a one-line :class:`ConfigError`.
+
+    A misspelt knob (``Config(episode=100)``) would otherwise be a bare ``TypeError`` that the CLI
+    reports as an internal error; here it names the closest valid field, and it is still a
+    ``TypeError`` for callers that catch one.
+    """
+    unknown = [k for k in kwargs if k not in _FIELD_NAMES]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(_FIELD_NAMES), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"Config has no field '{unknown[0]}'{hint}")
+    _DATACLASS_INIT(self, *args, **kwargs)
+
+
+Config.__init__ = _config_init  # type: ignore[method-assign]
 
 
 def _unvalidated_defaults() -> Config:

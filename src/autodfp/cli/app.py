@@ -10,11 +10,14 @@ refinement) always goes to stderr.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,7 +25,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from autodfp.errors import AutoDFPError, PlanError
+from autodfp.errors import AutoDFPError, PlanError, printable
 
 app = typer.Typer(
     add_completion=False,
@@ -31,8 +34,19 @@ app = typer.Typer(
     help="Automatic data-free structured pruning of pretrained CNNs (AutoDFP).",
 )
 
-_out = Console()
-_err = Console(stderr=True)
+
+class _PrintableConsole(Console):
+    """A rich console that escapes control characters in the strings it prints (file and folder
+    names a user chose); rich itself strips only a few (BEL, backspace), not ESC."""
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        super().print(*(printable(o) if isinstance(o, str) else o for o in objects), **kwargs)
+
+
+# Outside a terminal rich assumes 80 columns and folds table cells (group names) to fit; a log or a
+# pipe has no width, so it gets every name whole.
+_out = _PrintableConsole(width=None if sys.stdout.isatty() else 400)
+_err = _PrintableConsole(stderr=True, width=None if sys.stderr.isatty() else 400)
 
 
 def _console(as_json: bool) -> Console:
@@ -56,12 +70,48 @@ def _json_safe(obj: Any) -> Any:
 
 
 def _notice(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)  # one line, never wrapped: scripts match it
+    print(printable(msg), file=sys.stderr, flush=True)  # one line, never wrapped: scripts match it
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C for the length of the block (or of the command it decorates).
+
+    ``kill``, a batch scheduler's time limit and a container's stop send SIGTERM, whose default
+    kills the process at once: no message, the lock not released. Raised as ``KeyboardInterrupt``
+    in the main thread, it unwinds like Ctrl-C: the search keeps its last checkpoint for
+    ``--resume``, OUT is unlocked, and :func:`main` prints ``interrupted`` and exits 130. The
+    previous handler comes back afterwards. Outside the main thread (where Python cannot install
+    handlers) the block runs unchanged.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _out_path(text: str) -> Path:
+    """``--out`` parsed from its raw text, so an empty one is refused (``Path("")`` would be ``.``)."""
+    from autodfp.eval.outdir import output_path
+
+    return output_path(text)
 
 
 # -- flags → config ------------------------------------------------------------------------------
 #: config field → the flag that sets it, so library messages (which name parameters) read as flags
 FLAGS = {
+    "effort": "--effort",
     "synth_steps": "--synth-steps",
     "synth_method": "--synth-method",
     "synth_low_res": "--synth-low-res",
@@ -120,12 +170,19 @@ def _checked(fn: Any, *args: Any, **kwargs: Any) -> Any:
         raise PlanError(_as_flags(str(exc))) from None
 
 
+class _PrintableFormatter(logging.Formatter):
+    """Library messages name user files: their control characters are escaped, never sent raw."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
+
+
 def _setup_logging() -> None:
     """Library messages (``autodfp`` logger) as plain lines on stderr, with or without --json."""
     logger = logging.getLogger("autodfp")
     if not any(getattr(h, "_autodfp_cli", False) for h in logger.handlers):
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(_PrintableFormatter("%(message)s"))
         setattr(handler, "_autodfp_cli", True)  # noqa: B010 (a marker attribute on a stdlib object)
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
@@ -198,24 +255,40 @@ def _load(
     if (p.is_dir() and (p / "pruned.pt").is_file()) or (p.is_file() and p.name == "pruned.pt"):
         from autodfp.eval.export import load_pruned
 
+        if weights is not None or trust_pickle:
+            raise PlanError("--weights and --trust-pickle do not apply to a pruned directory (its weights are in it)")
         net, cfg, _ = load_pruned(p, arch=arch)
-        return net, cfg
-    if p.is_dir() and (p / "model.ts").is_file():
+        if like is not None:  # a directory saved from Python may carry a guessed preprocessing
+            from autodfp.models.registry import get_config
+
+            base = get_config(like)
+            cfg = replace(
+                cfg,
+                preprocessing=base.preprocessing,
+                label_offset=base.label_offset,
+                default_dataset=base.default_dataset,
+                num_classes=base.num_classes,
+            )
+    elif p.is_dir() and (p / "model.ts").is_file():
         raise AutoDFPError(f"{p} holds no pruned.pt: it is not a complete autodfp output directory")
-    net, cfg = load_model(model, weights=weights, arch=arch, trust_pickle=trust_pickle, like=like)
+    else:
+        net, cfg = load_model(model, weights=weights, arch=arch, trust_pickle=trust_pickle, like=like)
     m, s = _floats3(mean, "--mean"), _floats3(std, "--std")
     if input_size is not None or m is not None or s is not None:
-        if input_size is not None and not 1 <= input_size <= 4096:
-            raise PlanError(f"--input-size must be in [1, 4096], got {input_size}")
+        from autodfp.models.registry import check_preprocessing
+
         pre = cfg.preprocessing
         pre = replace(
             pre,
-            input_size=input_size or pre.input_size,
+            input_size=pre.input_size if input_size is None else input_size,
             mean=m or pre.mean,
             std=s or pre.std,
             resize=pre.resize if input_size is None else None,
+            guessed=pre.guessed and (m is None or s is None),
         )
-        cfg = replace(cfg, preprocessing=pre)
+        # the one check of these fields, shared with the pruned.pt loader (bounds, 3 values, std > 0)
+        flags = {"input_size": "--input-size", "mean": "--mean", "std": "--std"}
+        cfg = replace(cfg, preprocessing=check_preprocessing(pre, error=PlanError, names=flags))
     check_finite(net, weights or model)
     return net, cfg
 
@@ -332,7 +405,7 @@ def _eval_batches(cfg, data: Optional[str], limit: Optional[int], batch_size: in
     from autodfp.data.datasets import make_loader, resolve_dataset
     from autodfp.eval.bench import cache_batches
 
-    return cache_batches(make_loader(resolve_dataset(data, cfg), batch_size=batch_size, limit=limit))
+    return cache_batches(make_loader(resolve_dataset(data, cfg, limit=limit), batch_size=batch_size, limit=limit))
 
 
 def _check_run(seed: int, device: str, limit: Optional[int], batch_size: Optional[int]) -> None:
@@ -541,6 +614,7 @@ _SEARCH_FLAGS = ("--search", "--episodes", "--warmup", "--r-min", "--checkpoint-
 
 
 @app.command()
+@sigterm_as_interrupt()
 def prune(
     model: str = typer.Argument(..., help="Zoo name or user model."),
     uniform: Optional[float] = typer.Option(None, "--uniform", help="One preserved ratio for every prunable group."),
@@ -552,7 +626,7 @@ def prune(
         None, "--search", help="With --macs-ratio: sac (default) | uniform | random | evolution."
     ),
     episodes: Optional[int] = typer.Option(
-        None, "--episodes", help="Search episodes (sac, random, evolution; default 300)."
+        None, "--episodes", help="Search episodes (sac, random, evolution; default: --effort's, 100 balanced)."
     ),
     warmup: Optional[int] = typer.Option(
         None,
@@ -571,6 +645,12 @@ def prune(
         None, "--checkpoint-every", help="Write a resumable search checkpoint every K episodes (default 25)."
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted search from OUT/search/."),
+    effort: Optional[str] = typer.Option(
+        None,
+        "--effort",
+        help="fast | balanced | best: search episodes, distillation and synthesis sizes in one word "
+        "(default balanced, or $AUTODFP_EFFORT); any flag below overrides its preset value.",
+    ),
     criterion: Optional[str] = CriterionOpt,
     reconstruct: Optional[str] = ReconOpt,
     strength: Optional[float] = typer.Option(None, "--strength", help="Merge strength λ in [0, 1] for autodfp."),
@@ -585,12 +665,13 @@ def prune(
         None,
         "--distill",
         help="Steps of data-free knowledge distillation after refinement: the pruned model learns the original's "
-        "outputs on the synthetic inputs (default 0: off).",
+        "outputs on the synthetic inputs (default: --effort's; balanced distils 32-px models 1500 steps, 0: off).",
     ),
     distill_inputs: Optional[int] = typer.Option(
         None,
         "--distill-inputs",
-        help="Extra synthetic inputs distilled for --distill alone, added to the pipeline's batches (default 0).",
+        help="Extra synthetic inputs distilled for --distill alone, added to the pipeline's batches "
+        "(default: --effort's; balanced adds 256 for 32-px models).",
     ),
     distill_lr: Optional[float] = typer.Option(
         None,
@@ -622,7 +703,15 @@ def prune(
     refine_dims_ridge: Optional[float] = RefineDimsRidgeOpt,
     reward_inputs: Optional[int] = RewardInputsOpt,
     refine_inputs: Optional[int] = RefineInputsOpt,
-    out: Path = typer.Option(..., "--out", help="Output directory (model.ts, pruned.pt, plan.json, manifest.json)."),
+    out: Path = typer.Option(
+        ..., "--out", parser=_out_path, help="Output directory (model.ts, pruned.pt, plan.json, manifest.json)."
+    ),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="Write into an --out that holds files autodfp did not write; they are kept (one with a name of the "
+        "output set is still refused). autodfp only ever replaces its own earlier output.",
+    ),
     weights: Optional[str] = WeightsOpt,
     arch: Optional[str] = ArchOpt,
     trust_pickle: bool = TrustOpt,
@@ -651,6 +740,7 @@ def prune(
             _checked(api.check_ratio, name, value)
     _check_run(seed, device, limit, batch_size)
     config = _config(
+        effort=effort,
         criterion=criterion,
         strategy=reconstruct,
         strength=strength,
@@ -700,7 +790,7 @@ def prune(
     check_output_dir(out)
     con = _console(as_json)
     _setup_logging()
-    with OutputLock(out):
+    with OutputLock(out, overwrite=force, search=macs_ratio is not None):
         net, cfg = _load(model, weights, arch, trust_pickle, like, input_size, mean, std)
         if resume and not (out / "search").is_dir():
             _notice(f"--resume: no checkpoint in {out / 'search'}; starting a new search")
@@ -721,7 +811,7 @@ def prune(
             eval_data=data,
             arch=arch,
         )
-        paths = api.save(result, out)
+        paths = api.save(result, out, overwrite=force)
     shape = result.input_shape
     report = result.report
     lat_b, lat_a = latency_table(net, shape, (1,)), latency_table(result.model, shape, (1,))
@@ -806,7 +896,7 @@ def proxy_check_cmd(
         "--refine-inputs",
         help="Synthetic inputs each plan is refined on (seed + 1); default: what searches score candidates with (64).",
     ),
-    out: Path = typer.Option(Path("runs/proxy"), "--out", help="Directory for proxy.png/json."),
+    out: Path = typer.Option(Path("runs/proxy"), "--out", parser=_out_path, help="Directory for proxy.png/json."),
     weights: Optional[str] = WeightsOpt,
     arch: Optional[str] = ArchOpt,
     trust_pickle: bool = TrustOpt,
@@ -819,10 +909,9 @@ def proxy_check_cmd(
     as_json: bool = JsonOpt,
 ) -> None:
     """Can the data-free reward be trusted? Spearman ρ of reward vs real accuracy over K plans."""
-    from autodfp._io import atomic_write_text
     from autodfp.api import Pipeline, check_ratio, input_shape_of
-    from autodfp.eval.export import check_output_dir
     from autodfp.eval.metrics import evaluate
+    from autodfp.eval.outdir import claim_output_dir, write_output_set
     from autodfp.search.driver import plot_proxy, proxy_check
 
     if plans < 3:
@@ -843,7 +932,7 @@ def proxy_check_cmd(
         refine_inputs=refine_inputs,
         eval_batch_size=batch_size,
     )
-    check_output_dir(out)
+    claim_output_dir(out)  # a folder of the user's is refused now, not after the work
     _setup_logging()
     net, cfg = _load(model, weights, arch, trust_pickle, like, input_size)
     pipe = Pipeline(net, cfg, input_shape_of(cfg), config, seed=seed, device=device, progress=_progress_on())
@@ -864,11 +953,13 @@ def proxy_check_cmd(
         progress=_progress_on(),
         refiner=refiner,
     )
-    out.mkdir(parents=True, exist_ok=True)
     rho_txt = "undefined" if rho is None or not math.isfinite(rho) else f"{rho:.3f}"
-    plot_proxy(rewards, accs, out / "proxy.png", title=f"{cfg.name} @ {macs_ratio:g} MACs: Spearman ρ = {rho_txt}")
-    atomic_write_text(
-        out / "proxy.json",
+    files: dict[str, bytes] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        png = Path(tmp) / "proxy.png"
+        plot_proxy(rewards, accs, png, title=f"{cfg.name} @ {macs_ratio:g} MACs: Spearman ρ = {rho_txt}")
+        files["proxy.png"] = png.read_bytes()
+    files["proxy.json"] = (
         json.dumps(
             _json_safe(
                 {
@@ -885,8 +976,9 @@ def proxy_check_cmd(
             ),
             indent=2,
         )
-        + "\n",
-    )
+        + "\n"
+    ).encode()
+    write_output_set(out, files, kind="proxy")
     _console(as_json).print(
         f"Spearman ρ (reward vs top-1, {plans} plans) = {rho_txt}; top-1 range "
         f"{min(accs):.2f}–{max(accs):.2f} %; wrote {out / 'proxy.png'}"
@@ -916,7 +1008,7 @@ def bench(
     refine_ridge: Optional[float] = RefineRidgeOpt,
     refine_dims_ridge: Optional[float] = RefineDimsRidgeOpt,
     refine_inputs: Optional[int] = RefineInputsOpt,
-    out: Path = typer.Option(Path("runs/bench"), "--out", help="Directory for bench.md/json/png."),
+    out: Path = typer.Option(Path("runs/bench"), "--out", parser=_out_path, help="Directory for bench.md/json/png."),
     weights: Optional[str] = WeightsOpt,
     arch: Optional[str] = ArchOpt,
     trust_pickle: bool = TrustOpt,
@@ -930,7 +1022,7 @@ def bench(
     """Grid of methods × uniform ratios: Markdown table and accuracy-vs-MACs plot."""
     from autodfp.api import Pipeline, check_ratio, input_shape_of
     from autodfp.eval.bench import parse_method, run_grid, write_report
-    from autodfp.eval.export import check_output_dir
+    from autodfp.eval.outdir import claim_output_dir
 
     try:
         ratio_list = [float(r) for r in ratios.split(",") if r.strip()]
@@ -959,7 +1051,7 @@ def bench(
         refine_inputs=refine_inputs,
         eval_batch_size=batch_size,
     )
-    check_output_dir(out)
+    claim_output_dir(out)  # a folder of the user's is refused now, not after the work
     _setup_logging()
     net, cfg = _load(model, weights, arch, trust_pickle, like, input_size)
     refining = any(parse_method(m)[2] for m in method_list)
@@ -992,8 +1084,118 @@ def bench(
     _out.print(f"wrote {', '.join(str(p) for p in paths.values())}")
 
 
+@app.command("bench-latency")
+def bench_latency(
+    model: str = typer.Argument(..., help="A pruned output directory, or any model (zoo name, user model) to time."),
+    against: Optional[str] = typer.Option(
+        None,
+        "--against",
+        help="The model to compare with (zoo name or pruned directory); default: the zoo model "
+        "a pruned directory was pruned from.",
+    ),
+    runtime: str = typer.Option(
+        "torch", "--runtime", help="torch | torchscript | onnxruntime | all (all: those installed here)."
+    ),
+    batch_sizes: str = typer.Option("1,8,32", "--batch-sizes", help="Comma-separated batch sizes to time."),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda | auto: where the models run (default cpu)."),
+    repeats: int = typer.Option(
+        20, "--repeats", help="Timed runs per model and batch size (at least 20), alternated between the models."
+    ),
+    warmup: int = typer.Option(5, "--warmup", help="Untimed runs per model and batch size before timing."),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", help="Intra-op threads of every runtime (default: PyTorch's)."
+    ),
+    out: Optional[Path] = typer.Option(
+        None, "--out", parser=_out_path, help="Directory for latency.png (latency vs batch size) and latency.json."
+    ),
+    arch: Optional[str] = ArchOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Measured latency before and after pruning: median and spread per runtime and batch size."""
+    from autodfp.api import input_shape_of, resolve_device
+    from autodfp.errors import OutputDirError
+    from autodfp.eval import latency as lat
+
+    if runtime.strip().lower() == "all":
+        runtimes = lat.available_runtimes()
+    elif runtime.strip().lower() in lat.RUNTIMES:
+        runtimes = (runtime.strip().lower(),)
+    else:
+        raise PlanError(f"unknown --runtime '{runtime}'; choose one of {', '.join(lat.RUNTIMES)} or all")
+    sizes = lat.parse_batch_sizes(batch_sizes, "--batch-sizes")
+    if repeats < lat.MIN_REPEATS:
+        raise PlanError(
+            f"--repeats must be at least {lat.MIN_REPEATS} (a median of fewer runs moves with one slow run)"
+        )
+    if warmup < 0:
+        raise PlanError(f"--warmup must be at least 0, got {warmup}")
+    if threads is not None and threads < 1:
+        raise PlanError(f"--threads must be at least 1, got {threads}")
+    _checked(resolve_device, device)
+    if out is not None and (out.exists() or out.is_symlink()):
+        if not out.is_dir() or out.is_symlink():
+            raise OutputDirError(f"--out {out} is not a directory")
+        if (out / "manifest.json").exists() or (out / "pruned.pt").exists():
+            raise OutputDirError(f"--out {out} holds a pruned model's files; name another directory for the plots")
+    net, cfg = _load(model, None, arch, False, None)
+    shape = input_shape_of(cfg)
+    original, against_name = None, None
+    if against is not None:
+        original, acfg = _load(against, None, None, False, None)
+        against_name = acfg.name
+        if tuple(input_shape_of(acfg)) != tuple(shape):
+            raise PlanError(f"--against {against} takes {input_shape_of(acfg)} inputs, {model} takes {shape}")
+    elif Path(model).is_dir() or Path(model).name == "pruned.pt":
+        from autodfp.models import load_model
+        from autodfp.models.registry import is_registered
+
+        if not is_registered(cfg.name):
+            raise PlanError(f"{model} was not pruned from a zoo model; name the original model with --against")
+        original, _ = load_model(cfg.name, pretrained=False)  # weights do not change the time
+        against_name = cfg.name
+    _notice(
+        f"timing {'2 models' if original is not None else '1 model'} ({', '.join(runtimes)}; batch sizes "
+        f"{', '.join(map(str, sizes))}; {repeats} alternated runs each after {warmup} untimed)"
+    )
+    section = lat.latency_section(original, net, shape, runtimes, sizes, device, warmup, repeats, threads)
+    con = _console(as_json)
+    t = Table(title=f"{cfg.name}: ms per batch, median (p10–p90)", caption=f"on {section['device_name']}")
+    for col in ("runtime", "batch", "threads") + (
+        ("original", "pruned", "speed-up") if original is not None else ("model",)
+    ):
+        t.add_column(col, justify="left" if col == "runtime" else "right")
+    span = lambda x: f"{x['median_ms']:.3f} ({x['p10_ms']:.3f}–{x['p90_ms']:.3f})"
+    for rt, entry in section["runtimes"].items():
+        for row in entry["batches"]:
+            cells = [rt, str(row["batch"]), str(entry["threads"])]
+            if original is not None:
+                cells += [span(row["before"]), span(row["after"]), f"{row['speedup']:.2f}x"]
+            else:
+                cells.append(span(row["after"]))
+            t.add_row(*cells)
+    con.print(t)
+    if out is not None:
+        from autodfp._io import atomic_write_bytes, atomic_write_text
+
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out / "latency.json", json.dumps(_json_safe(section), indent=2, allow_nan=False) + "\n")
+            atomic_write_bytes(
+                out / "latency.png", lat.plot_latency(section, title=f"{cfg.name} ({section['device_name']})")
+            )
+        except OSError as exc:
+            raise OutputDirError(f"cannot write to --out {out} ({exc.strerror or exc.__class__.__name__})") from None
+        con.print(f"wrote {out / 'latency.png'}, {out / 'latency.json'}")
+    if as_json:
+        _emit_json({"model": cfg.name, "against": against_name, **section})
+
+
 #: library parameters, as the library's messages name them → the CLI's flags
-_PARAM_WORDS = {"trust_pickle=True": "--trust-pickle", "arch=package.module:factory": "--arch package.module:factory"}
+_PARAM_WORDS = {
+    "trust_pickle=True": "--trust-pickle",
+    "arch=package.module:factory": "--arch package.module:factory",
+    "overwrite=True": "--force",
+}
 
 
 def _cli_words(msg: str) -> str:
@@ -1019,7 +1221,7 @@ def _one_line_warnings() -> None:
         line: str | None = None,
     ) -> None:
         if issubclass(category, CacheWarning) or filename.startswith(str(Path(__file__).parents[1])):
-            print(f"warning: {' '.join(str(message).split())}", file=sys.stderr)
+            print(f"warning: {printable(' '.join(str(message).split()))}", file=sys.stderr)
         else:
             default(message, category, filename, lineno, file, line)
 
@@ -1040,7 +1242,7 @@ def main(argv: list[str] | None = None) -> int:
     except usage_error as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":  # the help was printed: nothing went wrong
             return 0
-        msg = " ".join(exc.format_message().split())
+        msg = printable(" ".join(exc.format_message().split()))
         print(
             f"error: {msg} (see 'autodfp {exc.ctx.info_name if exc.ctx and exc.ctx.parent else ''} --help')".replace(
                 "autodfp  --help", "autodfp --help"
@@ -1057,12 +1259,12 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except AutoDFPError as exc:
-        print(f"error: {_cli_words(' '.join(str(exc).split()))}", file=sys.stderr)
+        print(f"error: {printable(_cli_words(' '.join(str(exc).split())))}", file=sys.stderr)
         return 2
     except Exception as exc:  # a bug, not bad input: keep it to one line unless debugging
         if os.environ.get("AUTODFP_DEBUG"):
             raise
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        msg = printable(str(exc).strip().splitlines()[0]) if str(exc).strip() else ""
         print(
             f"internal error: {exc.__class__.__name__}: {msg} (set AUTODFP_DEBUG=1 for the traceback)", file=sys.stderr
         )

@@ -219,7 +219,7 @@ def distill(
         fresh_at.setdefault(i * steps // fresh_batches, []).append(i)
     from autodfp._progress import progress_bar
 
-    bar = progress_bar(total=steps, desc="distill-kd", unit="step", enabled=progress)
+    bar = progress_bar(total=steps, desc="distillation", unit="step", enabled=progress)
     try:
         with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
             for step in range(steps):

@@ -10,16 +10,18 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from autodfp._io import atomic_write_text
+from autodfp._jsonio import read_json
 from autodfp.analysis.graph import GroupGraph, PrunableGroup
 from autodfp.compress.criteria import criterion_names
 from autodfp.compress.reconstruct import strategy_names
 from autodfp.config import DEFAULTS
-from autodfp.errors import PlanError
+from autodfp.errors import PlanError, printable
 
 
 def n_keep(channels: int, ratio: float) -> int:
@@ -54,30 +56,62 @@ _PARAM_TYPES: dict[str, str] = {
 }
 
 
+#: The plan format :meth:`Plan.to_dict` writes; a plan naming another one is refused.
+PLAN_FORMAT = "autodfp.plan/1"
+#: Every top-level field of a plan. Anything else (a misspelt ``"stratgy"``) is refused, not ignored:
+#: a hand-edited plan whose edit silently does nothing would prune with the defaults instead.
+_PLAN_FIELDS = ("format", "model", "criterion", "strategy", "params", "groups")
+#: The largest int a float can hold; a larger one is no usable ratio or strength.
+_FLOAT_MAX = int(sys.float_info.max)
+
+
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A finite real that a float can hold, never a bool. An ``int`` past a float's range (400
+    digits) is refused here, where ``math.isfinite`` or the surgery's ``float()`` would raise
+    ``OverflowError``."""
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, int):
+        return abs(v) <= _FLOAT_MAX
+    return isinstance(v, float) and math.isfinite(v)
+
+
+def _is_integer(v: Any) -> bool:
+    """An int that fits 64 bits (seeds, counts), never a bool."""
+    return isinstance(v, int) and not isinstance(v, bool) and -(2**63) <= v < 2**64
 
 
 def _show(v: Any) -> str:
-    text = json.dumps(v) if isinstance(v, (str, int, float, bool, list, dict, type(None))) else repr(v)
+    """``v`` as a short JSON-like text for a message, whatever it is (a huge int, a deep list)."""
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 10**30:
+        return f"an integer of about {int(abs(v).bit_length() * 0.30103) + 1} digits"
+    if isinstance(v, (list, tuple)):
+        return f"a list of {len(v)} items" if v else "[]"
+    if isinstance(v, dict):
+        return f"an object of {len(v)} keys" if v else "{}"
+    try:
+        text = json.dumps(v) if isinstance(v, (str, int, float, bool, type(None))) else repr(v)
+    except (ValueError, TypeError):  # e.g. a float subclass whose repr fails
+        text = type(v).__name__
     return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _check_params(params: dict[str, Any], where: str) -> None:
     for key, value in params.items():
+        if not isinstance(key, str):
+            raise PlanError(f"parameter names in {where} must be strings, got {_show(key)}")
         want = _PARAM_TYPES.get(key)
         ok = {
-            None: isinstance(value, (str, int, float, bool, type(None)))
-            and (not isinstance(value, float) or math.isfinite(value)),
+            None: value is None or isinstance(value, (str, bool)) or _is_number(value),
             "number": _is_number(value),
             "number or null": value is None or _is_number(value),
             "boolean": isinstance(value, bool),
             "string": isinstance(value, str),
-            "integer": isinstance(value, int) and not isinstance(value, bool),
+            "integer": _is_integer(value),
         }[want]
         if not ok:
             raise PlanError(
-                f"parameter '{key}' in {where} must be a {want or 'finite JSON scalar'}, got {_show(value)}"
+                f"parameter '{printable(key)[:40]}' in {where} must be a {want or 'finite JSON scalar'}, got {_show(value)}"
             )
 
 
@@ -111,18 +145,40 @@ class Plan:
         if self.strategy not in strategy_names():
             raise PlanError(f"unknown strategy '{self.strategy}'; choose from {', '.join(strategy_names())}")
 
+    def check_model(self, name: str) -> None:
+        """Refuse a plan recorded for another model than ``name``, the model about to be pruned.
+
+        Group names alone cannot tell two models apart: ResNet-20's groups are a subset of
+        ResNet-56's, so a ResNet-20 plan applied to ResNet-56 validated and pruned 9 of its 27
+        groups without a word. A plan that records no model (``null``, a hand-made plan) is applied
+        as it is; its group names are still checked by :meth:`validate`.
+        """
+        if self.model is not None and self.model != name:
+            raise PlanError(
+                f"the plan was made for model '{printable(self.model)}', not '{name}'; to apply it to '{name}' "
+                f'anyway, set the plan\'s "model" field to "{name}" (or to null)'
+            )
+
     def validate(self, graph: GroupGraph) -> None:
+        """Check the plan against the model's groups: names, ratios, pinned channels, per-group params."""
         self.check_names()
         known = {g.name: g for g in graph.groups}
+        unknown = [name for name in self.ratios if name not in known]
+        if unknown:
+            shown = ", ".join(f"'{n}'" for n in unknown[:3]) + (
+                f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+            )
+            prunable = ", ".join(g.name for g in graph.prunable[:4])
+            raise PlanError(
+                f"unknown group{'s' if len(unknown) > 1 else ''} {shown} in plan (a plan for another model?); "
+                f"prunable groups include {prunable}…"
+            )
         for name, ratio in self.ratios.items():
-            if name not in known:
-                prunable = ", ".join(g.name for g in graph.prunable[:4])
-                raise PlanError(f"unknown group '{name}' in plan; prunable groups include {prunable}…")
             g = known[name]
             if not g.prunable:
                 raise PlanError(f"group '{name}' cannot be pruned: {g.reason}")
-            if not isinstance(ratio, (int, float)) or not (0.0 < float(ratio) <= 1.0):
-                raise PlanError(f"preserved ratio for '{name}' must be in (0, 1], got {ratio!r}")
+            if not _is_number(ratio) or not (0.0 < float(ratio) <= 1.0):
+                raise PlanError(f"preserved ratio for '{name}' must be in (0, 1], got {_show(ratio)}")
             if n_keep(g.units, float(ratio)) < 1:
                 per = f" per conv group, {g.granularity} groups" if g.granularity > 1 else ""
                 raise PlanError(
@@ -167,15 +223,24 @@ class Plan:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Plan:
+    def from_dict(cls, d: Any) -> Plan:
         """Read a plan from parsed JSON, checking every field's type.
 
         Plans are edited by hand and shipped inside pruned checkpoints, so a wrong type must be a
         PlanError naming the field here, not a TypeError deep inside the surgery. ``true`` is a
         number to Python but never a ratio, index or strength, so booleans are refused explicitly.
+        Any value at all (the result of parsing any JSON document) gives a :class:`Plan` or a
+        :class:`PlanError`: ratios are finite reals in (0, 1], names are strings, and an unknown
+        top-level field is refused (a misspelt field would otherwise be silently ignored).
         """
         if not isinstance(d, dict) or not isinstance(d.get("groups"), dict):
             raise PlanError("a plan must be a JSON object with a 'groups' mapping")
+        extra = [k for k in d if k not in _PLAN_FIELDS]
+        if extra:
+            odd = f"'{printable(extra[0])[:40]}'" if isinstance(extra[0], str) else _show(extra[0])
+            raise PlanError(f"unknown plan field {odd}; a plan has {', '.join(_PLAN_FIELDS)}")
+        if "format" in d and d["format"] != PLAN_FORMAT:
+            raise PlanError(f"plan field 'format' must be \"{PLAN_FORMAT}\", got {_show(d['format'])}")
         for key in ("criterion", "strategy"):
             if key in d and not isinstance(d[key], str):
                 raise PlanError(f"plan field '{key}' must be a string, got {_show(d[key])}")
@@ -185,9 +250,14 @@ class Plan:
         if not isinstance(params, dict):
             raise PlanError(f"plan field 'params' must be an object, got {_show(params)}")
         _check_params(params, "'params'")
-        ratios, layer_params, keep = {}, {}, {}
+        ratios: dict[str, float] = {}
+        layer_params: dict[str, dict[str, Any]] = {}
+        keep: dict[str, list[int]] = {}
         for name, entry in d["groups"].items():
-            if _is_number(entry):
+            if not isinstance(name, str) or not name or not name.isprintable():
+                # a group is a module path: a control character cannot be one, and would break a message
+                raise PlanError(f"group names in a plan must be non-empty printable strings, got {_show(name)}")
+            if isinstance(entry, (int, float)) and not isinstance(entry, bool):  # a bare ratio, checked below
                 entry = {"ratio": entry}
             if not isinstance(entry, dict) or "ratio" not in entry:
                 raise PlanError(f"group '{name}' in plan needs a 'ratio'")
@@ -195,6 +265,8 @@ class Plan:
             ratio = entry.pop("ratio")
             if not _is_number(ratio):
                 raise PlanError(f"ratio of group '{name}' must be a number, got {_show(ratio)}")
+            if not 0.0 < ratio <= 1.0:
+                raise PlanError(f"preserved ratio for '{name}' must be in (0, 1], got {_show(ratio)}")
             ratios[name] = ratio
             if "keep" in entry:
                 idx = entry.pop("keep")
@@ -219,18 +291,14 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
+        """Read a plan file through the bounded JSON reader (:func:`autodfp._jsonio.read_json`).
+
+        A plan is user input: a document nested 100,000 levels deep or a ratio of 5,001 digits
+        must be a one-line :class:`PlanError` naming the file, not a ``RecursionError``.
+        """
         path = Path(path)
-        if not path.is_file():
-            raise PlanError(f"plan file not found: {path}")
+        data = read_json(path, f"plan file {path}", error=PlanError)
         try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise PlanError(f"plan file {path} is not UTF-8 text") from None
-        except OSError as exc:
-            raise PlanError(f"cannot read plan file {path} ({exc.strerror or exc})") from None
-        try:
-            return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"plan file {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+            return cls.from_dict(data)
         except PlanError as exc:
             raise PlanError(f"plan file {path}: {exc}") from None

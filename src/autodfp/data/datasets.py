@@ -14,6 +14,10 @@ The preprocessing reproduces torchvision's ``Resize(int)`` + ``CenterCrop`` + ``
 ``Normalize`` on PIL images bit for bit (same PIL call, same size rounding, same crop offset), so
 published accuracies reproduce without torchvision installed.
 
+Image files are listed by :mod:`autodfp.data.walk`, the one walker (regular files only, symlink
+cycles cut, a file reached twice counted once, lazy under a limit, bounded), and decoded to 8-bit
+RGB mode-aware (16-bit scaled rather than clipped, palettes via RGBA) with bounded work.
+
 CIFAR files are pickles; they are read with an unpickler that only admits the few numpy globals a
 CIFAR batch needs, so a malicious "dataset" cannot run code.
 """
@@ -32,6 +36,16 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from autodfp.data.walk import (
+    IMAGE_EXTENSIONS,
+    WalkBudget,
+    enclosing,
+    iter_image_files,
+    iter_images,
+    list_dirs,
+    open_regular,
+    printable,
+)
 from autodfp.errors import DataError
 from autodfp.models.hub import ENV_ASSETS, assets_dir, cache_dir
 from autodfp.models.registry import DatasetRef, ModelConfig, Preprocessing
@@ -53,7 +67,6 @@ __all__ = [
     "resolve_dataset",
 ]
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 SPEC_KINDS = ("cifar10", "cifar100", "folder")
 
 _CIFAR10_FILES = {"test": ["test_batch"], "train": [f"data_batch_{i}" for i in range(1, 6)]}
@@ -99,9 +112,11 @@ def _load_pickle(path: Path) -> Any:
         with open(path, "rb") as f:
             return _CifarUnpickler(f, encoding="bytes").load()
     except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise DataError(f"cannot read {printable(path)}: {printable(exc.strerror or exc)}") from None
     except Exception as exc:  # any unpickling failure is a corrupt or foreign file
-        raise DataError(f"{path} is not a CIFAR python batch ({exc.__class__.__name__}: {exc})") from None
+        raise DataError(
+            f"{printable(path)} is not a CIFAR python batch ({exc.__class__.__name__}: {printable(exc)})"
+        ) from None
 
 
 def _get(d: dict, key: str) -> Any:
@@ -120,12 +135,17 @@ def _cifar_kind(root: Path) -> str | None:
     return None
 
 
-def _has_class_folders(root: Path) -> bool:
+def _has_class_folders(root: Path, budget: WalkBudget | None = None) -> bool:
+    """Whether ``root`` looks like an ImageFolder tree: some sub-folder holds an image (any depth).
+
+    Lazy: it stops at the first image found, so asking costs a few directory reads.
+    """
+    budget = budget if budget is not None else WalkBudget()
     try:
-        subdirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        subdirs = list_dirs(root, budget)
     except OSError:
         return False
-    return any(_iter_images(d, recursive=True, limit=1) for d in subdirs)
+    return any(next(iter_images(root / d, limit=1, budget=budget), None) is not None for d in subdirs)
 
 
 def _cifar_root(root: Path, kind: str) -> Path:
@@ -145,19 +165,19 @@ def _cifar_labels(path: Path, lab: Any, classes: int) -> np.ndarray:
     try:
         arr = np.asarray(lab).reshape(-1)
     except (ValueError, TypeError):
-        raise DataError(f"{path}: labels must be a list of integers") from None
+        raise DataError(f"{printable(path)}: labels must be a list of integers") from None
     if arr.dtype.kind == "f":
         if not np.isfinite(arr).all() or (arr != np.round(arr)).any():
             bad = arr[~np.isfinite(arr) | (arr != np.round(arr))][0]
-            raise DataError(f"{path}: labels must be integers, found {float(bad)!r}")
+            raise DataError(f"{printable(path)}: labels must be integers, found {float(bad)!r}")
         arr = arr.astype(np.int64)
     elif arr.dtype.kind not in "iu" or arr.dtype == np.bool_:
         shown = next(iter(arr.tolist()), None)
-        raise DataError(f"{path}: labels must be integers, found {type(shown).__name__} {str(shown)[:20]!r}")
+        raise DataError(f"{printable(path)}: labels must be integers, found {type(shown).__name__} {str(shown)[:20]!r}")
     arr = arr.astype(np.int64)
     if arr.size and (arr.min() < 0 or arr.max() >= classes):
         bad = int(arr.min()) if arr.min() < 0 else int(arr.max())
-        raise DataError(f"{path}: labels must be in 0..{classes - 1}, found {bad}")
+        raise DataError(f"{printable(path)}: labels must be in 0..{classes - 1}, found {bad}")
     return arr
 
 
@@ -166,19 +186,21 @@ def _cifar_pixels(path: Path, data: np.ndarray) -> np.ndarray:
     if data.dtype == np.uint8:
         return data
     if data.dtype.kind not in "iuf" or data.dtype == np.bool_:
-        raise DataError(f"{path}: pixel data must be uint8, got {data.dtype}")
+        raise DataError(f"{printable(path)}: pixel data must be uint8, got {data.dtype}")
     if data.dtype.kind == "f" and not np.isfinite(data).all():
-        raise DataError(f"{path}: pixel data has NaN or infinite values")
+        raise DataError(f"{printable(path)}: pixel data has NaN or infinite values")
     if data.size and (data.min() < 0 or data.max() > 255):
-        raise DataError(f"{path}: pixel values outside 0..255")
+        raise DataError(f"{printable(path)}: pixel values outside 0..255")
     if data.dtype.kind == "f":
         if data.size and data.max() <= 1.0:
             raise DataError(
-                f"{path}: pixel data are floats in [0, 1]; CIFAR batches hold uint8 values 0..255 "
+                f"{printable(path)}: pixel data are floats in [0, 1]; CIFAR batches hold uint8 values 0..255 "
                 "(multiply by 255 and store as uint8)"
             )
         if (data != np.round(data)).any():
-            raise DataError(f"{path}: pixel data are fractional floats; CIFAR batches hold uint8 values 0..255")
+            raise DataError(
+                f"{printable(path)}: pixel data are fractional floats; CIFAR batches hold uint8 values 0..255"
+            )
     return data.astype(np.uint8)
 
 
@@ -195,9 +217,9 @@ def read_cifar(root: str | os.PathLike, split: str = "test", kind: str | None = 
         raise DataError(f"unknown CIFAR kind '{kind}'; use cifar10 or cifar100")
     root = Path(root).expanduser()
     if not root.exists():
-        raise DataError(f"CIFAR directory not found: {root}")
+        raise DataError(f"CIFAR directory not found: {printable(root)}")
     if not root.is_dir():
-        raise DataError(f"CIFAR path is not a directory: {root}")
+        raise DataError(f"CIFAR path is not a directory: {printable(root)}")
     if kind is not None:
         root = _cifar_root(root, kind)
     found = _cifar_kind(root)
@@ -217,13 +239,13 @@ def read_cifar(root: str | os.PathLike, split: str = "test", kind: str | None = 
         )
         if found is not None:
             raise DataError(
-                f"wrong data layout: expected {expected} in {root}, found {found} files; use {found}:{root}"
+                f"wrong data layout: expected {expected} in {printable(root)}, found {found} files; use {found}:{printable(root)}"
             )
         if _has_class_folders(root):
             raise DataError(
-                f"wrong data layout: expected {expected} in {root}, found an ImageFolder tree; use folder:{root}"
+                f"wrong data layout: expected {expected} in {printable(root)}, found an ImageFolder tree; use folder:{printable(root)}"
             )
-        raise DataError(f"wrong data layout: expected {expected} in {root}, found neither")
+        raise DataError(f"wrong data layout: expected {expected} in {printable(root)}, found neither")
 
     names = (_CIFAR10_FILES if found == "cifar10" else _CIFAR100_FILES)[split]
     label_key = "labels" if found == "cifar10" else "fine_labels"
@@ -231,19 +253,19 @@ def read_cifar(root: str | os.PathLike, split: str = "test", kind: str | None = 
     for name in names:
         path = root / name
         if not path.is_file():
-            raise DataError(f"CIFAR {split} split is incomplete: {path} is missing")
+            raise DataError(f"CIFAR {split} split is incomplete: {printable(path)} is missing")
         batch = _load_pickle(path)
         if not isinstance(batch, dict):
-            raise DataError(f"{path} is not a CIFAR python batch (a {type(batch).__name__}, not a dict)")
+            raise DataError(f"{printable(path)} is not a CIFAR python batch (a {type(batch).__name__}, not a dict)")
         data, lab = _get(batch, "data"), _get(batch, label_key)
         if data is None or lab is None:
-            raise DataError(f"{path} is not a CIFAR python batch (no 'data'/'{label_key}' entries)")
+            raise DataError(f"{printable(path)} is not a CIFAR python batch (no 'data'/'{label_key}' entries)")
         data = np.asarray(data)
         if data.ndim != 2 or data.shape[1] != 3072:
-            raise DataError(f"{path}: expected data of shape (N, 3072), got {tuple(data.shape)}")
+            raise DataError(f"{printable(path)}: expected data of shape (N, 3072), got {tuple(data.shape)}")
         lab = _cifar_labels(path, lab, 10 if found == "cifar10" else 100)
         if lab.shape[0] != data.shape[0]:
-            raise DataError(f"{path}: {data.shape[0]} images but {lab.shape[0]} labels")
+            raise DataError(f"{printable(path)}: {data.shape[0]} images but {lab.shape[0]} labels")
         data = _cifar_pixels(path, data)
         images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         labels.append(lab)
@@ -292,8 +314,7 @@ class ImageTransform:
             ):
                 return self._to_tensor(img)
             img = Image.fromarray(img)
-        if img.mode != "RGB":
-            img = img.convert("RGB")
+        img = _to_rgb(img)
         w, h = img.size
         if self.pre.input_hw is not None:
             # a detector's input: the whole image, squeezed to (H, W), so that box coordinates
@@ -340,25 +361,80 @@ def _to_float_tensor(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0))
 
 
-def _load_image(path: Path) -> Image.Image:
-    """Decode one image; a header claiming more pixels than PIL's limit is refused before decoding.
+#: Images are decoded to 8-bit RGB, as torchvision's loader does; these modes need more than
+#: PIL's ``convert("RGB")``, which clips 16-bit values to white instead of scaling them.
+_SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+_PALETTE = frozenset({"P", "PA"})
 
-    PIL only warns between ``MAX_IMAGE_PIXELS`` and twice that; a 100-megapixel PNG can be a few
-    hundred kilobytes on disk and gigabytes in memory, so the warning is treated as the error.
+#: The pixel bound when PIL's own (``Image.MAX_IMAGE_PIXELS``) has been switched off: PIL's default.
+_DEFAULT_MAX_PIXELS = 89_478_485
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode, keeping the picture's brightness (not PIL's clipping).
+
+    * 16-bit greyscale (``I;16``, ``I;16B``, ``I;16L``, ``I``, as PNG decoders produce) is scaled
+      by 1/257, the exact inverse of the 8→16-bit widening ``v * 257``; ``I`` is taken as 16-bit
+      and clipped to 0..65535. PIL's ``convert`` clips every value above 255 to white instead.
+    * 32-bit float ``F`` follows PIL's convention for float images, the 0..255 scale of ``L``:
+      values are clipped to [0, 255] and rounded, NaN becomes 0. (No heuristic guesses [0, 1].)
+    * Palette ``P``/``PA`` go through RGBA, so a palette with transparency converts without PIL's
+      warning; the colour stored under a transparent pixel is kept.
+    * Alpha (``LA``, ``RGBA``, palette transparency) is dropped, not composited, like
+      torchvision's ``pil_loader`` (``convert("RGB")``), so accuracies stay comparable.
+    * ``CMYK``, ``YCbCr``, bilevel ``1`` and the rest use PIL's ``convert("RGB")``; a mode PIL
+      cannot convert raises :class:`ValueError`.
     """
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in _SIXTEEN_BIT:
+        wide = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+        return Image.fromarray(((wide + 128) // 257).astype(np.uint8)).convert("RGB")
+    if mode == "F":
+        flt = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        return Image.fromarray(np.rint(np.clip(flt, 0.0, 255.0)).astype(np.uint8)).convert("RGB")
+    if mode in _PALETTE:
+        return img.convert("RGBA").convert("RGB")
+    return img.convert("RGB")
+
+
+def _load_image(path: Path) -> Image.Image:
+    """Decode one image file to 8-bit RGB, with bounded work and one-line errors naming the file.
+
+    * Only a regular file is opened, and without blocking (:func:`~autodfp.data.walk.open_regular`),
+      so a FIFO or device named ``*.png`` is an error, never a hang.
+    * A header claiming more pixels than PIL's limit (``Image.MAX_IMAGE_PIXELS``, or PIL's default
+      when that is switched off) is refused before decoding: PIL only warns between the limit and
+      twice that, and a 100-megapixel PNG can be a few hundred kilobytes on disk and gigabytes in
+      memory, so the warning is treated as the error.
+    * Truncated or corrupt files, and whatever else a decoder throws at bytes it cannot parse,
+      become a :class:`DataError` with the file's name, never a traceback.
+    * Modes are converted by :func:`_to_rgb` (16-bit scaled, palettes via RGBA, alpha dropped).
+    """
+    shown = printable(path)
+    limit = Image.MAX_IMAGE_PIXELS or _DEFAULT_MAX_PIXELS
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with open(path, "rb") as f:
+            with open_regular(path) as f:
                 img = Image.open(f)
-                return img.convert("RGB")
+                if img.width * img.height > limit:
+                    raise Image.DecompressionBombError(f"{img.width}x{img.height} pixels")
+                img.load()
+        return _to_rgb(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise DataError(
-            f"image {path} is too large to decode (more than {Image.MAX_IMAGE_PIXELS} pixels; "
-            "possibly a decompression bomb)"
+            f"image {shown} is too large to decode (more than {limit} pixels; possibly a decompression bomb)"
         ) from None
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise DataError(f"cannot read image {path} ({exc.__class__.__name__}: {exc})") from None
+    except DataError:
+        raise
+    except MemoryError:
+        raise DataError(f"image {shown} is too large to decode (out of memory)") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DataError(f"cannot read image {shown} ({exc.__class__.__name__}: {printable(exc)})") from None
+    except Exception as exc:  # a decoder's parse error on hostile bytes (struct.error, IndexError, ...)
+        raise DataError(f"cannot read image {shown}: corrupt ({exc.__class__.__name__}: {printable(exc)})") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -396,43 +472,25 @@ class CifarDataset(Dataset):
         return self.labels.tolist()
 
 
-def _is_image(name: str) -> bool:
-    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+def find_images(root: str | os.PathLike, limit: int | None = None) -> list[Path]:
+    """Every distinct regular image file under ``root``, recursively, in a deterministic order.
 
-
-def _iter_images(root: Path, recursive: bool, limit: int | None = None) -> list[Path]:
-    """Image files under ``root`` in sorted order (hidden files and folders skipped)."""
-    out: list[Path] = []
-    if not recursive:
-        try:
-            names = sorted(p.name for p in root.iterdir() if p.is_file())
-        except OSError:
-            return out
-        return [root / n for n in names if _is_image(n)][:limit]
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if _is_image(name):
-                out.append(Path(dirpath) / name)
-                if limit is not None and len(out) >= limit:
-                    return out
-    return out
-
-
-def find_images(root: str | os.PathLike) -> list[Path]:
-    """Every image under ``root``, recursively, in a deterministic (sorted path) order."""
-    return _iter_images(Path(root).expanduser(), recursive=True)
+    The order is top-down with sorted names (a folder's images, then its sub-folders); symlink
+    cycles are cut and a file reached twice is listed once (see :mod:`autodfp.data.walk`).
+    ``limit`` stops the walk after that many images.
+    """
+    return list(iter_images(Path(root).expanduser(), limit=limit))
 
 
 def read_class_list(path: str | os.PathLike) -> list[str]:
     """Folder names in class-index order: the first whitespace-separated token of each line."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise DataError(f"class list not found: {path}")
+        raise DataError(f"class list not found: {printable(path)}")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read class list {path} ({exc.__class__.__name__})") from None
+        raise DataError(f"cannot read class list {printable(path)} ({exc.__class__.__name__})") from None
     while lines and not lines[-1].strip():
         lines.pop()
     names: list[str] = []
@@ -441,22 +499,28 @@ def read_class_list(path: str | os.PathLike) -> list[str]:
         tokens = line.split()
         if not tokens:
             # An interior blank line would shift every later class index by one.
-            raise DataError(f"class list {path}: line {i + 1} is empty (line number = class index)")
+            raise DataError(f"class list {printable(path)}: line {i + 1} is empty (line number = class index)")
         name = tokens[0]
         if name in seen:
-            raise DataError(f"class list {path}: '{name}' appears on lines {seen[name] + 1} and {i + 1}")
+            raise DataError(
+                f"class list {printable(path)}: '{printable(name)}' appears on lines {seen[name] + 1} and {i + 1}"
+            )
         seen[name] = i
         names.append(name)
     if not names:
-        raise DataError(f"class list {path} is empty")
+        raise DataError(f"class list {printable(path)} is empty")
     return names
 
 
 class ImageFolderDataset(Dataset):
     """``root/<class>/<image>`` with labels from a class list, or from sorted folder names.
 
-    Images inside a class folder are found recursively; samples are ordered by class folder name,
-    then by path, so the order never depends on the file system.
+    Images inside a class folder are found recursively by :mod:`autodfp.data.walk` (regular files
+    only, symlink cycles cut, bounded); samples are ordered by class folder name, then top-down by
+    path, so the order never depends on the file system. A file reached twice inside one class
+    folder counts once; one reached from two class folders would have two labels and is refused.
+    ``limit`` keeps the first ``limit`` samples of that order and stops the walk there, so a small
+    ``--limit`` on a huge tree reads only what it needs (the same samples as cutting the full set).
     """
 
     def __init__(
@@ -464,58 +528,89 @@ class ImageFolderDataset(Dataset):
         root: str | os.PathLike,
         class_list: str | os.PathLike | None = None,
         transform: Callable[[Image.Image], torch.Tensor] | None = None,
+        limit: int | None = None,
     ) -> None:
         root = Path(root).expanduser()
         if not root.exists():
-            raise DataError(f"image folder not found: {root}")
+            raise DataError(f"image folder not found: {printable(root)}")
         if not root.is_dir():
-            raise DataError(f"image folder is not a directory: {root}")
+            raise DataError(f"image folder is not a directory: {printable(root)}")
+        if limit is not None and limit < 1:
+            raise DataError(f"limit must be at least 1, got {limit}")
         self.root = root
         self.transform = transform
         self.class_list = Path(class_list).expanduser() if class_list is not None else None
-        folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        shown = printable(root)
+        budget = WalkBudget()
+        try:
+            folders = list_dirs(root, budget)
+        except OSError as exc:
+            raise DataError(f"cannot list image folder {shown}: {printable(exc.strerror or exc)}") from None
         if not folders:
             if _cifar_kind(root) is not None:
                 raise DataError(
-                    f"wrong data layout: expected an ImageFolder tree {root}/<class>/<image>, "
-                    f"found CIFAR python batches; use {_cifar_kind(root)}:{root}"
+                    f"wrong data layout: expected an ImageFolder tree {shown}/<class>/<image>, "
+                    f"found CIFAR python batches; use {_cifar_kind(root)}:{shown}"
                 )
-            if _iter_images(root, recursive=False, limit=1):
+            if next(iter_images(root, recursive=False, limit=1, budget=budget), None) is not None:
                 raise DataError(
-                    f"wrong data layout: expected {root}/<class>/<image>, found images directly "
-                    f"in {root} (labelled evaluation needs one sub-folder per class)"
+                    f"wrong data layout: expected {shown}/<class>/<image>, found images directly "
+                    f"in {shown} (labelled evaluation needs one sub-folder per class)"
                 )
-            raise DataError(f"empty dataset: no class folders in {root}")
+            raise DataError(f"empty dataset: no class folders in {shown}")
 
         if class_list is not None:
             self.classes = read_class_list(class_list)
             self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
-            unknown = [f for f in folders if f not in self.class_to_idx]
+            unknown = [printable(f) for f in folders if f not in self.class_to_idx]
             if unknown:
                 more = f" (and {len(unknown) - 3} more)" if len(unknown) > 3 else ""
                 raise DataError(
-                    f"folder '{unknown[0]}' in {root} is not in the class list {class_list}"
+                    f"folder '{unknown[0]}' in {shown} is not in the class list {printable(class_list)}"
                     f"{': also ' + ', '.join(unknown[1:3]) if len(unknown) > 1 else ''}{more}"
                 )
         else:
             splits = {"train", "test", "val", "validation"}
-            if set(folders) <= splits and all(_has_class_folders(root / f) for f in folders):
+            if set(folders) <= splits and all(_has_class_folders(root / f, budget) for f in folders):
                 # e.g. cifar10-jpeg/{train,test}/<class>/: the splits would silently become classes
                 raise DataError(
-                    f"wrong data layout: {root} holds split folders ({', '.join(folders)}), "
-                    f"not classes; point at one split, e.g. folder:{root / folders[0]}"
+                    f"wrong data layout: {shown} holds split folders ({', '.join(folders)}), "
+                    f"not classes; point at one split, e.g. folder:{printable(root / folders[0])}"
                 )
             self.classes = folders
             self.class_to_idx = {name: i for i, name in enumerate(folders)}
 
-        self.samples: list[tuple[Path, int]] = []
-        for name in folders:
-            idx = self.class_to_idx[name]
-            self.samples.extend((p, idx) for p in _iter_images(root / name, recursive=True))
+        self.samples = self._walk(root, folders, budget, limit)
         if not self.samples:
             raise DataError(
-                f"empty dataset: no images ({'/'.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}) under {root}/<class>/"
+                f"empty dataset: no images ({'/'.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}) under {shown}/<class>/"
             )
+
+    def _walk(self, root: Path, folders: list[str], budget: WalkBudget, limit: int | None) -> list[tuple[Path, int]]:
+        """(path, label) per distinct image, class by class; stops after ``limit`` samples.
+
+        A class folder never re-enters the dataset root or its ancestors (``cat/up -> ..`` would
+        file every class's images under ``cat``), and a file seen in an earlier class folder is an
+        error: which of the two labels is right cannot be told.
+        """
+        fence = enclosing(root)
+        owner: dict[int, int] = {}  # file identity → index of the first class folder that held it
+        samples: list[tuple[Path, int]] = []
+        for pos, name in enumerate(folders):
+            idx = self.class_to_idx[name]
+            for found in iter_image_files(root / name, budget=budget, exclude=fence):
+                first = owner.setdefault(found.key, pos)
+                if first != pos:
+                    raise DataError(
+                        f"image {printable(found.path)} is also reached from class folder "
+                        f"'{printable(folders[first])}' of {printable(root)}: one image cannot have two labels "
+                        "(remove the duplicate or the symlink that leads to it)"
+                    )
+                if len(owner) > len(samples):  # first time this file is seen
+                    samples.append((found.path, idx))
+                    if limit is not None and len(samples) >= limit:
+                        return samples
+        return samples
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -532,18 +627,29 @@ class ImageFolderDataset(Dataset):
 
 
 class UnlabeledImageDir(Dataset):
-    """Every image under ``root`` (any depth), for calibration: yields tensors, no labels."""
+    """Every distinct image under ``root`` (any depth), for calibration: yields tensors, no labels.
 
-    def __init__(self, root: str | os.PathLike, transform: Callable[[Image.Image], torch.Tensor] | None = None) -> None:
+    Listed by :func:`~autodfp.data.walk.iter_images` (regular files only, symlink cycles cut,
+    bounded); ``limit`` keeps the first ``limit`` images of its order and stops the walk there.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        transform: Callable[[Image.Image], torch.Tensor] | None = None,
+        limit: int | None = None,
+    ) -> None:
         root = Path(root).expanduser()
         if not root.is_dir():
-            raise DataError(f"image directory not found: {root}")
+            raise DataError(f"image directory not found: {printable(root)}")
+        if limit is not None and limit < 1:
+            raise DataError(f"limit must be at least 1, got {limit}")
         self.root = root
         self.transform = transform
-        self.paths = _iter_images(root, recursive=True)
+        self.paths = list(iter_images(root, limit=limit))
         if not self.paths:
             raise DataError(
-                f"empty dataset: no images ({'/'.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}) under {root}"
+                f"empty dataset: no images ({'/'.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}) under {printable(root)}"
             )
 
     def __len__(self) -> int:
@@ -574,11 +680,11 @@ def check_label_coverage(dataset: Dataset, num_classes: int, label_offset: int =
         root = getattr(base, "root", None)
         if root is not None:
             source = str(root)
-    where = f"{source}: " if source else ""
+    where = f"{printable(source)}: " if source else ""
     classes = getattr(base, "classes", None)
     if classes is not None and len(classes) != n:
         class_list = getattr(base, "class_list", None)
-        source = f"the class list {class_list}" if class_list is not None else "its class folders"
+        source = f"the class list {printable(class_list)}" if class_list is not None else "its class folders"
         hint = (
             "" if class_list is not None else "; pass a class list with one line per model class (folder:DIR:CLASSLIST)"
         )
@@ -644,21 +750,28 @@ def _locate_ref(ref: DatasetRef) -> tuple[Path, Path | None]:
 
 
 def _open(
-    kind: str, root: Path, class_list: Path | None, split: str, transform: Callable[[Any], torch.Tensor]
+    kind: str,
+    root: Path,
+    class_list: Path | None,
+    split: str,
+    transform: Callable[[Any], torch.Tensor],
+    limit: int | None = None,
 ) -> Dataset:
     if kind in ("cifar10", "cifar100"):
         images, labels = read_cifar(root, split, kind=kind)
         return CifarDataset(images, labels, transform)
     if kind == "folder":
-        return ImageFolderDataset(root, class_list, transform)
+        return ImageFolderDataset(root, class_list, transform, limit=limit)
     raise DataError(f"unknown data spec kind '{kind}'; valid kinds: {', '.join(SPEC_KINDS)}")
 
 
-def resolve_dataset(spec: str | None, config: ModelConfig, split: str = "test") -> Dataset:
+def resolve_dataset(spec: str | None, config: ModelConfig, split: str = "test", limit: int | None = None) -> Dataset:
     """Open the labelled dataset named by ``spec`` (or the model's default) with its preprocessing.
 
     ``split`` selects the CIFAR pickle files; a ``folder:`` spec already names one split's
-    directory, so ``split`` does not apply to it.
+    directory, so ``split`` does not apply to it. ``limit`` lets a ``folder:`` tree stop its walk
+    after the first ``limit`` samples (the ones :func:`make_loader`'s ``limit`` keeps anyway), so
+    ``--limit 8`` on a huge tree does not list all of it first; CIFAR pickles are read whole.
     """
     if spec is None:
         ref = config.default_dataset
@@ -676,9 +789,9 @@ def resolve_dataset(spec: str | None, config: ModelConfig, split: str = "test") 
         root, class_list = _locate_ref(ref)
     else:
         kind, root, class_list = parse_spec(spec)
-    dataset = _open(kind, root, class_list, split, build_transform(config.preprocessing))
+    dataset = _open(kind, root, class_list, split, build_transform(config.preprocessing), limit)
     if len(cast(Sized, dataset)) == 0:
-        raise DataError(f"empty dataset: {kind}:{root} holds no samples")
+        raise DataError(f"empty dataset: {kind}:{printable(root)} holds no samples")
     check_label_coverage(dataset, config.num_classes, config.label_offset, f"{kind}:{root}")
     return dataset
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-from autodfp._io import atomic_path, atomic_write_text
+from autodfp._io import atomic_path
 from autodfp.compress.criteria import criterion_names
 from autodfp.compress.plan import Plan
 from autodfp.compress.reconstruct import strategy_names
@@ -159,8 +160,14 @@ def plot(baseline: BenchRow, rows: list[BenchRow], path: str | os.PathLike, titl
 def write_report(
     out_dir: str | os.PathLike, model_name: str, data_desc: str, baseline: BenchRow, rows: list[BenchRow], command: str
 ) -> dict[str, Path]:
+    """Write ``bench.md``, ``bench.json`` and ``bench.png`` into ``out_dir`` as one sealed set.
+
+    The files go through :mod:`autodfp.eval.outdir` like a pruned model's: a folder of the user's
+    is refused, and the three files land together or not at all.
+    """
+    from autodfp.eval.outdir import write_output_set
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
     header = (
         f"## {model_name} — uniform pruning grid\n\n"
@@ -168,9 +175,8 @@ def write_report(
         f"- evaluation data: {data_desc}\n\n"
     )
     paths = {"markdown": out / "bench.md", "json": out / "bench.json", "plot": out / "bench.png"}
-    atomic_write_text(paths["markdown"], header + markdown_table(baseline, rows))
-    atomic_write_text(
-        paths["json"],
+    files = {"bench.md": (header + markdown_table(baseline, rows)).encode()}
+    files["bench.json"] = (
         json.dumps(
             {
                 "model": model_name,
@@ -182,9 +188,12 @@ def write_report(
             },
             indent=2,
         )
-        + "\n",
-    )
-    plot(baseline, rows, paths["plot"], f"{model_name}: top-1 vs MACs (no data, no fine-tuning)")
+        + "\n"
+    ).encode()
+    with tempfile.TemporaryDirectory() as tmp:
+        png = plot(baseline, rows, Path(tmp) / "bench.png", f"{model_name}: top-1 vs MACs (no data, no fine-tuning)")
+        files["bench.png"] = png.read_bytes()
+    write_output_set(out, files, kind="bench")
     return paths
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from autodfp._jsonio import read_json
 from autodfp._modes import eval_mode
 from autodfp.errors import DataError, ModelError
 from autodfp.models.registry import ModelConfig, Preprocessing
@@ -107,7 +107,9 @@ _IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 def _images_in(root: Path) -> list[Path]:
     if not root.is_dir():
         raise DataError(f"image directory not found: {root}")
-    paths = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_EXT)
+    from autodfp.data.walk import iter_images  # the one walker: regular files only, sorted, hidden skipped
+
+    paths = list(iter_images(root, recursive=False))
     if not paths:
         raise DataError(f"no images ({', '.join(_IMAGE_EXT)}) in {root}")
     return paths
@@ -144,6 +146,10 @@ def read_yolo(root: str | os.PathLike) -> DetectionData:
     return DetectionData(images, boxes, labels, f"yolo:{root}")
 
 
+#: Largest COCO annotations file read (1 GiB): past any public one, and a bound on what is read.
+COCO_MAX_BYTES = 1 << 30
+
+
 def read_coco(annotations: str | os.PathLike, image_dir: str | os.PathLike) -> DetectionData:
     """A COCO instances json (``images``, ``annotations`` with pixel ``bbox`` x, y, w, h); crowd boxes are skipped.
 
@@ -151,17 +157,18 @@ def read_coco(annotations: str | os.PathLike, image_dir: str | os.PathLike) -> D
     :param image_dir: the folder holding the images' ``file_name``
     """
     annotations, image_dir = Path(annotations).expanduser(), Path(image_dir).expanduser()
+    if not annotations.exists():
+        raise DataError(f"COCO annotations not found: {annotations}")
+    # bounded: a COCO file is user input (val2017's is 25 MB, the largest public ones ~0.5 GB)
+    doc = read_json(annotations, f"COCO annotations {annotations}", error=DataError, max_bytes=COCO_MAX_BYTES)
     try:
-        doc = json.loads(annotations.read_text())
         entries = {int(im["id"]): (str(im["file_name"]), int(im["width"]), int(im["height"])) for im in doc["images"]}
         anns = [
             (int(a["image_id"]), int(a["category_id"]), [float(v) for v in a["bbox"]])
             for a in doc.get("annotations", [])
             if not a.get("iscrowd", 0)
         ]
-    except FileNotFoundError:
-        raise DataError(f"COCO annotations not found: {annotations}") from None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError):
         raise DataError(f"{annotations} is not a COCO instances json (images with id/file_name/width/height)") from None
     if not image_dir.is_dir():
         raise DataError(f"image directory not found: {image_dir}")

@@ -10,11 +10,12 @@ A pruned output directory holds:
 - ``plan.json`` and, from :func:`autodfp.save`, ``report.json`` and the search's files.
 - ``manifest.json``: the sha256 of every file of the set, written last.
 
-**One set, never a mix.** The old manifest is removed before anything is replaced, the files are
-staged in a hidden folder inside OUT and renamed into place, and the manifest is written last; a
-set without a matching manifest is refused by :func:`load_pruned`. A kill or a full disk at any
-moment therefore leaves either the old set, or a set that loads refuse, never a silent mix of two
-runs. :class:`OutputLock` keeps two runs from sharing one OUT.
+**One set, never a mix.** The files are staged in a hidden folder inside OUT and renamed into
+place, and the manifest is written last; a set without a matching, sealed manifest is refused by
+:func:`load_pruned`. A kill or a full disk at any moment therefore leaves either the old set, or a
+set that loads refuse, never a silent mix of two runs. Every write under OUT, the lock that keeps
+two runs from sharing it, and the rule that only autodfp's own files are replaced or deleted, live
+in :mod:`autodfp.eval.outdir` (its names are re-exported here for compatibility).
 
 **No code from a file.** :func:`load_pruned` rebuilds a zoo architecture from the registry (our
 code), a user architecture only from what the *caller* passes (``model=`` or ``arch=``), and
@@ -23,15 +24,11 @@ otherwise loads ``model.ts``. The factory a ``pruned.pt`` records is never impor
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import errno
-import hashlib
+import dataclasses
 import io
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,78 +37,34 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from autodfp._io import atomic_write_bytes, file_mode
 from autodfp.analysis.graph import find_groups
 from autodfp.compress.plan import Plan
 from autodfp.compress.surgery import PruneResult, prune_channels
-from autodfp.errors import AutoDFPError, ModelError, WeightsError
+from autodfp.errors import ModelError, PlanError, WeightsError
+from autodfp.eval.outdir import (  # noqa: F401 (re-exported: these lived here before autodfp.eval.outdir)
+    MANIFEST,
+    MANIFEST_FORMAT,
+    SET_FILES,
+    OutputLock,
+    check_output_dir,
+    claim_output_dir,
+    verify_set,
+    write_output_set,
+    write_set,
+)
 from autodfp.models.load import build_from_arch, check_finite, load_checkpoint, load_state_dict_strict
-from autodfp.models.registry import DatasetRef, ModelConfig, Preprocessing, get_config, is_registered
+from autodfp.models.registry import (
+    DatasetRef,
+    ModelConfig,
+    Preprocessing,
+    check_input_shape,
+    check_model_config,
+    get_config,
+    is_registered,
+)
 
 FORMAT = "autodfp.pruned/2"
 _OLD_FORMATS = ("autodfp.pruned/1",)
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "autodfp.output/1"
-#: every file a save may write; a save removes those it does not write, so no stale one survives
-SET_FILES = ("pruned.pt", "model.ts", "plan.json", "report.json", "search.json", "ratios.png", "rewards.png")
-
-
-class OutputLock:
-    """An exclusive lock on an output directory for the length of a run.
-
-    Two runs writing one OUT would interleave their files; the second one is refused at once,
-    before it spends minutes of work. The lock is an ``flock`` on ``OUT/.autodfp.lock``, released
-    by the kernel if the process dies, so a killed run never leaves OUT locked.
-    """
-
-    def __init__(self, out_dir: str | os.PathLike) -> None:
-        self.out = Path(out_dir)
-        self._fd: int | None = None
-        self._created = False
-
-    def __enter__(self) -> OutputLock:
-        import fcntl
-
-        check_output_dir(self.out)
-        self._created = not self.out.exists()
-        self.out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.out / ".autodfp.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise AutoDFPError(
-                f"{self.out} is in use by another autodfp run; wait for it or choose another output directory"
-            ) from None
-        self._fd = fd
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        """Release, and leave no trace: the lock file goes, and so does an OUT this run created
-        if a failure left it empty."""
-        if self._fd is None:
-            return
-        with contextlib.suppress(OSError):
-            (self.out / ".autodfp.lock").unlink()
-        os.close(self._fd)
-        self._fd = None
-        if self._created:
-            with contextlib.suppress(OSError):
-                self.out.rmdir()  # only succeeds when empty
-
-
-def check_output_dir(out: str | os.PathLike) -> Path:
-    """Fail now, not after a search: OUT must be a directory (or creatable) that we can write."""
-    out = Path(out)
-    for parent in [out, *out.parents]:
-        if parent.exists():
-            if not parent.is_dir():
-                where = "is" if parent == out else f"lies under {parent}, which is"
-                raise AutoDFPError(f"output directory {out} {where} a file, not a directory")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise AutoDFPError(f"output directory {out} cannot be written (no write permission on {parent})")
-            break
-    return out
 
 
 def to_torchscript(model: nn.Module, input_shape: tuple[int, ...]) -> torch.jit.ScriptModule:
@@ -141,6 +94,7 @@ def _config_record(config: ModelConfig) -> dict[str, Any]:
             "resize": p.resize,
             "interpolation": p.interpolation,
             "input_hw": None if p.input_hw is None else list(p.input_hw),
+            "guessed": p.guessed,
         },
         "num_classes": config.num_classes,
         "task": config.task,
@@ -148,10 +102,6 @@ def _config_record(config: ModelConfig) -> dict[str, Any]:
         "default_dataset": None if ds is None else {"kind": ds.kind, "path": ds.path, "class_list": ds.class_list},
         "description": config.description,
     }
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def save_pruned(
@@ -162,6 +112,7 @@ def save_pruned(
     arch: str | None = None,
     zoo: bool | None = None,
     extra: Mapping[str, bytes] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Path]:
     """Write the output set (see module doc) and return ``{kind: path}``.
 
@@ -171,8 +122,10 @@ def save_pruned(
     :param zoo: whether ``config.name`` is a zoo entry the loader may rebuild (default: registered
         and no ``arch``)
     :param extra: more files of the set (``report.json``, ``search.json``, plots), as bytes
+    :param overwrite: write beside files in ``out_dir`` that autodfp did not write (they are kept;
+        see :func:`autodfp.eval.outdir.claim_output_dir`); without it such a folder is refused
     """
-    out = check_output_dir(out_dir)
+    out = claim_output_dir(out_dir, overwrite=overwrite)  # before the minutes of serialising
     model = result.model.eval()
     check_finite(model, "the pruned model")  # never save a model that cannot compute
     kept = (
@@ -210,73 +163,13 @@ def save_pruned(
         if name not in SET_FILES:
             raise ValueError(f"{name} is not a file of the output set")
         files[name] = data
-    write_set(out, files)
+    write_output_set(out, files, overwrite=overwrite)
     return {
         "checkpoint": out / "pruned.pt",
         "torchscript": out / "model.ts",
         "plan": out / "plan.json",
         **{Path(n).stem: out / n for n in files if n not in ("pruned.pt", "model.ts", "plan.json")},
     }
-
-
-def write_set(out: Path, files: Mapping[str, bytes]) -> None:
-    """Replace the output set in ``out`` by ``files``; the manifest, written last, seals it."""
-    out.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
-    try:
-        try:
-            for name, data in files.items():
-                (stage / name).write_bytes(data)
-                os.chmod(stage / name, file_mode())
-            (out / MANIFEST).unlink(missing_ok=True)  # from here on, the old set no longer loads
-            for name in SET_FILES:
-                if name not in files:
-                    (out / name).unlink(missing_ok=True)
-            for name in files:
-                os.replace(stage / name, out / name)
-            manifest = {"format": MANIFEST_FORMAT, "files": {n: _sha256(d) for n, d in sorted(files.items())}}
-            atomic_write_bytes(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise AutoDFPError(
-                    f"no space left on the device while writing the outputs to {out}; free some space and run again"
-                ) from None
-            raise AutoDFPError(f"cannot write the outputs to {out} ({exc.strerror or exc})") from None
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-
-
-def verify_set(directory: Path) -> dict[str, str]:
-    """The manifest's hashes, after checking every listed file against them."""
-    mpath = directory / MANIFEST
-    if not mpath.is_file():
-        raise WeightsError(
-            f"{directory} is not a complete autodfp output: {MANIFEST} is missing (an interrupted "
-            "save, or a directory from autodfp < 0.2); prune again"
-        )
-    try:
-        manifest = json.loads(mpath.read_text())
-        files = manifest["files"]
-        if manifest.get("format") != MANIFEST_FORMAT or not isinstance(files, dict):
-            raise ValueError
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        raise WeightsError(f"{mpath} is damaged; prune again") from None
-    for name, digest in files.items():
-        if name not in SET_FILES:
-            raise WeightsError(f"{mpath} lists an unexpected file {name!r}")
-        path = directory / name
-        if not path.is_file():
-            raise WeightsError(f"{directory} is incomplete: {name} is missing; prune again")
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        if h.hexdigest() != digest:
-            raise WeightsError(
-                f"{path} does not match {MANIFEST} (the set was modified or mixed with another "
-                "run's files); prune again"
-            )
-    return files
 
 
 def _str(payload: dict[str, Any], key: str, path: Path, optional: bool = False) -> str | None:
@@ -288,40 +181,62 @@ def _str(payload: dict[str, Any], key: str, path: Path, optional: bool = False) 
     return v
 
 
+#: The fields of a recorded preprocessing (what :func:`_config_record` writes).
+_PRE_FIELDS = ("input_size", "mean", "std", "resize", "interpolation", "input_hw", "guessed")
+
+
 def _record_config(payload: dict[str, Any], path: Path) -> ModelConfig:
-    """The model config recorded in the checkpoint: no registry needed."""
+    """The model config recorded in the checkpoint: no registry needed.
+
+    A ``pruned.pt`` can be edited and re-sealed (the manifest is only a hash list), so its record
+    is as untrusted as a command line: every field is checked by the same function that checks
+    ``--mean/--std/--input-size`` (:func:`~autodfp.models.registry.check_model_config`), and no
+    value is coerced on the way (``int("7")`` or a one-value mean broadcast to three channels
+    would turn a damaged record into a run that scores nonsense).
+    """
+    where = f"{path}: "
     name = _str(payload, "model", path) or "model"
-    try:
-        p = payload["preprocessing"]
-        pre = Preprocessing(
-            int(p["input_size"]),
-            tuple(float(v) for v in p["mean"]),  # type: ignore[arg-type]
-            tuple(float(v) for v in p["std"]),  # type: ignore[arg-type]
-            None if p.get("resize") is None else int(p["resize"]),
-            str(p.get("interpolation", "bilinear")),
-            None if p.get("input_hw") is None else (int(p["input_hw"][0]), int(p["input_hw"][1])),
-        )
-        ds = payload.get("default_dataset")
-        ref = (
-            None
-            if ds is None
-            else DatasetRef(
-                str(ds["kind"]), str(ds["path"]), None if ds.get("class_list") is None else str(ds["class_list"])
-            )
-        )
-        return ModelConfig(
-            name=name,
-            builder=_no_builder,
-            weights=None,
-            preprocessing=pre,
-            num_classes=int(payload.get("num_classes", 0)),
-            label_offset=int(payload.get("label_offset", 0)),
-            default_dataset=ref,
-            description=str(payload.get("description", "")),
-            task=str(payload.get("task", "classification")),
-        )
-    except (KeyError, TypeError, ValueError, AttributeError):
-        raise WeightsError(f"{path}: the recorded preprocessing or classes are malformed") from None
+    p = payload.get("preprocessing")
+    if not isinstance(p, dict):
+        raise WeightsError(f"{where}field 'preprocessing' must be an object")
+    odd = next((k for k in p if k not in _PRE_FIELDS), None)
+    if odd is not None:
+        raise WeightsError(f"{where}field 'preprocessing' holds an unknown entry {str(odd)[:40]!r}")
+    lacking = next((k for k in ("input_size", "mean", "std") if k not in p), None)
+    if lacking is not None:
+        raise WeightsError(f"{where}field 'preprocessing' has no '{lacking}'")
+
+    def seq(v: Any) -> Any:  # a JSON-like list becomes the dataclass's tuple; anything else is checked as it is
+        return tuple(v) if isinstance(v, list) else v
+
+    pre = Preprocessing(
+        p["input_size"],
+        seq(p["mean"]),
+        seq(p["std"]),
+        p.get("resize"),
+        p.get("interpolation", "bilinear"),
+        None if p.get("input_hw") is None else seq(p["input_hw"]),
+        p.get("guessed", False) is True,
+    )
+    ds = payload.get("default_dataset")
+    if ds is not None and (not isinstance(ds, dict) or "kind" not in ds or "path" not in ds):
+        raise WeightsError(f"{where}field 'default_dataset' must be an object with 'kind' and 'path'")
+    config = ModelConfig(
+        name=name,
+        builder=_no_builder,
+        weights=None,
+        preprocessing=pre,
+        num_classes=payload.get("num_classes", 0),
+        label_offset=payload.get("label_offset", 0),
+        default_dataset=None if ds is None else DatasetRef(ds["kind"], ds["path"], ds.get("class_list")),
+        description=payload.get("description", ""),
+        task=payload.get("task", "classification"),
+    )
+    check_model_config(config, error=WeightsError, where=where)
+    # the checks passed: the numbers are reals, stored as floats like a freshly made config's
+    (m0, m1, m2), (s0, s1, s2) = pre.mean, pre.std
+    floats = dataclasses.replace(pre, mean=(float(m0), float(m1), float(m2)), std=(float(s0), float(s1), float(s2)))
+    return dataclasses.replace(config, preprocessing=floats)
 
 
 def _no_builder() -> nn.Module:
@@ -374,8 +289,9 @@ def load_pruned(
     name = _str(payload, "model", ckpt)
     recorded_arch = _str(payload, "arch", ckpt, optional=True)
     shape = payload.get("input_shape")
-    if not isinstance(shape, list) or len(shape) != 3 or not all(isinstance(s, int) and s > 0 for s in shape):
+    if not isinstance(shape, list):
         raise WeightsError(f"{ckpt}: field 'input_shape' must be a list of 3 positive integers")
+    shape = list(check_input_shape(shape, error=WeightsError, where=f"{ckpt}: "))  # bounded: no 2^20 sides
     channels = payload.get("channels")
     if not isinstance(channels, dict) or not all(
         isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0 for k, v in channels.items()
@@ -388,7 +304,10 @@ def load_pruned(
         raise WeightsError(f"{ckpt}: field 'state_dict' must map names to tensors")
     if not isinstance(payload.get("plan"), dict):
         raise WeightsError(f"{ckpt}: field 'plan' must be an object")
-    plan = Plan.from_dict(payload["plan"])
+    try:
+        plan = Plan.from_dict(payload["plan"])
+    except PlanError as exc:
+        raise WeightsError(f"{ckpt}: the recorded plan is malformed ({exc})") from None
     zoo = bool(payload.get("zoo", payload.get("format") in _OLD_FORMATS and not recorded_arch))
     if "preprocessing" in payload:
         config = _record_config(payload, ckpt)

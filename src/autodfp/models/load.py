@@ -102,7 +102,31 @@ def extract_state_dict(obj: Any, key: str | None = None, source: str | None = No
     return obj
 
 
+def _dtype_compatible(want: torch.dtype, got: torch.dtype) -> bool:
+    """Whether a checkpoint tensor of dtype ``got`` may be copied into a model tensor of ``want``.
+
+    Between floating dtypes (float16, bfloat16, float64 into float32) the copy is a rounding and
+    fine. Anything else changes the values' meaning while ``copy_`` casts silently: int32 weights
+    into float parameters loaded and scored 10.94 % with no message, and a complex64 state dict
+    lost its imaginary part with only a torch warning. Integer buffers (BN's ``num_batches_tracked``,
+    int64) take any integer dtype, never a float or a bool.
+    """
+    if got.is_complex or got == torch.bool:
+        return want == got
+    if want.is_floating_point:
+        return got.is_floating_point
+    if want == torch.bool or want.is_complex:
+        return want == got
+    return not got.is_floating_point  # an integer (or quantised) buffer: any integer dtype
+
+
 def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` into ``model``: the same keys (less optional buffers), shapes and dtype kinds.
+
+    ``load_state_dict(strict=True)`` reports missing keys but casts any dtype silently; a mismatch
+    of keys or shapes is a :class:`ModelError` (another architecture), a dtype that cannot hold the
+    model's values a :class:`WeightsError` naming the first such key (see :func:`_dtype_compatible`).
+    """
     own = model.state_dict()
     # Buffers whose defaults are right for an unpruned model may be absent from upstream files:
     # BN's step counter, and the channel map of the option-A shortcut (added by this library).
@@ -120,6 +144,13 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], sou
             k = shape[0]
             parts.append(f"shape mismatch at {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}")
         raise ModelError(f"{source} does not match the architecture: " + "; ".join(parts))
+    bad = next((k for k in own if k in state and not _dtype_compatible(own[k].dtype, state[k].dtype)), None)
+    if bad is not None:
+        got, want = str(state[bad].dtype).removeprefix("torch."), str(own[bad].dtype).removeprefix("torch.")
+        raise WeightsError(
+            f"{source}: tensor '{bad}' is {got} but the model's is {want}; refusing to cast it (the values "
+            "would change meaning: a float weight read as integers, a complex one without its imaginary part)"
+        )
     model.load_state_dict(state, strict=False)
 
 
@@ -166,7 +197,7 @@ def build_from_arch(arch: str) -> nn.Module:
     except SyntaxError as exc:
         where = f"{Path(exc.filename).name}, line {exc.lineno}" if exc.filename else f"line {exc.lineno}"
         raise ModelError(f"cannot import '{mod_name}' for arch {arch}: syntax error ({where})") from None
-    except Exception as exc:  # the user's module ran and failed; report it, do not crash
+    except (Exception, SystemExit) as exc:  # the user's module ran and failed (or exited): report it
         raise ModelError(f"cannot import '{mod_name}' for arch {arch} ({_exc_line(exc)})") from None
     factory = getattr(module, fn_name, None)
     if not callable(factory):
@@ -188,7 +219,7 @@ def build_from_arch(arch: str) -> nn.Module:
             )
     try:
         model = factory()
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # sys.exit() in a factory must not end autodfp with its code
         raise ModelError(f"arch {arch}: calling '{fn_name}()' failed ({_exc_line(exc)})") from None
     if not isinstance(model, nn.Module):
         raise ModelError(f"arch {arch} returned {type(model).__name__}, not an nn.Module")
@@ -217,6 +248,11 @@ def check_finite(model: nn.Module, source: str) -> None:
     and BN stays finite for them; a negative variance, or ``var + eps <= 0``, cannot be.
     """
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_meta:  # shapes without storage: every later step would fail with a raw RuntimeError
+            raise ModelError(
+                f"{source}: tensor '{name}' is on the meta device (allocated, never loaded); materialise the "
+                "model first (model.to_empty(device='cpu') and load_state_dict)"
+            )
         if t.is_floating_point() or t.is_complex():
             if not bool(torch.isfinite(t.detach()).all()):
                 raise ModelError(f"{source}: tensor '{name}' has non-finite values")
@@ -291,7 +327,7 @@ def load_model(
             name=model,
             builder=lambda: net,
             weights=None,
-            preprocessing=TF_IMAGENET_PRE,
+            preprocessing=replace(TF_IMAGENET_PRE, guessed=True),
             num_classes=0,
             description="user model",
         )

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import pickle
 import re
 import shutil
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 
 from autodfp._io import atomic_path, atomic_write_text
+from autodfp._jsonio import read_json
 from autodfp.errors import AutoDFPError, CheckpointError
 
 #: /2 holds only data; /1 pickled the agent (``sac.zip``, ``replay.pkl``) and is refused for SAC.
@@ -40,6 +43,11 @@ STATE = "state.json"
 AGENT = "sac.pt"
 REPLAY = "replay.npz"
 _DIR_NAME = re.compile(r"ep-\d{6,}")
+#: what a checkpoint directory may hold: its files, the /1 format's, and temporaries of interrupted atomic writes
+_CKPT_FILE = re.compile(
+    r"(state\.json|sac\.pt|replay\.npz|sac\.zip|replay\.pkl)|\.(state\.json|sac\.pt|replay\.npz)\.\w{8}\.tmp"
+)
+_ROOT_FILE = re.compile(r"latest\.json|\.latest\.json\.\w{8}\.tmp")
 
 _BUFFER_ARRAYS = (
     "observations",
@@ -92,21 +100,56 @@ def reading(path: Path) -> Iterator[None]:
         raise CheckpointError(f"checkpoint file {path} is damaged ({detail})") from None
 
 
+def is_checkpoint_root(path: str | Path) -> bool:
+    """Whether ``path`` is a checkpoint root as :class:`Checkpointer` makes it: a real directory
+    holding only the pointer, ``ep-NNNNNN`` directories of checkpoint files, and temporaries of
+    interrupted writes (an empty one too: a run killed before its first checkpoint).
+
+    The output directory counts such a ``search/`` as autodfp's own; a folder of the user's that
+    happens to be called ``search`` is not, and is never written into.
+    """
+    try:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            return False
+        for entry in os.scandir(path):
+            if _ROOT_FILE.fullmatch(entry.name):
+                if not entry.is_file(follow_symlinks=False):
+                    return False
+            elif not (_DIR_NAME.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False)):
+                return False
+            elif not all(
+                f.is_file(follow_symlinks=False) and _CKPT_FILE.fullmatch(f.name) for f in os.scandir(entry.path)
+            ):
+                return False
+    except OSError:
+        return False
+    return True
+
+
 class Checkpointer:
-    """A directory of checkpoints under ``root``, published by atomically rewriting ``latest.json``."""
+    """A directory of checkpoints under ``root``, published by atomically rewriting ``latest.json``.
+
+    Its directories are created as real directories and a link at their names is refused
+    (:func:`autodfp.eval.outdir.ensure_dir`): the root is usually ``OUT/search``, and a planted link
+    must not send the writes, or the removal of old checkpoints, outside OUT.
+    """
 
     def __init__(self, root: str | Path | None, config: dict[str, Any]) -> None:
         self.root = Path(root) if root is not None else None
         self.config = config
 
     def latest(self) -> Path | None:
-        if self.root is None or not (self.root / POINTER).is_file():
+        if self.root is None:
+            return None
+        if self.root.is_symlink():
+            raise CheckpointError(f"checkpoint directory {self.root} is a symbolic link; refused")
+        if not (self.root / POINTER).is_file():
             return None
         pointer = self.root / POINTER
-        try:
-            name = json.loads(pointer.read_text(encoding="utf-8"))["dir"]
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-            raise CheckpointError(f"checkpoint pointer {pointer} is damaged") from None
+        doc = read_json(pointer, f"checkpoint pointer {pointer}", error=CheckpointError, max_bytes=1 << 16)
+        if not isinstance(doc, dict) or "dir" not in doc:
+            raise CheckpointError(f"checkpoint pointer {pointer} is damaged")
+        name = doc["dir"]
         # Only a plain child of the root: no absolute path, no '..', no separator, no symlink out.
         if not isinstance(name, str) or not _DIR_NAME.fullmatch(name):
             raise CheckpointError(
@@ -122,10 +165,7 @@ class Checkpointer:
     def read_state(self, path: Path) -> dict[str, Any]:
         """``state.json`` as a dict, without checking that it belongs to this search."""
         file = path / STATE
-        try:
-            state = json.loads(file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"checkpoint file {file} is damaged ({_first_line(exc)})") from None
+        state = read_json(file, f"checkpoint file {file}", error=CheckpointError)
         if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
             raise CheckpointError(f"checkpoint file {file} is damaged (not an autodfp search checkpoint)")
         return state
@@ -161,9 +201,12 @@ class Checkpointer:
     def save(self, episodes: int, state: dict[str, Any], writers: dict[str, Callable[[Path], None]]) -> None:
         if self.root is None:
             return
+        from autodfp.eval.outdir import ensure_dir
+
         name = f"ep-{episodes:06d}"
         path = self.root / name
-        path.mkdir(parents=True, exist_ok=True)
+        ensure_dir(self.root, what="checkpoint directory", error=CheckpointError)
+        ensure_dir(path, what="checkpoint directory", error=CheckpointError)
         for fname, write in writers.items():
             with atomic_path(path / fname) as tmp:
                 write(tmp)
@@ -173,7 +216,7 @@ class Checkpointer:
         )
         atomic_write_text(self.root / POINTER, json.dumps({"dir": name, "episodes": episodes}) + "\n")
         for old in self.root.glob("ep-*"):
-            if old.is_dir() and not old.is_symlink() and old.name != name:
+            if _DIR_NAME.fullmatch(old.name) and old.is_dir() and not old.is_symlink() and old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
 
 
@@ -311,6 +354,7 @@ __all__ = [
     "REPLAY",
     "STATE",
     "agent_counters",
+    "is_checkpoint_root",
     "load_agent",
     "load_replay",
     "reading",

@@ -372,7 +372,7 @@ def search(
     pruner: Pruner,
     target_macs_ratio: float,
     method: str = "sac",
-    episodes: int = DEFAULTS.episodes,
+    episodes: int = DEFAULTS.episodes_for(),
     warmup: int | None = None,
     reward: RewardFn | None = None,
     seed: int = 0,

@@ -555,7 +555,7 @@ def _distill(
 
         with torch.no_grad(), ctx:
             initial = report(_upsampled(x.detach(), input_shape))
-        bar = _progress(steps, progress, f"distill[{method}]")
+        bar = _progress(steps, progress, f"synthesis ({method})")
         done = 0
         for shape, count in stages:
             if tuple(x.shape[1:]) != shape:
@@ -724,6 +724,39 @@ def _cache_path(root: Path, model_key: str, parts: dict) -> Path:
     return root / f"{safe}-{parts['method']}-n{parts['n']}-s{parts['seed']}-{digest}.pt"
 
 
+#: Largest magnitude a cached synthetic input may hold. Inputs live in the model's normalised
+#: input space, where real images lie within a few units of 0 and distilled ones within tens; a
+#: value past this is a damaged or foreign entry, which would make every BN statistic and score
+#: of the run nonsense and be blamed on the model.
+CACHE_MAX_ABS = 1e4
+
+
+def _read_cache_entry(path: Path, shape: tuple[int, ...]) -> tuple[torch.Tensor | None, str]:
+    """The images of the cache entry at ``path`` if they can be trusted, else ``(None, why not)``.
+
+    An entry is trusted only if it loads weights-only and holds a floating tensor of exactly
+    ``shape`` whose values are all finite and below :data:`CACHE_MAX_ABS` in magnitude. A truncated
+    write, a disk error or a hand-edited file otherwise became the run's inputs: an entry full of
+    NaN made the pruned model's BN statistics NaN, and the run failed blaming the model.
+    """
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any damage: the entry is recomputed, never fatal
+        return None, f"unreadable: {exc.__class__.__name__}"
+    images = blob.get("images") if isinstance(blob, dict) else None
+    if not isinstance(images, torch.Tensor):
+        return None, "no images tensor"
+    if not images.is_floating_point():
+        return None, f"dtype {str(images.dtype).removeprefix('torch.')}, not floating point"
+    if tuple(images.shape) != tuple(shape):
+        return None, f"shape {tuple(images.shape)}, expected {tuple(shape)}"
+    if not bool(torch.isfinite(images).all()):
+        return None, "non-finite values"
+    if images.numel() and float(images.abs().max()) > CACHE_MAX_ABS:
+        return None, f"values beyond ±{CACHE_MAX_ABS:g}"
+    return images, ""
+
+
 def chunk_sizes(n: int, input_shape: Sequence[int]) -> list[int]:
     """How :func:`synthetic_batch` splits ``n`` inputs: :data:`CHUNK` s, whatever the input size.
 
@@ -850,15 +883,13 @@ def _synthetic_batch(
         parts["low_res_levels"] = len(reduced)
     path = _cache_path(root, model_key, parts)
     if path.is_file():
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            images = blob["images"]
-            if isinstance(images, torch.Tensor) and tuple(images.shape) == (n, *parts["shape"]):
-                if log is not None:
-                    log(f"synthetic batch: {n} inputs (seed {seed}) read from the cache")
-                return images
-        except Exception:  # a corrupt entry is recomputed and overwritten, never fatal
-            pass
+        images, problem = _read_cache_entry(path, (n, *parts["shape"]))
+        if images is not None:
+            if log is not None:
+                log(f"synthetic batch: {n} inputs (seed {seed}) read from the cache")
+            return images
+        # a corrupt entry is recomputed and overwritten below, never fatal and never trusted
+        warnings.warn(f"synthetic cache entry {path} is corrupt ({problem}); recomputing", CacheWarning, stacklevel=2)
     writable = usable_cache_dir(root) is not None  # warns now, not after the distillation
     if log is not None:
         sizes_named = " and ".join(f"{h}x{w}" for _, h, w in reduced)
