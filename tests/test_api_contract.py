@@ -263,3 +263,117 @@ def test_evaluate_finds_a_zoo_models_config_and_refuses_to_guess(tiny_cnn: nn.Mo
     assert top1 == autodfp.evaluate(net, limit=32, like="resnet20_cifar10").top1
     with pytest.raises(PlanError, match="needs the model's preprocessing"):
         autodfp.evaluate(tiny_cnn, limit=8)
+
+
+# -- issue 28 item 5: exports that match the model ---------------------------------------------
+class _ScriptsToATuple(nn.Module):
+    """Eager eval returns a tensor; the scripted module would return a tuple (as GoogLeNet does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1, bias=False),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.AdaptiveAvgPool2d(1),
+        )
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor):
+        y = self.head(self.body(x).flatten(1))
+        if torch.jit.is_scripting():
+            return (y, y)
+        return y
+
+
+class _Versioned(nn.Module):
+    """Refuses a state dict without its per-module version, as torchvision's MNASNet does."""
+
+    _version = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Sequential(
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1, bias=False),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 4, 1),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.bn(self.conv(x)))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        if local_metadata.get("version") != 2:
+            raise ValueError("version should be set to 1 or 2")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+
+
+def _saved(net: nn.Module, out: Path, **save_kwargs: object) -> autodfp.PruningResult:
+    res = autodfp.prune(
+        net, input_shape=(3, 16, 16), uniform=0.5, config=CHEAP.replace(refine=False, strategy="none"), progress=False
+    )
+    autodfp.save(res, out, **save_kwargs)  # type: ignore[arg-type]
+    return res
+
+
+def test_model_ts_returns_what_the_module_returns(tmp_path: Path) -> None:
+    net = _ScriptsToATuple().eval()
+    res = _saved(net, tmp_path / "o")
+    ts = torch.jit.load(str(tmp_path / "o" / "model.ts"))
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert isinstance(ts(x), torch.Tensor)  # scripting would have returned a tuple: the trace was kept
+        assert torch.allclose(ts(x), res.model(x), atol=1e-5)
+
+
+def test_a_model_torchscript_cannot_export_is_still_saved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from autodfp.errors import ExportWarning
+
+    def fails(*a: object, **k: object) -> None:
+        raise RuntimeError("cannot compile")
+
+    monkeypatch.setattr(torch.jit, "script", fails)
+    monkeypatch.setattr(torch.jit, "trace", fails)
+    with pytest.warns(ExportWarning, match="no model.ts"):
+        res = _saved(_Versioned().eval(), tmp_path / "o")
+    names = sorted(p.name for p in (tmp_path / "o").iterdir())
+    assert "model.ts" not in names and "pruned.pt" in names
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["torchscript"] is None
+    back = autodfp.load(tmp_path / "o", model=_Versioned())  # the set still loads, from pruned.pt
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(back(x), res.model(x))
+
+
+def test_save_without_torchscript_on_request_and_a_forged_manifest_is_refused(tmp_path: Path) -> None:
+    import json
+
+    from autodfp.errors import WeightsError
+
+    _saved(_Versioned().eval(), tmp_path / "o", torchscript=False)
+    assert not (tmp_path / "o" / "model.ts").exists()
+    autodfp.load(tmp_path / "o", model=_Versioned())
+    manifest = tmp_path / "o" / "manifest.json"
+    doc = json.loads(manifest.read_text())
+    doc["torchscript"] = "elsewhere.ts"
+    manifest.write_text(json.dumps(doc))
+    with pytest.raises(WeightsError, match="unexpected entry"):
+        autodfp.load(tmp_path / "o", model=_Versioned())
+
+
+def test_the_state_dict_keeps_its_module_versions(tmp_path: Path) -> None:
+    """A module that checks its version on load (MNASNet) reloads from a saved set (issue 28)."""
+    res = _saved(_Versioned().eval(), tmp_path / "o")
+    back = autodfp.load(tmp_path / "o", model=_Versioned())
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(back(x), res.model(x))

@@ -21,7 +21,7 @@ import os as _os
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from autodfp._version import __version__
-from autodfp.api import PruningResult, create_model, evaluate, groups, load, prune, save
+from autodfp.api import PruningResult, create_model, evaluate, groups, load, plan_work, prune, save
 from autodfp.compress.criteria import register_criterion
 from autodfp.compress.plan import Plan
 from autodfp.compress.reconstruct import register_strategy
@@ -44,6 +44,7 @@ __all__ = [
     "list_models",
     "load",
     "load_model",
+    "plan_work",
     "prune",
     "register_criterion",
     "register_strategy",

@@ -50,6 +50,7 @@ from autodfp.errors import ModelError, PlanError, PreprocessingWarning
 from autodfp.models.load import check_finite
 from autodfp.models.registry import ModelConfig, Preprocessing, check_input_shape, check_preprocessing
 from autodfp.search.budget import MacsModel
+from autodfp.workplan import WorkPlan
 
 log = logging.getLogger("autodfp")
 
@@ -199,6 +200,8 @@ class Pipeline:
         self.device = resolve_device(device)
         self.progress = progress
         self._device_model: nn.Module | None = None
+        #: seconds spent in :meth:`batch` so far (distilling or reading the cache), for the report
+        self.synth_seconds = 0.0
 
     @property
     def device_model(self) -> nn.Module:
@@ -228,16 +231,20 @@ class Pipeline:
         settings = self.synth_settings()
         if steps is not None:
             settings["steps"] = steps
-        return synthetic_batch(
-            self.device_model,
-            self.model_config.name,
-            self.shape,
-            n=n,
-            seed=seed,
-            progress=self.progress,
-            log=log.info,
-            **settings,
-        )
+        t0 = time.perf_counter()
+        try:
+            return synthetic_batch(
+                self.device_model,
+                self.model_config.name,
+                self.shape,
+                n=n,
+                seed=seed,
+                progress=self.progress,
+                log=log.info,
+                **settings,
+            )
+        finally:
+            self.synth_seconds += time.perf_counter() - t0
 
     def reward_batch(self, n: int | None = None, select: bool = False) -> torch.Tensor:
         """The reward's ``n`` inputs (seed ``seed``), distilled with fewer steps than a fit needs, and
@@ -296,6 +303,15 @@ class Pipeline:
             return True
         return graph is not None and any(g.coupled or g.last_stage.bn is None for g in graph.prunable)
 
+    def corr_source(self, synthesising: bool, graph: GroupGraph) -> str:
+        """The correlation source :meth:`pruner` uses: ``config.corr``, or for ``auto`` measured
+        correlations whenever a synthetic batch is made anyway (or the model needs one regardless).
+        One rule for the pruner and for the plan of work (:mod:`autodfp.workplan`)."""
+        corr = self.config.corr
+        if corr == "auto":
+            corr = "calibration" if synthesising or self.needs_calibration("geometry", graph) else "geometry"
+        return corr
+
     def pruner(self, synthesising: bool, graph: GroupGraph | None = None) -> Pruner:
         """``corr="auto"``: correlations measured on synthetic inputs whenever a batch exists anyway.
 
@@ -305,9 +321,7 @@ class Pipeline:
         """
         if graph is None:
             graph = find_groups(self.model, self.shape, coupled=self.config.coupled)
-        corr = self.config.corr
-        if corr == "auto":
-            corr = "calibration" if synthesising or self.needs_calibration("geometry", graph) else "geometry"
+        corr = self.corr_source(synthesising, graph)
         calib = self.calibration_batch() if self.needs_calibration(corr, graph) else None
         q = self.config.cluster_eps_quantile
         return Pruner(
@@ -352,6 +366,23 @@ class Pipeline:
             progress=False,
         )
 
+    def check_reward(self, spec: RewardSpec, eval_data: str | None = None) -> None:
+        """Refuse, before any work, a reward spec :meth:`reward` cannot build: not a callable nor a
+        known kind, or a labelled reward on the evaluation set (a search tuned on it would report a
+        flattering top-1)."""
+        if callable(spec):
+            return
+        if not isinstance(spec, str):
+            raise PlanError(f"reward must be 'synthetic', 'unlabeled:DIR', 'labeled:SPEC' or a callable, got {spec!r}")
+        kind, _, arg = spec.partition(":")
+        if (kind == "synthetic" and not arg) or (kind == "unlabeled" and arg):
+            return
+        if kind == "labeled" and arg:
+            if arg == eval_data or (eval_data is None and _is_default_eval(self.model_config, arg)):
+                raise PlanError("the labeled reward must not use the evaluation set; pass a held-out set")
+            return
+        raise PlanError(f"unknown reward '{spec}'; use synthetic, unlabeled:DIR or labeled:SPEC")
+
     def reward(
         self, spec: RewardSpec, eval_data: str | None = None, n: int | None = None, select: bool = False
     ) -> Callable[[nn.Module], float]:
@@ -365,10 +396,10 @@ class Pipeline:
         from autodfp.search.rewards import AccuracyReward, AgreementReward
 
         cfg, mc = self.config, self.model_config
+        self.check_reward(spec, eval_data)
         if callable(spec):
             return _checked_reward(spec)
-        if not isinstance(spec, str):
-            raise PlanError(f"reward must be 'synthetic', 'unlabeled:DIR', 'labeled:SPEC' or a callable, got {spec!r}")
+        assert isinstance(spec, str)  # check_reward refuses anything else
         kind, _, arg = spec.partition(":")
         if kind == "synthetic" and not arg:
             return AgreementReward(
@@ -387,8 +418,6 @@ class Pipeline:
                 label_offset=mc.label_offset,
             )
         if kind == "labeled" and arg:
-            if arg == eval_data or (eval_data is None and _is_default_eval(mc, arg)):
-                raise PlanError("the labeled reward must not use the evaluation set; pass a held-out set")
             loader = make_loader(
                 resolve_dataset(arg, mc, split="train" if arg.startswith("cifar") else "test"),
                 batch_size=cfg.eval_batch_size_for(self.shape),
@@ -573,6 +602,171 @@ def prepare_model(
     return net, mc, shape
 
 
+@dataclass
+class _Run:
+    """What :func:`prune` and :func:`plan_work` share: the prepared model, the config resolved for
+    its input and device, the checked plan and groups, and the pipeline."""
+
+    net: nn.Module
+    model_config: ModelConfig
+    shape: tuple[int, ...]
+    config: Config
+    plan: Plan | None
+    pipe: Pipeline
+    method: str
+    graph: GroupGraph
+    macs_model: MacsModel | None
+
+
+def _prepare_run(
+    model: nn.Module | str,
+    input_shape: Sequence[int] | None,
+    *,
+    macs_ratio: float | None,
+    uniform: float | None,
+    plan: PlanSpec | None,
+    search: str | None,
+    reward: RewardSpec,
+    config: Config | None,
+    seed: int,
+    device: str | torch.device,
+    progress: bool,
+    resume: bool = False,
+    checkpoint_dir: str | os.PathLike | None = None,
+    model_config: ModelConfig | None = None,
+    name: str | None = None,
+    eval_data: str | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    like: str | None = None,
+) -> _Run:
+    """Every check a run makes before its first synthetic input, in one place for :func:`prune` and
+    :func:`plan_work`: a plan of work is made of exactly what the run would go on with, and a
+    dry run refuses what the run would refuse."""
+    cfg = config if config is not None else Config()
+    if sum(x is not None for x in (macs_ratio, uniform, plan)) != 1:
+        raise PlanError("give exactly one of macs_ratio, uniform or plan")
+    if macs_ratio is not None:
+        check_ratio("macs_ratio", macs_ratio)
+    if uniform is not None:
+        check_ratio("uniform", uniform)
+    method = search if search is not None else cfg.search
+    if method not in SEARCH_METHODS:
+        raise PlanError(f"unknown search '{method}'; choose from {', '.join(SEARCH_METHODS)}")
+    if resume and checkpoint_dir is None:
+        raise PlanError("resume needs a checkpoint_dir")
+    net, mc, shape = prepare_model(model, input_shape, model_config, name, mean, std, like)
+    cfg = cfg.resolved(shape, resolve_device(device))  # the effort preset's values, for this input and device
+    given_plan = _as_plan(plan) if plan is not None else None
+    if given_plan is not None:
+        given_plan.check_model(mc.name)  # a plan for another model is refused, not partly applied
+        _config_over_plan(given_plan, cfg)
+    pipe = Pipeline(net, mc, shape, cfg, seed=seed, device=device, progress=progress)
+    graph, macs_model = _checked_graph(net, shape, cfg, macs_ratio, uniform, given_plan)  # before any synthesis
+    pipe.check_reward(reward, eval_data)
+    return _Run(net, mc, shape, cfg, given_plan, pipe, method, graph, macs_model)
+
+
+def _work_plan(
+    run: _Run, macs_ratio: float | None, uniform: float | None, reward: RewardSpec, probe: bool = True
+) -> WorkPlan:
+    """The run's :class:`~autodfp.workplan.WorkPlan`, timed on its device."""
+    from autodfp.workplan import plan_work as make
+
+    return make(
+        run.pipe,
+        run.graph,
+        macs_ratio=macs_ratio,
+        uniform=uniform,
+        plan=run.plan,
+        search=run.method,
+        reward=reward,
+        macs_model=run.macs_model,
+        probe=probe,
+    )
+
+
+class _Laps:
+    """Real seconds per stage of a run, for the report beside the plan of work's estimate.
+
+    Batches are synthesised lazily, inside whichever stage first needs one; so each lap gives the
+    stage named the time since the last lap less what the pipeline spent synthesising meanwhile,
+    and that goes to ``synthesis``.
+    """
+
+    def __init__(self, pipe: Pipeline) -> None:
+        self.pipe = pipe
+        self.seconds: dict[str, float] = {}
+        self._t = time.perf_counter()
+        self._synth = pipe.synth_seconds
+
+    def __call__(self, stage: str) -> None:
+        now, synth = time.perf_counter(), self.pipe.synth_seconds
+        made = synth - self._synth
+        if made > 0:
+            self.seconds["synthesis"] = self.seconds.get("synthesis", 0.0) + made
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + max(0.0, now - self._t - made)
+        self._t, self._synth = now, synth
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: round(v, 2) for k, v in self.seconds.items()}
+
+
+@keeps_modes
+def plan_work(
+    model: nn.Module | str,
+    input_shape: Sequence[int] | None = None,
+    *,
+    macs_ratio: float | None = None,
+    uniform: float | None = None,
+    plan: PlanSpec | None = None,
+    search: str | None = None,
+    reward: RewardSpec = "synthetic",
+    config: Config | None = None,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    model_config: ModelConfig | None = None,
+    name: str | None = None,
+    eval_data: str | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    like: str | None = None,
+    probe: bool = True,
+) -> WorkPlan:
+    """What :func:`prune` would do with these arguments, stage by stage, and how long it would take
+    on this machine and device, without doing it (the CLI's ``autodfp prune ... --dry-run``).
+
+    The arguments are those of :func:`prune` and are checked as it checks them, so a call that
+    would be refused is refused here too. Nothing is synthesised or written; making the plan costs
+    a few timed steps of the run's primitives (seconds: :mod:`autodfp.workplan`).
+    ``print(plan_work(...))`` shows one line per stage and the total; ``.to_dict()`` is what a
+    run's report records as ``work_plan``.
+
+    :param probe: time the primitives (otherwise every figure is guessed from the MACs)
+    :return: a :class:`autodfp.workplan.WorkPlan`
+    """
+    run = _prepare_run(
+        model,
+        input_shape,
+        macs_ratio=macs_ratio,
+        uniform=uniform,
+        plan=plan,
+        search=search,
+        reward=reward,
+        config=config,
+        seed=seed,
+        device=device,
+        progress=False,
+        model_config=model_config,
+        name=name,
+        eval_data=eval_data,
+        mean=mean,
+        std=std,
+        like=like,
+    )
+    return _work_plan(run, macs_ratio, uniform, reward, probe=probe)
+
+
 @keeps_modes
 @shows_messages
 def prune(
@@ -630,28 +824,34 @@ def prune(
     :return: a :class:`PruningResult`
     """
     t_start = time.perf_counter()
-    cfg = config if config is not None else Config()
-    if sum(x is not None for x in (macs_ratio, uniform, plan)) != 1:
-        raise PlanError("give exactly one of macs_ratio, uniform or plan")
-    if macs_ratio is not None:
-        check_ratio("macs_ratio", macs_ratio)
-    if uniform is not None:
-        check_ratio("uniform", uniform)
-    method = search if search is not None else cfg.search
-    if method not in SEARCH_METHODS:
-        raise PlanError(f"unknown search '{method}'; choose from {', '.join(SEARCH_METHODS)}")
-    if resume and checkpoint_dir is None:
-        raise PlanError("resume needs a checkpoint_dir")
-    net, mc, shape = prepare_model(model, input_shape, model_config, name, mean, std, like)
-    cfg = cfg.resolved(shape, resolve_device(device))  # the effort preset's values, for this input and device
-    given_plan = _as_plan(plan) if plan is not None else None
-    if given_plan is not None:
-        given_plan.check_model(mc.name)  # a plan for another model is refused, not partly applied
-        _config_over_plan(given_plan, cfg)
-    pipe = Pipeline(net, mc, shape, cfg, seed=seed, device=device, progress=progress)
-
+    run = _prepare_run(
+        model,
+        input_shape,
+        macs_ratio=macs_ratio,
+        uniform=uniform,
+        plan=plan,
+        search=search,
+        reward=reward,
+        config=config,
+        seed=seed,
+        device=device,
+        progress=progress,
+        resume=resume,
+        checkpoint_dir=checkpoint_dir,
+        model_config=model_config,
+        name=name,
+        eval_data=eval_data,
+        mean=mean,
+        std=std,
+        like=like,
+    )
+    net, mc, shape, cfg, given_plan, pipe = run.net, run.model_config, run.shape, run.config, run.plan, run.pipe
+    method, graph, macs_model = run.method, run.graph, run.macs_model
     searching = macs_ratio is not None
-    graph, macs_model = _checked_graph(net, shape, cfg, macs_ratio, uniform, given_plan)  # before any synthesis
+    work = _work_plan(run, macs_ratio, uniform, reward)  # before any synthesis: what follows, and for how long
+    for line in work.render().splitlines():  # line by line: handlers escape a newline inside a message
+        log.info(line)
+    laps = _Laps(pipe)
     synthetic_reward = isinstance(reward, str) and reward == "synthetic"
     pruner = pipe.pruner(synthesising=cfg.refine or (searching and synthetic_reward), graph=graph)
     refiner = pipe.refiner(pruner) if cfg.refine else None
@@ -666,6 +866,8 @@ def prune(
         reward_fn = pipe.reward(reward, eval_data, n=n_select, select=True) if selecting else None
 
     report: dict[str, Any] = {"model": mc.name, "seed": pipe.seed, "device": str(pipe.device)}
+    report["work_plan"] = work.to_dict()
+    laps("search" if searching else "pruning")  # the reward's reference outputs belong to the search
     search_result = uniform_plan = None
     if searching:
         assert reward_fn is not None
@@ -683,6 +885,7 @@ def prune(
                 "plateau_episode": search_result.plateau_episode,
             }
         )
+        laps("search")
     elif given_plan is not None:
         the_plan = given_plan
     else:
@@ -694,6 +897,7 @@ def prune(
     if the_plan.criterion == "random":
         the_plan.params.setdefault("seed", pipe.seed)
     decisions = pruner.decide(the_plan)
+    laps("pruning")
     refined_score: float | None = None
     final = decisions
     if refiner is not None:
@@ -708,6 +912,7 @@ def prune(
             )
             report["refine_dims_ridge_scores"] = {f"{k:g}": v for k, v in scores.items()}
             refined_score = scores[report["refine_dims_ridge"]]
+        laps("refinement")
     refined = refiner is not None
     if cfg.final_choice and reward_fn is not None and the_plan.strategy != "none":
         step, final, step_scores = _final_step(
@@ -720,14 +925,18 @@ def prune(
             # what was applied, so plan.json with --no-refine reproduces the model (a copy: the
             # caller's plan object is never changed)
             the_plan = dataclasses.replace(the_plan, strategy="none")
+        laps("final choice")
     pruned = pruner.apply(the_plan, final)
+    laps("pruning")
     if cfg.distill_steps_for(shape, pipe.device) > 0:
         pruned.model, distilled = _distill(pipe, pruned.model)
         report["distill_steps"] = cfg.distill_steps_for(shape, pipe.device)
         report.update(distilled)
+        laps("distillation")
     check_finite(pruned.model, "the pruned model")
     before = _count(net, shape)
     after = _count(pruned.model, shape)
+    laps("pruning")
     report.update(
         {
             "strategy": the_plan.strategy,
@@ -739,6 +948,8 @@ def prune(
             "params_before": before[1],
             "params_after": after[1],
             "seconds": round(time.perf_counter() - t_start, 2),
+            # the real seconds of each stage of the plan of work, beside its estimate
+            "stage_seconds": laps.to_dict(),
             # every setting, defaults included: a report says how its model was made
             "config": cfg.to_dict(),
         }
@@ -1167,7 +1378,12 @@ def _evaluate_detection(
 # save / load
 # ---------------------------------------------------------------------------------------------
 def save(
-    result: PruningResult, out_dir: str | os.PathLike, *, plots: bool = True, overwrite: bool = False
+    result: PruningResult,
+    out_dir: str | os.PathLike,
+    *,
+    plots: bool = True,
+    overwrite: bool = False,
+    torchscript: bool = True,
 ) -> dict[str, Path]:
     """Write the result as one complete set: pruned.pt, model.ts, plan.json, report.json and, after a
     search, search.json, ratios.png and rewards.png (see :mod:`autodfp.eval.export`).
@@ -1181,6 +1397,8 @@ def save(
     :param out_dir: the output directory (created; an earlier set of autodfp's in it is replaced whole)
     :param plots: also draw the search's plots
     :param overwrite: write into a folder that holds files autodfp did not write (they are kept)
+    :param torchscript: also write ``model.ts``, when its outputs match the model's in type and values
+        (otherwise it is left out with a warning, and the manifest says ``"torchscript": null``)
     :return: ``{kind: path}`` of the files written
     """
     import json
@@ -1188,7 +1406,7 @@ def save(
     from autodfp.eval.export import save_pruned
     from autodfp.eval.outdir import claim_output_dir
 
-    claim_output_dir(out_dir, overwrite=overwrite)  # before the plots and the serialisation
+    claim_output_dir(out_dir, overwrite=overwrite, kind="pruned")  # before the plots and the serialisation
 
     extra: dict[str, bytes] = {"report.json": (json.dumps(result.report, indent=2) + "\n").encode()}
     if result.search is not None:
@@ -1205,6 +1423,7 @@ def save(
         zoo=zoo,
         extra=extra,
         overwrite=overwrite,
+        torchscript=torchscript,
     )
 
 
@@ -1278,6 +1497,7 @@ __all__ = [
     "create_model",
     "evaluate",
     "load",
+    "plan_work",
     "prepare_model",
     "prune",
     "resolve_device",

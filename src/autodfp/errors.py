@@ -43,6 +43,10 @@ class CacheWarning(UserWarning):
     """The cache directory cannot be used; work goes on without caching (one line, no traceback)."""
 
 
+class ExportWarning(UserWarning):
+    """An export (TorchScript) was left out of a saved set because it would not match the model."""
+
+
 class PreprocessingWarning(UserWarning):
     """Evaluation with a guessed input normalisation: it runs, and its accuracy may mean nothing."""
 

@@ -170,6 +170,20 @@ def _checked(fn: Any, *args: Any, **kwargs: Any) -> Any:
         raise PlanError(_as_flags(str(exc))) from None
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is *when it emits*: ``main()`` may run many
+    times in one process (tests, notebooks) with stderr replaced in between, and a handler holding
+    the first stream would write to a closed file."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 class _PrintableFormatter(logging.Formatter):
     """Library messages name user files: their control characters are escaped, never sent raw."""
 
@@ -181,7 +195,7 @@ def _setup_logging() -> None:
     """Library messages (``autodfp`` logger) as plain lines on stderr, with or without --json."""
     logger = logging.getLogger("autodfp")
     if not any(getattr(h, "_autodfp_cli", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(_PrintableFormatter("%(message)s"))
         setattr(handler, "_autodfp_cli", True)  # noqa: B010 (a marker attribute on a stdlib object)
         logger.addHandler(handler)
@@ -724,6 +738,15 @@ def prune(
     batch_size: Optional[int] = BatchOpt,
     device: str = DeviceOpt,
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip accuracy evaluation."),
+    no_torchscript: bool = typer.Option(
+        False, "--no-torchscript", help="Save no model.ts (it is left out anyway when it would not match the model)."
+    ),
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="Check every input, print the plan of work (each stage, its sizes and an estimate of its minutes on "
+        "this machine) and exit: nothing is synthesised, and nothing is written to --out.",
+    ),
     as_json: bool = JsonOpt,
 ) -> None:
     """Prune a model with a uniform ratio, a plan file or a searched plan, reconstruct, and save it."""
@@ -790,6 +813,22 @@ def prune(
     check_output_dir(out)
     con = _console(as_json)
     _setup_logging()
+    if dry_run:
+        _dry_run(
+            out,
+            force,
+            as_json,
+            (model, weights, arch, trust_pickle, like, input_size, mean, std),
+            macs_ratio=macs_ratio,
+            uniform=uniform,
+            plan=plan,
+            reward=reward_spec,
+            config=config,
+            seed=seed,
+            device=device,
+            eval_data=data,
+        )
+        return
     with OutputLock(out, overwrite=force, search=macs_ratio is not None):
         net, cfg = _load(model, weights, arch, trust_pickle, like, input_size, mean, std)
         if resume and not (out / "search").is_dir():
@@ -811,7 +850,7 @@ def prune(
             eval_data=data,
             arch=arch,
         )
-        paths = api.save(result, out, overwrite=force)
+        paths = api.save(result, out, overwrite=force, torchscript=not no_torchscript)
     shape = result.input_shape
     report = result.report
     lat_b, lat_a = latency_table(net, shape, (1,)), latency_table(result.model, shape, (1,))
@@ -874,6 +913,25 @@ def prune(
         )
 
 
+def _dry_run(out: Path, force: bool, as_json: bool, source: tuple[Any, ...], **prune_args: Any) -> None:
+    """``prune --dry-run``: the plan of work on stdout, after the checks the run would make.
+
+    OUT is checked (where a run would be refused, so is the dry run) but never created or locked:
+    a dry run leaves no trace. With ``--json`` the plan is one JSON object.
+    """
+    import autodfp.api as api
+    from autodfp.eval.outdir import claim_output_dir
+
+    claim_output_dir(out, overwrite=force, search=prune_args["macs_ratio"] is not None, kind="pruned")  # reads only
+    net, cfg = _load(*source)
+    work = _checked(api.plan_work, net, model_config=cfg, **prune_args)
+    if as_json:
+        _emit_json({"work_plan": work.to_dict()})
+    else:
+        sys.stdout.write("".join(printable(line) + "\n" for line in work.render().splitlines()))
+        sys.stdout.flush()
+
+
 @app.command("proxy-check")
 def proxy_check_cmd(
     model: str = typer.Argument(..., help="Zoo name or user model."),
@@ -932,7 +990,7 @@ def proxy_check_cmd(
         refine_inputs=refine_inputs,
         eval_batch_size=batch_size,
     )
-    claim_output_dir(out)  # a folder of the user's is refused now, not after the work
+    claim_output_dir(out, kind="proxy")  # a folder of the user's is refused now, not after the work
     _setup_logging()
     net, cfg = _load(model, weights, arch, trust_pickle, like, input_size)
     pipe = Pipeline(net, cfg, input_shape_of(cfg), config, seed=seed, device=device, progress=_progress_on())
@@ -1051,7 +1109,7 @@ def bench(
         refine_inputs=refine_inputs,
         eval_batch_size=batch_size,
     )
-    claim_output_dir(out)  # a folder of the user's is refused now, not after the work
+    claim_output_dir(out, kind="bench")  # a folder of the user's is refused now, not after the work
     _setup_logging()
     net, cfg = _load(model, weights, arch, trust_pickle, like, input_size)
     refining = any(parse_method(m)[2] for m in method_list)
@@ -1113,7 +1171,6 @@ def bench_latency(
 ) -> None:
     """Measured latency before and after pruning: median and spread per runtime and batch size."""
     from autodfp.api import input_shape_of, resolve_device
-    from autodfp.errors import OutputDirError
     from autodfp.eval import latency as lat
 
     if runtime.strip().lower() == "all":
@@ -1132,11 +1189,10 @@ def bench_latency(
     if threads is not None and threads < 1:
         raise PlanError(f"--threads must be at least 1, got {threads}")
     _checked(resolve_device, device)
-    if out is not None and (out.exists() or out.is_symlink()):
-        if not out.is_dir() or out.is_symlink():
-            raise OutputDirError(f"--out {out} is not a directory")
-        if (out / "manifest.json").exists() or (out / "pruned.pt").exists():
-            raise OutputDirError(f"--out {out} holds a pruned model's files; name another directory for the plots")
+    if out is not None:  # the user's folder, or a pruned model's, is refused before the timing
+        from autodfp.eval.outdir import claim_output_dir
+
+        claim_output_dir(out, kind="latency")
     net, cfg = _load(model, None, arch, False, None)
     shape = input_shape_of(cfg)
     original, against_name = None, None
@@ -1175,16 +1231,13 @@ def bench_latency(
             t.add_row(*cells)
     con.print(t)
     if out is not None:
-        from autodfp._io import atomic_write_bytes, atomic_write_text
+        from autodfp.eval.outdir import write_output_set
 
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(out / "latency.json", json.dumps(_json_safe(section), indent=2, allow_nan=False) + "\n")
-            atomic_write_bytes(
-                out / "latency.png", lat.plot_latency(section, title=f"{cfg.name} ({section['device_name']})")
-            )
-        except OSError as exc:
-            raise OutputDirError(f"cannot write to --out {out} ({exc.strerror or exc.__class__.__name__})") from None
+        files = {
+            "latency.json": (json.dumps(_json_safe(section), indent=2, allow_nan=False) + "\n").encode(),
+            "latency.png": lat.plot_latency(section, title=f"{cfg.name} ({section['device_name']})"),
+        }
+        write_output_set(out, files, kind="latency")
         con.print(f"wrote {out / 'latency.png'}, {out / 'latency.json'}")
     if as_json:
         _emit_json({"model": cfg.name, "against": against_name, **section})

@@ -265,7 +265,7 @@ class Refiner:
         if self.progress:
             from autodfp._progress import progress_bar
 
-            bar = progress_bar(total=len(units), desc="refine", unit="layer")
+            bar = progress_bar(total=len(units), desc="refinement", unit="layer")
 
         handles = [
             work.get_submodule(cons).register_forward_pre_hook(refit(key, name, cons)) for key, name, cons in units

@@ -30,6 +30,7 @@ import io
 import json
 import os
 import warnings
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ import torch.nn as nn
 from autodfp.analysis.graph import find_groups
 from autodfp.compress.plan import Plan
 from autodfp.compress.surgery import PruneResult, prune_channels
-from autodfp.errors import ModelError, PlanError, WeightsError
+from autodfp.errors import ExportWarning, ModelError, PlanError, WeightsError
 from autodfp.eval.outdir import (  # noqa: F401 (re-exported: these lived here before autodfp.eval.outdir)
     MANIFEST,
     MANIFEST_FORMAT,
@@ -113,8 +114,13 @@ def save_pruned(
     zoo: bool | None = None,
     extra: Mapping[str, bytes] | None = None,
     overwrite: bool = False,
+    torchscript: bool = True,
 ) -> dict[str, Path]:
     """Write the output set (see module doc) and return ``{kind: path}``.
+
+    ``model.ts`` is written only when its outputs match the module's, in type and values
+    (:func:`checked_torchscript`); a model TorchScript cannot export still gets the rest of its
+    set, with a warning and ``"torchscript": null`` in the manifest, and so does ``torchscript=False``.
 
     :param result: anything with ``model``, ``plan`` and ``decisions`` (or ``kept``)
     :param config: the unpruned model's config; its preprocessing and classes are recorded
@@ -124,8 +130,9 @@ def save_pruned(
     :param extra: more files of the set (``report.json``, ``search.json``, plots), as bytes
     :param overwrite: write beside files in ``out_dir`` that autodfp did not write (they are kept;
         see :func:`autodfp.eval.outdir.claim_output_dir`); without it such a folder is refused
+    :param torchscript: also write ``model.ts`` (when the export matches the module)
     """
-    out = claim_output_dir(out_dir, overwrite=overwrite)  # before the minutes of serialising
+    out = claim_output_dir(out_dir, overwrite=overwrite, kind="pruned")  # before the minutes of serialising
     model = result.model.eval()
     check_finite(model, "the pruned model")  # never save a model that cannot compute
     kept = (
@@ -134,7 +141,13 @@ def save_pruned(
         else {k: len(v) for k, v in result.kept.items()}
     )
     zoo = (arch is None and is_registered(config.name)) if zoo is None else zoo
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    full_state = model.state_dict()
+    state: dict[str, torch.Tensor] = OrderedDict((k, v.detach().cpu().clone()) for k, v in full_state.items())
+    # the per-module versions: a module that upgrades old checkpoints in _load_from_state_dict
+    # (torchvision's MNASNet) refuses a state dict without them
+    metadata = getattr(full_state, "_metadata", None)
+    if metadata is not None:
+        state._metadata = copy.deepcopy(metadata)  # type: ignore[attr-defined]
     payload: dict[str, Any] = {
         "format": FORMAT,
         "model": config.name,
@@ -152,12 +165,13 @@ def save_pruned(
     buf = io.BytesIO()
     torch.save(payload, buf)
     files["pruned.pt"] = buf.getvalue()
-    ts = to_torchscript(copy.deepcopy(model).cpu(), input_shape)
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.jit.save(ts, buf)
-    files["model.ts"] = buf.getvalue()
+    ts = checked_torchscript(model, input_shape) if torchscript else None
+    if ts is not None:
+        buf = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.save(ts, buf)
+        files["model.ts"] = buf.getvalue()
     files["plan.json"] = (json.dumps(result.plan.to_dict(), indent=2) + "\n").encode()
     for name, data in (extra or {}).items():
         if name not in SET_FILES:
@@ -166,10 +180,77 @@ def save_pruned(
     write_output_set(out, files, overwrite=overwrite)
     return {
         "checkpoint": out / "pruned.pt",
-        "torchscript": out / "model.ts",
+        **({"torchscript": out / "model.ts"} if "model.ts" in files else {}),
         "plan": out / "plan.json",
         **{Path(n).stem: out / n for n in files if n not in ("pruned.pt", "model.ts", "plan.json")},
     }
+
+
+def _same_outputs(a: Any, b: Any, where: str = "output") -> str | None:
+    """Why two outputs differ (type, structure, shape or values), or None when they match."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return f"{where} is a {type(a).__name__} in the module and a {type(b).__name__} in TorchScript"
+        if a.shape != b.shape:
+            return f"{where} has shape {tuple(a.shape)} in the module and {tuple(b.shape)} in TorchScript"
+        scale = float(a.abs().max()) if a.numel() and a.is_floating_point() else 1.0
+        if a.numel() and a.is_floating_point() and float((a - b).abs().max()) > 1e-4 * max(scale, 1.0):
+            return f"{where} differs by {float((a - b).abs().max()):.3g}"
+        return None
+    if type(a) is not type(b) and not (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple))):
+        return f"{where} is a {type(a).__name__} in the module and a {type(b).__name__} in TorchScript"
+    if isinstance(a, (list, tuple)):
+        if type(a) is not type(b) or len(a) != len(b):
+            return f"{where} is a {type(a).__name__} of {len(a)} in the module, a {type(b).__name__} of {len(b)} in TorchScript"
+        for i, (x, y) in enumerate(zip(a, b)):
+            why = _same_outputs(x, y, f"{where}[{i}]")
+            if why:
+                return why
+    if isinstance(a, dict):
+        if set(a) != set(b):
+            return f"{where} has keys {sorted(a)} in the module and {sorted(b)} in TorchScript"
+        for k in a:
+            why = _same_outputs(a[k], b[k], f"{where}[{k!r}]")
+            if why:
+                return why
+    return None
+
+
+def checked_torchscript(model: nn.Module, input_shape: tuple[int, ...]) -> torch.jit.ScriptModule | None:
+    """A TorchScript export of ``model`` whose outputs match the module's, or None with a warning.
+
+    Scripting compiles every branch, so a model whose eval-mode forward returns a tensor can come
+    back as a namedtuple (GoogLeNet, Inception-v3 keep their auxiliary outputs), and some dynamic
+    Python cannot be scripted at all (MobileViT's attention). So the export is checked on one
+    input against the module, in type, structure and values; scripting falls back to tracing, and
+    a model neither matches is saved without ``model.ts`` rather than with a wrong one.
+    """
+    work = copy.deepcopy(model).cpu().eval()
+    x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = work(x)
+    reasons = []
+    for how in ("script", "trace"):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ts = torch.jit.script(work) if how == "script" else torch.jit.trace(work, x[:1], check_trace=False)
+                with torch.no_grad():
+                    got = ts(x)
+        except Exception as exc:  # an export failure is reported, never a crash of the whole save
+            reasons.append(f"{how}: {' '.join(str(exc).split())[:80] or exc.__class__.__name__}")
+            continue
+        why = _same_outputs(expected, got)
+        if why is None:
+            return ts
+        reasons.append(f"{how}: {why}")
+    warnings.warn(
+        f"no model.ts: TorchScript cannot reproduce this model ({'; '.join(reasons)}); pruned.pt and the rest "
+        "of the set are saved, and load(dir, model=...) or arch= rebuilds it",
+        ExportWarning,
+        stacklevel=3,
+    )
+    return None
 
 
 def _str(payload: dict[str, Any], key: str, path: Path, optional: bool = False) -> str | None:

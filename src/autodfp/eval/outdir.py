@@ -208,6 +208,11 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+#: what a manifest may hold besides ``format`` and ``files``: ``"torchscript": null`` says the set
+#: has no ``model.ts`` on purpose (the model could not be exported, or the caller asked for none)
+_MANIFEST_KEYS = ("format", "files", "torchscript")
+
+
 def _parse_manifest(path: Path, error: type[AutoDFPError]) -> tuple[str, dict[str, str]]:
     """``(format, files)`` of the manifest at ``path``, its types checked strictly.
 
@@ -222,6 +227,9 @@ def _parse_manifest(path: Path, error: type[AutoDFPError]) -> tuple[str, dict[st
         raise error(f"{what} is not an autodfp manifest (format {_short(fmt)}); prune again")
     if not isinstance(files, dict):
         raise error(f"{what} is damaged ('files' is not an object); prune again")
+    odd = next((k for k in doc if k not in _MANIFEST_KEYS), None)
+    if odd is not None or ("torchscript" in doc and doc["torchscript"] is not None):
+        raise error(f"{what} is damaged (unexpected entry {_short(odd or 'torchscript')}); prune again")
     for name, digest in files.items():
         if name not in ALL_SET_FILES:
             raise error(f"{what} lists an unexpected file {_short(name)}")
@@ -230,8 +238,19 @@ def _parse_manifest(path: Path, error: type[AutoDFPError]) -> tuple[str, dict[st
     return str(fmt), dict(files)
 
 
-def _manifest_bytes(fmt: str, files: Mapping[str, str]) -> bytes:
-    return (json.dumps({"format": fmt, "files": dict(sorted(files.items()))}, indent=2) + "\n").encode()
+def _manifest_bytes(fmt: str, files: Mapping[str, str], torchscript: bool = True) -> bytes:
+    doc: dict[str, Any] = {"format": fmt, "files": dict(sorted(files.items()))}
+    if not torchscript:
+        doc["torchscript"] = None
+    return (json.dumps(doc, indent=2) + "\n").encode()
+
+
+def declares_no_torchscript(directory: str | os.PathLike[str]) -> bool:
+    """Whether the sealed manifest in ``directory`` says the set has no ``model.ts`` on purpose."""
+    try:
+        return read_json(Path(directory) / MANIFEST, "manifest", error=WeightsError).get("torchscript", "") is None
+    except (AutoDFPError, AttributeError):
+        return False
 
 
 def _sha256_file(path: Path) -> str:
@@ -260,7 +279,8 @@ def verify_set(directory: str | os.PathLike[str]) -> dict[str, str]:
     fmt, files = _parse_manifest(mpath, WeightsError)
     if fmt == PENDING_FORMAT:
         raise WeightsError(f"{directory} holds an interrupted save ({MANIFEST} was never sealed); prune again")
-    missing = [n for n in REQUIRED_FILES if n not in files]
+    required = [n for n in REQUIRED_FILES if not (n == "model.ts" and declares_no_torchscript(directory))]
+    missing = [n for n in required if n not in files]
     if missing:
         raise WeightsError(f"{mpath} does not list {missing[0]}: not a complete autodfp output; prune again")
     unlisted = [n for n in SET_FILES if n not in files and os.path.lexists(directory / n)]
@@ -367,7 +387,9 @@ def _taken(out: Path, name: str) -> OutputDirError:
     )
 
 
-def claim_output_dir(out: str | os.PathLike[str], *, overwrite: bool = False, search: bool = False) -> Path:
+def claim_output_dir(
+    out: str | os.PathLike[str], *, overwrite: bool = False, search: bool = False, kind: str | None = None
+) -> Path:
     """Check, before any work, that a run may write its set in OUT; return OUT.
 
     An absent or empty OUT, or one holding only autodfp's own files, is fine. A folder holding
@@ -379,6 +401,8 @@ def claim_output_dir(out: str | os.PathLike[str], *, overwrite: bool = False, se
     if not os.path.lexists(path):
         return path
     contents = scan(Path(os.path.realpath(path)))
+    if kind is not None:
+        _refuse_other_kind(path, contents, SET_FILES if kind == "pruned" else REPORT_SETS[kind])
     if not contents.foreign:
         return path
     if not overwrite:
@@ -449,7 +473,7 @@ class OutputLock:
         with _HELD_LOCK:
             _HELD.add(str(real))
         try:
-            claim_output_dir(self.out, overwrite=self.overwrite, search=self.search)
+            claim_output_dir(self.out, overwrite=self.overwrite, search=self.search, kind="pruned")
         except BaseException:
             self.__exit__()
             raise
@@ -542,7 +566,10 @@ def write_set(out: str | os.PathLike[str], files: Mapping[str, bytes], *, kind: 
     :param kind: ``"pruned"`` (a loadable model: :data:`SET_FILES`, :data:`REQUIRED_FILES` among
         them) or a report set of :data:`REPORT_SETS` (``"proxy"``, ``"bench"``)
     """
-    names, required = (SET_FILES, REQUIRED_FILES) if kind == "pruned" else (REPORT_SETS[kind], ())
+    names: tuple[str, ...] = SET_FILES if kind == "pruned" else REPORT_SETS[kind]
+    required: tuple[str, ...] = REQUIRED_FILES if kind == "pruned" else ()
+    torchscript = "model.ts" in files or kind != "pruned"  # a pruned set without one says so in its manifest
+    required = tuple(n for n in required if n != "model.ts" or torchscript)
     unknown = [n for n in files if n not in names]
     if unknown:
         raise ValueError(f"{unknown[0]} is not a file of the {kind} output set")
@@ -555,6 +582,7 @@ def write_set(out: str | os.PathLike[str], files: Mapping[str, bytes], *, kind: 
     blocked = [n for n in contents.foreign if n in ALL_SET_FILES or n == MANIFEST]
     if blocked:  # a user's file of a set name would be replaced, or make the new set a mix
         raise _taken(path, blocked[0])
+    _refuse_other_kind(path, contents, names)
     digests = {n: hashlib.sha256(d).hexdigest() for n, d in sorted(files.items())}
     try:
         stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=real))
@@ -572,7 +600,7 @@ def write_set(out: str | os.PathLike[str], files: Mapping[str, bytes], *, kind: 
                     _unlink_ours(real / name)
             for name in files:
                 _place(stage / name, real / name, name in contents.ours)
-            _write_new(stage / MANIFEST, _manifest_bytes(MANIFEST_FORMAT, digests))
+            _write_new(stage / MANIFEST, _manifest_bytes(MANIFEST_FORMAT, digests, torchscript))
             os.replace(stage / MANIFEST, real / MANIFEST)
         except OSError as exc:
             raise _write_error(path, exc) from None
@@ -591,11 +619,22 @@ def _write_error(out: Path, exc: OSError) -> OutputDirError:
     return OutputDirError(f"cannot write the outputs to {out} ({_reason(exc)})")
 
 
+def _refuse_other_kind(path: Path, contents: Contents, names: tuple[str, ...]) -> None:
+    """A set replaces an earlier set of its own kind only: a report written into a pruned model's
+    folder would otherwise delete the model (the earlier set's files not in the new one go)."""
+    other = [n for n in contents.listed if n not in names]
+    if other:
+        raise OutputDirError(
+            f"output directory {path} holds another kind of autodfp output ({_names(sorted(other))}); "
+            "choose another directory for this one"
+        )
+
+
 def write_output_set(
     out: str | os.PathLike[str], files: Mapping[str, bytes], *, overwrite: bool = False, kind: str = "pruned"
 ) -> Path:
     """Claim OUT, lock it and write ``files`` as its set: what a save does once its bytes are ready."""
-    path = claim_output_dir(out, overwrite=overwrite)
+    path = claim_output_dir(out, overwrite=overwrite, kind=kind)
     with hold(path, overwrite=overwrite):
         write_set(path, files, kind=kind)
     return path
@@ -615,6 +654,7 @@ __all__ = [
     "OutputLock",
     "check_output_dir",
     "claim_output_dir",
+    "declares_no_torchscript",
     "ensure_dir",
     "hold",
     "output_path",

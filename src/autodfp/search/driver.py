@@ -456,7 +456,7 @@ def search(
     elif method == "evolution":
         config.update({"warmup": warmup, "evolution": dict(EVOLUTION_DEFAULTS)})
     ckpt = Checkpointer(checkpoint_dir, json.loads(json.dumps(config)))
-    tracker = _Tracker(episodes, progress, desc=method)
+    tracker = _Tracker(episodes, progress, desc=f"search ({method})")
     tracker.total_macs = env.mm.total_macs
     try:
         if method == "random":

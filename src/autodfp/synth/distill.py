@@ -774,6 +774,98 @@ def chunk_sizes(n: int, input_shape: Sequence[int]) -> list[int]:
     return sizes
 
 
+def _chunks(n: int, seed: int, input_shape: Sequence[int]) -> list[tuple[int, int]]:
+    """``(inputs, seed)`` of each chunk of a batch of ``n`` with ``seed`` (:func:`chunk_sizes`,
+    :data:`CHUNK_SEED_STRIDE`): one rule for the synthesis and for :func:`cache_entry_paths`."""
+    return [(size, int(seed) + i * CHUNK_SEED_STRIDE) for i, size in enumerate(chunk_sizes(n, input_shape))]
+
+
+def _chunk_entry(
+    model_key: str,
+    weights: str,
+    input_shape: Sequence[int],
+    n: int,
+    seed: int,
+    method: str,
+    steps: int,
+    lr: float,
+    label_offset: int,
+    low_res: float,
+    low_res_levels: int,
+    cache_dir: str | Path | None,
+) -> tuple[Path, dict[str, Any], list[tuple[int, ...]]]:
+    """The cache file of one chunk, the key ``parts`` it is named after and the reduced sizes its
+    synthesis starts at: pure (no model, no disk), so a plan of work can name the files the
+    synthesis will read or write without distilling anything.
+
+    ``method`` is resolved and ``steps``/``lr`` are filled in; ``weights`` is
+    :func:`state_dict_hash` of the model.
+    """
+    root = Path(cache_dir) if cache_dir is not None else _default_cache_root() / "synthetic"
+    parts: dict[str, Any] = {
+        "model_key": model_key,
+        "weights": weights,
+        "shape": tuple(int(s) for s in input_shape),
+        "n": int(n),
+        "seed": int(seed),
+        "method": method,
+        "steps": int(steps),
+        "lr": float(lr),
+        "label_offset": int(label_offset),
+    }
+    reduced = _low_res_shapes(input_shape, method, low_res_levels) if low_res else []
+    if reduced:
+        parts["low_res"] = float(low_res)
+    if len(reduced) > 1:  # one reduced size keeps the key it had before more were possible
+        parts["low_res_levels"] = len(reduced)
+    return _cache_path(root, model_key, parts), parts, reduced
+
+
+def cache_entry_paths(
+    model: nn.Module,
+    model_key: str,
+    input_shape: Sequence[int],
+    n: int = 64,
+    seed: int = 0,
+    method: str = "auto",
+    steps: int | None = None,
+    lr: float | None = None,
+    label_offset: int = 0,
+    low_res: float = 0.0,
+    low_res_levels: int = 1,
+    cache_dir: str | Path | None = None,
+) -> list[Path]:
+    """The cache file of each chunk :func:`synthetic_batch` reads or writes for these arguments,
+    in chunk order, computed without synthesising anything.
+
+    A plan of work says which batches are already cached (a reload takes milliseconds, a
+    distillation minutes); it must name exactly the files the synthesis will use, so both go
+    through :func:`_chunks` and :func:`_chunk_entry`. The cost is one hash of the model's weights.
+    """
+    resolved = resolve_method(model, method)
+    d_steps, d_lr = default_settings(resolved, input_shape)
+    steps = d_steps if steps is None else int(steps)
+    lr = d_lr if lr is None else float(lr)
+    weights = state_dict_hash(model)
+    return [
+        _chunk_entry(
+            model_key,
+            weights,
+            input_shape,
+            size,
+            chunk_seed,
+            resolved,
+            steps,
+            lr,
+            label_offset,
+            float(low_res),
+            int(low_res_levels),
+            cache_dir,
+        )[0]
+        for size, chunk_seed in _chunks(n, check_seed(seed), input_shape)
+    ]
+
+
 def synthetic_batch(
     model: nn.Module,
     model_key: str,
@@ -838,8 +930,8 @@ def _synthetic_batch(
     low_res_levels: int = 1,
 ) -> torch.Tensor:
     resolved = resolve_method(model, method)
-    sizes = chunk_sizes(n, input_shape)
-    if len(sizes) > 1:
+    chunks = _chunks(n, seed, input_shape)
+    if len(chunks) > 1:
         return torch.cat(
             [
                 _synthetic_batch(
@@ -847,7 +939,7 @@ def _synthetic_batch(
                     model_key,
                     input_shape,
                     size,
-                    seed + i * CHUNK_SEED_STRIDE,
+                    chunk_seed,
                     cache_dir,
                     resolved,
                     steps,
@@ -858,30 +950,26 @@ def _synthetic_batch(
                     low_res,
                     low_res_levels,
                 )
-                for i, size in enumerate(sizes)
+                for size, chunk_seed in chunks
             ]
         )
     d_steps, d_lr = default_settings(resolved, input_shape)
     steps = d_steps if steps is None else int(steps)
     lr = d_lr if lr is None else float(lr)
-    root = Path(cache_dir) if cache_dir is not None else _default_cache_root() / "synthetic"
-    parts: dict[str, Any] = {
-        "model_key": model_key,
-        "weights": state_dict_hash(model),
-        "shape": tuple(int(s) for s in input_shape),
-        "n": int(n),
-        "seed": int(seed),
-        "method": resolved,
-        "steps": steps,
-        "lr": lr,
-        "label_offset": int(label_offset),
-    }
-    reduced = _low_res_shapes(input_shape, resolved, low_res_levels) if low_res else []
-    if reduced:
-        parts["low_res"] = float(low_res)
-    if len(reduced) > 1:  # one reduced size keeps the key it had before more were possible
-        parts["low_res_levels"] = len(reduced)
-    path = _cache_path(root, model_key, parts)
+    path, parts, reduced = _chunk_entry(
+        model_key,
+        state_dict_hash(model),
+        input_shape,
+        n,
+        seed,
+        resolved,
+        steps,
+        lr,
+        label_offset,
+        low_res,
+        low_res_levels,
+        cache_dir,
+    )
     if path.is_file():
         images, problem = _read_cache_entry(path, (n, *parts["shape"]))
         if images is not None:
@@ -890,7 +978,7 @@ def _synthetic_batch(
             return images
         # a corrupt entry is recomputed and overwritten below, never fatal and never trusted
         warnings.warn(f"synthetic cache entry {path} is corrupt ({problem}); recomputing", CacheWarning, stacklevel=2)
-    writable = usable_cache_dir(root) is not None  # warns now, not after the distillation
+    writable = usable_cache_dir(path.parent) is not None  # warns now, not after the distillation
     if log is not None:
         sizes_named = " and ".join(f"{h}x{w}" for _, h, w in reduced)
         stages = f", {round(steps * low_res)} of them at {sizes_named}" if reduced else ""
