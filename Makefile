@@ -19,9 +19,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 install: $(VENV)/.installed
 
 # The main job on the embedded default: halve ResNet-56's MACs with a short SAC search on a
-# data-free reward, reconstruct, save to runs/demo, and print the before/after table.
+# data-free reward, reconstruct, save to runs/demo, and print the before/after table. The `fast`
+# preset keeps it within minutes; the default `balanced` adds a data-free distillation (tens of
+# minutes on a 2-core CPU, more accurate: docs/RESULTS.md, "Effort presets").
 demo: $(VENV)/.installed
-	$(VENV)/bin/autodfp prune resnet56_cifar10 --macs-ratio 0.5 --episodes 60 --out runs/demo
+	$(VENV)/bin/autodfp prune resnet56_cifar10 --macs-ratio 0.5 --effort fast --episodes 60 --out runs/demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -26,7 +26,7 @@ def test_the_default_effort_is_balanced_unless_the_environment_says(monkeypatch:
 def test_a_preset_fills_only_the_fields_left_unset(effort: str) -> None:
     preset = EFFORT_PRESETS[effort]
     cfg = Config(effort=effort).resolved(SMALL, "cpu")
-    assert cfg.episodes == preset["episodes"]
+    assert cfg.episodes == preset["episodes"]["small"]
     assert cfg.distill_steps == preset["distill_steps"]["small"]
     assert cfg.distill_inputs == preset["distill_inputs"]["small"]
     mine = Config(effort=effort, episodes=7, distill_steps=11, distill_inputs=0, synth_low_res=0.5).resolved(LARGE)
@@ -44,6 +44,8 @@ def test_large_inputs_are_distilled_on_an_accelerator_not_on_a_cpu_by_balanced()
     cpu = Config(effort="balanced").resolved(LARGE, "cpu")
     gpu = Config(effort="balanced").resolved(LARGE, "cuda")
     assert cpu.distill_steps == 0 < gpu.distill_steps
+    fast = Config(effort="fast").resolved(LARGE, "cpu")
+    assert cpu == fast.replace(effort="balanced")  # on a CPU, balanced at 224 px is the fast pipeline
     best = Config(effort="best").resolved(LARGE, "cpu")
     assert best.synth_low_res == 0.0 and best.distill_steps > 0
 
@@ -53,7 +55,7 @@ def test_the_report_records_the_effort_and_the_resolved_values(tiny_cnn) -> None
     res = autodfp.prune(tiny_cnn, input_shape=(3, 16, 16), uniform=0.5, config=cfg, progress=False)
     recorded = res.report["config"]
     assert recorded["effort"] == "balanced" and recorded["distill_steps"] == 2
-    assert recorded["episodes"] == EFFORT_PRESETS["balanced"]["episodes"]
+    assert recorded["episodes"] == EFFORT_PRESETS["balanced"]["episodes"]["small"]
     assert res.report["distill_steps"] == 2
 
 

@@ -347,4 +347,6 @@ def test_cli_bad_input_is_one_error_line(
 
 def test_cli_refuses_to_write_into_the_pruned_set(pruned_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = _cli(capsys, str(pruned_dir), "--out", str(pruned_dir))
-    assert code == 2 and err.startswith("error: ") and "pruned model's files" in err
+    assert (
+        code == 2 and err.startswith("error: ") and "holds another kind of autodfp output" in err and "pruned.pt" in err
+    )

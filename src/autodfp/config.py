@@ -118,7 +118,8 @@ EVAL_BATCH: Mapping[str, int] = {"small": 256, "large": 8}
 #:   inputs; a held-out depth 59.00 -> 80.24 % on the uniform plan), against a point or two for the
 #:   search's last 200 episodes, so the time goes to distillation. At 224 px a distillation step costs
 #:   ~5 s on a 2-core CPU (MobileNet-V1: +0.8 points per 500 steps, 41 min), so on a CPU large
-#:   inputs are not distilled by default; on a GPU they are.
+#:   inputs are not distilled by default and keep the full search (``balanced`` is ``fast`` there);
+#:   on a GPU they are distilled.
 #: - ``best``: for a run left alone: the full search, twice the distillation, full-size synthesis
 #:   at 224 px (57.08 against 55.3-56.5 % on MobileNet-V1's search).
 #:
@@ -127,19 +128,19 @@ EVAL_BATCH: Mapping[str, int] = {"small": 256, "large": 8}
 EFFORTS = ("fast", "balanced", "best")
 EFFORT_PRESETS: Mapping[str, Mapping[str, Any]] = {
     "fast": {
-        "episodes": 300,
+        "episodes": {"small": 300, "large": 300, "large_cpu": 300},
         "distill_steps": {"small": 0, "large": 0, "large_cpu": 0},
         "distill_inputs": {"small": 0, "large": 0, "large_cpu": 0},
         "synth_low_res": {},
     },
     "balanced": {
-        "episodes": 100,
+        "episodes": {"small": 100, "large": 100, "large_cpu": 300},
         "distill_steps": {"small": 1500, "large": 2000, "large_cpu": 0},
         "distill_inputs": {"small": 256, "large": 512, "large_cpu": 0},
         "synth_low_res": {},
     },
     "best": {
-        "episodes": 300,
+        "episodes": {"small": 300, "large": 300, "large_cpu": 300},
         "distill_steps": {"small": 4000, "large": 4000, "large_cpu": 1000},
         "distill_inputs": {"small": 1024, "large": 1024, "large_cpu": 256},
         "synth_low_res": {"large": 0.0, "large_cpu": 0.0},
@@ -439,9 +440,13 @@ class Config:
         accelerated = str(device).split(":")[0] in ("cuda", "mps")
         return "large_cpu" if size == "large" and not accelerated else size
 
-    def episodes_for(self) -> int:
-        """Search episodes: ``episodes``, else the effort preset's."""
-        return int(self.episodes) if self.episodes is not None else int(EFFORT_PRESETS[self.effort]["episodes"])
+    def episodes_for(self, input_shape: Sequence[int] | None = None, device: Any = "cpu") -> int:
+        """Search episodes: ``episodes``, else the effort preset's (for a small input without a shape:
+        the search driver's keyword default)."""
+        if self.episodes is not None:
+            return int(self.episodes)
+        key = self._preset_key(input_shape, device) if input_shape is not None else "small"
+        return int(EFFORT_PRESETS[self.effort]["episodes"][key])
 
     def distill_steps_for(self, input_shape: Sequence[int], device: Any = "cpu") -> int:
         """Distillation steps: ``distill_steps``, else the preset's for this input size and device."""
@@ -463,7 +468,7 @@ class Config:
         """
         changes: dict[str, Any] = {}
         if self.episodes is None:
-            changes["episodes"] = self.episodes_for()
+            changes["episodes"] = self.episodes_for(input_shape, device)
         if self.distill_steps is None:
             changes["distill_steps"] = self.distill_steps_for(input_shape, device)
         if self.distill_inputs is None:

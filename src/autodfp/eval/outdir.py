@@ -446,7 +446,10 @@ class OutputLock:
     is claimed (:func:`claim_output_dir` with ``overwrite`` and ``search``).
     """
 
-    def __init__(self, out_dir: str | os.PathLike[str], *, overwrite: bool = False, search: bool = False) -> None:
+    def __init__(
+        self, out_dir: str | os.PathLike[str], *, overwrite: bool = False, search: bool = False, kind: str = "pruned"
+    ) -> None:
+        self.kind = kind
         self.out = output_path(out_dir)
         self.overwrite = overwrite
         self.search = search
@@ -473,7 +476,7 @@ class OutputLock:
         with _HELD_LOCK:
             _HELD.add(str(real))
         try:
-            claim_output_dir(self.out, overwrite=self.overwrite, search=self.search, kind="pruned")
+            claim_output_dir(self.out, overwrite=self.overwrite, search=self.search, kind=self.kind)
         except BaseException:
             self.__exit__()
             raise
@@ -498,7 +501,7 @@ class OutputLock:
 
 
 @contextlib.contextmanager
-def hold(out: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
+def hold(out: str | os.PathLike[str], *, overwrite: bool = False, kind: str = "pruned") -> Iterator[Path]:
     """The lock on OUT for a save: taken here, unless this process already holds it.
 
     The CLI locks OUT for its whole run and then saves through the API, which locks too; a second
@@ -510,7 +513,7 @@ def hold(out: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Pa
     if held:
         yield path
         return
-    with OutputLock(path, overwrite=overwrite):
+    with OutputLock(path, overwrite=overwrite, kind=kind):
         yield path
 
 
@@ -635,7 +638,7 @@ def write_output_set(
 ) -> Path:
     """Claim OUT, lock it and write ``files`` as its set: what a save does once its bytes are ready."""
     path = claim_output_dir(out, overwrite=overwrite, kind=kind)
-    with hold(path, overwrite=overwrite):
+    with hold(path, overwrite=overwrite, kind=kind):
         write_set(path, files, kind=kind)
     return path
 
