@@ -377,3 +377,26 @@ def test_the_state_dict_keeps_its_module_versions(tmp_path: Path) -> None:
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(back(x), res.model(x))
+
+
+def test_info_warns_about_random_weights_and_a_defaulted_input_size(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["info", "mine", "--arch", "autodfp.models.resnet_cifar:resnet20", "--json"])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert "warning: no --weights" in err and "warning: no --input-size: assuming 224x224" in err
+
+
+def test_a_user_models_synthetic_cache_is_keyed_by_its_weights_not_its_name(
+    tiny_cnn: nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same weights pruned under two names synthesise once (issue 28)."""
+    import logging
+
+    monkeypatch.setenv("AUTODFP_HOME", str(tmp_path))
+    caplog.set_level(logging.INFO, logger="autodfp")
+    autodfp.prune(tiny_cnn, input_shape=(3, 16, 16), uniform=0.5, name="from-python", config=CHEAP, progress=False)
+    assert "synthesising" in caplog.text
+    caplog.clear()
+    autodfp.prune(tiny_cnn, input_shape=(3, 16, 16), uniform=0.5, name="from-the-cli", config=CHEAP, progress=False)
+    assert "read from the cache" in caplog.text and "synthesising" not in caplog.text
+    assert all(p.name.startswith("user-") for p in (tmp_path / "synthetic").iterdir() if p.suffix == ".pt")

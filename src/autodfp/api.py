@@ -202,6 +202,22 @@ class Pipeline:
         self._device_model: nn.Module | None = None
         #: seconds spent in :meth:`batch` so far (distilling or reading the cache), for the report
         self.synth_seconds = 0.0
+        self._cache_key: str | None = None
+
+    @property
+    def cache_key(self) -> str:
+        """The synthetic cache's name for this model: the zoo name, or ``user-`` and a hash of a user
+        model's weights. A user model's name is whatever the caller typed (or its class name, the
+        same for every ResNet), so the same weights pruned from Python and from the CLI were
+        synthesised twice; the weights themselves say which model it is."""
+        if self._cache_key is None:
+            from autodfp.models.registry import is_registered
+            from autodfp.synth.distill import state_dict_hash
+
+            name = self.model_config.name
+            zoo = is_registered(name) and self.model_config.weights is not None
+            self._cache_key = name if zoo else "user-" + state_dict_hash(self.model)[:16]
+        return self._cache_key
 
     @property
     def device_model(self) -> nn.Module:
@@ -235,7 +251,7 @@ class Pipeline:
         try:
             return synthetic_batch(
                 self.device_model,
-                self.model_config.name,
+                self.cache_key,
                 self.shape,
                 n=n,
                 seed=seed,

@@ -582,7 +582,7 @@ def _batches(
     for purpose, n, batch_seed, steps in wanted:
         paths = cache_entry_paths(
             pipe.model,
-            pipe.model_config.name,
+            pipe.cache_key,
             shape,
             n,
             batch_seed,

@@ -364,6 +364,11 @@ def info(
 
     net, cfg = _load(model, weights, arch, trust_pickle, like, input_size)
     shape = input_shape_of(cfg)
+    if arch is not None and not Path(model).is_dir():  # a user model built here, not a saved set
+        if weights is None:
+            _notice("warning: no --weights: the model has the factory's random weights (shapes are right, values not)")
+        if input_size is None and like is None:
+            _notice(f"warning: no --input-size: assuming {shape[1]}x{shape[2]} inputs; MACs depend on it")
     prof = profile(net, shape)
     if isinstance(net, torch.jit.ScriptModule):
         msg = (
