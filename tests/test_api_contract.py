@@ -400,3 +400,16 @@ def test_a_user_models_synthetic_cache_is_keyed_by_its_weights_not_its_name(
     autodfp.prune(tiny_cnn, input_shape=(3, 16, 16), uniform=0.5, name="from-the-cli", config=CHEAP, progress=False)
     assert "read from the cache" in caplog.text and "synthesising" not in caplog.text
     assert all(p.name.startswith("user-") for p in (tmp_path / "synthetic").iterdir() if p.suffix == ".pt")
+
+
+def test_the_cli_reports_top1_before_distillation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    args = ["prune", "resnet20_cifar10", "--uniform", "0.5", "--distill", "3", "--synth-steps", "2"]
+    args += ["--refine-inputs", "16", "--reward-inputs", "16", "--limit", "64", "--json", "--out", str(tmp_path / "o")]
+    code = main(args)
+    cap = capsys.readouterr()
+    assert code == 0, cap.err
+    out = json.loads(cap.out.strip().splitlines()[-1])
+    assert out["distill_steps"] == 3 and isinstance(out["top1_before_distillation"], float)
+    assert "distill 3" in cap.err and "top-1 before distillation" in cap.err

@@ -554,6 +554,9 @@ class PruningResult:
     uniform_plan: Plan | None = field(default=None, repr=False)
     decisions: dict[str, GroupDecision] = field(default_factory=dict, repr=False)
     arch: str | None = None
+    #: the pruned model before its distillation, when it was distilled: what the distillation added
+    #: is measured against it (the CLI's table has its top-1)
+    undistilled: nn.Module | None = field(default=None, repr=False)
 
 
 def _config_over_plan(plan: Plan, cfg: Config) -> None:
@@ -944,7 +947,9 @@ def prune(
         laps("final choice")
     pruned = pruner.apply(the_plan, final)
     laps("pruning")
+    undistilled = None
     if cfg.distill_steps_for(shape, pipe.device) > 0:
+        undistilled = copy.deepcopy(pruned.model).to(_device_of(net)).eval()
         pruned.model, distilled = _distill(pipe, pruned.model)
         report["distill_steps"] = cfg.distill_steps_for(shape, pipe.device)
         report.update(distilled)
@@ -975,7 +980,18 @@ def prune(
     report = Report(report)
     out_model = pruned.model.to(_device_of(net)).eval()
     return PruningResult(
-        out_model, the_plan, report, net, mc, shape, cfg, search_result, uniform_plan, pruned.decisions, arch
+        out_model,
+        the_plan,
+        report,
+        net,
+        mc,
+        shape,
+        cfg,
+        search_result,
+        uniform_plan,
+        pruned.decisions,
+        arch,
+        undistilled,
     )
 
 

@@ -859,7 +859,7 @@ def prune(
     shape = result.input_shape
     report = result.report
     lat_b, lat_a = latency_table(net, shape, (1,)), latency_table(result.model, shape, (1,))
-    top1_b = top1_a = None
+    top1_b = top1_a = top1_u = None
     det = None
     if not no_eval and cfg.task == "detection":
         # the unpruned detector is the reference: its own score is 1 by construction
@@ -871,14 +871,21 @@ def prune(
         top1_a = api.evaluate(
             result.model, data, model_config=cfg, limit=limit, batch_size=batch_size, device=device
         ).top1
+        if result.undistilled is not None:  # what the distillation added, on the same images
+            top1_u = api.evaluate(
+                result.undistilled, data, model_config=cfg, limit=limit, batch_size=batch_size, device=device
+            ).top1
     plan = result.plan
-    t = Table(title=f"{cfg.name}: {plan.strategy} + {plan.criterion}{' + refine' if report['refine'] else ''}")
+    steps = f" + distill {report['distill_steps']}" if report.get("distill_steps") else ""
+    t = Table(title=f"{cfg.name}: {plan.strategy} + {plan.criterion}{' + refine' if report['refine'] else ''}{steps}")
     for col in ("", "before", "after", "ratio"):
         t.add_column(col, justify="right")
     mb, ma, pb, pa = report["macs_before"], report["macs_after"], report["params_before"], report["params_after"]
     t.add_row("MACs", _fmt_m(mb), _fmt_m(ma), f"{ma / mb:.3f}")
     t.add_row("params", _fmt_m(pb), _fmt_m(pa), f"{pa / pb:.3f}")
     if top1_b is not None and top1_a is not None:
+        if top1_u is not None:
+            t.add_row("top-1 before distillation", f"{top1_b:.2f} %", f"{top1_u:.2f} %", f"{top1_u - top1_b:+.2f} pt")
         t.add_row("top-1", f"{top1_b:.2f} %", f"{top1_a:.2f} %", f"{top1_a - top1_b:+.2f} pt")
     if det is not None:
         against = "vs unpruned" if det.reference == "self" else "on labels"
@@ -910,6 +917,7 @@ def prune(
                 "params_after": pa,
                 "top1_before": None if top1_b is None else round(top1_b, 4),
                 "top1_after": None if top1_a is None else round(top1_a, 4),
+                "top1_before_distillation": None if top1_u is None else round(top1_u, 4),
                 **({"detection": _det_row(det)} if det is not None else {}),
                 "latency_ms_b1_before": round(lat_b[1], 3),
                 "latency_ms_b1_after": round(lat_a[1], 3),
