@@ -413,3 +413,13 @@ def test_the_cli_reports_top1_before_distillation(tmp_path: Path, capsys: pytest
     out = json.loads(cap.out.strip().splitlines()[-1])
     assert out["distill_steps"] == 3 and isinstance(out["top1_before_distillation"], float)
     assert "distill 3" in cap.err and "top-1 before distillation" in cap.err
+
+
+def test_prune_help_groups_its_options_in_panels(capsys: pytest.CaptureFixture[str]) -> None:
+    from autodfp.cli.app import PRUNE_PANELS
+
+    main(["prune", "--help"])
+    out = capsys.readouterr().out
+    for panel in PRUNE_PANELS:
+        assert panel in out
+    assert out.index("Budget and effort") < out.index("--macs-ratio") < out.index("Search")

@@ -945,6 +945,40 @@ def _dry_run(out: Path, force: bool, as_json: bool, source: tuple[Any, ...], **p
         sys.stdout.flush()
 
 
+#: ``autodfp prune --help`` in panels, one per stage of the pipeline: 50 options in one list hid
+#: the few a user needs (the budget, the effort, the output) among the tuning knobs.
+PRUNE_PANELS = {
+    "Budget and effort": ("uniform", "plan_file", "macs_ratio", "effort", "seed"),
+    "Search": ("search_method", "episodes", "warmup", "reward_spec", "r_min", "checkpoint_every", "resume"),
+    "Reconstruction": (
+        "criterion", "reconstruct", "strength", "cluster_eps_quantile", "corr", "refine", "refine_data",
+        "final_choice", "coupled", "refine_ridge", "refine_dims_ridge", "refine_inputs",
+    ),
+    "Synthesis": ("synth_method", "synth_steps", "synth_low_res", "synth_low_res_levels", "reward_inputs"),
+    "Distillation": ("distill_steps", "distill_inputs", "distill_lr", "distill_augment", "distill_fresh", "distill_compete"),
+    "Model": ("weights", "arch", "trust_pickle", "like", "input_size", "mean", "std"),
+    "Evaluation": ("data", "limit", "batch_size", "device", "no_eval"),
+    "Output": ("out", "force", "no_torchscript", "dry_run", "as_json"),
+}  # fmt: skip
+
+
+def _set_panels(command: Any, panels: dict[str, tuple[str, ...]]) -> None:
+    """Give each option of ``command`` its help panel (typer reads it when the CLI is built).
+
+    The option objects are shared with other commands (``--seed``, ``--device``): in those, a panel
+    just groups the option the same way.
+    """
+    import inspect
+
+    params = inspect.signature(command).parameters
+    for panel, names in panels.items():
+        for name in names:
+            params[name].default.rich_help_panel = panel
+
+
+_set_panels(prune, PRUNE_PANELS)
+
+
 @app.command("proxy-check")
 def proxy_check_cmd(
     model: str = typer.Argument(..., help="Zoo name or user model."),
