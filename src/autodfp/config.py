@@ -310,6 +310,10 @@ class Config:
         from autodfp.compress.criteria import criterion_names
         from autodfp.compress.reconstruct import strategy_names
 
+        if self.effort not in EFFORTS and self.effort == os.environ.get("AUTODFP_EFFORT", "").strip():
+            raise PlanError(
+                f"unknown effort {_shown(self.effort)} (from $AUTODFP_EFFORT); choose from {', '.join(EFFORTS)}"
+            )
         _choice("effort", self.effort, EFFORTS)
         _choice("criterion", self.criterion, criterion_names())
         _choice("strategy", self.strategy, strategy_names())

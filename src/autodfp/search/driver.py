@@ -372,7 +372,7 @@ def search(
     pruner: Pruner,
     target_macs_ratio: float,
     method: str = "sac",
-    episodes: int = DEFAULTS.episodes_for(),
+    episodes: int = 300,  # fixed, not $AUTODFP_EFFORT's: a keyword default must not change with the environment
     warmup: int | None = None,
     reward: RewardFn | None = None,
     seed: int = 0,
