@@ -83,7 +83,7 @@ def run_row(
         if real is None:
             return {"row": key, "label": label, "error": "needs --real DIR (unlabelled real images)"}
         flags = [f.replace("{real}", real) for f in flags]
-    cmd = ["autodfp", "prune", model, "--seed", "0", "--json", "--out", str(out / key)]
+    cmd = ["autodfp", "prune", model, "--effort", "fast", "--seed", "0", "--json", "--out", str(out / key)]
     if plan_of is not None:
         if plan_of not in done or "error" in done[plan_of]:
             return {"row": key, "label": label, "error": f"needs the '{plan_of}' row first"}

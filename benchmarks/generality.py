@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 
 #: cheap synthesis for the sweep (quoted in the table header)
-CHEAP = {"synth_steps": 5, "calibration_inputs": 8, "refine_inputs": 8, "reward_inputs": 8}
+CHEAP = {"effort": "fast", "synth_steps": 5, "calibration_inputs": 8, "refine_inputs": 8, "reward_inputs": 8}
 #: (spec, input px): heavy models run at smaller inputs to keep the sweep near 30 min on 2 cores
 MODELS: list[tuple[str, int]] = [
     ("tv:resnet18", 128),
