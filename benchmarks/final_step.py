@@ -36,7 +36,14 @@ MODELS: list[tuple[str, int, float]] = [
     ("timm:mobilenetv3_large_100", 160, 0.7),
 ]
 #: cheap synthesis, as in the generality sweep (quoted in the output)
-CHEAP = {"effort": "fast", "synth_steps": 20, "calibration_inputs": 16, "refine_inputs": 16, "reward_inputs": 16, "select_inputs": 16}
+CHEAP = {
+    "effort": "fast",
+    "synth_steps": 20,
+    "calibration_inputs": 16,
+    "refine_inputs": 16,
+    "reward_inputs": 16,
+    "select_inputs": 16,
+}
 
 
 def run_model(spec: str, px: int, ratio: float, root: Path, n_bn: int, n_eval: int) -> list[dict]:
