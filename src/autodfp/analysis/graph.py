@@ -70,6 +70,29 @@ torch-pruning removes the channels, which it does by position within each block,
 reorders every block so its kept channels come first. A group read by grouped convs of different
 ``groups``, or through a depthwise conv as well, stays whole with the reason "read by grouped conv …".
 
+**Channel cuts** (``kind == "split"``, prunable by default): the inverse of the concat groups. A
+split, chunk or channel slice (``torch.split(x, sizes, 1)``, ``x[:, a:b]``) cuts a producer's rows
+into parts that go to different layers (MixNet's mixed depthwise convs, Res2Net's scales, a
+layer fed by half of a tensor), so each part is its own group, named ``producer[a:b]`` (its rows
+``a … b−1``; :attr:`PrunableGroup.start`), its consumers reading it at their offsets. Rows are
+parted where torch-pruning's root indices show they reach different layers, or the same ones a
+different number of times (:func:`_segments`). The same kind covers channels a consumer reads as
+*blocks* of its input more than once: a ghost module concatenates a primary conv's channels with a
+depthwise "cheap" conv of them, so the next conv reads each channel twice (:attr:`PrunableGroup.blocks`),
+maybe after a depthwise conv over both halves and an SE gate (whose rows, two per channel, the gate
+conv gives up: :attr:`PrunableGroup.member_starts`). Like a concat group, such a group is
+``coupled`` with ``activation == "identity"``: :mod:`autodfp.compress.surgery` measures what each
+read (:attr:`PrunableGroup.slots`) sees on the calibration batch and compensates it on its own. The
+sizes of a cut live in the model's forward code, so a part is prunable only where
+:mod:`autodfp.analysis.splits` found the attribute that holds them (a list passed to the split,
+the one int attribute equal to a split size or slice bound); the surgery rewrites it after the
+physical prune and checks the cuts by a forward pass. Kept whole, with the reason: a chunk (its
+parts can only shrink together), a split size or bound no single attribute holds, a layer reading
+several parts of one split at once, a concat torch-pruning cannot size (a slice narrows it, as in a
+ghost module of odd width). A part tied by a residual add (Res2Net's later scales add the
+previous scale's output) is a residual stream: coupled, prunable with ``coupled=True`` like any
+other, its members' rows and its consumers' columns found as whole blocks.
+
 A group whose channels reach the model's output without passing another conv/linear layer (the
 classifier, a detection head) is never prunable: that would change the output's shape. The
 groups that feed such a layer are not pruned by default either ("feeds the classifier"), unless
@@ -106,6 +129,7 @@ group unprunable.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -118,6 +142,7 @@ import torch_pruning as tp
 from torch.utils.hooks import RemovableHandle
 
 from autodfp.analysis.similarity import ACTIVATIONS, activation_name, apply_activation
+from autodfp.analysis.splits import CutSite, cut_bounds, patch_split_mapping, recording, unmapped_split
 from autodfp.errors import ModelError
 from autodfp.models.layers import CUSTOM_PRUNERS, ChannelPadShortcut
 
@@ -191,7 +216,7 @@ class PrunableGroup:
     coupled: bool
     prunable: bool
     reason: str = ""
-    kind: str = "conv"  # "conv" | "dw_chain" | "linear" | "se_chain" | "dw_branches" | "concat"
+    kind: str = "conv"  # "conv" | "dw_chain" | "linear" | "se_chain" | "dw_branches" | "concat" | "split"
     #: where channel 0 sits in each consumer's input (parallel to ``consumers``): 0 unless a
     #: concat puts other channels before it (``kind == "concat"``)
     offsets: list[int] = field(default_factory=list)
@@ -212,6 +237,23 @@ class PrunableGroup:
     gates: list[str] = field(default_factory=list)
     #: consumers that read the group's channels pooled, inside the SE branch (``fc1``; ``se_chain``)
     squeezes: list[str] = field(default_factory=list)
+    #: the producer's first output row of this group: 0 unless the group is one part of a split or
+    #: slice (``kind == "split"``), whose rows ``start … start + channels − 1`` of the producer it is
+    start: int = 0
+    #: each member's first row of the group's channels (parallel to ``members``)
+    member_starts: list[int] = field(default_factory=list)
+    #: every column at which each consumer reads the group's channel 0 (parallel to ``consumers``;
+    #: the first is ``offsets``): more than one where a consumer reads the channels twice, as a ghost
+    #: module's concat of a channel and its depthwise copy does
+    blocks: list[list[int]] = field(default_factory=list)
+    #: the channel cuts (splits, slices; :class:`~autodfp.analysis.splits.CutSite` keys) whose sizes
+    #: pruning this group changes
+    cuts: list[str] = field(default_factory=list)
+    #: ``(layer, role, count)`` for every MAC-counted layer the group's channels pass: ``role`` is
+    #: ``"out"`` (rows), ``"in"`` (columns) or ``"dw"`` (a depthwise conv's channels), ``count`` how
+    #: many of that dimension the whole group occupies; :class:`~autodfp.search.budget.MacsModel`
+    #: rescales each layer by what its dimensions lose, which is what torch-pruning removes
+    footprint: list[tuple[str, str, int]] = field(default_factory=list)
 
     @property
     def main_consumers(self) -> list[str]:
@@ -219,8 +261,25 @@ class PrunableGroup:
         return [c for c in self.consumers if c not in self.squeezes]
 
     def offset(self, consumer: str) -> int:
-        """The column of channel 0 in ``consumer``'s input."""
-        return self.offsets[self.consumers.index(consumer)] if self.offsets else 0
+        """The column of channel 0 in ``consumer``'s input (a slot key: that slot's column)."""
+        name, _, col = consumer.partition("#")
+        if col:
+            return int(col)
+        return self.offsets[self.consumers.index(name)] if self.offsets else 0
+
+    @property
+    def slots(self) -> list[tuple[str, str, str | None, int]]:
+        """``(key, consumer, consumer_bn, column)`` for every place a consumer reads the channels.
+
+        One per consumer, keyed by its name, except where a consumer reads the channels more than
+        once (:attr:`blocks`): its further reads are keyed ``"consumer#column"``. Each slot gets its own
+        compensation, fitted to what that slot reads.
+        """
+        out = []
+        for i, (c, bn) in enumerate(zip(self.consumers, self.consumer_bns)):
+            cols = self.blocks[i] if self.blocks else [self.offset(c)]
+            out += [(c if j == 0 else f"{c}#{col}", c, bn, col) for j, col in enumerate(cols)]
+        return out
 
     @property
     def blockwise(self) -> bool:
@@ -277,6 +336,12 @@ def _tolerant_reshape_mapping() -> None:
     flatten into a Linear is left unprunable: "coupled through a reshape", or, where torch-pruning
     then fails to map them at all (ShuffleNet's split), "torch-pruning cannot map these channels".
     Only groups that never meet the reshape are pruned, and their indices never go through it.
+
+    For the same reason a reshape that does not flatten into a Linear layer gets no mapping at
+    all: torch-pruning's guess for a channel shuffle (a flatten of stride 2 to 8 from channel
+    counts inferred across the chunks around it) only multiplied the indices a group carries
+    around the shuffled stream, millions of them (ShuffleNet's trace slowed down 70 % once its
+    chunks were mapped; see :func:`~autodfp.analysis.splits.patch_split_mapping`).
     """
     try:
         from torch_pruning.dependency import index_mapping
@@ -288,6 +353,8 @@ def _tolerant_reshape_mapping() -> None:
         return
 
     def tolerant(graph: Any, node: Any) -> None:
+        if not _flattens_into_linear(node):
+            return
         try:
             original(graph, node)
         except ZeroDivisionError:
@@ -297,13 +364,40 @@ def _tolerant_reshape_mapping() -> None:
     index_mapping.update_reshape_index_mapping = tolerant
 
 
+def _flattens_into_linear(node: Any) -> bool:
+    """Whether a reshape node of torch-pruning's graph feeds a Linear layer, through element-wise
+    ops and further reshapes only (a flatten before a classifier, maybe through dropout)."""
+    frontier, seen = list(node.outputs), set()
+    while frontier:
+        n = frontier.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        if isinstance(n.module, nn.Linear):
+            return True
+        if isinstance(n.module, (tp.ops._ElementWiseOp, tp.ops._ReshapeOp)):
+            frontier.extend(n.outputs)
+    return False
+
+
 def build_dependency_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
+    """torch-pruning's dependency graph of ``model`` (see :func:`trace_graph`, which also returns the cuts)."""
+    return trace_graph(model, example)[0]
+
+
+def trace_graph(model: nn.Module, example: torch.Tensor) -> tuple[tp.DependencyGraph, list[CutSite]]:
+    """torch-pruning's dependency graph of ``model``, and the channel cuts its forward pass made.
+
+    The cuts (:class:`~autodfp.analysis.splits.CutSite`) are matched to the graph's split and slice
+    nodes by their autograd node; torch-pruning's split mapping is corrected first (see
+    :func:`~autodfp.analysis.splits.patch_split_mapping`).
+    """
     _tolerant_reshape_mapping()
+    patch_split_mapping()
     try:
-        with torch.enable_grad():  # torch-pruning traces through autograd
-            return tp.DependencyGraph().build_dependency(
-                model, example_inputs=example, customized_pruners=CUSTOM_PRUNERS
-            )
+        with torch.enable_grad(), recording(model) as sites:  # torch-pruning traces through autograd
+            dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, customized_pruners=CUSTOM_PRUNERS)
+        return dg, sites
     except Exception as exc:  # torch-pruning raises bare exceptions on untraceable models
         where = _failing_module(model, exc.__traceback__)
         at = f" at module '{where}'" if where else ""
@@ -713,6 +807,173 @@ def _reads_consumer(dg: tp.DependencyGraph, gate: nn.Module, consumers: set[nn.M
     return found[0] if found else None
 
 
+#: torch-pruning node types that cut or join channels: a group through them is measured per consumer
+_CUT_OPS = ("_SplitOp", "_SliceOp")
+_JOIN_OPS = ("_ConcatOp",)
+#: torch-pruning node types that move channels around in ways a part of a cut cannot follow
+_TANGLES = ("_ReshapeOp", "_UnbindOp", "_ExpandOp")
+
+
+def _channel_cut(node: Any) -> bool:
+    """Whether a graph node cuts the channel dimension: a split, or a slice along dim 1."""
+    kind = type(node.module).__name__
+    if kind == "_SplitOp":
+        return True
+    return kind == "_SliceOp" and getattr(node.module, "dim", None) == 1
+
+
+def _cut_sites(dg: tp.DependencyGraph, sites: list[CutSite]) -> dict[int, list[tuple[Any, CutSite | None]]]:
+    """Every channel-cut node of the graph, keyed by the id of the node it cuts, with the recorded call
+    that made it (None if the forward pass made it some way the recorder does not see).
+
+    Cuts inside a :class:`ChannelPadShortcut` are its own business (its pruner handles them) and
+    are left out, as :func:`_benign_op` leaves them out of a group's ties.
+    """
+    by_fn = {id(s.grad_fn): s for s in sites if s.grad_fn is not None}
+    return {k: [(n, by_fn.get(id(n.grad_fn))) for n in nodes] for k, nodes in channel_cut_inputs(dg).items()}
+
+
+def channel_cut_inputs(dg: tp.DependencyGraph) -> dict[int, list[Any]]:
+    """The graph's channel-cut nodes (splits, channel slices) by the id of the node whose output they cut."""
+    out: dict[int, list[Any]] = {}
+    for node in dg.module2node.values():
+        if _channel_cut(node) and node.inputs and not _benign_op(node, 0):
+            out.setdefault(id(node.inputs[0]), []).append(node)
+    return out
+
+
+def _blocks(idxs: Sequence[int], roots: Sequence[int], start: int, n: int) -> list[int] | None:
+    """Where a layer holds the channels ``start … start+n−1`` of a producer, as whole blocks.
+
+    ``idxs`` are the layer's indices (rows or columns) in a torch-pruning group, ``roots`` the
+    producer row each one comes from. Returns each block's first index, or None unless every
+    block is the whole run of channels, in order (a scattered or partial read).
+    """
+    pairs = sorted(zip((int(i) for i in idxs), (int(r) for r in roots)))
+    found: list[int] = []
+    for i in range(0, len(pairs), n):
+        col = pairs[i][0]
+        if pairs[i : i + n] != [(col + k, start + k) for k in range(n)]:
+            return None
+        found.append(col)
+    return found or None
+
+
+def _runs(rows: Sequence[int]) -> list[tuple[int, int]]:
+    """Maximal runs ``[a, b)`` of consecutive rows."""
+    runs: list[tuple[int, int]] = []
+    for r in rows:
+        if runs and runs[-1][1] == r:
+            runs[-1] = (runs[-1][0], r + 1)
+        else:
+            runs.append((r, r + 1))
+    return runs
+
+
+def _segments(
+    dg: tp.DependencyGraph, group: Any, rows: list[int], cut_inputs: dict[int, list]
+) -> list[tuple[int, int]]:
+    """The producer rows cut into runs that every split and slice keeps together.
+
+    Where the group reaches a channel cut, each row lands in some part of it (torch-pruning's root
+    indices tell which row each of the cut input's channels comes from); two adjacent rows stay in
+    one run when they land in the same parts of every cut, as often. A group that reaches no cut
+    stays one run (its rows, as before); rows parted by anything else (a channel shuffle's reshape)
+    are not parted here, and that tie keeps them whole.
+    """
+    sig: dict[int, list[tuple[int, int]]] = {r: [] for r in rows}
+    for item in group.items:
+        cuts = cut_inputs.get(id(item.dep.target), [])
+        roots = getattr(item, "root_idxs", None)
+        if not cuts or roots is None or not dg.is_out_channel_pruning_fn(item.dep.handler):
+            continue  # (a layer's input columns are not the cut's input)
+        for node, _ in cuts:
+            bounds = cut_bounds(node)
+            if bounds is None:
+                continue
+            for i, r in zip(item.idxs, roots):
+                if int(r) in sig:
+                    sig[int(r)].append((id(node), bisect.bisect_right(bounds, int(i))))
+    if not any(sig.values()):
+        return _runs(rows)
+    keys = {r: tuple(sorted(v)) for r, v in sig.items()}
+    runs: list[tuple[int, int]] = []
+    for r in rows:
+        if runs and runs[-1][1] == r and keys[r] == keys[r - 1]:
+            runs[-1] = (runs[-1][0], r + 1)
+        else:
+            runs.append((r, r + 1))
+    return runs
+
+
+def _footprint(group: Any, names: dict[nn.Module, str], dg: tp.DependencyGraph) -> list[tuple[str, str, int]]:
+    """``(layer, role, count)`` of every MAC-counted layer in a torch-pruning group (see
+    :attr:`PrunableGroup.footprint`); a depthwise conv counts once, by its channels."""
+    counts: dict[tuple[str, str], int] = {}
+    for item in group.items:
+        mod = item.dep.target.module
+        if not isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)) or mod not in names:
+            continue
+        role = "dw" if is_depthwise(mod) else ("out" if dg.is_out_channel_pruning_fn(item.dep.handler) else "in")
+        key = (names[mod], role)
+        n = len(item.idxs)
+        counts[key] = max(counts.get(key, 0), n) if role == "dw" else counts.get(key, 0) + n
+    return [(layer, role, n) for (layer, role), n in counts.items()]
+
+
+def _cut_problem(group: Any, cut_inputs: dict[int, list]) -> tuple[list[str], str | None]:
+    """The cuts a group's removal resizes, and why one of them cannot be resized (None if all can).
+
+    A cut is resized when the group holds channels of the tensor it cuts: a split's part sizes
+    change, a slice's bounds move when channels before them go. Each such cut needs a holder (see
+    :mod:`autodfp.analysis.splits`) and a split mapping torch-pruning could follow.
+    """
+    keys: list[str] = []
+    for item in group.items:
+        if not len(item.idxs):
+            continue
+        for node, site in cut_inputs.get(id(item.dep.target), []):
+            if site is None:
+                return keys, "a split or slice made where autodfp cannot follow it"
+            if type(node.module).__name__ == "_SplitOp" and unmapped_split(node):
+                where = f"'{site.owner}'" if site.owner else "the model's forward"
+                return keys, f"a layer reading several parts of a split in {where} at once"
+            if site.kind == "slice":
+                pos = [int(i) for i in item.idxs]
+                roles = {r for r, _ in site.holder}
+                moves_start = site.start > 0 and any(i < site.start for i in pos)
+                moves_stop = site.stop < site.width and any(i < site.stop for i in pos)
+                if site.step != 1 or (moves_start and "start" not in roles) or (moves_stop and "stop" not in roles):
+                    return keys, site.describe()
+                if not any(i < site.stop for i in pos):
+                    continue  # all after the slice: it neither moves nor shrinks
+            elif not site.patchable:
+                return keys, site.describe()
+            if site.key not in keys:
+                keys.append(site.key)
+    return sorted(keys), None
+
+
+@dataclass
+class _Scan:
+    """What :func:`find_groups` keeps while it walks the producers."""
+
+    dg: tp.DependencyGraph
+    names: dict[nn.Module, str]
+    rank: dict[nn.Module, int]
+    cut_inputs: dict[int, list]
+    coupled_mode: bool
+    groups: list[PrunableGroup] = field(default_factory=list)
+    pairs: list[tuple[nn.Module, list[nn.Module], list[list[dict]]]] = field(default_factory=list)
+    #: producers taken whole by an earlier group
+    whole: set[nn.Module] = field(default_factory=set)
+    #: rows of producers taken by earlier groups through a cut
+    covered: dict[nn.Module, set[int]] = field(default_factory=dict)
+
+    def order(self, mods: Any) -> list[nn.Module]:
+        return sorted(mods, key=lambda m: self.rank.get(m, 1 << 30))
+
+
 def find_groups(model: nn.Module, input_shape: tuple[int, ...], coupled: bool = False) -> GroupGraph:
     """Discover every output-channel group of ``model`` and classify it.
 
@@ -720,32 +981,39 @@ def find_groups(model: nn.Module, input_shape: tuple[int, ...], coupled: bool = 
     :param input_shape: one input's shape, without the batch dimension
     :param coupled: also make residual-stream groups prunable (see the module docstring); off,
         every coupled group is unprunable as before
+
+    A producer whose rows a split or slice cuts apart gives one group per part, ``name[a:b]`` (see
+    "Channel cuts" in the module docstring).
     """
-    coupled_mode = bool(coupled)
     model.eval()
     example = torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(0))
-    dg = build_dependency_graph(model, example)
-    names = {m: n for n, m in model.named_modules()}
+    dg, sites = trace_graph(model, example)
     order = _forward_order(model, example)
-    rank = {m: i for i, m in enumerate(order)}
-
-    seen_producers: set[nn.Module] = set()
-    groups: list[PrunableGroup] = []
-    pairs: list[tuple[nn.Module, list[nn.Module], list[list[dict]]]] = []
+    scan = _Scan(
+        dg=dg,
+        names={m: n for n, m in model.named_modules()},
+        rank={m: i for i, m in enumerate(order)},
+        cut_inputs=_cut_sites(dg, sites),
+        coupled_mode=bool(coupled),
+    )
+    names, groups = scan.names, scan.groups
     for module in order:
-        if not (is_dense(module) or is_grouped(module)) or module in seen_producers:
+        if not (is_dense(module) or is_grouped(module)) or module in scan.whole:
             continue
         fn = tp.prune_linear_out_channels if isinstance(module, nn.Linear) else tp.prune_conv_out_channels
-        n_out = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+        n_all = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+        rows = [r for r in range(n_all) if r not in scan.covered.get(module, set())]
+        if not rows:
+            continue
         try:
-            group = dg.get_pruning_group(module, fn, idxs=list(range(n_out)))
+            full = dg.get_pruning_group(module, fn, idxs=rows)
         except Exception as exc:  # torch-pruning could not map the channels (a shuffle's split)
             bn = _bn_after(dg, module)
             groups.append(
                 PrunableGroup(
                     name=names[module],
                     index=len(groups),
-                    channels=n_out,
+                    channels=n_all,
                     producer=Stage(names[module], names.get(bn) if bn is not None else None),
                     passthrough=[],
                     consumers=[],
@@ -757,150 +1025,17 @@ def find_groups(model: nn.Module, input_shape: tuple[int, ...], coupled: bool = 
                     members=[names[module]],
                 )
             )
-            pairs.append((bn or module, [], []))
-            seen_producers.add(module)
+            scan.pairs.append((bn or module, [], []))
+            scan.whole.add(module)
             continue
-
-        producers: list[nn.Module] = []
-        consumers: list[nn.Module] = []
-        bns, dws, shortcuts, others = [], [], [], []
-        ties: list[str] = []  # what, besides adds and channel-pad shortcuts, ties these channels
-        muls: set[Any] = set()  # the element-wise multiplies among the ties (graph nodes)
-        pad_out: list[nn.Module] = []
-        grouped_in: list[nn.Module] = []  # grouped convs that read these channels
-        feeds_output = False
-        offsets: dict[nn.Module, int] = {}  # where the channels sit in each consumer's input
-        scattered = False  # some consumer reads them in another order or spread out
-        for dep, idxs in group:
-            target = dep.target.module
-            handler = dep.handler
-            out_side = dg.is_out_channel_pruning_fn(handler)
-            if not out_side and (is_dense(target) or is_grouped(target)):
-                first = int(idxs[0]) if len(idxs) else 0
-                scattered |= [int(i) for i in idxs] != list(range(first, first + n_out))
-                offsets[target] = first
-            if isinstance(target, nn.modules.batchnorm._BatchNorm):
-                bns.append(target)
-            elif is_depthwise(target):
-                if target not in dws:
-                    dws.append(target)
-            elif is_dense(target):
-                (producers if out_side else consumers).append(target)
-            elif is_grouped(target):
-                if out_side:
-                    producers.append(target)
-                elif target not in grouped_in:
-                    grouped_in.append(target)
-            elif isinstance(target, ChannelPadShortcut):
-                shortcuts.append(target)
-                if out_side and target not in pad_out:
-                    pad_out.append(target)
-            elif isinstance(target, tp.ops._OutputOp):
-                feeds_output = True
-            elif isinstance(target, tp.ops._ElementWiseOp):
-                grad = type(dep.target.grad_fn).__name__ if dep.target.grad_fn is not None else ""
-                # element-wise arithmetic between tensors (not a Linear's own ``addmm`` on a
-                # channels-last input, which torch-pruning traces as an element-wise node too)
-                if any(grad.startswith(k) for k in ("Add", "Sub", "Mul", "Div")) and not grad.startswith("Addmm"):
-                    others.append(target)  # a residual add or gating ties channels together
-                    if not any(k in grad for k in ("Add", "Sub")):
-                        ties.append("a multiplicative gate")
-                    if "Mul" in grad:
-                        muls.add(dep.target)
-            elif not _benign_op(dep.target, n_out):
-                others.append(target)  # concat, split, reshape, other layers: not reconstructed
-                ties.append(_tie_label(target, names))
-        producers = sorted(set(producers), key=lambda m: rank.get(m, 1 << 30))
-        # a grouped conv reading the channels is a consumer, compensated within each conv group
-        consumers = sorted(set(consumers + grouped_in) - set(producers), key=lambda m: rank.get(m, 1 << 30))
-        dws.sort(key=lambda m: rank.get(m, 1 << 30))
-        seen_producers.update(producers)
-
-        coupled = len(producers) > 1 or bool(shortcuts) or bool(others)
-        producer = producers[0]
-        if coupled and any(is_grouped(p) for p in producers):
-            ties.append("a grouped conv")  # a stream written by grouped convs (an SE chain passes below)
-        prod_bn = _bn_after(dg, producer)
-        passthrough = [Stage(names[d], names.get(_bn_after(dg, d)) if _bn_after(dg, d) else None) for d in dws]
-        consumer_bns = [names.get(_bn_after(dg, c)) if _bn_after(dg, c) is not None else None for c in consumers]
-        last_module = dws[-1] if dws else producer
-        last_bn = _bn_after(dg, last_module)
-        feeds_output = feeds_output or any(_reaches_output(dg, m) for m in producers + dws)
-        pool_paths = [_path_pools(dg, last_bn or last_module, c) for c in consumers]
-        pools = sorted({label for _, labels in pool_paths for label in labels})
-
-        se = _se_gates(dg, producers, consumers, others, muls, shortcuts)
-        # parallel depthwise branches: one producer, no other tie, each consumer behind its own dw
-        branches = len(dws) > 1 and not coupled and not _is_chain(dg, producer, dws)
-        coupled = coupled or branches
-        # concatenated into the consumers' inputs (DenseNet, SqueezeNet, Inception, RFB), and tied
-        # by nothing else: one producer, each consumer reading the channels as one block
-        concat = (
-            len(producers) == 1
-            and bool(others)
-            and all(type(o).__name__ == "_ConcatOp" for o in others)
-            and not (shortcuts or dws or grouped_in or scattered)
-            and bool(consumers)
-        )
-        prunable, reason = True, ""
-        if feeds_output:
-            prunable, reason = False, "model output"
-        elif se is not None or branches or concat:
-            pass  # an SE chain, dw branches or a concat: prunable by default, from measured consumer inputs
-        elif coupled and not coupled_mode:
-            prunable, reason = False, "coupled (residual add / shortcut / concat)"
-        elif coupled and (ties or dws or grouped_in):
-            what = sorted(
-                set(ties + (["a depthwise conv"] if dws else []) + (["a grouped conv"] if grouped_in else []))
-            )
-            prunable, reason = False, f"coupled through {', '.join(what)}: not reconstructable"
-        elif grouped_in and (
-            dws
-            or len({gc.groups for gc in grouped_in}) > 1
-            or (is_grouped(producer) and producer.groups != grouped_in[0].groups)
-            or any(offsets.get(gc, 0) for gc in grouped_in)
-        ):
-            gc = grouped_in[0]
-            prunable, reason = (
-                False,
-                f"read by grouped conv '{names[gc]}' ({gc.groups} groups) with other grouped or depthwise "
-                "layers: not supported",
-            )
-        elif not consumers and not grouped_in:
-            prunable, reason = False, "no consumer layer"
-        kind = "linear" if isinstance(producer, nn.Linear) else ("dw_chain" if dws else "conv")
-        if se is not None:
-            kind = "se_chain"
-        elif branches:
-            kind = "dw_branches"
-        elif concat:
-            kind = "concat"
-        groups.append(
-            PrunableGroup(
-                name=names[producer],
-                index=len(groups),
-                channels=n_out,
-                producer=Stage(names[producer], names.get(prod_bn) if prod_bn is not None else None),
-                passthrough=passthrough,
-                consumers=[names[c] for c in consumers],
-                consumer_bns=consumer_bns,
-                offsets=[offsets.get(c, 0) for c in consumers],
-                activation="unknown",
-                coupled=coupled,
-                prunable=prunable,
-                reason=reason,
-                kind=kind,
-                granularity=_conv_groups(grouped_in[0] if grouped_in else producer),
-                grouped_consumers=[names[c] for c in grouped_in],
-                members=[names[p] for p in producers],
-                pools=pools,
-                member_bns=[names.get(b) if (b := _bn_after(dg, p)) is not None else None for p in producers],
-                shortcuts=[names[m] for m in pad_out] if coupled else [],
-                gates=[names[m] for m in se[0]] if se is not None else [],
-                squeezes=[names[m] for m in consumers if se is not None and m in se[1]],
-            )
-        )
-        pairs.append((last_bn or last_module, consumers, [kw for kw, _ in pool_paths]))
+        # a cut that cannot be resized, or a reshape (a channel shuffle scatters rows over the
+        # parts), keeps every part whole anyway: one group, as before, and no per-part tracing
+        tangled = any(type(item.dep.target.module).__name__ in _TANGLES for item in full.items)
+        whole_group = tangled or _cut_problem(full, scan.cut_inputs)[1] is not None
+        for a, b in _runs(rows) if whole_group else _segments(dg, full, rows, scan.cut_inputs):
+            whole_rows = b - a == n_all
+            group = full if b - a == len(rows) else dg.get_pruning_group(module, fn, idxs=list(range(a, b)))
+            _describe_group(scan, group, module, a, b - a, segment=not whole_rows)
 
     # Never prune into the classifier by default: its input channels are the final features, and
     # their loss cannot be reconstructed by any later layer. A dense-prediction head (a conv on a
@@ -913,7 +1048,7 @@ def find_groups(model: nn.Module, input_shape: tuple[int, ...], coupled: bool = 
         linear = any(isinstance(model.get_submodule(c), nn.Linear) for c in heads)
         if g.prunable and heads and (linear or heads == set(g.consumers)):
             g.prunable, g.reason = False, "feeds the classifier"
-    for g, act in zip(groups, _detect_activations(model, example, pairs)):
+    for g, act in zip(groups, _detect_activations(model, example, scan.pairs)):
         g.activation = act
         if g.prunable and not g.coupled and act == "unknown":
             g.prunable, g.reason = False, "no element-wise activation between producer and consumer"
@@ -923,3 +1058,222 @@ def find_groups(model: nn.Module, input_shape: tuple[int, ...], coupled: bool = 
             # at each consumer's input and compensates them linearly, i.e. as "identity"
             g.activation = "identity"
     return GroupGraph(groups, tuple(input_shape))
+
+
+def _describe_group(scan: _Scan, group: Any, module: nn.Module, start: int, n_out: int, segment: bool) -> None:
+    """Classify one torch-pruning group, rows ``start … start+n_out−1`` of ``module``, and append it.
+
+    ``segment``: those rows are a part of the producer's output (the rest go elsewhere).
+    """
+    dg, names = scan.dg, scan.names
+    producers: list[nn.Module] = []
+    consumers: list[nn.Module] = []
+    bns, dws, shortcuts, others = [], [], [], []
+    ties: list[str] = []  # what, besides adds and channel-pad shortcuts, ties these channels
+    muls: set[Any] = set()  # the element-wise multiplies among the ties (graph nodes)
+    pad_out: list[nn.Module] = []
+    grouped_in: list[nn.Module] = []  # grouped convs that read these channels
+    feeds_output = False
+    offsets: dict[nn.Module, int] = {}  # where the channels sit in each consumer's input
+    blocks: dict[nn.Module, list[int]] = {}  # every place they sit there (several: a ghost concat)
+    rows: dict[nn.Module, list[int]] = {}  # where they sit in each producer's output, as whole blocks
+    taken: dict[nn.Module, set[int]] = {}  # every producer row the group takes
+    scattered = False  # some consumer reads them in another order or spread out
+    joins_mapped = True  # torch-pruning found every concat's offsets
+    for item in group.items:
+        dep, idxs = item.dep, item.idxs
+        roots = getattr(item, "root_idxs", None)
+        target = dep.target.module
+        handler = dep.handler
+        out_side = dg.is_out_channel_pruning_fn(handler)
+        if is_dense(target) or is_grouped(target):
+            if roots is not None:
+                found = _blocks(idxs, roots, start, n_out)
+            else:  # a torch-pruning without root indices: one block, in order, or nothing
+                first = int(idxs[0]) if len(idxs) else 0
+                found = [first] if [int(i) for i in idxs] == list(range(first, first + n_out)) else None
+            if out_side:
+                taken.setdefault(target, set()).update(int(i) for i in idxs)
+                if found is not None:
+                    rows[target] = found
+            else:
+                first = int(idxs[0]) if len(idxs) else 0
+                scattered |= found is None
+                offsets[target] = found[0] if found is not None else first
+                if found is not None:
+                    blocks[target] = found
+        if isinstance(target, nn.modules.batchnorm._BatchNorm):
+            bns.append(target)
+        elif is_depthwise(target):
+            if target not in dws:
+                dws.append(target)
+        elif is_dense(target):
+            (producers if out_side else consumers).append(target)
+        elif is_grouped(target):
+            if out_side:
+                producers.append(target)
+            elif target not in grouped_in:
+                grouped_in.append(target)
+        elif isinstance(target, ChannelPadShortcut):
+            shortcuts.append(target)
+            if out_side and target not in pad_out:
+                pad_out.append(target)
+        elif isinstance(target, tp.ops._OutputOp):
+            feeds_output = True
+        elif isinstance(target, tp.ops._ElementWiseOp):
+            grad = type(dep.target.grad_fn).__name__ if dep.target.grad_fn is not None else ""
+            # element-wise arithmetic between tensors (not a Linear's own ``addmm`` on a
+            # channels-last input, which torch-pruning traces as an element-wise node too)
+            if any(grad.startswith(k) for k in ("Add", "Sub", "Mul", "Div")) and not grad.startswith("Addmm"):
+                others.append(target)  # a residual add or gating ties channels together
+                if not any(k in grad for k in ("Add", "Sub")):
+                    ties.append("a multiplicative gate")
+                if "Mul" in grad:
+                    muls.add(dep.target)
+        elif not _benign_op(dep.target, n_out):
+            others.append(target)  # concat, split, reshape, other layers: not reconstructed
+            ties.append(_tie_label(target, names))
+            if type(target).__name__ == "_ConcatOp" and getattr(target, "offsets", None) is None:
+                joins_mapped = False  # torch-pruning gave up on this concat's offsets
+    producers = scan.order(set(producers))
+    # a grouped conv reading the channels is a consumer, compensated within each conv group
+    consumers = scan.order(set(consumers + grouped_in) - set(producers))
+    dws = scan.order(dws)
+    cut_keys, cut_problem = _cut_problem(group, scan.cut_inputs)
+    cut = segment or bool(cut_keys)
+    # producers met through a cut give up only these rows; others are taken whole, as ever
+    for p in set(producers) | {module}:
+        if cut:
+            scan.covered.setdefault(p, set()).update(taken.get(p, set()))
+        else:
+            scan.whole.add(p)
+
+    coupled = len(producers) > 1 or bool(shortcuts) or bool(others)
+    producer = module if cut else producers[0]  # a cut's rows are counted in the producer walked
+    if coupled and any(is_grouped(p) for p in producers):
+        ties.append("a grouped conv")  # a stream written by grouped convs (an SE chain passes below)
+    prod_bn = _bn_after(dg, producer)
+    passthrough = [Stage(names[d], names.get(b) if (b := _bn_after(dg, d)) is not None else None) for d in dws]
+    consumer_bns = [names.get(b) if (b := _bn_after(dg, c)) is not None else None for c in consumers]
+    last_module = dws[-1] if dws else producer
+    last_bn = _bn_after(dg, last_module)
+    # a part of a producer reaches the output only through its own ops (torch-pruning then lists an
+    # output node in its group), so a cut producer is not walked as a whole
+    feeds_output = feeds_output or any(_reaches_output(dg, m) for m in dws + ([] if segment else producers))
+    pool_paths = [_path_pools(dg, last_bn or last_module, c) for c in consumers]
+    pools = sorted({label for _, labels in pool_paths for label in labels})
+
+    se = _se_gates(dg, producers, consumers, others, muls, shortcuts)
+    # parallel depthwise branches: one producer, no other tie, each consumer behind its own dw
+    branches = len(dws) > 1 and not coupled and not _is_chain(dg, producer, dws)
+    coupled = coupled or branches
+    once = all(len(b) == 1 for b in blocks.values())  # each consumer reads the channels once
+    # concatenated into the consumers' inputs (DenseNet, SqueezeNet, Inception, RFB), and tied
+    # by nothing else: one producer, each consumer reading the channels as one block
+    concat = (
+        len(producers) == 1
+        and bool(others)
+        and all(type(o).__name__ in _JOIN_OPS for o in others)
+        and not (shortcuts or dws or grouped_in or scattered or cut or not once or not joins_mapped)
+        and bool(consumers)
+    )
+    split = False
+    if not concat and consumers and not (shortcuts or grouped_in or scattered) and joins_mapped and cut_problem is None:
+        # cut out of a wider tensor (a split or slice), or read in blocks of the consumers' inputs,
+        # maybe more than once (a ghost module's channel and its depthwise copy) or SE-gated:
+        # measured and compensated per read, like a concat (see "Channel cuts" in the module doc)
+        joins = [o for o in others if type(o).__name__ in _CUT_OPS + _JOIN_OPS]
+        rest = [o for o in others if type(o).__name__ not in _CUT_OPS + _JOIN_OPS]
+        gated = _se_gates(dg, producers, consumers, rest, muls, shortcuts) if len(producers) > 1 else None
+        split = (
+            bool(joins)
+            and ((len(producers) == 1 and not rest) or gated is not None)
+            and (cut or not once or bool(dws) or gated is not None)
+            and all(p in rows and not is_grouped(p) for p in producers)
+        )
+        if split and gated is not None:
+            se = gated
+    # a residual-like stream through cuts (Res2Net's later scales: a part added to the previous
+    # scale's output): with ``coupled=True``, a stream like any other, its members' rows and its
+    # consumers' columns found as whole blocks
+    cut_stream = (
+        scan.coupled_mode
+        and cut
+        and set(ties) <= {"a split", "a slice", "a concat"}
+        and not (dws or grouped_in or shortcuts or scattered or not once or not joins_mapped)
+        and all(p in rows and len(rows[p]) == 1 and not is_grouped(p) for p in producers)
+    )
+    prunable, reason = True, ""
+    if feeds_output:
+        prunable, reason = False, "model output"
+    elif se is not None or branches or concat or split:
+        pass  # an SE chain, dw branches, a concat or a cut: prunable by default, from measured consumer inputs
+    elif cut_problem is not None:
+        prunable, reason = False, f"coupled through {cut_problem}"
+    elif not joins_mapped:
+        prunable, reason = False, "coupled through a concat whose parts torch-pruning cannot size (a slice narrows it)"
+    elif coupled and not scan.coupled_mode:
+        prunable, reason = False, "coupled (residual add / shortcut / concat)"
+    elif cut_stream:
+        pass  # a stream: compensated per consumer, silenced in its members' rows
+    elif coupled and (ties or dws or grouped_in):
+        what = sorted(set(ties + (["a depthwise conv"] if dws else []) + (["a grouped conv"] if grouped_in else [])))
+        prunable, reason = False, f"coupled through {', '.join(what)}: not reconstructable"
+    elif grouped_in and (
+        dws
+        or len({gc.groups for gc in grouped_in}) > 1
+        or (is_grouped(producer) and producer.groups != grouped_in[0].groups)
+        or any(offsets.get(gc, 0) for gc in grouped_in)
+    ):
+        gc = grouped_in[0]
+        prunable, reason = (
+            False,
+            f"read by grouped conv '{names[gc]}' ({gc.groups} groups) with other grouped or depthwise "
+            "layers: not supported",
+        )
+    elif not consumers and not grouped_in:
+        prunable, reason = False, "no consumer layer"
+    elif cut:  # a part of a cut that none of the kinds above describes
+        prunable, reason = False, "coupled through a split or slice: not reconstructable"
+    kind = "linear" if isinstance(producer, nn.Linear) else ("dw_chain" if dws else "conv")
+    if split:
+        kind = "split"
+    elif se is not None:
+        kind = "se_chain"
+    elif branches:
+        kind = "dw_branches"
+    elif concat:
+        kind = "concat"
+    scan.groups.append(
+        PrunableGroup(
+            name=f"{names[producer]}[{start}:{start + n_out}]" if segment else names[producer],
+            index=len(scan.groups),
+            channels=n_out,
+            producer=Stage(names[producer], names.get(prod_bn) if prod_bn is not None else None),
+            passthrough=passthrough,
+            consumers=[names[c] for c in consumers],
+            consumer_bns=consumer_bns,
+            offsets=[offsets.get(c, 0) for c in consumers],
+            activation="unknown",
+            coupled=coupled or split,
+            prunable=prunable,
+            reason=reason,
+            kind=kind,
+            granularity=_conv_groups(grouped_in[0] if grouped_in else producer),
+            grouped_consumers=[names[c] for c in grouped_in],
+            members=[names[p] for p in producers],
+            pools=pools,
+            member_bns=[names.get(b) if (b := _bn_after(dg, p)) is not None else None for p in producers],
+            shortcuts=[names[m] for m in pad_out] if coupled else [],
+            gates=[names[m] for m in se[0]] if se is not None else [],
+            squeezes=[names[m] for m in consumers if se is not None and m in se[1]],
+            start=start,
+            member_starts=[rows[p][0] if p in rows else 0 for p in producers],
+            blocks=[blocks.get(c, [offsets.get(c, 0)]) for c in consumers],
+            cuts=cut_keys,
+            footprint=_footprint(group, names, dg),
+        )
+    )
+    # a part of a cut is compensated from its measured reads ("identity"): no activation to look for
+    looked = [] if split and prunable else consumers
+    scan.pairs.append((last_bn or last_module, looked, [kw for kw, _ in pool_paths][: len(looked)]))

@@ -48,6 +48,16 @@ channel moves only by what that prediction misses. The masked fast path zeroes t
 channels' input columns in ``fc1`` and the project conv, which is exactly the physically pruned
 model (the pruned gates then scale values nobody reads); no stream silencing is needed.
 
+**Parts of channel cuts** (``kind == "split"``; see :mod:`autodfp.analysis.graph`). A part of a split
+or slice is rows ``start …`` of its producer; its filters (for the criteria and the merges) are those
+rows of each member (:func:`part_filters`), and each place a consumer reads it (a ghost module's
+consumer reads each channel twice) gets its own compensation fitted to what that read measures,
+keyed ``consumer`` or ``consumer#column`` in ``GroupDecision.per_consumer``. The masked fast path
+zeroes the pruned columns at every read, which is exactly the physically pruned model: a pruned
+channel's depthwise copies and SE gates feed nothing else. :func:`prune_channels` maps every
+group's removal on the unpruned graph and cuts each layer once, then rewrites the forward code's
+split sizes and slice bounds (:func:`autodfp.analysis.splits.apply_cuts`).
+
 **Consumers with neither a bias nor a BatchNorm** (DenseNet's ``conv2``, timm's bias-free
 heads). A compensation ``a_p ≈ A·a_kept + c`` leaves a constant ``W[:, p]·c`` per output channel
 of the consumer. It needs a home: the BN after the consumer absorbs it in its running mean, a
@@ -74,13 +84,15 @@ from autodfp.analysis.fold import (
     consumer_moments,
     dense_filters,
     empirical_moments,
+    fold_stage,
     group_stats,
     grouped_filters,
     raw_filters,
     stream_filters,
 )
-from autodfp.analysis.graph import GroupGraph, PrunableGroup, build_dependency_graph, find_groups
+from autodfp.analysis.graph import GroupGraph, PrunableGroup, Stage, channel_cut_inputs, find_groups, trace_graph
 from autodfp.analysis.similarity import ChannelAnalysis, ChannelStats, analyze
+from autodfp.analysis.splits import apply_cuts
 from autodfp.compress.criteria import select_channels
 from autodfp.compress.plan import Plan, kept_channels
 from autodfp.compress.reconstruct import STRATEGIES, Compensation, blockwise, fold_into_consumer, reconstruct
@@ -188,12 +200,16 @@ class Pruner:
         return self._consumer_moments
 
     def consumer_stats(self, name: str, consumer: str) -> ChannelStats:
-        """A coupled group's :class:`ChannelStats` as ``consumer`` reads the stream (measured)."""
+        """A coupled group's :class:`ChannelStats` as ``consumer`` reads the stream (measured).
+
+        ``consumer`` is a slot key (:attr:`~autodfp.analysis.graph.PrunableGroup.slots`): a consumer's
+        name, or ``"name#column"`` for a further place where it reads the channels.
+        """
         key = (name, consumer)
         if key not in self._stream_stats:
             g = self._group(name)
-            filters, bias = stream_filters(self.model, g)
-            mean, std, corr, positions = self._measured_inputs()[consumer]
+            filters, bias = part_filters(self.model, g) if _partial(self.model, g) else stream_filters(self.model, g)
+            mean, std, corr, positions = self._measured_inputs()[consumer.partition("#")[0]]
             cols = slice(g.offset(consumer), g.offset(consumer) + g.channels)  # the group's part of the input
             mean, std, corr = mean[cols], std[cols], corr[cols, cols]
             self._stream_stats[key] = ChannelStats(
@@ -236,7 +252,8 @@ class Pruner:
 
     def raw_filters(self, name: str) -> torch.Tensor:
         if name not in self._raw:
-            self._raw[name] = raw_filters(self.model, self._group(name))
+            g = self._group(name)
+            self._raw[name] = part_raw_filters(self.model, g) if _partial(self.model, g) else raw_filters(self.model, g)
         return self._raw[name]
 
     # -- plan → decisions --------------------------------------------------------------------
@@ -275,7 +292,7 @@ class Pruner:
             if plan.strategy != "none" and g.coupled:
                 per_consumer = {
                     c: reconstruct(plan.strategy, self.consumer_stats(g.name, c), analysis, kept, pruned, **params)
-                    for c in g.consumers
+                    for c, _, _, _ in g.slots
                 }
                 comp = per_consumer[g.main_consumers[0]]
             elif plan.strategy != "none" and g.blockwise:
@@ -329,14 +346,13 @@ class Pruner:
             if only is not None and gname not in only:
                 continue
             g = self._group(gname)
-            for cons, cbn in zip(g.consumers, g.consumer_bns):
+            for slot, cons, cbn, off in g.slots:  # off: a concat puts other channels before the group's
                 wname = f"{cons}.weight"
                 groups = int(getattr(self.model.get_submodule(cons), "groups", 1))
                 # a grouped consumer is edited as the dense conv it equals (zero outside its blocks);
                 # blockwise compensations keep it so
                 w = dense_filters(current(wname), groups)
-                comp = d.for_consumer(cons)
-                off = g.offset(cons)  # a concat puts other channels before the group's
+                comp = d.for_consumer(slot)
                 kept, pruned = d.kept + off, d.pruned + off
                 if comp is not None:
                     new_kept, delta = fold_into_consumer(w.double(), comp, kept, pruned)
@@ -358,7 +374,7 @@ class Pruner:
         if zero_pruned:
             for gname, d in decisions.items():
                 g = self._group(gname)
-                if g.coupled and g.kind not in ("se_chain", "dw_branches", "concat") and d.pruned.numel():  # a stream
+                if g.coupled and g.kind not in _MEASURED_KINDS and d.pruned.numel():  # a stream
                     self._silence_stream(g, d.pruned, current, out)
         return out
 
@@ -371,13 +387,14 @@ class Pruner:
         shortcut carrying the channel into the next stage's stream), which the physically pruned
         model feeds with zeros.
         """
-        for conv, bn in zip(g.members, g.member_bns or [None] * len(g.members)):
+        starts = g.member_starts or [0] * len(g.members)
+        for conv, bn, first in zip(g.members, g.member_bns or [None] * len(g.members), starts):
             names = [f"{bn}.weight", f"{bn}.bias"] if bn is not None else [f"{conv}.weight"]
             if bn is None and getattr(self.model.get_submodule(conv), "bias", None) is not None:
                 names.append(f"{conv}.bias")
             for tname in names:
                 t = current(tname)
-                t[pruned] = 0
+                t[pruned + first] = 0  # the member's rows of these channels
                 out[tname] = t
         for sc in g.shortcuts:
             mod = cast(ChannelPadShortcut, self.model.get_submodule(sc))
@@ -485,19 +502,116 @@ def _strategy_params(strategy: str, params: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in params.items() if k in accepted}
 
 
+#: kinds whose consumers are compensated from their own measured inputs, with no stream to silence
+_MEASURED_KINDS = ("se_chain", "dw_branches", "concat", "split")
+
+
+def _partial(model: nn.Module, g: PrunableGroup) -> bool:
+    """Whether a group's members own more rows than its channels (a part of a split or slice, or a
+    ghost's gate rows read twice): its filters are those rows of each member, not whole layers."""
+    if g.kind == "split" or any(g.member_starts) or g.start:
+        return True
+    return any(cast(nn.Conv2d | nn.Linear, model.get_submodule(m)).weight.shape[0] != g.channels for m in g.members)
+
+
+def _member_rows(model: nn.Module, g: PrunableGroup) -> list[tuple[str, str | None, slice]]:
+    """``(conv, bn, rows)`` of each member: the rows that carry the group's channels."""
+    starts = g.member_starts or [0] * len(g.members)
+    bns = g.member_bns or [None] * len(g.members)
+    return [(c, bn, slice(s, s + g.channels)) for c, bn, s in zip(g.members, bns, starts)]
+
+
+def part_filters(model: nn.Module, g: PrunableGroup) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`~autodfp.analysis.fold.stream_filters` of a group whose members own other rows too.
+
+    Each member contributes only the rows of the group's channels: a producer (or a stream's
+    writer) its BN-folded rows, whose biases add up; an SE gate its raw rows and bias, side by
+    side (as for an SE chain). Two channels equal in every member's rows carry one value into
+    every consumer, which is what the similarity analysis reads.
+    """
+    filters: list[torch.Tensor] = []
+    bias = torch.zeros(g.channels, dtype=torch.float64)
+    for conv, bn, rows in _member_rows(model, g):
+        if conv in g.gates:
+            layer = cast(nn.Conv2d | nn.Linear, model.get_submodule(conv))
+            w = layer.weight.detach().double()[rows]
+            b = layer.bias.detach().double()[rows] if layer.bias is not None else torch.zeros(g.channels).double()
+            filters += [w.reshape(g.channels, -1), b[:, None]]
+            continue
+        w, b, _, _ = fold_stage(model, Stage(conv, bn))
+        filters.append(w[rows].reshape(g.channels, -1))
+        bias = bias + b[rows]
+    return torch.cat(filters, dim=1), bias
+
+
+def part_raw_filters(model: nn.Module, g: PrunableGroup) -> torch.Tensor:
+    """:func:`~autodfp.analysis.fold.raw_filters` of such a group: each member's rows of its channels."""
+    ws = [
+        cast(nn.Conv2d | nn.Linear, model.get_submodule(conv)).weight.detach()[rows].reshape(g.channels, -1)
+        for conv, _, rows in _member_rows(model, g)
+    ]
+    return torch.cat(ws, dim=1)
+
+
 def prune_channels(
     model: nn.Module, graph: GroupGraph, pruned: dict[str, list[int]], input_shape: tuple[int, ...]
 ) -> nn.Module:
-    """Remove channels in place with torch-pruning (producer, pass-through and consumers together)."""
+    """Remove channels in place with torch-pruning (producer, pass-through and consumers together).
+
+    Every group's removal is mapped on the graph of the model as it is, and each layer is then cut
+    once, by all its indices together. Pruning group after group instead would need each later
+    mapping to see the earlier cuts, and torch-pruning does not move a split's part offsets after a
+    prune. Last, the splits and slices whose parts changed get their new sizes in the forward
+    code's attributes, and a forward pass checks them (:func:`~autodfp.analysis.splits.apply_cuts`).
+    """
     if not any(pruned.values()):
         return model
     example = torch.zeros(1, *input_shape)
-    dg = build_dependency_graph(model, example)
+    dg, sites = trace_graph(model, example)
+    merged: dict[tuple[int, Any], tuple[Any, set[int]]] = {}
     for name, idxs in pruned.items():
         if not idxs:
             continue
-        module = model.get_submodule(graph.get(name).producer.conv)
+        g = graph.get(name)
+        module = model.get_submodule(g.producer.conv)
         fn = tp.prune_linear_out_channels if isinstance(module, nn.Linear) else tp.prune_conv_out_channels
-        group = dg.get_pruning_group(module, fn, idxs=list(idxs))
-        group.prune()
+        group = dg.get_pruning_group(module, fn, idxs=[g.start + int(i) for i in idxs])
+        for item in group.items:
+            key = (id(item.dep.target), item.dep.handler)
+            merged.setdefault(key, (item.dep, set()))[1].update(int(i) for i in item.idxs)
+    removed_at: dict[int, set[int]] = {}  # by graph node: the channels removed from its output
+    for dep, rows in merged.values():
+        if dg.is_out_channel_pruning_fn(dep.handler):  # (a layer's input columns are another matter)
+            removed_at.setdefault(id(dep.target), set()).update(rows)
+        _prune_item(dg, dep, sorted(rows))
+    by_fn = {id(s.grad_fn): s for s in sites if s.grad_fn is not None}
+    cut: dict[str, set[int]] = {}
+    for node_id, nodes in channel_cut_inputs(dg).items():
+        for node in nodes:
+            site = by_fn.get(id(node.grad_fn))
+            if site is not None and removed_at.get(node_id):
+                cut.setdefault(site.key, set()).update(removed_at[node_id])
+    apply_cuts(model, sites, cut, lambda: model(example))
     return model
+
+
+def _prune_item(dg: tp.DependencyGraph, dep: Any, idxs: list[int]) -> None:
+    """Apply one layer's cut, as torch-pruning's ``Group.prune`` does for each of its items.
+
+    The bookkeeping of torch-pruning's functional nodes (concat, split, slice, element-wise ops) is
+    skipped: the graph is not used again, and a split's bookkeeping does not hold up across
+    several cuts anyway.
+    """
+    target = dep.target
+    if target.type == tp.ops.OPTYPE.PARAMETER:  # an unwrapped nn.Parameter: replaced, then re-attached
+        old = target.module
+        name = dg._param_to_name.pop(old)
+        new = dep(idxs)
+        owner_name, _, attr = name.rpartition(".")
+        owner = dg.model.get_submodule(owner_name) if owner_name else dg.model
+        setattr(owner, attr, new)
+        dg._param_to_name[new] = name
+        return
+    if type(target.module).__module__.startswith("torch_pruning"):
+        return
+    dep(idxs)

@@ -2,30 +2,38 @@
 
 The search evaluates budgets thousands of times per run (every step clips its action to a
 feasible range, every episode is repaired onto the target), so profiling a pruned copy each time
-is out of the question. Pruning a group only rescales whole layers, so the pruned model's MACs are
-an exact function of the kept channel counts:
+is out of the question. Pruning a group only shrinks dimensions of whole layers, so the pruned
+model's MACs are an exact function of the kept channel counts.
 
-* a dense conv / linear layer scales by ``kept_out/out`` if it produces a pruned group and by
-  ``kept_in/in`` if it consumes one (both, for a MobileNet pointwise conv that consumes the
-  previous chain and produces the next one);
-* a depthwise pass-through conv of a group scales once by that group's kept fraction;
-* channels a grouped conv (ResNeXt, RegNet) produces or reads keep as many in each conv group, so
-  their group is counted in channels per conv group and every layer still scales by the kept
-  fraction;
-* a coupled group (a residual stream) scales every producer that writes into the stream and every
-  consumer that reads it, so a downsample conv, which reads one stream and writes the next, scales
-  by both streams' kept fractions;
-* a concat group (DenseNet, SqueezeNet, Inception) is a block of each consumer's input channels:
-  a consumer's MACs scale by its kept input channels over all its input, the blocks of every
-  concat group it reads counted together (a sum, not a product);
-* an SE-gated chain scales its expand conv, its depthwise conv, the SE ``fc2`` (whose output rows
-  are the chain's channels; ``members`` lists it) and both consumers, ``fc1`` and the project
-  conv; ``fc1``/``fc2`` also scale by the SE squeeze group's kept fraction when that is pruned.
+Each prunable group lists its *footprint* (:attr:`~autodfp.analysis.graph.PrunableGroup.footprint`):
+every MAC-counted layer its channels pass and how many of that layer's output rows, input columns
+or (depthwise) channels they occupy, read off torch-pruning's group, i.e. exactly what the
+physical prune removes. A layer's MACs are ``H·W·C_out·(C_in/groups)·k²`` (a depthwise conv's
+``H·W·C·k²``), so they scale by ``(C_out − removed rows)/C_out`` times ``(C_in − removed columns)/C_in``,
+each dimension losing what every group in it removes. That one rule covers all structures:
 
-Each layer's MACs are divisible by the channel counts that scale them (``H·W·C_out·C_in·k²``), so
-the count is computed in integers and matches :func:`autodfp.eval.metrics.profile` of the physically
-pruned model exactly. With every other group fixed the count is linear in one group's kept
-channels, which is what makes :meth:`MacsModel.feasible_keep` a closed-form solve.
+* an inner group scales its producer's rows and its consumers' columns, a MobileNet pointwise conv
+  that consumes one chain and produces the next by both groups;
+* a depthwise pass-through conv scales once, by its channels;
+* a grouped conv (ResNeXt, RegNet) loses as many channels in each conv group: its group is counted
+  in channels per conv group, each unit taking ``granularity`` channels of the layer;
+* a coupled group (a residual stream) scales every producer writing into the stream and every
+  consumer reading it; a conv that does both (a downsample conv reading one stream and writing the
+  next, or a RepVGG conv reading and writing the same stream) scales by both dimensions, so twice
+  by the same group where it reads and writes one stream;
+* a concat group (DenseNet, SqueezeNet, Inception) is a block of each consumer's input columns:
+  the blocks of every group a consumer reads come off its one input count (a sum, not a product);
+* a part of a split or slice (``kind == "split"``) is a block of its producer's rows, so the parts
+  of one producer come off its row count the same way; a ghost module's consumer reads each
+  channel twice (the channel and its depthwise copy) and loses two columns per channel;
+* an SE-gated chain scales its expand conv, its depthwise conv, the SE ``fc2`` rows (the chain's
+  channels) and both consumers, ``fc1`` and the project conv.
+
+Each layer's MACs are divisible by the dimensions that scale them, so the count is computed in
+integers and matches :func:`autodfp.eval.metrics.profile` of the physically pruned model exactly.
+With every other group fixed the count is non-decreasing in one group's kept channels (linear
+unless a layer reads and writes the same group), which :meth:`MacsModel.feasible_keep` solves in
+closed form and then settles exactly on the integer boundary.
 """
 
 from __future__ import annotations
@@ -61,18 +69,27 @@ DEFAULT_TOL = DEFAULTS.tol
 
 @dataclass(frozen=True)
 class _Term:
-    """One counted layer: ``macs · Π(k_g / C_g) · (I − Σ removed_h) / I``.
+    """One counted layer: ``macs · Π_f (W_f − Σ_g m_g·(units_g − keep_g)) / W_f``.
 
-    ``groups`` scale it as a whole (a producer's rows, a depthwise pass-through, a consumer that
-    reads nothing but that group); ``parts`` are concat groups, each a block of the layer's ``I``
-    input channels, which remove their pruned channels from the input count.
+    Each factor ``f`` is one dimension of the layer (its rows, its columns, or a depthwise conv's
+    channels) of width ``W_f``; each group ``g`` in it removes ``m_g`` of that dimension per unit it
+    loses (a channel, or a channel per conv group; two for a channel a consumer reads twice).
     """
 
     name: str
     macs: int
-    groups: tuple[str, ...]  # scaling groups; a group may appear once per role
-    parts: tuple[str, ...] = ()
-    inputs: int = 1
+    factors: tuple[tuple[int, tuple[tuple[str, int | Fraction], ...]], ...]
+
+    @property
+    def groups(self) -> set[str]:
+        return {g for _, parts in self.factors for g, _ in parts}
+
+
+def _width(layer: nn.Module, role: str) -> int:
+    """The size of a layer's dimension that ``role`` names (see :attr:`PrunableGroup.footprint`)."""
+    if isinstance(layer, nn.Linear):
+        return int(layer.out_features if role == "out" else layer.in_features)
+    return int(getattr(layer, "in_channels" if role == "in" else "out_channels"))
 
 
 class MacsModel:
@@ -85,32 +102,24 @@ class MacsModel:
         self.groups: list[str] = [g.name for g in graph.prunable]
         #: what a group's preserved ratio counts: channels, or channels per conv group next to a
         #: grouped conv (:attr:`~autodfp.analysis.graph.PrunableGroup.units`); every ``keep`` here is in
-        #: these units, and a layer's MACs scale by ``keep / units`` all the same
+        #: these units, and a layer's MACs scale by what its dimensions lose all the same
         self.channels: dict[str, int] = {g.name: int(g.units) for g in graph.prunable}
-        self._granularity = {g.name: int(g.granularity) for g in graph.prunable}
-        scales: dict[str, list[str]] = {}
-        parts: dict[str, list[str]] = {}
+        dims: dict[tuple[str, str], list[tuple[str, int | Fraction]]] = {}
         for g in graph.prunable:
-            # a coupled group (residual stream) rescales every producer writing into the stream
-            for conv in g.members if g.coupled and g.members else [g.producer.conv]:
-                scales.setdefault(conv, []).append(g.name)
-            for st in g.passthrough:
-                scales.setdefault(st.conv, []).append(g.name)
-            for c in g.consumers:
-                (parts if g.kind == "concat" else scales).setdefault(c, []).append(g.name)
+            for layer, role, count in g.footprint:
+                per_unit = Fraction(int(count), int(g.units))
+                m = int(per_unit) if per_unit.denominator == 1 else per_unit
+                dims.setdefault((layer, role), []).append((g.name, m))
+        by_layer: dict[str, list[tuple[int, tuple[tuple[str, int | Fraction], ...]]]] = {}
+        for (layer, role), parts in dims.items():
+            by_layer.setdefault(layer, []).append((_width(model.get_submodule(layer), role), tuple(parts)))
         terms: list[_Term] = []
         fixed = 0
         for lp in prof.layers:
             if lp.macs == 0:
                 continue
-            gs = tuple(scales.get(lp.name, ()))
-            ps = tuple(parts.get(lp.name, ()))
-            if gs or ps:
-                width = 1
-                if ps:
-                    layer = model.get_submodule(lp.name)
-                    width = int(getattr(layer, "in_features", getattr(layer, "in_channels", 1)))
-                terms.append(_Term(lp.name, int(lp.macs), gs, ps, width))
+            if lp.name in by_layer:
+                terms.append(_Term(lp.name, int(lp.macs), tuple(by_layer[lp.name])))
             else:
                 fixed += int(lp.macs)
         self.fixed_macs: int = fixed
@@ -119,24 +128,24 @@ class MacsModel:
         self._terms = terms
         self._by_group: dict[str, list[int]] = {g: [] for g in self.groups}
         for i, t in enumerate(terms):
-            for gname in set(t.groups) | set(t.parts):
+            for gname in t.groups:
                 self._by_group[gname].append(i)
 
     # -- counting ----------------------------------------------------------------------------
     def _term_macs(self, t: _Term, keep: Mapping[str, int]) -> Fraction | int:
-        num, den = t.macs, 1
-        for g in t.groups:
-            k = keep.get(g)
-            if k is None:
-                continue
-            num *= int(k)
-            den *= self.channels[g]
-        if t.parts:
-            removed = sum(
-                (self.channels[g] - int(keep[g])) * self._granularity[g] for g in t.parts if keep.get(g) is not None
-            )
-            num *= t.inputs - removed
-            den *= t.inputs
+        num: int | Fraction = t.macs
+        den = 1
+        for width, parts in t.factors:
+            removed: int | Fraction = 0
+            for g, m in parts:
+                k = keep.get(g)
+                if k is not None:
+                    removed += m * (self.channels[g] - int(k))
+            if removed:
+                num *= width - removed
+                den *= width
+        if isinstance(num, Fraction):
+            return num / den
         return num // den if num % den == 0 else Fraction(num, den)
 
     def macs(self, keep: Mapping[str, int]) -> int:
