@@ -37,6 +37,11 @@ def assets() -> Path:
 @pytest.fixture()
 def tiny_cnn():
     """A two-conv BN network (3×16×16 → 4 classes) whose BN statistics come from forward passes."""
+    return make_tiny_cnn()
+
+
+def make_tiny_cnn():
+    """:func:`tiny_cnn` as a plain function, for module-scoped fixtures that cannot take it."""
     import torch
     import torch.nn as nn
 

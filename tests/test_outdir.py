@@ -22,7 +22,6 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn as nn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -42,7 +41,7 @@ from autodfp.eval.outdir import (
     write_set,
 )
 from autodfp.search.checkpoint import Checkpointer, is_checkpoint_root
-from conftest import CHEAP
+from conftest import CHEAP, make_tiny_cnn
 
 ROOT = Path(__file__).resolve().parents[1]
 R20 = "resnet20_cifar10"
@@ -96,23 +95,8 @@ def _forbid_work(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="module")
 def tiny_result() -> autodfp.PruningResult:
     """A pruned two-conv network: a real result to save, in well under a second."""
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, bias=False),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, 4),
-    ).train()
-    with torch.no_grad():
-        for _ in range(3):
-            net(torch.randn(16, 3, 16, 16))
     config = autodfp.Config(refine=False, **CHEAP)  # type: ignore[arg-type]
-    return autodfp.prune(net.eval(), input_shape=(3, 16, 16), uniform=0.5, config=config, progress=False)
+    return autodfp.prune(make_tiny_cnn(), input_shape=(3, 16, 16), uniform=0.5, config=config, progress=False)
 
 
 # -- 1: an empty path --------------------------------------------------------------------------------

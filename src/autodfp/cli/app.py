@@ -818,21 +818,19 @@ def prune(
     check_output_dir(out)
     con = _console(as_json)
     _setup_logging()
+    # what the run and its dry run share, so a dry run plans exactly the run it stands for
+    run_args: dict[str, Any] = dict(
+        macs_ratio=macs_ratio,
+        uniform=uniform,
+        plan=plan,
+        reward=reward_spec,
+        config=config,
+        seed=seed,
+        device=device,
+        eval_data=data,
+    )
     if dry_run:
-        _dry_run(
-            out,
-            force,
-            as_json,
-            (model, weights, arch, trust_pickle, like, input_size, mean, std),
-            macs_ratio=macs_ratio,
-            uniform=uniform,
-            plan=plan,
-            reward=reward_spec,
-            config=config,
-            seed=seed,
-            device=device,
-            eval_data=data,
-        )
+        _dry_run(out, force, as_json, (model, weights, arch, trust_pickle, like, input_size, mean, std), **run_args)
         return
     with OutputLock(out, overwrite=force, search=macs_ratio is not None):
         net, cfg = _load(model, weights, arch, trust_pickle, like, input_size, mean, std)
@@ -842,18 +840,11 @@ def prune(
             api.prune,
             net,
             model_config=cfg,
-            macs_ratio=macs_ratio,
-            uniform=uniform,
-            plan=plan,
-            reward=reward_spec,
-            config=config,
-            seed=seed,
-            device=device,
             progress=_progress_on(),
             checkpoint_dir=out / "search",
             resume=resume,
-            eval_data=data,
             arch=arch,
+            **run_args,
         )
         paths = api.save(result, out, overwrite=force, torchscript=not no_torchscript)
     shape = result.input_shape

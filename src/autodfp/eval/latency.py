@@ -91,7 +91,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -250,13 +250,7 @@ class Timing:
         return cls(median_ms=float(statistics.median(xs)), p10_ms=q[1], p90_ms=q[17], iqr_ms=q[14] - q[4], runs=len(xs))
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "median_ms": self.median_ms,
-            "p10_ms": self.p10_ms,
-            "p90_ms": self.p90_ms,
-            "iqr_ms": self.iqr_ms,
-            "runs": self.runs,
-        }
+        return asdict(self)
 
 
 @dataclass(frozen=True)
