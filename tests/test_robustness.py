@@ -97,7 +97,7 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 CASES = [
     # (item, args, substring of the one error line); "OUT" is replaced by a fresh path
     ("12 usage: not a number", ["prune", R20, "--uniform", "abc", "--out", "OUT"], "'--uniform'"),
-    ("12 usage: missing --out", ["prune", R20, "--uniform", "0.5"], "Missing option '--out'"),
+    ("12 usage: missing --out", ["prune", R20, "--uniform", "0.5"], "--out DIR is required"),
     ("12 usage: unknown flag", ["prune", R20, "--uniform", "0.5", "--nope", "--out", "OUT"], "No such option"),
     ("10 seed < 0", ["prune", R20, "--uniform", "0.5", "--seed", "-1", "--out", "OUT"], "--seed"),
     ("10 seed ≥ 2**32", ["prune", R20, "--uniform", "0.5", "--seed", "4294967296", "--out", "OUT"], "--seed"),

@@ -178,3 +178,15 @@ def test_plateau_episode_definition():
     assert plateau_episode(hist([0.0, 0.5, 0.2, 0.995, 0.3, 1.0])) == 4  # 0.995 is within 1 % of the gain
     assert plateau_episode(hist([1.0, 0.5, 0.2])) == 1
     assert isinstance(MaskedModel, type)
+
+
+def test_a_sac_search_leaves_nothing_in_the_temp_dir(resnet20, tmp_path, monkeypatch):
+    """SB3's default logger makes an empty SB3-<time> folder in the temp dir per learn() call."""
+    import tempfile
+
+    pruner, reward = resnet20
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    search(pruner, 0.5, method="sac", episodes=3, warmup=1, reward=reward, seed=0, progress=False)
+    assert list(scratch.iterdir()) == []

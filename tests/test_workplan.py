@@ -215,6 +215,28 @@ def test_dry_run_prints_the_plan_writes_nothing_and_still_refuses_bad_input(
         err = capsys.readouterr().err
         assert "error:" in err and "Traceback" not in err
         assert not out.exists()
+    # a dry run needs no --out: it writes nothing
+    no_out = ["prune", "resnet20_cifar10", "--dry-run", "--synth-steps", "2", "--uniform", "0.5"]
+    assert main(no_out) == 0
+    assert capsys.readouterr().out.startswith("plan of work")
     (out / "mine").mkdir(parents=True)  # a folder of the user's: a run would be refused there
     assert main([*base, "--uniform", "0.5"]) == 2
     assert "not an autodfp output" in capsys.readouterr().err
+
+
+def test_the_distillation_is_timed_on_a_student_of_the_budgets_size(tiny_cnn: nn.Module) -> None:
+    """The estimate times a step on a uniformly pruned copy: narrow layers run below their MACs'
+    share of the time on a CPU, so the unpruned model's step scaled by the MACs came out short."""
+    from autodfp.analysis.graph import find_groups
+    from autodfp.compress.surgery import Pruner
+    from autodfp.eval.metrics import profile
+    from autodfp.search.budget import MacsModel
+    from autodfp.workplan import _uniform_student
+
+    graph = find_groups(tiny_cnn, SHAPE)
+    student = _uniform_student(Pruner(tiny_cnn, SHAPE, graph=graph), graph, 0.5, None)
+    assert student is not None
+    share = profile(student, SHAPE).total_macs / MacsModel(tiny_cnn, graph, SHAPE).total_macs
+    assert 0.35 < share < 0.65, share
+    assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in tiny_cnn.parameters())
+    assert student(torch.zeros(2, *SHAPE)).shape == tiny_cnn(torch.zeros(2, *SHAPE)).shape

@@ -401,13 +401,17 @@ class _Probe:
         )
         return (stamps[-1] - stamps[-2]) / m
 
-    def distillation_step(self, temperature: float) -> float:
-        """Seconds per input and step of a distillation with the unpruned model as its own student."""
+    def distillation_step(self, temperature: float, student: nn.Module | None = None) -> float:
+        """Seconds per input and step of a distillation: the teacher's pass, the student's pass and
+        gradient, and the optimiser's step.
+
+        :param student: the student to time (a copy is trained); the unpruned model by default
+        """
         from autodfp._modes import eval_mode
         from autodfp.compress.kd import _backward
 
         m = self.batch_size(self.shape)
-        student = copy.deepcopy(self.model).eval()
+        student = copy.deepcopy(self.model if student is None else student).to(self.device).eval()
         params = [p for p in student.parameters() if p.is_floating_point()]
         for p in params:
             p.requires_grad_(True)
@@ -467,6 +471,10 @@ class _Rates:
     sac_step: float
     #: per input and step, a synthesis step at each stage's input shape
     synthesis: dict[tuple[int, ...], float] = field(default_factory=dict)
+    #: per input, a distillation step with a student of the pruned model's size (a uniformly pruned
+    #: copy), when a probe timed one: narrow layers run below their MACs' share of the time on a
+    #: CPU, so scaling the unpruned model's step by the MACs underestimates the stage
+    pruned_distillation: float | None = None
     #: the primitives a probe timed
     measured: set[str] = field(default_factory=set)
 
@@ -620,6 +628,24 @@ def _time_synthesis(probe: _Probe, rates: _Rates, schedules: _Schedules, batches
             label_offset = int(schedules.settings["label_offset"])
             rates.synthesis[shape] = probe.synthesis_step(shape, schedules.method, label_offset)
             rates.measured.add("synthesis")
+
+
+def _uniform_student(pruner: Any, graph: GroupGraph, share: float, macs_model: MacsModel | None) -> nn.Module | None:
+    """A copy of the model pruned uniformly to ``share`` of its MACs (by filter norm, nothing
+    reconstructed): a student of the pruned model's size to time a distillation step on. None where
+    it cannot be built (the estimate then scales the unpruned model's step by the MACs)."""
+    from autodfp.compress.plan import Plan
+    from autodfp.search.budget import MacsModel
+
+    try:
+        mm = macs_model if macs_model is not None else MacsModel(pruner.model, graph, pruner.input_shape)
+        ratio = mm.fit_uniform(share * mm.total_macs)
+    except Exception:  # an infeasible share for a uniform plan: a ratio whose square is the share
+        ratio = max(0.05, math.sqrt(share))
+    try:
+        return pruner.apply(Plan.uniform(graph, ratio, criterion="l1", strategy="none")).model
+    except Exception:  # an estimate never stops a run
+        return None
 
 
 def _probe_pruner(pipe: Pipeline, graph: GroupGraph, probe: _Probe) -> Any:
@@ -831,7 +857,13 @@ def plan_work(
             rates.measured.add("decide")
     if distill_steps and prober.affordable(distill_steps * batch / (PROBE_STEPS * prober.batch_size(shape))):
         with prober.timing("distillation"):
-            rates.distillation = prober.distillation_step(cfg.distill_temperature)
+            share = _student_macs(pipe, graph, macs_ratio, uniform, plan, macs_model)
+            pruner = pruner if pruner is not None else _probe_pruner(pipe, graph, prober)
+            student = _uniform_student(pruner, graph, share, macs_model) if share < 1.0 else None
+            if student is not None:
+                rates.pruned_distillation = prober.distillation_step(cfg.distill_temperature, student)
+            else:
+                rates.distillation = prober.distillation_step(cfg.distill_temperature)
             rates.measured.add("distillation")
     sac_steps = max(0, episodes - warmup) * groups if searching and search == "sac" else 0
     if sac_steps and prober.affordable(sac_steps * SAC_STEP_MLPS / SAC_PROBE_PASSES):
@@ -928,7 +960,10 @@ def plan_work(
         )
     if distill_steps:
         student = _student_macs(pipe, graph, macs_ratio, uniform, plan, macs_model)
-        per_input = rates.forward + student * max(0.0, rates.distillation - rates.forward)
+        if rates.pruned_distillation is not None:
+            per_input = rates.pruned_distillation
+        else:
+            per_input = rates.forward + student * max(0.0, rates.distillation - rates.forward)
         seconds = distill_steps * batch * per_input
         seconds += (min(10, distill_steps) + 1) * student * rates.fwd(min(batch, pool))  # the probe-loss checks
         seconds += (1 + 2 * student) * rates.fwd(pool)  # the loss over the pool before and after

@@ -722,8 +722,11 @@ def prune(
     refine_dims_ridge: Optional[float] = RefineDimsRidgeOpt,
     reward_inputs: Optional[int] = RewardInputsOpt,
     refine_inputs: Optional[int] = RefineInputsOpt,
-    out: Path = typer.Option(
-        ..., "--out", parser=_out_path, help="Output directory (model.ts, pruned.pt, plan.json, manifest.json)."
+    out: Optional[Path] = typer.Option(
+        None,
+        "--out",
+        parser=_out_path,
+        help="Output directory (model.ts, pruned.pt, plan.json, manifest.json); required unless --dry-run.",
     ),
     force: bool = typer.Option(
         False,
@@ -815,7 +818,10 @@ def prune(
         if strength is not None:  # as before the API existed: --strength overrides the plan's own
             plan.params["strength"] = strength
         _checked(plan.check_names)
-    check_output_dir(out)
+    if out is None and not dry_run:
+        raise PlanError("--out DIR is required: where the pruned model and its report go")
+    if out is not None:
+        check_output_dir(out)
     con = _console(as_json)
     _setup_logging()
     # what the run and its dry run share, so a dry run plans exactly the run it stands for
@@ -917,16 +923,17 @@ def prune(
         )
 
 
-def _dry_run(out: Path, force: bool, as_json: bool, source: tuple[Any, ...], **prune_args: Any) -> None:
+def _dry_run(out: Path | None, force: bool, as_json: bool, source: tuple[Any, ...], **prune_args: Any) -> None:
     """``prune --dry-run``: the plan of work on stdout, after the checks the run would make.
 
-    OUT is checked (where a run would be refused, so is the dry run) but never created or locked:
+    OUT, when given, is checked (where a run would be refused, so is the dry run) but never created or locked:
     a dry run leaves no trace. With ``--json`` the plan is one JSON object.
     """
     import autodfp.api as api
     from autodfp.eval.outdir import claim_output_dir
 
-    claim_output_dir(out, overwrite=force, search=prune_args["macs_ratio"] is not None, kind="pruned")  # reads only
+    if out is not None:  # reads only
+        claim_output_dir(out, overwrite=force, search=prune_args["macs_ratio"] is not None, kind="pruned")
     net, cfg = _load(*source)
     work = _checked(api.plan_work, net, model_config=cfg, **prune_args)
     if as_json:

@@ -337,7 +337,9 @@ def _make_sac(vec_env: Any, cfg: dict[str, Any], seed: int, learning_starts: int
     reward_norm = kw.pop("reward_norm")
     net_arch = kw.pop("net_arch")
     train_freq = tuple(kw.pop("train_freq"))
-    return SAC(
+    from stable_baselines3.common.logger import Logger
+
+    agent = SAC(
         "MlpPolicy",
         vec_env,
         learning_starts=learning_starts,
@@ -350,6 +352,10 @@ def _make_sac(vec_env: Any, cfg: dict[str, Any], seed: int, learning_starts: int
         verbose=0,
         **kw,
     )
+    # a logger with no outputs: SB3's default makes an empty SB3-<time> folder in the temp dir on
+    # every learn() call, one per search, that nothing removes
+    agent.set_logger(Logger(folder=None, output_formats=[]))
+    return agent
 
 
 # ---------------------------------------------------------------------------------------------
