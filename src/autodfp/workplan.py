@@ -859,9 +859,9 @@ def plan_work(
         with prober.timing("distillation"):
             share = _student_macs(pipe, graph, macs_ratio, uniform, plan, macs_model)
             pruner = pruner if pruner is not None else _probe_pruner(pipe, graph, prober)
-            student = _uniform_student(pruner, graph, share, macs_model) if share < 1.0 else None
-            if student is not None:
-                rates.pruned_distillation = prober.distillation_step(cfg.distill_temperature, student)
+            small = _uniform_student(pruner, graph, share, macs_model) if share < 1.0 else None
+            if small is not None:
+                rates.pruned_distillation = prober.distillation_step(cfg.distill_temperature, small)
             else:
                 rates.distillation = prober.distillation_step(cfg.distill_temperature)
             rates.measured.add("distillation")

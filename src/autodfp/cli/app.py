@@ -838,6 +838,7 @@ def prune(
     if dry_run:
         _dry_run(out, force, as_json, (model, weights, arch, trust_pickle, like, input_size, mean, std), **run_args)
         return
+    assert out is not None  # checked above
     with OutputLock(out, overwrite=force, search=macs_ratio is not None):
         net, cfg = _load(model, weights, arch, trust_pickle, like, input_size, mean, std)
         if resume and not (out / "search").is_dir():
