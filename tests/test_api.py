@@ -243,7 +243,8 @@ def test_final_step_keeps_what_the_reward_rates_best(tiny_cnn: nn.Module) -> Non
     """The final choice follows the reward: the unfitted plan wins when it scores higher, and then
     the model is exactly the uncompensated, unrefined prune (and its plan says so)."""
     net, shape = tiny_cnn, (3, 16, 16)
-    cheap = Config(synth_steps=2, calibration_inputs=8, refine_inputs=8, select_inputs=8)
+    # the per-group pass (tests/test_final_choice.py) would add calls and mix the candidates
+    cheap = Config(synth_steps=2, calibration_inputs=8, refine_inputs=8, select_inputs=8, final_choice_per_group=False)
     calls: list[int] = []
 
     def rising(model: nn.Module) -> float:  # every later candidate scores higher

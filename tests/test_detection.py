@@ -22,7 +22,7 @@ from autodfp.eval.detection import (
 )
 from autodfp.models.face_ultralight import UltraLightFace, decode, detect, priors
 from autodfp.models.registry import ModelConfig, Preprocessing
-from autodfp.search.rewards import AgreementReward, model_outputs
+from autodfp.search.rewards import AgreementReward, model_outputs, tail_nmse
 
 ASSETS = Path(os.environ.get("AUTODFP_ASSETS", "/nonexistent"))
 FACES = ASSETS / "detection" / "face-ultralight"
@@ -118,6 +118,9 @@ def test_multi_output_reward_identity_and_damage(as_dict):
     ref_b, b = list(outs_ref.values())[1], list(outs.values())[1]
     nmse = float((b - ref_b).pow(2).mean()) / float(ref_b.var(unbiased=False))
     assert d["kl"] == pytest.approx(-nmse / 2, rel=1e-5) and d["kl"] < 0
+    # with the opt-in tail term: the per-channel, tail-aware error (tests/test_final_choice.py)
+    tailed = AgreementReward(net, x, batch_size=4, tail=0.01).details(damaged)
+    assert tailed["kl"] == pytest.approx(tail_nmse(ref_b, b, 0.01) / 2, rel=1e-5) and tailed["kl"] < 0
 
 
 class _VaryingShape(nn.Module):

@@ -45,7 +45,9 @@ def test_large_inputs_are_distilled_on_an_accelerator_not_on_a_cpu_by_balanced()
     gpu = Config(effort="balanced").resolved(LARGE, "cuda")
     assert cpu.distill_steps == 0 < gpu.distill_steps
     fast = Config(effort="fast").resolved(LARGE, "cpu")
-    assert cpu == fast.replace(effort="balanced")  # on a CPU, balanced at 224 px is the fast pipeline
+    # on a CPU, balanced at 224 px is the fast pipeline with full-size synthesis
+    assert cpu == fast.replace(effort="balanced", synth_low_res=0.0)
+    assert fast.synth_low_res is None and cpu.synth_low_res == 0.0
     best = Config(effort="best").resolved(LARGE, "cpu")
     assert best.synth_low_res == 0.0 and best.distill_steps > 0
 

@@ -290,9 +290,11 @@ def test_detector_outputs_always_run_as_one_batch(monkeypatch: pytest.MonkeyPatc
     sizes: list[int] = []
     real = kd._backward
 
-    def spy(student: nn.Module, teacher: nn.Module, x: torch.Tensor, temperature: float, size: int) -> torch.Tensor:
+    def spy(
+        student: nn.Module, teacher: nn.Module, x: torch.Tensor, temperature: float, size: int, *rest: object
+    ) -> torch.Tensor:
         sizes.append(size)
-        return real(student, teacher, x, temperature, size)
+        return real(student, teacher, x, temperature, size, *rest)  # type: ignore[arg-type]
 
     monkeypatch.setattr(kd, "_backward", spy)
 
@@ -309,3 +311,76 @@ def test_detector_outputs_always_run_as_one_batch(monkeypatch: pytest.MonkeyPatc
     assert sizes == [6, 6], "a variance-normalised loss needs the whole batch"
     distill(_net(4), _net(16), torch.randn(12, 3, 8, 8), 2, batch_size=6, micro_batch=2)
     assert sizes[2:] == [2, 2]
+
+
+def test_a_detectors_outputs_are_matched_by_their_kind() -> None:
+    """Per-anchor class logits beside boxes are matched by KL per anchor; boxes and packed YOLO rows
+    channel by channel, so a small-scale channel (objectness) weighs as much as a wide one."""
+    from autodfp.compress.kd import channel_mse
+
+    torch.manual_seed(0)
+    scores, boxes = torch.randn(2, 7, 3), torch.randn(2, 7, 4)
+    loss = distillation_loss((scores.flip(0), boxes), (scores, boxes), 2.0)
+    expected = (
+        F.kl_div(
+            F.log_softmax(scores.flip(0).reshape(-1, 3) / 2, 1),
+            F.log_softmax(scores.reshape(-1, 3) / 2, 1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        * 4
+        / 2
+    )  # the mean with the boxes' zero
+    assert torch.allclose(loss, expected)
+    # a packed row (x, y, w, h, obj, cls...): the channels have scales 100 and 1
+    rows = torch.randn(4, 50, 6)
+    rows[..., :4] *= 100
+    off_obj, off_box = rows.clone(), rows.clone()
+    off_obj[..., 4] += 1.0  # one teacher-std of error on objectness
+    off_box[..., 0] += 1.0  # 1/100 of a std on a box channel
+    assert float(channel_mse(off_obj, rows)) > 50 * float(channel_mse(off_box, rows))
+    single = distillation_loss((off_obj,), (rows,), 2.0)  # alone, a (N, A, 6) tensor is not class logits
+    assert torch.allclose(single, channel_mse(off_obj, rows))
+
+
+def test_feature_matching_pulls_the_tapped_layer_towards_the_teacher() -> None:
+    teacher = _net(8)
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student[0].weight.mul_(0.5)  # the tapped BN's input is off; the head can hide part of it
+    x = torch.randn(64, 3, 8, 8)
+
+    def feature_gap(m: nn.Module) -> float:
+        with torch.no_grad():
+            return float((m[:2](x) - teacher[:2](x)).pow(2).mean())
+
+    plain = distill(student, teacher, x, 30, lr=1e-2, seed=0).model
+    matched = distill(student, teacher, x, 30, lr=1e-2, seed=0, features=["1"], feature_weight=1.0).model
+    assert feature_gap(matched) < feature_gap(plain)
+    assert not teacher[1]._forward_hooks, "the taps are removed after the run"
+    same = distill(student, teacher, x, 5, lr=1e-2, seed=0, features=["1"], feature_weight=0.0).model
+    again = distill(student, teacher, x, 5, lr=1e-2, seed=0).model
+    assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), again.state_dict().values()))
+
+
+def test_prune_taps_the_pruned_groups_consumers(tiny_cnn: nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    import autodfp
+    import autodfp.compress.kd as kd
+
+    seen: dict[str, object] = {}
+    real = kd.distill
+
+    def spy(*args: object, **kw: object) -> object:
+        seen.update(kw)
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kd, "distill", spy)
+    cfg = Config(synth_steps=2, calibration_inputs=8, refine_inputs=8, reward_inputs=8, distill_steps=2)
+    autodfp.prune(
+        tiny_cnn, input_shape=(3, 16, 16), uniform=0.5, config=cfg.replace(distill_features=0.5), progress=False
+    )
+    names = dict(tiny_cnn.named_modules())
+    assert seen["feature_weight"] == 0.5 and seen["features"], seen
+    assert all(n in names for n in seen["features"])  # type: ignore[attr-defined]
+    with pytest.raises(AutoDFPError, match="distill_features"):
+        Config(distill_features=-1.0)

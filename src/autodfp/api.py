@@ -42,10 +42,12 @@ from autodfp._checks import check_seed
 from autodfp._modes import eval_mode, keeps_modes
 from autodfp._progress import shows_messages
 from autodfp.analysis.graph import GroupGraph, find_groups
+from autodfp.compress.final import FinalChoice, decision_scorer, final_choice, held_apart_reward
 from autodfp.compress.plan import Plan
 from autodfp.compress.refine import Refiner, select_dims_ridge
 from autodfp.compress.surgery import GroupDecision, Pruner
 from autodfp.config import DEFAULTS, SEARCH_METHODS, Config
+from autodfp.distributed.executor import Executor
 from autodfp.errors import ModelError, PlanError, PreprocessingWarning
 from autodfp.models.load import check_finite
 from autodfp.models.registry import ModelConfig, Preprocessing, check_input_shape, check_preprocessing
@@ -202,6 +204,9 @@ class Pipeline:
         self._device_model: nn.Module | None = None
         #: seconds spent in :meth:`batch` so far (distilling or reading the cache), for the report
         self.synth_seconds = 0.0
+        #: where synthesis chunks and search episodes run (:mod:`autodfp.distributed`); ``None``:
+        #: in this process. :func:`prune` sets it for the length of a run.
+        self.executor: Executor | None = None
         self._cache_key: str | None = None
 
     @property
@@ -257,6 +262,7 @@ class Pipeline:
                 seed=seed,
                 progress=self.progress,
                 log=log.info,
+                executor=self.executor,
                 **settings,
             )
         finally:
@@ -424,6 +430,7 @@ class Pipeline:
                 measure=cfg.reward_measure,
                 temperature=cfg.reward_temperature,
                 label_offset=mc.label_offset,
+                tail=cfg.reward_tail,
             )
         if kind == "unlabeled" and arg:
             return AgreementReward(
@@ -432,6 +439,7 @@ class Pipeline:
                 measure=cfg.reward_measure,
                 temperature=cfg.reward_temperature,
                 label_offset=mc.label_offset,
+                tail=cfg.reward_tail,
             )
         if kind == "labeled" and arg:
             loader = make_loader(
@@ -675,6 +683,10 @@ def _prepare_run(
     if resume and checkpoint_dir is None:
         raise PlanError("resume needs a checkpoint_dir")
     net, mc, shape = prepare_model(model, input_shape, model_config, name, mean, std, like)
+    if cfg.reparameterize:
+        from autodfp.models.reparam import reparameterize
+
+        net = reparameterize(net, shape)  # a checked copy: the caller's model is left as it is
     cfg = cfg.resolved(shape, resolve_device(device))  # the effort preset's values, for this input and device
     given_plan = _as_plan(plan) if plan is not None else None
     if given_plan is not None:
@@ -864,6 +876,29 @@ def prune(
         std=std,
         like=like,
     )
+    from autodfp.distributed import executor_for
+
+    # workers=1 and no address: the in-process executor, nothing imported; else Ray, stopped on any exit
+    with executor_for(run.config.workers, run.config.ray_address) as executor:
+        run.pipe.executor = executor
+        try:
+            return _prune_run(run, t_start, macs_ratio, uniform, reward, eval_data, arch, checkpoint_dir, resume)
+        finally:
+            run.pipe.executor = None
+
+
+def _prune_run(
+    run: _Run,
+    t_start: float,
+    macs_ratio: float | None,
+    uniform: float | None,
+    reward: RewardSpec,
+    eval_data: str | None,
+    arch: str | None,
+    checkpoint_dir: str | os.PathLike | None,
+    resume: bool,
+) -> PruningResult:
+    """:func:`prune` once its run is prepared and its executor open."""
     net, mc, shape, cfg, given_plan, pipe = run.net, run.model_config, run.shape, run.config, run.plan, run.pipe
     method, graph, macs_model = run.method, run.graph, run.macs_model
     searching = macs_ratio is not None
@@ -919,6 +954,9 @@ def prune(
     laps("pruning")
     refined_score: float | None = None
     final = decisions
+    held: tuple[int, int] | None = None
+    if reward_fn is not None and refiner is not None:  # the final choices score on inputs no fit used
+        reward_fn, held = held_apart_reward(reward_fn, [refiner.inputs, pruner.calibration], pipe.device_model)
     if refiner is not None:
         refiner.progress = pipe.progress  # one bar per final refinement; none per search episode
         if cfg.refine_dims_ridge is not None:
@@ -934,13 +972,21 @@ def prune(
         laps("refinement")
     refined = refiner is not None
     if cfg.final_choice and reward_fn is not None and the_plan.strategy != "none":
-        step, final, step_scores = _final_step(
-            pruner, the_plan, decisions, final if refined else None, refined_score, reward_fn, pipe.device_model
+        choice = _final_step(
+            pruner,
+            the_plan,
+            decisions,
+            final if refined else None,
+            refined_score,
+            reward_fn,
+            pipe.device_model,
+            per_group=cfg.final_choice_per_group,
+            held=held,
         )
-        report["final_step"] = step
-        report["final_step_scores"] = step_scores
-        refined = step == "refined"
-        if step == "uncompensated":
+        final = choice.decisions
+        report.update(choice.report())
+        refined = choice.uses_refinement
+        if choice.uncompensated:
             # what was applied, so plan.json with --no-refine reproduces the model (a copy: the
             # caller's plan object is never changed)
             the_plan = dataclasses.replace(the_plan, strategy="none")
@@ -950,7 +996,8 @@ def prune(
     undistilled = None
     if cfg.distill_steps_for(shape, pipe.device) > 0:
         undistilled = copy.deepcopy(pruned.model).to(_device_of(net)).eval()
-        pruned.model, distilled = _distill(pipe, pruned.model)
+        taps = _consumer_outputs(pruner.graph, final) if cfg.distill_features else []
+        pruned.model, distilled = _distill(pipe, pruned.model, taps)
         report["distill_steps"] = cfg.distill_steps_for(shape, pipe.device)
         report.update(distilled)
         laps("distillation")
@@ -1014,10 +1061,18 @@ def _checked_graph(
 
     graph = find_groups(net, shape, coupled=cfg.coupled)
     if not graph.prunable:
+        from autodfp.models.reparam import reparameterizable
+
         reasons = sorted({g.reason for g in graph if g.reason})
+        hint = ""
+        if not cfg.reparameterize and reparameterizable(net):
+            hint = (
+                "; its training-time branches can be folded first: reparameterize=True (--reparameterize), "
+                "as its reparameterize()/switch_to_deploy() methods do for deployment"
+            )
         raise PlanError(
             f"the model has no prunable channel groups ({len(graph)} groups: "
-            f"{'; '.join(reasons[:3]) or 'none found'}); nothing can be removed"
+            f"{'; '.join(reasons[:3]) or 'none found'}); nothing can be removed{hint}"
         )
     mm: MacsModel | None = None
     if macs_ratio is not None:
@@ -1105,6 +1160,7 @@ def _search(
         progress=pipe.progress,
         sac_kwargs=dict(cfg.sac) or None,
         refiner=pipe.search_refiner(refiner),
+        executor=pipe.executor,
         **common,
     )
     uniform = run_search(pruner, macs_ratio, method="uniform", progress=False, **common).best_plan
@@ -1152,9 +1208,25 @@ def _fresh_inputs(pipe: Pipeline) -> Callable[[nn.Module, int], torch.Tensor]:
     return make
 
 
-def _distill(pipe: Pipeline, student: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
+def _consumer_outputs(graph: GroupGraph, decisions: Mapping[str, GroupDecision]) -> list[str]:
+    """Where feature matching taps: each pruned group's consumers, after their BN where they have
+    one (the first full-width activations that carry the pruning's error), in the graph's order."""
+    names: list[str] = []
+    for g in graph.prunable:
+        d = decisions.get(g.name)
+        if d is None or not d.pruned.numel():
+            continue
+        for consumer, bn in zip(g.consumers, g.consumer_bns):
+            name = bn or consumer
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def _distill(pipe: Pipeline, student: nn.Module, features: Sequence[str] = ()) -> tuple[nn.Module, dict[str, Any]]:
     """The optional last stage: the pruned model learns the original's outputs on the synthetic
     batches the pipeline already made (the reward's and the refinement's), never on real data.
+    With ``config.distill_features``, the outputs of ``features`` (modules) are matched too.
 
     The loss over the whole pool is measured before and after. A run that ends no lower than it
     started diverged (it happened on MobileNet-V1 at 224 px: every input then fell into one class),
@@ -1187,6 +1259,8 @@ def _distill(pipe: Pipeline, student: nn.Module) -> tuple[nn.Module, dict[str, A
         progress=pipe.progress,
         fresh=_fresh_inputs(pipe),
         fresh_batches=cfg.distill_fresh,
+        features=features,
+        feature_weight=cfg.distill_features,
     )
     log.info(f"distilled in {time.perf_counter() - t0:.1f} s")
     # both on the original's device (the CPU copies the pipeline returns), not the training device
@@ -1219,13 +1293,9 @@ def _select_dims_ridge(
     grid: Sequence[float],
     base: nn.Module,
 ) -> tuple[dict[str, GroupDecision], float, dict[float, float]]:
-    """The final refinement's dims ridge, chosen by the reward on its own (held-out) inputs."""
-    from autodfp.search.env import MaskedModel
-
-    def score(refined: dict[str, GroupDecision]) -> float:
-        return reward_fn(MaskedModel(base, pruner.masked_state(refined)))
-
-    chosen, refined, scores = select_dims_ridge(refiner, decisions, score, grid=grid)
+    """The final refinement's dims ridge, chosen by the reward on held-apart inputs
+    (``reward_fn`` from :func:`autodfp.compress.final.held_apart_reward`)."""
+    chosen, refined, scores = select_dims_ridge(refiner, decisions, decision_scorer(pruner, reward_fn, base), grid=grid)
     log.info(
         "refinement dims ridge by reward: "
         + ", ".join(f"{k:g} → {v:.4f}" for k, v in scores.items())
@@ -1242,34 +1312,13 @@ def _final_step(
     refined_score: float | None,
     reward_fn: Callable[[nn.Module], float],
     base: nn.Module,
-) -> tuple[str, dict[str, GroupDecision], dict[str, float]]:
-    """Keep the plan refined, unrefined or uncompensated, whichever the reward rates best.
-
-    Compensation and refinement are fits on synthetic statistics; where those statistics miss how a
-    block behaves (a squeeze-and-excitation gate multiplies the channels it was fitted on), a fit
-    can do more harm than the error it corrects, and no ridge undoes it. Scoring the unfitted plan
-    costs two reward calls and never picks a fit the reward rates worse. Ties keep the fit
-    (candidates are scored in the order refined, unrefined, uncompensated).
-    """
-    from autodfp.search.env import MaskedModel
-
-    def score(d: dict[str, GroupDecision]) -> float:
-        return float(reward_fn(MaskedModel(base, pruner.masked_state(d))))
-
-    bare = pruner.decide(dataclasses.replace(plan, strategy="none"))
-    candidates: list[tuple[str, dict[str, GroupDecision], float | None]] = []
-    if refined is not None:
-        candidates.append(("refined", refined, refined_score))
-    candidates += [("unrefined", decisions, None), ("uncompensated", bare, None)]
-    scores: dict[str, float] = {}
-    best = candidates[0][0]
-    chosen = candidates[0][1]
-    for label, d, known in candidates:
-        scores[label] = known if known is not None else score(d)
-        if scores[label] > scores[best]:
-            best, chosen = label, d
-    log.info("final step by reward: " + ", ".join(f"{k} → {v:.4f}" for k, v in scores.items()) + f"; chose {best}")
-    return best, chosen, scores
+    per_group: bool = True,
+    held: tuple[int, int] | None = None,
+) -> FinalChoice:
+    """Refined, unrefined or uncompensated, for the plan and then per group
+    (:func:`autodfp.compress.final.final_choice`), scored by ``reward_fn`` on held-apart inputs."""
+    score = decision_scorer(pruner, reward_fn, base)
+    return final_choice(pruner, plan, decisions, refined, refined_score, score, per_group=per_group, held=held)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1277,7 +1326,11 @@ def _final_step(
 # ---------------------------------------------------------------------------------------------
 @keeps_modes
 def groups(
-    model: nn.Module | str, input_shape: Sequence[int] | None = None, *, coupled: bool = False
+    model: nn.Module | str,
+    input_shape: Sequence[int] | None = None,
+    *,
+    coupled: bool = False,
+    reparameterize: bool = False,
 ) -> list[dict[str, Any]]:
     """Every output-channel group of ``model``, as ``autodfp info`` lists them: one dict per group
     with its ``name``, ``kind``, ``channels``, ``consumers``, ``prunable`` and, for a group that
@@ -1289,8 +1342,16 @@ def groups(
     :param model: any ``nn.Module`` (with ``input_shape``), or a zoo name
     :param input_shape: (C, H, W) of one input; a zoo model's own by default
     :param coupled: list residual-stream groups as prunable, as ``Config(coupled=True)`` prunes them
+    :param reparameterize: the groups of the model with its training-time branches folded, as
+        ``Config(reparameterize=True)`` prunes it
     """
-    net, _, shape = prepare_model(model, input_shape)
+    with warnings.catch_warnings():  # listing groups reads no preprocessing: a guess is no news here
+        warnings.simplefilter("ignore", PreprocessingWarning)
+        net, _, shape = prepare_model(model, input_shape)
+    if reparameterize:
+        from autodfp.models.reparam import reparameterize as fold
+
+        net = fold(net, shape)
     return [g.to_dict() for g in find_groups(net, shape, coupled=coupled)]
 
 
@@ -1456,6 +1517,7 @@ def save(
         extra=extra,
         overwrite=overwrite,
         torchscript=torchscript,
+        reparameterized=bool(result.report.get("config", {}).get("reparameterize", False)),
     )
 
 

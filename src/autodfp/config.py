@@ -16,6 +16,7 @@ import difflib
 import functools
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -118,10 +119,11 @@ EVAL_BATCH: Mapping[str, int] = {"small": 256, "large": 8}
 #:   inputs; a held-out depth 59.00 -> 80.24 % on the uniform plan), against a point or two for the
 #:   search's last 200 episodes, so the time goes to distillation. At 224 px a distillation step costs
 #:   ~5 s on a 2-core CPU (MobileNet-V1: +0.8 points per 500 steps, 41 min), so on a CPU large
-#:   inputs are not distilled by default and keep the full search (``balanced`` is ``fast`` there);
-#:   on a GPU they are distilled.
-#: - ``best``: for a run left alone: the full search, twice the distillation, full-size synthesis
-#:   at 224 px (57.08 against 55.3-56.5 % on MobileNet-V1's search).
+#:   inputs are not distilled by default and keep the full search; on a GPU they are distilled.
+#:   Large inputs are synthesised at full size from the first step (``fast`` starts at a quarter
+#:   and half size): on MobileNet-V1's search 57.08 against 55.3-56.5 % (one search each, within
+#:   the searches' spread), for a first run of ~30 min instead of ~13 on a 2-core CPU.
+#: - ``best``: for a run left alone: the full search, twice the distillation, full-size synthesis.
 #:
 #: Tables are keyed by :func:`size_class`, and ``large_cpu`` is a large input without a GPU.
 #: docs/RESULTS.md, "Effort presets", has the measurements.
@@ -137,7 +139,7 @@ EFFORT_PRESETS: Mapping[str, Mapping[str, Any]] = {
         "episodes": {"small": 100, "large": 100, "large_cpu": 300},
         "distill_steps": {"small": 1500, "large": 2000, "large_cpu": 0},
         "distill_inputs": {"small": 256, "large": 512, "large_cpu": 0},
-        "synth_low_res": {},
+        "synth_low_res": {"large": 0.0, "large_cpu": 0.0},
     },
     "best": {
         "episodes": {"small": 300, "large": 300, "large_cpu": 300},
@@ -171,6 +173,9 @@ class Config:
     :param coupled: also prune coupled groups (residual-stream widths: ResNet stages, inverted-residual
         block outputs), compensating every consumer on measured stream moments; off by default
         until measured (docs/RESULTS.md, "Coupled groups")
+    :param reparameterize: fold training-time branches (RepVGG, MobileOne: modules with a
+        ``reparameterize()`` or ``switch_to_deploy()`` method) into single convs before pruning,
+        checked to compute the same (:mod:`autodfp.models.reparam`); the pruned model is the folded one
     :param criterion: channel selection (``l1``, ``l2``, ``cluster``, ``random`` or a registered one)
     :param strategy: reconstruction (``none``, ``mean``, ``nm``, ``autodfp``, ``lsq`` or a registered
         one). ``lsq`` is the default: on ResNet-56 it beats the paper's ``autodfp`` merge at every
@@ -213,8 +218,20 @@ class Config:
     :param final_choice: the final step also scores the plan without refinement and without any
         compensation, and keeps whichever the reward rates best: on some blocks (SE gates) a fit
         can do harm that no ridge undoes
+    :param final_choice_per_group: after that global choice, each group in turn also tries its
+        other variants (refined, unrefined, uncompensated) and keeps one where the held-apart
+        score rises: a fit's harm is often local (one detector head, one SE chain) while the fits
+        elsewhere pay (:mod:`autodfp.compress.final`; at most two reward calls per group). Off by
+        default: on ResNet-56's searched plan it raised the data-free score (-0.559 -> -0.395) and
+        cost 3.7 points of top-1 (84.96 -> 81.22 %, docs/RESULTS.md), so the score does not yet
+        say which single-group switches pay
     :param refine_max_positions: spatial positions sampled per layer for a refinement fit
     :param reward_measure: agreement measure of the synthetic reward (``kl``, ``top1``, ``mse``)
+    :param reward_tail: for models with several outputs (detectors), compare each output channel by
+        channel with a second term on each channel's top ``reward_tail`` share of positions, where a
+        detector's thresholds act (:func:`autodfp.search.rewards.tail_nmse`); ``None``: a plain
+        normalised MSE. Opt-in: on the slim face detector at 0.8x MACs (0.01) it moved the final
+        choice to the uncompensated plan, mAP@0.5 0.914 -> 0.767
     :param reward_temperature: softmax temperature of the KL reward (T=2 ranked best)
     :param unlabeled_reward_inputs: real unlabelled images the ``unlabeled:`` reward uses (at most)
     :param labeled_reward_inputs: labelled images the ``labeled:`` reward uses (at most)
@@ -247,7 +264,23 @@ class Config:
         objective alone). On ResNet-20 at uniform 0.5 (300 steps, 4 fresh batches) 0.03 gave 71.68 %,
         0 gave 70.99 % and 1 gave 69.91 %; 256 static inputs (``distill_inputs``) gave 73.75 %
         (docs/RESULTS.md), so fresh inputs are opt-in
+    :param distill_features: weight of feature matching in the distillation: the outputs of the
+        pruned groups' consumers (after their BN) learn the original's, normalised per channel (0:
+        outputs only). Their widths agree with the original's, so no adapter is needed
     :param eval_batch_size: evaluation batch size (``None``: :data:`EVAL_BATCH`)
+    :param workers: pieces of work at once (:mod:`autodfp.distributed`). 1, the default, runs
+        everything in this process, as without Ray. More starts a local Ray instance with that many
+        workers (``pip install 'autodfp[distributed]'``): the chunks of a synthetic batch are
+        distilled on them, and a random or evolution search scores that many plans at once. Where
+        each worker has cores of its own that pays up to the chunks of a batch (4 for a CIFAR reward
+        batch); on 2 cores 2 workers distilled 1.17x as fast and a short search ran no faster
+        (docs/RESULTS.md, "Ray: workers for synthesis and the search").
+        Synthesis and random search give the same result for any count; evolution's plan depends on
+        it (it breeds a generation of ``workers`` children from the same archive), so the same seed
+        and the same count give the same plan. SAC still plays one episode at a time
+    :param ray_address: join a running Ray cluster instead of starting one: ``"auto"`` (the
+        cluster this machine belongs to) or ``"HOST:PORT"`` of its head (``ray start --head``);
+        ``workers`` is then the number of workers used on it. The cluster is left running
     """
 
     #: ``fast``, ``balanced`` or ``best`` (:data:`EFFORT_PRESETS`): fills the fields left ``None``
@@ -256,6 +289,7 @@ class Config:
     criterion: str = "l1"
     strategy: str = "lsq"
     coupled: bool = False
+    reparameterize: bool = False
     strength: float | None = None
     cluster_eps_quantile: float | None = None
     corr: str = "auto"
@@ -278,9 +312,11 @@ class Config:
     search_dims_ridge: float = 3.0
     dims_ridge_grid: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0)
     final_choice: bool = True
+    final_choice_per_group: bool = False
     refine_max_positions: int = 32768
     # reward
     reward_measure: str = "kl"
+    reward_tail: float | None = None
     reward_temperature: float = 2.0
     unlabeled_reward_inputs: int = 256
     labeled_reward_inputs: int = 512
@@ -301,10 +337,14 @@ class Config:
     distill_inputs: int | None = None
     distill_fresh: int = 0
     distill_compete: float = 0.03
+    distill_features: float = 0.0
     # evaluation
     eval_batch_size: int | None = None
     #: SAC hyper-parameters (see :data:`autodfp.search.driver.SAC_DEFAULTS`); overrides only
     sac: Mapping[str, Any] = field(default_factory=dict)
+    # scale-out on Ray (autodfp.distributed): 1 and None keep every stage in this process
+    workers: int = 1
+    ray_address: str | None = None
 
     def __post_init__(self) -> None:
         from autodfp.compress.criteria import criterion_names
@@ -334,6 +374,8 @@ class Config:
         for v in self.dims_ridge_grid:
             _real("dims_ridge_grid", v, 0.0)
         _real("reward_temperature", self.reward_temperature, 0.0, strict_low=True)
+        if self.reward_tail is not None:
+            _real("reward_tail", self.reward_tail, 0.0, 1.0, strict_low=True)
         _real("tol", self.tol, 0.0, 0.5, strict_low=True)
         if self.r_min is not None:
             _real("r_min", self.r_min, 0.0, 1.0, strict_low=True)
@@ -369,6 +411,7 @@ class Config:
             _integer("distill_inputs", self.distill_inputs, 0)
         _integer("distill_fresh", self.distill_fresh, 0)
         _real("distill_compete", self.distill_compete, 0.0)
+        _real("distill_features", self.distill_features, 0.0)
         if self.distill_inputs == 1:
             raise PlanError("distill_inputs must be 0 or at least 2 (a synthetic batch of one has no statistics)")
         _real("distill_lr", self.distill_lr, 0.0, strict_low=True)
@@ -379,11 +422,12 @@ class Config:
             _integer("eval_batch_size", self.eval_batch_size, 1)
         if self.refine_data is not None and (not isinstance(self.refine_data, str) or not self.refine_data):
             raise PlanError(f"refine_data must be a directory of images, got {_shown(self.refine_data)}")
-        for name in ("refine", "coupled", "final_choice", "distill_augment"):
+        for name in ("refine", "coupled", "final_choice", "final_choice_per_group", "distill_augment"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (name == "distill_augment" and value is None):
                 raise PlanError(f"{name} must be True or False, got {_shown(value)}")
         _check_sac(self.sac)
+        _check_scale_out(self.workers, self.ray_address)
 
     def replace(self, **changes: Any) -> Config:
         """A copy with some fields changed (validated like a new one)."""
@@ -541,6 +585,29 @@ def _check_sac(sac: Any) -> None:
             ok = v is None or isinstance(v, (str, bool)) or (isinstance(v, int) and abs(v) < 2**63)
             if not ok and not (isinstance(v, float) and math.isfinite(v)):
                 raise PlanError(f"sac setting '{key}' must be a number, string or list of them, got {_shown(value)}")
+
+
+#: ``HOST:PORT`` of a Ray head (``ray://`` for Ray Client): a host name, an IPv4 address or a
+#: bracketed IPv6 one, and a port
+_RAY_ADDRESS = re.compile(r"^(ray://)?([A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})$")
+
+
+def _check_scale_out(workers: Any, ray_address: Any) -> None:
+    """``workers`` a whole number ≥ 1, ``ray_address`` ``None``, ``"auto"`` or ``HOST:PORT``, and
+    Ray installed where either asks for it: a run that cannot start its workers fails here, before
+    any minutes of work, not after the model is loaded and its synthesis begun."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"workers must be an integer ≥ 1, got {_shown(workers)}")
+    if ray_address is not None:
+        match = _RAY_ADDRESS.match(ray_address) if isinstance(ray_address, str) else None
+        if ray_address != "auto" and (match is None or not 0 < int(match.group(3)) < 65536):
+            raise ConfigError(f"ray_address must be 'auto' or HOST:PORT of a Ray head, got {_shown(ray_address)}")
+    if workers > 1 or ray_address is not None:
+        from autodfp.distributed.executor import INSTALL_HINT, ray_available
+
+        if not ray_available():
+            what = "workers > 1" if workers > 1 else "ray_address"
+            raise ConfigError(f"{what} needs Ray, which is not installed: {INSTALL_HINT}")
 
 
 _DATACLASS_INIT = Config.__init__

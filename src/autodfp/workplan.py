@@ -949,11 +949,15 @@ def plan_work(
     if final_choice:
         candidates = 3 if cfg.refine else 2
         calls = candidates - (1 if cfg.refine and cfg.refine_dims_ridge is None else 0)  # the refined one is scored
+        # the per-group pass: at most the other candidates of each group, one reward call each
+        per_group = (candidates - 1) * groups if cfg.final_choice_per_group else 0
+        calls += per_group
+        where = f", then up to {candidates - 1} per group" if per_group else ""
         stages.append(
             Stage(
                 "final choice",
-                f"{candidates} candidates: {_reward_text(reward, reward_n, calls)}",
-                {"candidates": candidates, "reward_calls": calls, "inputs": reward_n},
+                f"{candidates} candidates{where}: {_reward_text(reward, reward_n, calls)}",
+                {"candidates": candidates, "reward_calls": calls, "inputs": reward_n, "per_group": bool(per_group)},
                 reference + calls * rates.fwd(reward_n),
                 "forward" in rates.measured,
             )

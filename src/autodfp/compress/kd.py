@@ -11,8 +11,13 @@ Choices, and why:
 - **BatchNorm layers stay in eval mode.** Their running statistics are the original network's
   knowledge of real data; letting synthetic batches overwrite them would undo the synthesis. Their
   affine parameters still train.
-- **KL at a temperature** (Hinton et al. 2015) on class logits; outputs that are not logits (tuples,
-  dicts: detectors) are matched by mean squared error, normalised by the teacher's variance.
+- **KL at a temperature** (Hinton et al. 2015) on class logits. A model with several outputs (a
+  detector) is matched output by output: per-anchor class logits by KL, every other output (boxes,
+  a YOLO head's packed rows, feature maps) by a squared error normalised channel by channel, so
+  the objectness a detector thresholds weighs as much as its widest box channel.
+- **Feature matching, optionally** (``features``): the outputs of the pruned groups' consumers,
+  where the pruning's error first shows at full width, are matched too (FitNets-style, with no
+  adapter: the widths agree there).
 - **Random flips and shifts** of the few hundred synthetic inputs at every step, so the student
   learns the teacher's function around them rather than the inputs themselves. The pipeline uses
   them at small inputs only (:data:`autodfp.config.DISTILL_AUGMENT`): at 224 px they kept
@@ -48,7 +53,7 @@ import torch.nn.functional as F
 
 from autodfp._micro import micro_batch_size
 from autodfp._modes import eval_mode
-from autodfp._outputs import normalised_mse
+from autodfp._outputs import flat_outputs
 from autodfp.config import DEFAULTS
 from autodfp.errors import PlanError
 
@@ -63,37 +68,128 @@ BACKOFF = 0.1
 MAX_BACKOFFS = 2
 
 
-def distillation_loss(student_out: Any, teacher_out: Any, temperature: float) -> torch.Tensor:
-    """KL at ``temperature`` for a single (N, classes) logit tensor; normalised MSE otherwise."""
+def _kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton's KL at ``temperature`` (times T², so gradients keep their scale) along the last
+    dimension, averaged over every row: inputs of a classifier, anchors of a detector."""
+    t = float(temperature)
+    s, r = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
+    return F.kl_div(F.log_softmax(s / t, 1), F.log_softmax(r / t, 1), log_target=True, reduction="batchmean") * t * t
+
+
+def channel_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Squared error normalised channel by channel by the teacher's variance (floored at
+    :data:`~autodfp.search.rewards.CHANNEL_VAR_FLOOR` of the mean channel's), averaged.
+
+    A detector's box offsets, objectness and class scores share one tensor at very different
+    scales; one variance for the whole tensor lets the widest channel drown the rest, so the
+    objectness a detector thresholds would be learnt last. Per channel, each weighs alike.
+    """
+    from autodfp.search.rewards import CHANNEL_VAR_FLOOR, channel_rows
+
+    s, r = channel_rows(student.float()), channel_rows(teacher.float())
+    var = r.var(0, unbiased=False)
+    var = var.clamp_min(max(CHANNEL_VAR_FLOOR * float(var.mean()), 1e-12))
+    return ((s - r).pow(2) / var).mean()
+
+
+def distillation_loss(
+    student_out: Any, teacher_out: Any, temperature: float, kinds: Sequence[str] | None = None
+) -> torch.Tensor:
+    """The loss between a student's and the teacher's outputs, per output by its kind.
+
+    A single ``(N, classes)`` tensor is a classifier's logits: KL at ``temperature``. A model with
+    several outputs (a detector's class scores beside their boxes, a YOLO head's packed rows) is
+    scored per output and averaged: ``logits`` outputs by KL along their last dimension (per
+    anchor), every other output by :func:`channel_mse`. ``kinds`` as
+    :func:`autodfp.search.rewards.guess_kinds` guesses them from the teacher's outputs by default.
+
+    :raises PlanError: when the two do not match in number or shape of tensors
+    """
     if isinstance(student_out, torch.Tensor) and student_out.dim() == 2:
-        t = float(temperature)
-        return (
-            F.kl_div(
-                F.log_softmax(student_out / t, 1),
-                F.log_softmax(teacher_out / t, 1),
-                log_target=True,
-                reduction="batchmean",
-            )
-            * t
-            * t
-        )
-    return normalised_mse(student_out, teacher_out)
+        return _kl(student_out, teacher_out, temperature)
+    from autodfp.search.rewards import guess_kinds
+
+    s_list, t_list = flat_outputs(student_out), flat_outputs(teacher_out)
+    if len(s_list) != len(t_list) or any(a.shape != b.shape for a, b in zip(s_list, t_list)):
+        raise PlanError("the pruned model's outputs do not match the original's in number or shape")
+    kinds = list(kinds) if kinds is not None else guess_kinds({str(i): t for i, t in enumerate(t_list)})
+    losses = [
+        _kl(s, t, temperature) if kind == "logits" else channel_mse(s, t) for s, t, kind in zip(s_list, t_list, kinds)
+    ]
+    return torch.stack(losses).mean()
 
 
-def _backward(student: nn.Module, teacher: nn.Module, x: torch.Tensor, temperature: float, size: int) -> torch.Tensor:
+class _Taps:
+    """Forward hooks that keep the outputs of named modules, for feature matching.
+
+    The student and the teacher share module names (surgery narrows tensors in place, it never
+    renames), so a consumer's output is found in both by one name.
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+        self.outputs: dict[str, torch.Tensor] = {}
+        modules = dict(model.named_modules())
+        self._handles = [modules[n].register_forward_hook(self._keep(n)) for n in names if n in modules]
+
+    def _keep(self, name: str) -> Callable[..., None]:
+        def hook(_m: nn.Module, _i: Any, out: Any) -> None:
+            if isinstance(out, torch.Tensor):
+                self.outputs[name] = out
+
+        return hook
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _feature_loss(student: _Taps, teacher: _Taps, names: Sequence[str]) -> torch.Tensor | None:
+    """:func:`channel_mse` averaged over the tapped layers whose outputs match in shape."""
+    terms = [
+        channel_mse(student.outputs[n], teacher.outputs[n].detach())
+        for n in names
+        if n in student.outputs and n in teacher.outputs and student.outputs[n].shape == teacher.outputs[n].shape
+    ]
+    return torch.stack(terms).mean() if terms else None
+
+
+class _Features(NamedTuple):
+    """Feature matching for one run: the layers, their weight, and the taps on both networks."""
+
+    names: Sequence[str]
+    weight: float
+    student: _Taps
+    teacher: _Taps
+
+
+def _backward(
+    student: nn.Module,
+    teacher: nn.Module,
+    x: torch.Tensor,
+    temperature: float,
+    size: int,
+    features: _Features | None = None,
+) -> torch.Tensor:
     """The step's loss on ``x``, its gradient accumulated into the student's parameters.
 
     In micro-batches of ``size`` (one part when that is the whole batch): each part's KL, weighted
     by its share of the batch, sums to the batch's mean KL, so loss and gradient are the whole
     batch's (both networks are in eval mode, so no layer couples the inputs of a batch). A single
     part's weight is exactly 1, so an unsplit step computes what it did before splits existed.
+    Feature matching (``features``) adds its weighted term per part; its per-channel variances are
+    the part's, so a split step's feature term is close to, not exactly, the whole batch's.
     """
     n = int(x.shape[0])
     total = torch.zeros((), device=x.device)
     for part in x.split(size):
         with torch.no_grad():
             target = teacher(part)
-        loss = distillation_loss(student(part), target, temperature) * (part.shape[0] / n)
+        loss = distillation_loss(student(part), target, temperature)
+        if features is not None:
+            matched = _feature_loss(features.student, features.teacher, features.names)
+            if matched is not None:
+                loss = loss + features.weight * matched
+        loss = loss * (part.shape[0] / n)
         loss.backward()
         total += loss.detach()
     return total
@@ -142,6 +238,8 @@ def distill(
     fresh: Callable[[nn.Module, int], torch.Tensor] | None = None,
     fresh_batches: int = 0,
     micro_batch: int | None = None,
+    features: Sequence[str] = (),
+    feature_weight: float = 0.0,
 ) -> Distilled:
     """A copy of ``student`` trained for ``steps`` steps to match ``teacher`` on ``inputs``.
 
@@ -167,6 +265,11 @@ def distill(
         ``None``: by input size on a CPU, :func:`autodfp._micro.micro_batch_size`). The speed
         changes, not the step: its loss and gradient are the whole batch's. Other outputs (a
         detector's, normalised by the whole batch's variance) always run whole.
+    :param features: module names whose outputs the student also learns from the teacher's
+        (:func:`channel_mse`, where the two match in shape): the pipeline passes the consumers of
+        the pruned groups, the first places where the pruning's error shows at full width
+    :param feature_weight: the weight of that term (0: off); the checks and the pool loss stay on
+        the outputs alone, so runs with and without it are compared on one scale
     :return: the best checked copy (never worse on the probe than the student), its learning rate
         at the end, the divergences rolled back, and every check's probe loss
     """
@@ -220,6 +323,11 @@ def distill(
     from autodfp._progress import progress_bar
 
     bar = progress_bar(total=steps, desc="distillation", unit="step", enabled=progress)
+    taps: _Features | None = None
+    if feature_weight and features:
+        taps = _Features(
+            list(features), float(feature_weight), _Taps(trained, features), _Taps(frozen_teacher, features)
+        )
     try:
         with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
             for step in range(steps):
@@ -239,7 +347,7 @@ def distill(
                 x = x.to(dev)
                 opt.zero_grad(set_to_none=True)
                 size = micro_batch_size(x, dev, micro_batch) if splittable else x.shape[0]
-                loss = _backward(trained, frozen_teacher, x, temperature, size)
+                loss = _backward(trained, frozen_teacher, x, temperature, size, taps)
                 opt.step()
                 sched.step()
                 bar.update(1)
@@ -262,6 +370,9 @@ def distill(
                     )
     finally:
         bar.close()
+        if taps is not None:
+            taps.student.close()
+            taps.teacher.close()
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
     trained.load_state_dict(best_state)

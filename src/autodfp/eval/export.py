@@ -115,6 +115,7 @@ def save_pruned(
     extra: Mapping[str, bytes] | None = None,
     overwrite: bool = False,
     torchscript: bool = True,
+    reparameterized: bool = False,
 ) -> dict[str, Path]:
     """Write the output set (see module doc) and return ``{kind: path}``.
 
@@ -131,6 +132,9 @@ def save_pruned(
     :param overwrite: write beside files in ``out_dir`` that autodfp did not write (they are kept;
         see :func:`autodfp.eval.outdir.claim_output_dir`); without it such a folder is refused
     :param torchscript: also write ``model.ts`` (when the export matches the module)
+    :param reparameterized: the model's branches were folded before pruning
+        (:mod:`autodfp.models.reparam`): recorded, so a rebuilt architecture is folded the same way
+        before it is shrunk
     """
     out = claim_output_dir(out_dir, overwrite=overwrite, kind="pruned")  # before the minutes of serialising
     model = result.model.eval()
@@ -156,6 +160,7 @@ def save_pruned(
         "input_shape": [int(s) for s in input_shape],
         "plan": result.plan.to_dict(),
         "channels": kept,
+        "reparameterized": bool(reparameterized),
         **_config_record(config),
         "state_dict": state,
     }
@@ -419,6 +424,10 @@ def load_pruned(
             raise WeightsError(f"{ts} cannot be loaded ({first})") from None
         return scripted.eval(), config, plan
 
+    if payload.get("reparameterized") is True:
+        from autodfp.models.reparam import reparameterize
+
+        net = reparameterize(net, tuple(shape))  # as before pruning: the saved widths are the folded model's
     graph = find_groups(net.eval(), tuple(shape))
     pruned = {}
     for gname, kept in channels.items():

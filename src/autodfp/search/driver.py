@@ -28,11 +28,12 @@ action space and the environment are all seeded, and learning proceeds in chunks
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, cast
@@ -46,6 +47,7 @@ from autodfp._io import atomic_path
 from autodfp.compress.plan import Plan
 from autodfp.compress.surgery import Pruner
 from autodfp.config import DEFAULTS, SEARCH_METHODS
+from autodfp.distributed.executor import Executor, Pool
 from autodfp.errors import AutoDFPError, CheckpointError, PlanError
 from autodfp.search.budget import DEFAULT_TOL, MacsModel
 from autodfp.search.checkpoint import (
@@ -65,6 +67,8 @@ from autodfp.search.checkpoint import (
 from autodfp.search.env import MaskedModel, PruningEnv, RewardFn
 
 METHODS = SEARCH_METHODS  #: one list for the library, the config and the CLI
+
+log = logging.getLogger("autodfp")
 
 #: SAC settings for a 10–30-step episodic problem with one reward per episode (see module doc).
 #: γ and τ do not matter with per-episode credit (every target is terminal). One training round per
@@ -163,6 +167,8 @@ class _Tracker:
         self.best_reward = -math.inf
         self.best_macs = 0
         self.total_macs = 1
+        #: workers scoring episodes at once, shown beside the best reward (None: in this process)
+        self.workers: int | None = None
         self.bar = None
         if progress:
             from autodfp._progress import progress_bar
@@ -176,7 +182,10 @@ class _Tracker:
         self.history.append(EpisodeRecord(len(self.history) + 1, reward, int(info["macs"]), self.best_reward))
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(best=f"{self.best_reward:.4g}", macs=f"{self.best_macs / self.total_macs:.3f}x")
+            shown = {"best": f"{self.best_reward:.4g}", "macs": f"{self.best_macs / self.total_macs:.3f}x"}
+            if self.workers is not None:
+                shown["workers"] = str(self.workers)
+            self.bar.set_postfix(shown)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -396,6 +405,7 @@ def search(
     macs_model: MacsModel | None = None,
     refiner: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     reward_base: nn.Module | None = None,
+    executor: Executor | None = None,
 ) -> SearchResult:
     """Find a plan at ``target_macs_ratio`` of the original MACs (within ``±tol``).
 
@@ -409,6 +419,14 @@ def search(
     ``refiner`` (:class:`autodfp.compress.refine.Refiner`) scores every plan after drift correction, as
     it will be delivered. ``reward_base`` is the original network the reward's forward passes run
     on (a copy on an accelerator); the pruner's own model by default.
+
+    ``executor`` (:mod:`autodfp.distributed`): one that runs work on Ray workers scores the plans of
+    a random or evolution search there, ``executor.workers`` at once, each worker holding a copy
+    of the environment (the model, the pruner's analysis, the reward and its batch, the refiner),
+    sent once. Random search plays the same plans in the same order for any worker count; evolution
+    breeds ``workers`` children per generation from the same archive, so its plan depends on the
+    count and is the same for the same seed and count (one worker: exactly the serial search). SAC
+    plays its episodes one at a time in this process.
     """
     if method not in METHODS:
         raise PlanError(f"unknown search method '{method}'; choose from {', '.join(METHODS)}")
@@ -464,15 +482,27 @@ def search(
     ckpt = Checkpointer(checkpoint_dir, json.loads(json.dumps(config)))
     tracker = _Tracker(episodes, progress, desc=f"search ({method})")
     tracker.total_macs = env.mm.total_macs
+    pool: Pool | None = None
     try:
+        if method in ("random", "evolution") and executor is not None and executor.parallel:
+            pool = executor.pool(_GenomePlayer, env)
+        scorer: Scorer = _local_scorer(env) if pool is None else _pool_scorer(pool)
+        width = 1 if pool is None else pool.size
+        tracker.workers = None if pool is None else pool.size
         if method == "random":
-            seconds = _run_random(env, tracker, episodes, seed, ckpt, checkpoint_every, resume)
+            seconds = _run_random(env, tracker, episodes, seed, ckpt, checkpoint_every, resume, scorer)
         elif method == "evolution":
-            seconds = _run_evolution(env, tracker, episodes, warmup, seed, ckpt, checkpoint_every, resume)
+            seconds = _run_evolution(
+                env, tracker, episodes, warmup, seed, ckpt, checkpoint_every, resume, scorer, width
+            )
         else:
+            if executor is not None and executor.parallel:
+                log.info("search: SAC plays one episode at a time here; --search evolution or random use the workers")
             seconds = _run_sac(env, tracker, episodes, warmup, seed, cfg, ckpt, checkpoint_every, resume)
     finally:
         tracker.close()
+        if pool is not None:
+            pool.close()
     elapsed = seconds + (time.perf_counter() - t0)
     assert tracker.best_plan is not None
     return SearchResult(
@@ -584,16 +614,57 @@ def _play(env: PruningEnv, genome: np.ndarray) -> dict[str, Any]:
     return info
 
 
+#: plays genomes and yields each one's episode info, in genome order
+Scorer = Callable[[Sequence[np.ndarray]], Iterator[dict[str, Any]]]
+
+
+def _local_scorer(env: PruningEnv) -> Scorer:
+    """Genomes played one after the other on ``env``, in this process: the serial search."""
+    return lambda genomes: (_play(env, g) for g in genomes)
+
+
+class _GenomePlayer:
+    """A worker's copy of the environment (model, pruner analysis, reward batch, refiner): plays a
+    genome and sends back what the tracker records. The environment is deterministic and its
+    decision cache only saves time, so a worker's episode is the one the head would have played."""
+
+    def __init__(self, env: PruningEnv) -> None:
+        self.env = env
+
+    def play(self, genome: np.ndarray) -> dict[str, Any]:
+        info = _play(self.env, genome)
+        return {k: info[k] for k in ("plan", "macs", "macs_ratio", "reward")}
+
+
+def _pool_scorer(pool: Pool) -> Scorer:
+    """Genomes played on the pool's workers at once; results in genome order (:meth:`Pool.imap`)."""
+    return lambda genomes: pool.imap("play", genomes)
+
+
 def _run_random(
-    env: PruningEnv, tracker: _Tracker, episodes: int, seed: int, ckpt: Checkpointer, every: int, resume: bool
+    env: PruningEnv,
+    tracker: _Tracker,
+    episodes: int,
+    seed: int,
+    ckpt: Checkpointer,
+    every: int,
+    resume: bool,
+    scorer: Scorer | None = None,
 ) -> float:
+    """Uniform random genomes, a checkpoint chunk drawn at once and scored by ``scorer`` (in this
+    process by default): the draws do not depend on the rewards, so the plans, their order and the
+    result are the same whether the chunk is played serially or on workers."""
+    score = scorer if scorer is not None else _local_scorer(env)
     rng = np.random.default_rng(seed)
     done, prior, _, _ = _resume_generators(ckpt, resume, episodes, tracker, env, {"random": rng})
     t0 = time.perf_counter()
     while done < episodes:
-        for _ in range(min(every, episodes - done)):
-            # one draw of every step's action: the same numbers, in the same order, as a draw per step
-            tracker.record(_play(env, rng.uniform(-1.0, 1.0, size=(env.n_steps, 2)).astype(np.float32)))
+        # one draw of every step's action: the same numbers, in the same order, as a draw per step
+        genomes = [
+            rng.uniform(-1.0, 1.0, size=(env.n_steps, 2)).astype(np.float32) for _ in range(min(every, episodes - done))
+        ]
+        for info in score(genomes):
+            tracker.record(info)
             done += 1
         _save_generators(ckpt, done, tracker, {"random": rng}, prior + time.perf_counter() - t0)
     return prior
@@ -634,6 +705,8 @@ def _run_evolution(
     ckpt: Checkpointer,
     every: int,
     resume: bool,
+    scorer: Scorer | None = None,
+    width: int = 1,
 ) -> float:
     """A steady-state genetic search: one child per episode, so it is comparable at equal reward calls.
 
@@ -649,7 +722,15 @@ def _run_evolution(
     :data:`EVOLUTION_DEFAULTS`), plays it and offers it to the archive. The archive and the generator
     are checkpointed, so a run resumed with the episodes it was started with is exact; a finished run
     extended to more episodes continues with the mutation schedule of the new total.
+
+    ``width`` children are bred from the same archive and scored together by ``scorer`` (on
+    ``width`` workers), then offered to the archive in order. With ``width=1`` (the default) that
+    is the steady-state search above; wider, each child of a generation misses its siblings, so the
+    plan depends on the width, and the same seed and width give the same plan. The random start
+    does not read the archive and is scored in batches as wide as the checkpoint chunk allows at
+    any width. Generations never cross a checkpoint chunk, so a resumed run stays exact.
     """
+    score = scorer if scorer is not None else _local_scorer(env)
     rng = np.random.default_rng(seed)
     shape = (env.n_steps, 2)
     active = np.array([True, env.strategy == "autodfp"])
@@ -669,21 +750,27 @@ def _run_evolution(
             ]
     t0 = time.perf_counter()
     while done < episodes:
-        for _ in range(min(every, episodes - done)):
-            if done < population:
-                genome = rng.uniform(-1.0, 1.0, size=shape).astype(np.float32)
-            else:
-                # the archive is sorted best first, so the best contestant has the smallest index
-                picks = rng.choice(len(archive), size=min(tournament, len(archive)), replace=False)
-                frac = min((done - population) / max(episodes - population - 1, 1), 1.0)
-                sigma = sigma0 + (sigma1 - sigma0) * frac
-                genome = _mutate(archive[int(picks.min())].genome, rng, sigma, p_mutate, active)
-            info = _play(env, genome)
-            tracker.record(info)
-            done += 1
-            archive.append(_Individual(float(info["reward"]), done, genome))
-            archive.sort(key=lambda i: (-i.reward, i.episode))
-            del archive[population:]
+        end = done + min(every, episodes - done)
+        while done < end:
+            # the random start reads no archive: one batch; then generations of `width` children
+            size = min(end, population) - done if done < population else min(max(int(width), 1), end - done)
+            genomes = []
+            for episode in range(done, done + size):
+                if episode < population:
+                    genome = rng.uniform(-1.0, 1.0, size=shape).astype(np.float32)
+                else:
+                    # the archive is sorted best first, so the best contestant has the smallest index
+                    picks = rng.choice(len(archive), size=min(tournament, len(archive)), replace=False)
+                    frac = min((episode - population) / max(episodes - population - 1, 1), 1.0)
+                    sigma = sigma0 + (sigma1 - sigma0) * frac
+                    genome = _mutate(archive[int(picks.min())].genome, rng, sigma, p_mutate, active)
+                genomes.append(genome)
+            for genome, info in zip(genomes, score(genomes)):
+                tracker.record(info)
+                done += 1
+                archive.append(_Individual(float(info["reward"]), done, genome))
+                archive.sort(key=lambda i: (-i.reward, i.episode))
+                del archive[population:]
         _save_generators(
             ckpt, done, tracker, {"evolution": rng}, prior + time.perf_counter() - t0, archive=_archive_state(archive)
         )

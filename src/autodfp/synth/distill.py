@@ -91,6 +91,7 @@ from autodfp._micro import micro_batch_size
 from autodfp._modes import eval_mode
 from autodfp._outputs import normalised_mse
 from autodfp.config import SYNTH_METHODS, SYNTH_SETTINGS, size_class
+from autodfp.distributed.executor import Executor
 from autodfp.errors import CacheWarning, ModelError
 from autodfp.models.hub import cache_dir as _default_cache_root
 from autodfp.models.hub import usable_cache_dir
@@ -881,6 +882,7 @@ def synthetic_batch(
     log: Callable[[str], None] | None = None,
     low_res: float = 0.0,
     low_res_levels: int = 1,
+    executor: Executor | None = None,
 ) -> torch.Tensor:
     """:func:`synthesize`, cached on disk: distillation costs minutes, a reload milliseconds.
 
@@ -894,6 +896,11 @@ def synthetic_batch(
     so a long first run never looks hung. A cache directory that cannot be written costs only the
     caching: the batch is computed and returned, with one :class:`~autodfp.errors.CacheWarning`
     given before the work.
+
+    ``executor`` (:mod:`autodfp.distributed`): with one that runs work elsewhere (Ray workers), the
+    chunks missing from the cache are distilled on its workers at once, the model sent to them
+    once; each chunk's cache file is written here exactly as the serial path writes it (same key,
+    same contents), so either path reads what the other wrote. A model off the CPU stays serial.
     """
     return _synthetic_batch(
         model,
@@ -910,6 +917,7 @@ def synthetic_batch(
         log,
         float(low_res),
         int(low_res_levels),
+        executor,
     )
 
 
@@ -928,9 +936,26 @@ def _synthetic_batch(
     log: Callable[[str], None] | None = None,
     low_res: float = 0.0,
     low_res_levels: int = 1,
+    executor: Executor | None = None,
 ) -> torch.Tensor:
     resolved = resolve_method(model, method)
     chunks = _chunks(n, seed, input_shape)
+    if len(chunks) > 1 and executor is not None and executor.parallel and _model_device(model).type == "cpu":
+        return _parallel_batch(
+            model,
+            model_key,
+            input_shape,
+            chunks,
+            cache_dir,
+            resolved,
+            steps,
+            lr,
+            label_offset,
+            log,
+            low_res,
+            low_res_levels,
+            executor,
+        )
     if len(chunks) > 1:
         return torch.cat(
             [
@@ -970,14 +995,9 @@ def _synthetic_batch(
         low_res_levels,
         cache_dir,
     )
-    if path.is_file():
-        images, problem = _read_cache_entry(path, (n, *parts["shape"]))
-        if images is not None:
-            if log is not None:
-                log(f"synthetic batch: {n} inputs (seed {seed}) read from the cache")
-            return images
-        # a corrupt entry is recomputed and overwritten below, never fatal and never trusted
-        warnings.warn(f"synthetic cache entry {path} is corrupt ({problem}); recomputing", CacheWarning, stacklevel=2)
+    cached = _cached_chunk(path, parts, log)
+    if cached is not None:
+        return cached
     writable = usable_cache_dir(path.parent) is not None  # warns now, not after the distillation
     if log is not None:
         sizes_named = " and ".join(f"{h}x{w}" for _, h, w in reduced)
@@ -1001,6 +1021,28 @@ def _synthetic_batch(
     )
     if log is not None:
         log(f"synthesised {n} inputs in {result.seconds:.1f} s")
+    if writable:
+        _store_chunk(path, parts, result, model_key)
+    return result.images
+
+
+def _cached_chunk(path: Path, parts: dict[str, Any], log: Callable[[str], None] | None) -> torch.Tensor | None:
+    """The images of one chunk's cache entry if it exists and can be trusted; a corrupt entry
+    warns and gives ``None`` (it is recomputed and overwritten, never fatal and never trusted)."""
+    if not path.is_file():
+        return None
+    images, problem = _read_cache_entry(path, (parts["n"], *parts["shape"]))
+    if images is not None:
+        if log is not None:
+            log(f"synthetic batch: {parts['n']} inputs (seed {parts['seed']}) read from the cache")
+        return images
+    warnings.warn(f"synthetic cache entry {path} is corrupt ({problem}); recomputing", CacheWarning, stacklevel=3)
+    return None
+
+
+def _store_chunk(path: Path, parts: dict[str, Any], result: SynthResult, model_key: str) -> None:
+    """Write one chunk's cache entry (the same blob whichever path distilled it); a write that fails
+    (a full disk) warns and costs only the caching."""
     blob = {
         "images": result.images,
         "method": result.method,
@@ -1011,12 +1053,119 @@ def _synthetic_batch(
         "model_key": model_key,
         "weights_sha256": parts["weights"],
     }
-    if writable:
-        try:
-            atomic_write(path, lambda p: torch.save(blob, p))
-        except (OSError, RuntimeError) as exc:  # e.g. a full disk: the batch is still good
-            reason = " ".join(str(exc).split())[:120] or exc.__class__.__name__
-            warnings.warn(
-                f"could not cache synthetic inputs at {path} ({reason}); continuing without", CacheWarning, stacklevel=2
+    try:
+        atomic_write(path, lambda p: torch.save(blob, p))
+    except (OSError, RuntimeError) as exc:  # e.g. a full disk: the batch is still good
+        reason = " ".join(str(exc).split())[:120] or exc.__class__.__name__
+        warnings.warn(
+            f"could not cache synthetic inputs at {path} ({reason}); continuing without", CacheWarning, stacklevel=3
+        )
+
+
+@dataclass(frozen=True)
+class _ChunkJob:
+    """What a worker needs, beside the model, to distil one chunk exactly as the serial path does."""
+
+    input_shape: tuple[int, ...]
+    n: int
+    steps: int
+    lr: float
+    seed: int
+    method: str
+    label_offset: int
+    low_res: float
+    low_res_levels: int
+
+
+def _distill_chunk(model: nn.Module, job: _ChunkJob) -> SynthResult:
+    """One chunk on a worker: the serial path's :func:`_distill` call, without a progress bar."""
+    return _distill(
+        model,
+        job.input_shape,
+        job.n,
+        job.steps,
+        job.lr,
+        job.seed,
+        job.method,
+        job.label_offset,
+        False,
+        low_res=job.low_res,
+        low_res_levels=job.low_res_levels,
+    )
+
+
+def _parallel_batch(
+    model: nn.Module,
+    model_key: str,
+    input_shape: Sequence[int],
+    chunks: list[tuple[int, int]],
+    cache_dir: str | Path | None,
+    method: str,
+    steps: int | None,
+    lr: float | None,
+    label_offset: int,
+    log: Callable[[str], None] | None,
+    low_res: float,
+    low_res_levels: int,
+    executor: Executor,
+) -> torch.Tensor:
+    """A chunked batch with its missing chunks distilled on ``executor``'s workers at once.
+
+    The same chunks, seeds, cache keys and :func:`_distill` calls as the serial recursion of
+    :func:`_synthetic_batch`; only where they run differs. Chunks already cached are read here;
+    each distilled chunk is written here as it comes back, in chunk order, so an interrupted
+    first run keeps what finished.
+    """
+    d_steps, d_lr = default_settings(method, input_shape)
+    steps = d_steps if steps is None else int(steps)
+    lr = d_lr if lr is None else float(lr)
+    weights = state_dict_hash(model)
+    images: list[torch.Tensor | None] = []
+    missing: list[tuple[int, Path, dict[str, Any]]] = []
+    for i, (size, chunk_seed) in enumerate(chunks):
+        path, parts, _ = _chunk_entry(
+            model_key,
+            weights,
+            input_shape,
+            size,
+            chunk_seed,
+            method,
+            steps,
+            lr,
+            label_offset,
+            low_res,
+            low_res_levels,
+            cache_dir,
+        )
+        images.append(_cached_chunk(path, parts, log))
+        if images[-1] is None:
+            missing.append((i, path, parts))
+    if missing:
+        writable = usable_cache_dir(missing[0][1].parent) is not None  # warns now, not after the work
+        if log is not None:
+            inputs = sum(parts["n"] for _, _, parts in missing)
+            log(
+                f"synthesising {inputs} inputs in {len(missing)} chunks on {executor.workers} Ray workers "
+                f"({method}, {steps} steps)" + ("; cached after the first run" if writable else "")
             )
-    return result.images
+        jobs = [
+            _ChunkJob(
+                tuple(parts["shape"]),
+                parts["n"],
+                steps,
+                lr,
+                parts["seed"],
+                method,
+                label_offset,
+                low_res,
+                low_res_levels,
+            )
+            for _, _, parts in missing
+        ]
+        for (i, path, parts), result in zip(missing, executor.imap(_distill_chunk, jobs, shared=model)):
+            if log is not None:
+                log(f"synthesised {parts['n']} inputs (seed {parts['seed']}) in {result.seconds:.1f} s on a worker")
+            if writable:
+                _store_chunk(path, parts, result, model_key)
+            images[i] = result.images
+    return torch.cat([im for im in images if im is not None])
