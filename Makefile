@@ -27,8 +27,8 @@ install: $(VENV)/.installed
 # The main job on the embedded default: halve ResNet-56's MACs with a short SAC search on a
 # data-free reward, reconstruct, refine, distil on the synthetic inputs, save to runs/demo, and
 # print the before/after table. The default preset (`balanced`) with a shorter search and
-# distillation, to fit a demo's minutes: 88.0 % top-1 (the full default: 89.48 % in 34 min;
-# docs/RESULTS.md, "make demo").
+# distillation, to fit a demo's minutes: 87.5 % top-1 in about 11 minutes on 2 cores (the full
+# default: 89.48 % in 34 min; docs/RESULTS.md, "make demo").
 demo: $(VENV)/.installed
 	$(VENV)/bin/autodfp prune resnet56_cifar10 --macs-ratio 0.5 --episodes 40 --distill 400 --distill-inputs 0 \
 		--out runs/demo
